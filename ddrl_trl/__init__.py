@@ -1,0 +1,18 @@
+"""ddrl-trl: DDRL (Data-regularized Diffusion Reinforcement Learning) for diffusers pipelines, the TRL way."""
+
+from .adapters import PipelineAdapter, get_adapter, register_adapter, supported_pipelines
+from .config import DDRLConfig
+from .data import build_synthetic_reference_dataset
+from .trainer import DDRLTrainer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DDRLConfig",
+    "DDRLTrainer",
+    "PipelineAdapter",
+    "build_synthetic_reference_dataset",
+    "get_adapter",
+    "register_adapter",
+    "supported_pipelines",
+]

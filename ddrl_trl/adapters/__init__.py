@@ -1,0 +1,63 @@
+"""Model-family adapters and the registry that picks one for a pipeline."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import (
+    Conditioning,
+    PipelineAdapter,
+    concat_conditioning,
+    repeat_conditioning,
+    select_conditioning,
+)
+from .stable_diffusion import StableDiffusionAdapter, StableDiffusionXLAdapter
+
+_REGISTRY: dict[type, type[PipelineAdapter]] = {}
+
+
+def register_adapter(adapter_cls: type[PipelineAdapter], pipeline_cls: type | None = None) -> type[PipelineAdapter]:
+    """Make `DDRLTrainer` use `adapter_cls` for `pipeline_cls` (default: every class in `adapter_cls.pipeline_classes`).
+
+    Usable as a class decorator. A later registration for the same pipeline class wins, so users can override ours.
+    """
+    classes = (pipeline_cls,) if pipeline_cls is not None else adapter_cls.pipeline_classes
+    if not classes:
+        raise ValueError(f"{adapter_cls.__name__} names no pipeline class: set `pipeline_classes` or pass one.")
+    for cls in classes:
+        _REGISTRY[cls] = adapter_cls
+    return adapter_cls
+
+
+def supported_pipelines() -> list[str]:
+    """Names of the pipeline classes an adapter is registered for."""
+    return sorted(cls.__name__ for cls in _REGISTRY)
+
+
+def get_adapter(pipeline: Any) -> PipelineAdapter:
+    """The adapter registered for `pipeline`'s class or its nearest registered base class."""
+    for cls in type(pipeline).__mro__:
+        if cls in _REGISTRY:
+            return _REGISTRY[cls](pipeline)
+    raise ValueError(
+        f"DDRLTrainer has no adapter for {type(pipeline).__name__}. Supported pipelines: "
+        f"{', '.join(supported_pipelines())}. For another pipeline, subclass ddrl_trl.adapters.PipelineAdapter and "
+        f"call ddrl_trl.register_adapter(MyAdapter, {type(pipeline).__name__}) (see docs/adapters.md)."
+    )
+
+
+register_adapter(StableDiffusionAdapter)
+register_adapter(StableDiffusionXLAdapter)
+
+__all__ = [
+    "Conditioning",
+    "PipelineAdapter",
+    "StableDiffusionAdapter",
+    "StableDiffusionXLAdapter",
+    "concat_conditioning",
+    "get_adapter",
+    "register_adapter",
+    "repeat_conditioning",
+    "select_conditioning",
+    "supported_pipelines",
+]

@@ -1,0 +1,114 @@
+"""The interface between the trainer and one family of diffusers pipelines.
+
+The trainer only ever talks to a `PipelineAdapter`: it encodes prompts, runs the denoiser, encodes reference images,
+decodes rollouts, builds the family's SDE sampler and saves weights. Everything specific to a model family (its
+conditioning, its latent space, its sampler and training target, its LoRA file layout) lives in one adapter file.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+
+Conditioning = dict[str, torch.Tensor]
+"""Flat dict of per-sample conditioning tensors (batch dimension first), as returned by `encode_prompts`."""
+
+
+def repeat_conditioning(cond: Conditioning, repeats: int) -> Conditioning:
+    """Repeat every conditioning tensor `repeats` times along the batch (prompt k → rows k·N … k·N+N−1)."""
+    return {k: v.repeat_interleave(repeats, dim=0) for k, v in cond.items()}
+
+
+def select_conditioning(cond: Conditioning, index: torch.Tensor | slice) -> Conditioning:
+    """Rows `index` of every conditioning tensor."""
+    return {k: v[index] for k, v in cond.items()}
+
+
+def concat_conditioning(first: Conditioning, second: Conditioning) -> Conditioning:
+    """Stack two conditionings along the batch, so two sub-batches share one denoiser forward."""
+    return {k: torch.cat([first[k], second[k]], dim=0) for k in first}
+
+
+class PipelineAdapter(ABC):
+    """What DDRL needs from a model family. Subclass it and `register_adapter` it to support a new pipeline.
+
+    Attributes:
+        pipeline_classes: the diffusers pipeline classes (and their subclasses) this adapter serves.
+        denoiser_name: the pipeline attribute holding the trained network (`"unet"`, `"transformer"`).
+        default_lora_target_modules: modules a `LoraConfig` without `target_modules` is applied to.
+    """
+
+    pipeline_classes: tuple[type, ...] = ()
+    denoiser_name: str = "unet"
+    default_lora_target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+
+    def __init__(self, pipeline: Any, resolution: int | None = None):
+        self.pipeline = pipeline
+        #: Training resolution in pixels (set by the trainer after `validate_resolution`); None = native.
+        self.resolution = resolution
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The network DDRL trains."""
+        return getattr(self.pipeline, self.denoiser_name)
+
+    @denoiser.setter
+    def denoiser(self, module: torch.nn.Module) -> None:
+        setattr(self.pipeline, self.denoiser_name, module)
+
+    @property
+    @abstractmethod
+    def default_resolution(self) -> int:
+        """The pixel resolution the denoiser was configured for."""
+
+    @abstractmethod
+    def validate_resolution(self, resolution: int) -> None:
+        """Raise `ValueError`, naming valid sizes, if `resolution` does not fit the VAE and denoiser."""
+
+    @abstractmethod
+    def latent_shape(self, resolution: int) -> tuple[int, ...]:
+        """Shape of one latent sample (no batch dimension) at `resolution`."""
+
+    @abstractmethod
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        """Modules that are used but never trained (VAE, text encoders)."""
+
+    @abstractmethod
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        """Conditioning for `prompts` without classifier-free guidance (DDRL rolls out with guidance off)."""
+
+    @abstractmethod
+    def predict(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond: Conditioning,
+        denoiser: torch.nn.Module | None = None,
+    ) -> torch.Tensor:
+        """One denoiser forward: the model output (ε, v or velocity) for `latents` at `timesteps` `(B,)`.
+
+        `denoiser` overrides `self.denoiser`, e.g. with its DDP-wrapped version during training, or a frozen copy.
+        """
+
+    @abstractmethod
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Latents of images `pixels` `(B, 3, H, W)` in [−1, 1] (deterministic: the posterior mean)."""
+
+    @abstractmethod
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images `(B, 3, H, W)`, float32 in [0, 1], of `latents`."""
+
+    @abstractmethod
+    def make_sampler(self, num_inference_steps: int, eta: float, device: torch.device):
+        """The family's SDE sampler with exact log-probs (e.g. `DDIMSDESampler`)."""
+
+    @abstractmethod
+    def save_lora_weights(self, output_dir: str, lora_state_dict: dict[str, torch.Tensor]) -> None:
+        """Write `pytorch_lora_weights.safetensors` that `pipeline.load_lora_weights(output_dir)` reloads."""
+
+    def save_denoiser(self, output_dir: str) -> None:
+        """Write the full denoiser in diffusers format under `output_dir/<denoiser_name>`."""
+        self.denoiser.save_pretrained(os.path.join(output_dir, self.denoiser_name), safe_serialization=True)

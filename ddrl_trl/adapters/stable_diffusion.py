@@ -1,0 +1,121 @@
+"""Stable Diffusion 1.x / 2.x / XL: UNet2DConditionModel denoisers with ε- or v-prediction, sampled by stochastic DDIM.
+
+The data term uses diffusers' `train_text_to_image.py` recipe: x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε, unweighted MSE against ε
+or v (from the scheduler's `prediction_type`).
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+from ..samplers import DDIMSDESampler
+from .base import Conditioning, PipelineAdapter
+
+
+class StableDiffusionAdapter(PipelineAdapter):
+    """Adapter for `StableDiffusionPipeline` (SD 1.x and 2.x, ε- and v-prediction) and its subclasses."""
+
+    pipeline_classes = (StableDiffusionPipeline,)
+    denoiser_name = "unet"
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.pipeline.vae.config.block_out_channels) - 1)
+
+    @property
+    def resolution_multiple(self) -> int:
+        """Pixel sizes must be multiples of this: the VAE factor times the UNet's own downsampling."""
+        return self.vae_scale_factor * 2 ** (len(self.denoiser.config.block_out_channels) - 1)
+
+    @property
+    def default_resolution(self) -> int:
+        return int(self.denoiser.config.sample_size) * self.vae_scale_factor
+
+    def validate_resolution(self, resolution: int) -> None:
+        multiple = self.resolution_multiple
+        if resolution <= 0 or resolution % multiple:
+            lower = max(multiple, resolution // multiple * multiple)
+            raise ValueError(
+                f"resolution={resolution} is not supported by this pipeline: its VAE downsamples by "
+                f"{self.vae_scale_factor} and its UNet by {multiple // self.vae_scale_factor}, so the resolution must "
+                f"be a positive multiple of {multiple} (e.g. {lower} or {lower + multiple}). Set `resolution` in DDRLConfig."
+            )
+
+    def latent_shape(self, resolution: int) -> tuple[int, ...]:
+        side = resolution // self.vae_scale_factor
+        return (self.denoiser.config.in_channels, side, side)
+
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        names = ("vae", "text_encoder", "text_encoder_2")
+        return [getattr(self.pipeline, n) for n in names if getattr(self.pipeline, n, None) is not None]
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        embeds, _ = self.pipeline.encode_prompt(
+            prompts, device=self.denoiser.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        return {"encoder_hidden_states": embeds}
+
+    def predict(self, latents, timesteps, cond, denoiser=None) -> torch.Tensor:
+        denoiser = denoiser if denoiser is not None else self.denoiser
+        return denoiser(
+            latents.to(self.denoiser.dtype), timesteps, encoder_hidden_states=cond["encoder_hidden_states"]
+        ).sample
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        vae = self.pipeline.vae
+        latents = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist.mean
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return ((latents.float() - shift) * vae.config.scaling_factor).float()
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.pipeline.vae
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        latents = latents / vae.config.scaling_factor + shift
+        images = vae.decode(latents.to(vae.dtype)).sample
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    def make_sampler(self, num_inference_steps: int, eta: float, device: torch.device) -> DDIMSDESampler:
+        return DDIMSDESampler(self.pipeline.scheduler.config, num_inference_steps, eta, device=device)
+
+    def save_lora_weights(self, output_dir: str, lora_state_dict: dict[str, torch.Tensor]) -> None:
+        type(self.pipeline).save_lora_weights(output_dir, unet_lora_layers=lora_state_dict, safe_serialization=True)
+
+
+class StableDiffusionXLAdapter(StableDiffusionAdapter):
+    """Adapter for `StableDiffusionXLPipeline`: two text encoders, pooled text embeddings and size micro-conditioning."""
+
+    pipeline_classes = (StableDiffusionXLPipeline,)
+
+    @property
+    def default_resolution(self) -> int:
+        return int(self.pipeline.default_sample_size) * self.vae_scale_factor
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        pipe = self.pipeline
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            prompts, device=self.denoiser.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        # Micro-conditioning on (original size, crop, target size), as the pipeline does at the default resolution.
+        size = (self.resolution or self.default_resolution,) * 2
+        time_ids = pipe._get_add_time_ids(
+            size, (0, 0), size, dtype=embeds.dtype, text_encoder_projection_dim=int(pooled.shape[-1])
+        ).to(embeds.device)
+        return {
+            "encoder_hidden_states": embeds,
+            "text_embeds": pooled,
+            "time_ids": time_ids.repeat(len(prompts), 1),
+        }
+
+    def predict(self, latents, timesteps, cond, denoiser=None) -> torch.Tensor:
+        denoiser = denoiser if denoiser is not None else self.denoiser
+        return denoiser(
+            latents.to(self.denoiser.dtype),
+            timesteps,
+            encoder_hidden_states=cond["encoder_hidden_states"],
+            added_cond_kwargs={"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]},
+        ).sample

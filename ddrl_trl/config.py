@@ -1,0 +1,188 @@
+"""`DDRLConfig`: every knob of a DDRL run, as a `transformers.TrainingArguments` dataclass (TRL style)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+_DATA_CHOICES = ("rollout", "random")
+
+
+@dataclass
+class DDRLConfig(TrainingArguments):
+    r"""
+    Configuration for [`DDRLTrainer`]. Only DDRL-specific fields are listed; all of
+    [`~transformers.TrainingArguments`] applies. Defaults that differ from `TrainingArguments` follow the released
+    DDRL configs (AdamW β₂ 0.99, weight decay 1e-4, grad clip 1.0) and TRL (logging every 10 steps).
+
+    Batch sizes count **rollouts**, as in TRL's `GRPOConfig`: each optimiser step draws
+    `per_device_train_batch_size / num_generations` prompts per device and rolls each out `num_generations` times.
+
+    Parameters:
+        > Rollouts
+
+        num_generations (`int`, defaults to `8`):
+            Group size N: rollouts per prompt. Advantages are normalised within a group, so N ≥ 2; the paper uses 8.
+        num_inference_steps (`int`, defaults to `20`):
+            Denoising steps T of each rollout (the released configs use 20).
+        eta (`float`, defaults to `1.0`):
+            Stochasticity η of the DDIM SDE sampler; must be > 0 for the steps to have a log-probability. η = 1 is
+            DDPM's posterior variance, the usual choice (DDPO).
+        resolution (`int` or `None`, defaults to `None`):
+            Pixel resolution of rollouts and reference images. `None` uses the denoiser's native size. Must be a
+            multiple of the VAE × denoiser downsampling factor; checked before any work.
+        same_noise_within_group (`bool`, defaults to `False`):
+            Give all rollouts of a group the same initial noise (they still differ through the per-step noise).
+            Independent noise per rollout is the default, as in the reference code.
+        train_step_stride (`int`, defaults to `2`):
+            Train on every `train_step_stride`-th denoising step, starting at step 0 (the reference code trains 10 of
+            20). The last step is never trained: it is (nearly) deterministic.
+        train_step_indices (`list[int]` or `None`, defaults to `None`):
+            Explicit step indices to train on (each in `[0, T-2]`); overrides `train_step_stride`.
+
+        > Rewards and advantages
+
+        reward_weights (`list[float]` or `None`, defaults to `None`):
+            Weight of each reward function; `None` weighs all by 1. r = Σ_i w_i r_i.
+        reward_clip (`float`, defaults to `5.0`):
+            Rewards are clipped to ±`reward_clip` before normalisation, as in the reference code.
+        scale_rewards (`str`, defaults to `"group"`):
+            Divide centred rewards by the group std (`"group"`), the batch std (`"batch"`) or nothing (`"none"`).
+            The group std approximates the temperature β of the DDRL objective.
+        exp_advantage (`bool`, defaults to `False`):
+            Apply the objective's λ-transform A ← −exp(−A) (the reference code's `exp_reward`; off in its configs).
+        advantage_clip (`float`, defaults to `5.0`):
+            Advantages are clamped to ±`advantage_clip`.
+
+        > Loss
+
+        epsilon (`float`, defaults to `1e-4`):
+            PPO clip range ε of the ratio. With one optimiser step per rollout batch the ratio is 1 up to numerics;
+            `ratio/mean` and `clip_fraction` are logged to show it.
+        data_beta (`float`, defaults to `0.1`):
+            Weight of the data term (the diffusion loss on the paired reference samples), the forward-KL anchor of
+            DDRL. The released configs use 0.01 with a log-prob that drops the Gaussian's 1/(2σ²); ours keeps it and
+            averages over latent dimensions, which scales the policy gradient differently, so 0.1 is calibrated on
+            the embedded digits benchmark (docs/concepts.md): it keeps the held-out diffusion-loss ratio below 1.10
+            while the reward rises. `0` gives plain GRPO (reward hacking).
+        data_noise (`str`, defaults to `"rollout"`):
+            Noise ε of the data term: `"rollout"` reuses the initial noise of the group's first rollout (the code's
+            `use_rl_sigma_and_noise`), `"random"` draws fresh noise.
+        data_timesteps (`str`, defaults to `"rollout"`):
+            Noise level of the data term: `"rollout"`, the timestep of each trained step; `"random"`, a uniformly
+            random training timestep per sample (the paper's formulation).
+        data_on_first_step_only (`bool`, defaults to `False`):
+            Add the data term only at the first trained step (the code's `data_on_first_only`); cheaper, weaker.
+        kl_beta (`float`, defaults to `0.0`):
+            Weight of the optional reverse KL to the frozen base policy, mean ‖μ_θ − μ_ref‖² / (2σ²). 0 in DDRL.
+            With LoRA the base is the denoiser with its adapter disabled (no copy); with full fine-tuning a frozen
+            copy of the denoiser is kept in memory.
+
+        > Data
+
+        prompt_column (`str`, defaults to `"prompt"`):
+            Dataset column with the text prompt.
+        image_column (`str`, defaults to `"image"`):
+            Dataset column with the paired reference image (PIL image, path, bytes or array). Images are resized and
+            centre-cropped to `resolution` and VAE-encoded once, before training.
+        preprocess_batch_size (`int`, defaults to `16`):
+            Batch size of that one-off VAE encoding.
+
+        > Evaluation and logging
+
+        eval_noise_draws (`int`, defaults to `4`):
+            Noise draws per held-out sample in `evaluate()`. Draws are seeded and identical across evaluations, so
+            `eval_diffusion_loss_ratio` against the base model compares like with like.
+        log_sample_images_steps (`int`, defaults to `50`):
+            Every that many optimiser steps, a grid of rollout images goes to the trackers in `report_to`
+            (TensorBoard, W&B). `0` turns it off.
+        num_sample_images (`int`, defaults to `8`):
+            Images in that grid.
+    """
+
+    # Rollouts
+    num_generations: int = field(default=8, metadata={"help": "Group size N: rollouts per prompt (≥ 2)."})
+    num_inference_steps: int = field(default=20, metadata={"help": "Denoising steps T per rollout."})
+    eta: float = field(default=1.0, metadata={"help": "DDIM stochasticity η > 0."})
+    resolution: int | None = field(default=None, metadata={"help": "Pixel resolution; None = denoiser's native."})
+    same_noise_within_group: bool = field(default=False, metadata={"help": "Share initial noise within a group."})
+    train_step_stride: int = field(default=2, metadata={"help": "Train every k-th denoising step."})
+    train_step_indices: list[int] | None = field(default=None, metadata={"help": "Explicit trained step indices."})
+    # Rewards and advantages
+    reward_weights: list[float] | None = field(default=None, metadata={"help": "Weights of the reward functions."})
+    reward_clip: float = field(default=5.0, metadata={"help": "Clip rewards to ±this."})
+    scale_rewards: str = field(default="group", metadata={"help": "'group', 'batch' or 'none'."})
+    exp_advantage: bool = field(default=False, metadata={"help": "λ-transform A ← −exp(−A)."})
+    advantage_clip: float = field(default=5.0, metadata={"help": "Clamp advantages to ±this."})
+    # Loss
+    epsilon: float = field(default=1e-4, metadata={"help": "PPO clip range of the ratio."})
+    data_beta: float = field(default=0.1, metadata={"help": "Weight of the data (diffusion) term."})
+    data_noise: str = field(default="rollout", metadata={"help": "'rollout' or 'random' noise for the data term."})
+    data_timesteps: str = field(default="rollout", metadata={"help": "'rollout' or 'random' data noise level."})
+    data_on_first_step_only: bool = field(default=False, metadata={"help": "Data term at the first trained step only."})
+    kl_beta: float = field(default=0.0, metadata={"help": "Weight of the reverse KL to the base policy."})
+    # Data
+    prompt_column: str = field(default="prompt", metadata={"help": "Prompt column."})
+    image_column: str = field(default="image", metadata={"help": "Paired reference image column."})
+    preprocess_batch_size: int = field(default=16, metadata={"help": "Batch size of the one-off VAE encoding."})
+    # Evaluation and logging
+    eval_noise_draws: int = field(default=4, metadata={"help": "Seeded noise draws per eval sample."})
+    log_sample_images_steps: int = field(default=50, metadata={"help": "Log a rollout image grid every k steps."})
+    num_sample_images: int = field(default=8, metadata={"help": "Images in the logged grid."})
+
+    # TrainingArguments defaults changed to the released DDRL configs / TRL conventions
+    learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate (reference: 1e-5)."})
+    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay (reference: 1e-4)."})
+    adam_beta2: float = field(default=0.99, metadata={"help": "AdamW β₂ (reference: 0.99)."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every k steps."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Kept False: extra dataset columns are passed to reward functions."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.num_generations < 2:
+            raise ValueError(
+                f"num_generations must be at least 2 (advantages are relative to the group), got {self.num_generations}."
+            )
+        if self.per_device_train_batch_size % self.num_generations:
+            raise ValueError(
+                f"per_device_train_batch_size ({self.per_device_train_batch_size}) counts rollouts and must be a "
+                f"multiple of num_generations ({self.num_generations}) so every group lives on one device; e.g. set "
+                f"per_device_train_batch_size={self.num_generations * max(1, self.per_device_train_batch_size // self.num_generations)}."
+            )
+        if self.num_inference_steps < 2:
+            raise ValueError(f"num_inference_steps must be ≥ 2 (the last step is never trained), got {self.num_inference_steps}.")
+        if self.eta <= 0:
+            raise ValueError(f"eta must be > 0 so sampler steps have a log-probability, got {self.eta}.")
+        if self.epsilon <= 0:
+            raise ValueError(f"epsilon (the PPO clip range) must be > 0, got {self.epsilon}.")
+        if self.train_step_stride < 1:
+            raise ValueError(f"train_step_stride must be ≥ 1, got {self.train_step_stride}.")
+        for name in ("data_noise", "data_timesteps"):
+            if getattr(self, name) not in _DATA_CHOICES:
+                raise ValueError(f"{name} must be one of {_DATA_CHOICES}, got {getattr(self, name)!r}.")
+        if self.scale_rewards not in ("group", "batch", "none"):
+            raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {self.scale_rewards!r}.")
+        if self.data_beta < 0 or self.kl_beta < 0:
+            raise ValueError(f"data_beta and kl_beta must be ≥ 0, got {self.data_beta} and {self.kl_beta}.")
+        if self.resolution is not None and self.resolution <= 0:
+            raise ValueError(f"resolution must be a positive number of pixels, got {self.resolution}.")
+        self.trained_step_indices  # validates explicit indices
+
+    @property
+    def trained_step_indices(self) -> list[int]:
+        """The denoising-step indices that get a loss and a backward pass, sorted."""
+        last_trainable = self.num_inference_steps - 2
+        if self.train_step_indices is not None:
+            indices = sorted(set(int(i) for i in self.train_step_indices))
+            bad = [i for i in indices if not 0 <= i <= last_trainable]
+            if bad or not indices:
+                raise ValueError(
+                    f"train_step_indices must be a non-empty list of step indices in [0, {last_trainable}] "
+                    f"(num_inference_steps={self.num_inference_steps}; the last step is never trained), got "
+                    f"{self.train_step_indices}."
+                )
+            return indices
+        return list(range(0, last_trainable + 1, self.train_step_stride))

@@ -1,0 +1,13 @@
+"""Pure, unit-tested math of DDRL: advantages and losses. No model, no trainer state."""
+
+from .advantages import combine_rewards, group_advantages
+from .losses import clipped_policy_loss, diffusion_loss, gaussian_log_prob, reverse_kl_loss
+
+__all__ = [
+    "clipped_policy_loss",
+    "combine_rewards",
+    "diffusion_loss",
+    "gaussian_log_prob",
+    "group_advantages",
+    "reverse_kl_loss",
+]

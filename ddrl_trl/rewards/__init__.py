@@ -1,0 +1,105 @@
+"""Reward functions: how they are named, called and checked.
+
+A reward function is any callable `f(images, prompts, **columns) -> list[float | None]`:
+
+- `images`: float tensor `(B, 3, H, W)` in [0, 1] on the training device (use `to_pil` for PIL images);
+- `prompts`: list of `B` prompts;
+- `**columns`: every other dataset column (except the reference image), one value per image.
+
+It returns one score per image; `None` or NaN marks a sample it could not score (excluded, and counted in
+`rewards/<name>/invalid`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import numbers
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .builtin import BUILTIN_REWARDS, brightness, to_pil
+
+RewardFunc = Callable[..., Sequence]
+
+
+def reward_name(func: RewardFunc) -> str:
+    """The name a reward function is logged under (`rewards/<name>/mean`)."""
+    return getattr(func, "__name__", None) or type(func).__name__
+
+
+def resolve_reward(spec: str | RewardFunc) -> RewardFunc:
+    """A callable as is; a string as a built-in name (`"brightness"`) or an import path `"package.module:function"`."""
+    if callable(spec):
+        return spec
+    if not isinstance(spec, str):
+        raise TypeError(f"A reward must be a callable or a string, got {type(spec).__name__}.")
+    if spec in BUILTIN_REWARDS:
+        return BUILTIN_REWARDS[spec]
+    if ":" in spec:
+        module_name, _, attr = spec.partition(":")
+        try:
+            func = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as err:
+            raise ValueError(f"Cannot import reward {spec!r}: {err}. Use 'package.module:function'.") from err
+        if not callable(func):
+            raise ValueError(f"Reward {spec!r} is not callable.")
+        return func
+    raise ValueError(
+        f"Unknown reward {spec!r}. Use a callable, a built-in name ({', '.join(sorted(BUILTIN_REWARDS))}) or an import "
+        f"path 'package.module:function'."
+    )
+
+
+def _as_score(value, func_name: str, index: int) -> float:
+    if value is None:
+        return math.nan
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"Reward function {func_name!r} returned {value!r} ({type(value).__name__}) for image {index}; it must "
+            f"return one float (or None to skip the image) per image."
+        )
+    return float(value)
+
+
+def compute_rewards(
+    funcs: Sequence[RewardFunc], images: torch.Tensor, prompts: list[str], columns: dict[str, list]
+) -> torch.Tensor:
+    """Call every reward function on the batch and check what it returns.
+
+    Returns:
+        `(B, F)` float32 CPU tensor of scores, NaN where a function returned None/NaN.
+
+    Raises:
+        ValueError / TypeError naming the function, if it returns the wrong number of scores or a non-number.
+    """
+    batch = len(prompts)
+    scores = torch.empty(batch, len(funcs), dtype=torch.float32)
+    for f_idx, func in enumerate(funcs):
+        name = reward_name(func)
+        output = func(images, prompts, **columns)
+        if isinstance(output, torch.Tensor):
+            output = output.detach().float().cpu().reshape(-1).tolist()
+        elif isinstance(output, np.ndarray):
+            output = output.reshape(-1).tolist()
+        if not isinstance(output, Sequence) or isinstance(output, (str, bytes)):
+            raise TypeError(
+                f"Reward function {name!r} returned a {type(output).__name__}; it must return a list of {batch} floats "
+                f"(one per image, None to skip one)."
+            )
+        if len(output) != batch:
+            raise ValueError(
+                f"Reward function {name!r} returned {len(output)} scores for {batch} images; it must return exactly "
+                f"one float (or None) per image."
+            )
+        scores[:, f_idx] = torch.tensor([_as_score(v, name, i) for i, v in enumerate(output)], dtype=torch.float32)
+    return scores
+
+
+__all__ = ["BUILTIN_REWARDS", "RewardFunc", "brightness", "compute_rewards", "resolve_reward", "reward_name", "to_pil"]

@@ -1,0 +1,5 @@
+"""SDE samplers that expose the exact Gaussian log-probability of every step they take."""
+
+from .ddim import DDIMSDESampler
+
+__all__ = ["DDIMSDESampler"]

@@ -1,0 +1,57 @@
+"""Sending rollout images to the experiment trackers the Trainer was configured with (`report_to`)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import torch
+from diffusers.configuration_utils import FrozenDict
+from diffusers.utils import make_image_grid
+from transformers.integrations import TensorBoardCallback
+
+from .rewards import to_pil
+
+
+def log_image_grid(callbacks, images: torch.Tensor, captions: list[str], step: int, tag: str = "samples") -> bool:
+    """Log `images` `(B, 3, H, W)` in [0, 1] as one grid to TensorBoard and/or W&B; returns whether any took it."""
+    pil = to_pil(images)
+    cols = math.ceil(math.sqrt(len(pil)))
+    rows = math.ceil(len(pil) / cols)
+    pil += [pil[0].copy().point(lambda _: 0)] * (rows * cols - len(pil))  # pad with black tiles
+    grid = make_image_grid(pil, rows=rows, cols=cols)
+    logged = False
+    for callback in callbacks:
+        if isinstance(callback, TensorBoardCallback) and callback.tb_writer is not None:
+            callback.tb_writer.add_image(tag, np.asarray(grid), step, dataformats="HWC")
+            callback.tb_writer.add_text(f"{tag}/prompts", " | ".join(captions), step)
+            callback.tb_writer.flush()
+            logged = True
+        elif type(callback).__name__ == "WandbCallback" and getattr(callback, "_wandb", None) is not None:
+            run = callback._wandb.run
+            if run is not None:
+                run.log({tag: callback._wandb.Image(grid, caption=" | ".join(captions))}, commit=False)
+                logged = True
+    return logged
+
+
+class TrackerFriendlyConfig(FrozenDict):
+    """A diffusers config that also answers `to_dict()` / `to_json_string()`, as transformers' trackers expect.
+
+    TensorBoard, MLflow and others log `model.config` through those methods of `PretrainedConfig`; a diffusers
+    model's `FrozenDict` config lacks them and crashes `on_train_begin`.
+    """
+
+    def to_dict(self) -> dict:
+        return dict(self)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def make_config_tracker_friendly(model: torch.nn.Module) -> None:
+    """Swap `model.config` for an equal `TrackerFriendlyConfig` (still a `FrozenDict`, so diffusers is unaffected)."""
+    config = getattr(model, "_internal_dict", None)
+    if config is not None and not isinstance(config, TrackerFriendlyConfig):
+        model._internal_dict = TrackerFriendlyConfig(config)

@@ -1,0 +1,424 @@
+"""`DDRLTrainer`: orchestrates one DDRL iteration — rollout → reward → advantage → loss → step.
+
+The math lives elsewhere (`core/`, `samplers/`), the model-family specifics in `adapters/`, the rewards in `rewards/`;
+this file wires them into `transformers.Trainer`, which keeps providing the optimiser, LR schedule, gradient clipping,
+accumulation, logging, callbacks, checkpoints and multi-device launch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import logging
+import os
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from datasets import Dataset
+from peft import LoraConfig, get_peft_model_state_dict
+from transformers import Trainer
+from trl.trainer.utils import disable_dropout_in_model
+
+from .adapters import PipelineAdapter, concat_conditioning, get_adapter, repeat_conditioning
+from .checkpointing import LORA_WEIGHTS_NAME, atomic_directory_update, load_full_denoiser, load_lora_into_denoiser
+from .config import DDRLConfig
+from .core import clipped_policy_loss, combine_rewards, diffusion_loss, group_advantages, reverse_kl_loss
+from .data import DDRLCollator, RepeatSampler, check_columns, encode_reference_dataset
+from .rewards import compute_rewards, resolve_reward, reward_name
+from .rollout import Rollout, generate_rollouts
+from .tracking import log_image_grid, make_config_tracker_friendly
+
+logger = logging.getLogger(__name__)
+
+
+def _load_pipeline(model: Any, dtype: torch.dtype):
+    if not isinstance(model, (str, os.PathLike)):
+        return model
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
+
+
+def _stable_seed(*parts: int) -> int:
+    """A 63-bit seed that is a fixed function of `parts` (Python's `hash` is salted per process)."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+class DDRLTrainer(Trainer):
+    """Trainer for Data-regularized Diffusion Reinforcement Learning (DDRL, arXiv 2512.04332).
+
+    Each optimiser step rolls out `num_generations` samples per prompt with the current policy (stochastic sampler,
+    float32 log-probs), scores them with `reward_funcs`, turns rewards into group-relative advantages, and for each
+    trained denoising step j back-propagates
+
+        loss_j = L_pg (PPO-clipped) + data_beta · L_data (diffusion loss on the paired reference) + kl_beta · L_kl.
+
+    The data sample shares the denoiser forward of the rollout states (one forward and one backward per trained step).
+
+    Args:
+        model: a diffusers pipeline, or a local path / Hub id loaded with `DiffusionPipeline.from_pretrained`.
+        reward_funcs: a reward callable `f(images, prompts, **columns) -> list[float | None]`, a built-in name or
+            `"module:function"`, or a list of these (combined with `args.reward_weights`).
+        args: a `DDRLConfig`.
+        train_dataset: a `datasets.Dataset` with a prompt column and a paired reference image column.
+        eval_dataset: held-out data of the same form, for `eval_diffusion_loss` and its ratio to the base model.
+        peft_config: a `peft.LoraConfig` to train a LoRA adapter; `None` trains the full denoiser.
+        callbacks, optimizers: as for `transformers.Trainer`.
+    """
+
+    _tag_names = ["ddrl", "diffusers", "trl"]
+
+    def __init__(
+        self,
+        model: Any,
+        reward_funcs: Callable | str | Sequence[Callable | str],
+        args: DDRLConfig | None = None,
+        train_dataset: Dataset | None = None,
+        eval_dataset: Dataset | None = None,
+        peft_config: LoraConfig | None = None,
+        callbacks: list | None = None,
+        optimizers: tuple = (None, None),
+    ):
+        args = args if args is not None else DDRLConfig(output_dir="ddrl-output")
+        if not isinstance(args, DDRLConfig):
+            raise TypeError(f"args must be a DDRLConfig, got {type(args).__name__}.")
+        frozen_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+
+        # ---- cheap checks first: nothing expensive happens before the inputs are known to be usable
+        funcs = reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+        if not funcs:
+            raise ValueError("reward_funcs is empty: pass at least one reward function.")
+        self.reward_funcs = [resolve_reward(f) for f in funcs]
+        self.reward_names = [reward_name(f) for f in self.reward_funcs]
+        weights = args.reward_weights if args.reward_weights is not None else [1.0] * len(self.reward_funcs)
+        if len(weights) != len(self.reward_funcs):
+            raise ValueError(
+                f"reward_weights has {len(weights)} entries for {len(self.reward_funcs)} reward functions; give one "
+                f"weight per function."
+            )
+        self.reward_weights = torch.tensor(weights, dtype=torch.float32)
+        if train_dataset is None:
+            raise ValueError("DDRLTrainer needs a train_dataset with prompts and their paired reference images.")
+        check_columns(train_dataset, args.prompt_column, args.image_column, "training")
+        if eval_dataset is not None:
+            check_columns(eval_dataset, args.prompt_column, args.image_column, "evaluation")
+
+        pipeline = _load_pipeline(model, frozen_dtype)
+        self.adapter: PipelineAdapter = get_adapter(pipeline)
+        self.resolution = args.resolution or self.adapter.default_resolution
+        self.adapter.validate_resolution(self.resolution)
+        self.adapter.resolution = self.resolution
+        self.pipeline = pipeline
+        self.latent_shape = self.adapter.latent_shape(self.resolution)
+
+        # ---- frozen parts: no grads, the training dtype, on the device
+        device = args.device
+        def place(module: torch.nn.Module) -> None:
+            module.to(device)
+            if module.dtype != frozen_dtype:  # cast only when needed: diffusers warns on every cast
+                module.to(dtype=frozen_dtype)
+
+        for module in self.adapter.frozen_modules():
+            module.requires_grad_(False).eval()
+            place(module)
+        denoiser = self.adapter.denoiser
+        self.is_lora = peft_config is not None
+        if self.is_lora:
+            peft_config = copy.deepcopy(peft_config)
+            if peft_config.target_modules is None:
+                peft_config.target_modules = list(self.adapter.default_lora_target_modules)
+            denoiser.requires_grad_(False)
+            place(denoiser)
+            denoiser.add_adapter(peft_config)
+            for param in denoiser.parameters():  # trainable LoRA weights stay float32 (master weights)
+                if param.requires_grad:
+                    param.data = param.data.float()
+        else:
+            denoiser.requires_grad_(True).to(device)
+        # Rollouts and the loss must see the same network for ratio = 1: no dropout anywhere (TRL's disable_dropout).
+        disable_dropout_in_model(denoiser)
+        make_config_tracker_friendly(denoiser)
+        self.ref_denoiser = None
+        if args.kl_beta > 0 and not self.is_lora:
+            self.ref_denoiser = copy.deepcopy(denoiser).requires_grad_(False).eval()
+
+        self.sampler = self.adapter.make_sampler(args.num_inference_steps, args.eta, device)
+        self.trained_steps = args.trained_step_indices
+
+        # ---- one-off work on the data: encode reference images, then check the rewards on real images
+        with args.main_process_first(desc="encoding reference images"):
+            train_dataset = self._encode(train_dataset, args, "training")
+            if eval_dataset is not None:
+                eval_dataset = self._encode(eval_dataset, args, "evaluation")
+        self._check_rewards_on(train_dataset, args)
+
+        super().__init__(
+            model=denoiser,
+            args=args,
+            data_collator=DDRLCollator(args.prompt_column),
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )
+        self._metrics: dict[str, list] = defaultdict(list)
+        self._base_eval_loss: dict[str, float] = {}
+        self._micro_step = 0
+
+    # ------------------------------------------------------------------------------------------------ data plumbing
+    def _encode(self, dataset: Dataset, args: DDRLConfig, split: str) -> Dataset:
+        return encode_reference_dataset(
+            dataset, self.adapter.encode_images, self.resolution, args.image_column, args.preprocess_batch_size, split
+        )
+
+    def _check_rewards_on(self, dataset: Dataset, args: DDRLConfig) -> None:
+        """Call every reward on two decoded reference images: a wrong length or type fails before any rollout."""
+        rows = [dataset[i] for i in range(min(2, len(dataset)))]
+        batch = DDRLCollator(args.prompt_column)(rows)
+        images = self.adapter.decode_latents(batch["ref_latents"].to(self.adapter.denoiser.device))
+        compute_rewards(self.reward_funcs, images, batch["prompts"], batch["columns"])
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        return RepeatSampler(len(dataset), self.args.num_generations, seed=self.args.seed)
+
+    def _remove_unused_columns(self, dataset, description=None):
+        return dataset  # reward functions may use any column; the collator picks what the trainer needs
+
+    # ------------------------------------------------------------------------------------------------ one iteration
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        """One DDRL iteration on a batch of whole groups: rollout → reward → advantage → per-step loss/backward."""
+        args, num_generations = self.args, self.args.num_generations
+        model.train()
+        prompts: list[str] = inputs["prompts"]
+        unique_prompts = prompts[::num_generations]
+        if prompts != [p for p in unique_prompts for _ in range(num_generations)]:
+            raise RuntimeError("A batch does not hold whole groups of num_generations rows; use DDRLTrainer's sampler.")
+        device = self.accelerator.device
+        generator = torch.Generator(device=device).manual_seed(self._rollout_seed())
+
+        with self.compute_loss_context_manager():
+            prompt_cond = self.adapter.encode_prompts(unique_prompts)
+            rollout = generate_rollouts(
+                self.adapter, self.sampler, prompt_cond, num_generations, self.latent_shape, generator,
+                same_noise_within_group=args.same_noise_within_group, denoiser=model,
+            )
+        advantages = self._score(rollout, prompts, inputs["columns"])
+        self._maybe_log_images(rollout.images, prompts)
+        loss = self._policy_and_data_backward(model, rollout, advantages, prompt_cond, inputs["ref_latents"], generator)
+        self._micro_step += 1
+        return loss / self.current_gradient_accumulation_steps
+
+    def _rollout_seed(self) -> int:
+        micro = self._micro_step % self.args.gradient_accumulation_steps
+        return _stable_seed(self.args.seed, self.state.global_step, micro, self.args.process_index)
+
+    def _score(self, rollout: Rollout, prompts: list[str], columns: dict) -> torch.Tensor:
+        """Rewards → float32 advantages on the device; logs reward statistics."""
+        args = self.args
+        per_func = compute_rewards(self.reward_funcs, rollout.images, prompts, columns)
+        rewards = combine_rewards(per_func, self.reward_weights)
+        advantages = group_advantages(
+            rewards, args.num_generations, scale_rewards=args.scale_rewards, reward_clip=args.reward_clip,
+            exp_transform=args.exp_advantage, advantage_clip=args.advantage_clip,
+        )
+        valid = ~torch.isnan(rewards)
+        if valid.any():
+            self._metrics["reward"].append(rewards[valid].mean().item())
+        grouped = rewards.view(-1, args.num_generations)
+        stds = [g[~torch.isnan(g)].std().item() for g in grouped if (~torch.isnan(g)).sum() > 1]
+        if stds:
+            self._metrics["reward_std"].append(sum(stds) / len(stds))
+        for name, column in zip(self.reward_names, per_func.unbind(dim=1)):
+            ok = ~torch.isnan(column)
+            if ok.any():
+                self._metrics[f"rewards/{name}/mean"].append(column[ok].mean().item())
+            self._metrics[f"rewards/{name}/invalid"].append(float((~ok).sum()))
+        return advantages.to(self.accelerator.device)
+
+    def _policy_and_data_backward(
+        self, model, rollout: Rollout, advantages, prompt_cond, ref_latents, generator
+    ) -> torch.Tensor:
+        """For each trained step j: one forward of [rollout states ; noised reference], loss_j, one backward."""
+        args, sampler = self.args, self.sampler
+        batch, groups = rollout.states.shape[0], ref_latents.shape[0] // args.num_generations
+        cond = repeat_conditioning(prompt_cond, args.num_generations)
+        # One reference sample per group (rows of a group share the prompt and its paired x̃0).
+        ref_latents = ref_latents[:: args.num_generations].to(rollout.states)
+        data_noise = (
+            rollout.initial_noise[:: args.num_generations]
+            if args.data_noise == "rollout"
+            else torch.randn(ref_latents.shape, generator=generator, device=ref_latents.device)
+        )
+        data_cond = concat_conditioning(cond, prompt_cond)
+        total = torch.zeros((), device=rollout.states.device)
+        num_trained = len(self.trained_steps)
+        for position, step_index in enumerate(self.trained_steps):
+            with_data = args.data_beta > 0 and (not args.data_on_first_step_only or position == 0)
+            timestep = sampler.timesteps[step_index].expand(batch)
+            latents_in, timesteps_in, cond_in = rollout.states[:, step_index], timestep, cond
+            if with_data:
+                data_t = (
+                    torch.randint(0, sampler.num_train_timesteps, (groups,), generator=generator, device=timestep.device)
+                    if args.data_timesteps == "random"
+                    else timestep[:groups]
+                )
+                noisy_ref = sampler.add_noise(ref_latents, data_noise, data_t)
+                latents_in = torch.cat([latents_in, noisy_ref])
+                timesteps_in = torch.cat([timestep, data_t])
+                cond_in = data_cond
+            last = position == num_trained - 1
+            sync = contextlib.nullcontext() if last else self.accelerator.no_sync(model)
+            with sync:
+                with self.compute_loss_context_manager():
+                    output = self.adapter.predict(latents_in, timesteps_in, cond_in, denoiser=model)
+                    log_prob, mean = sampler.log_prob(
+                        output[:batch], step_index, rollout.states[:, step_index], rollout.states[:, step_index + 1]
+                    )
+                    policy_loss, ratio, clipped = clipped_policy_loss(
+                        log_prob, rollout.log_probs[:, step_index], advantages, args.epsilon
+                    )
+                    loss = policy_loss
+                    if with_data:
+                        target = sampler.training_target(ref_latents, data_noise, data_t)
+                        data_loss = diffusion_loss(output[batch:], target)
+                        loss = loss + args.data_beta * data_loss
+                        self._metrics["loss/data"].append(data_loss.detach())
+                    if args.kl_beta > 0:
+                        ref_mean = self._reference_mean(rollout.states[:, step_index], timestep, cond, step_index)
+                        kl = reverse_kl_loss(mean, ref_mean, sampler.stds[step_index])
+                        loss = loss + args.kl_beta * kl
+                        self._metrics["loss/kl"].append(kl.detach())
+                self.accelerator.backward(loss / (num_trained * self.current_gradient_accumulation_steps))
+            total = total + loss.detach() / num_trained
+            self._metrics["loss/policy"].append(policy_loss.detach())
+            self._metrics["ratio/mean"].append(ratio.mean())
+            self._metrics["clip_fraction"].append(clipped.float().mean())
+        if args.kl_beta == 0:
+            self._metrics["loss/kl"].append(torch.zeros((), device=total.device))
+        if args.data_beta == 0:
+            self._metrics["loss/data"].append(torch.zeros((), device=total.device))
+        return total
+
+    @torch.no_grad()
+    def _base_prediction(self, latents, timesteps, cond) -> torch.Tensor:
+        """The base model's output: the adapter switched off (LoRA) or the frozen copy (full fine-tuning)."""
+        if self.ref_denoiser is not None:
+            return self.adapter.predict(latents, timesteps, cond, denoiser=self.ref_denoiser)
+        if not self.is_lora:
+            raise RuntimeError("The base model is not available: full fine-tuning keeps no copy unless kl_beta > 0.")
+        denoiser = self.adapter.denoiser
+        denoiser.disable_adapters()
+        try:
+            return self.adapter.predict(latents, timesteps, cond)
+        finally:
+            denoiser.enable_adapters()
+
+    def _reference_mean(self, latents, timestep, cond, step_index) -> torch.Tensor:
+        output = self._base_prediction(latents, timestep, cond)
+        return self.sampler.step_mean(output, step_index, latents)
+
+    # ------------------------------------------------------------------------------------------------ logging
+    def _maybe_log_images(self, images: torch.Tensor, prompts: list[str]) -> None:
+        every = self.args.log_sample_images_steps
+        if not every or self.state.global_step % every or self._micro_step % self.args.gradient_accumulation_steps:
+            return
+        if self.accelerator.is_main_process:
+            n = self.args.num_sample_images
+            log_image_grid(self.callback_handler.callbacks, images[:n], prompts[:n], self.state.global_step)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the DDRL metrics (averaged since the last log) to the Trainer's training logs."""
+        if not any(key.startswith("eval_") for key in logs):
+            for key, values in self._metrics.items():
+                if values:
+                    logs[key] = float(torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in values]).mean())
+            self._metrics.clear()
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------------------------------------ evaluation
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Held-out diffusion loss and its ratio to the base model's (> 1.10: the paper's reward-hacking signal).
+
+        Noise and timesteps are drawn from a generator seeded with `args.seed`, identical for the model and the
+        base, so the ratio compares the two on the same draws.
+        """
+        if eval_dataset is None:
+            eval_dataset = self.eval_dataset
+        elif "ddrl_ref_latents" not in eval_dataset.column_names:
+            check_columns(eval_dataset, self.args.prompt_column, self.args.image_column, "evaluation")
+            eval_dataset = self._encode(eval_dataset, self.args, "evaluation")
+        if eval_dataset is None:
+            raise ValueError("evaluate() needs an eval_dataset (held-out prompts with paired reference images).")
+        key = eval_dataset._fingerprint
+        if key not in self._base_eval_loss:
+            if not self.is_lora and self.ref_denoiser is None and self.state.global_step > 0:
+                raise RuntimeError(
+                    "The base model's held-out loss was not measured before training; with full fine-tuning call "
+                    "evaluate() (or pass eval_dataset to the trainer) before training starts."
+                )
+            self._base_eval_loss[key] = self._held_out_loss(eval_dataset, base=self.is_lora or self.ref_denoiser is not None)
+        loss = self._held_out_loss(eval_dataset, base=False)
+        metrics = {
+            f"{metric_key_prefix}_diffusion_loss": loss,
+            f"{metric_key_prefix}_diffusion_loss_ratio": loss / self._base_eval_loss[key],
+        }
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def train(self, *args, **kwargs):
+        """`Trainer.train`, after measuring the base model's held-out loss when nothing else could later."""
+        if self.eval_dataset is not None and not self.is_lora and self.ref_denoiser is None:
+            key = self.eval_dataset._fingerprint
+            if key not in self._base_eval_loss and kwargs.get("resume_from_checkpoint") in (None, False):
+                self._base_eval_loss[key] = self._held_out_loss(self.eval_dataset, base=False)
+        return super().train(*args, **kwargs)
+
+    @torch.no_grad()
+    def _held_out_loss(self, dataset: Dataset, base: bool) -> float:
+        args, sampler = self.args, self.sampler
+        device = self.accelerator.device
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+        collate = DDRLCollator(args.prompt_column)
+        total, count = 0.0, 0
+        batch_size = args.per_device_eval_batch_size
+        for start in range(0, len(dataset), batch_size):
+            batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+            x0 = batch["ref_latents"].to(device)
+            with self.compute_loss_context_manager():
+                cond = self.adapter.encode_prompts(batch["prompts"])
+                for _ in range(args.eval_noise_draws):
+                    noise = torch.randn(x0.shape, generator=generator, device=device)
+                    t = torch.randint(0, sampler.num_train_timesteps, (x0.shape[0],), generator=generator, device=device)
+                    noisy = sampler.add_noise(x0, noise, t)
+                    predict = self._base_prediction if base else self.adapter.predict
+                    output = predict(noisy, t, cond)
+                    total += diffusion_loss(output, sampler.training_target(x0, noise, t)).item() * x0.shape[0]
+                    count += x0.shape[0]
+        return total / count
+
+    # ------------------------------------------------------------------------------------------------ saving
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """Write diffusers-format weights: `pytorch_lora_weights.safetensors` (LoRA) or `<output_dir>/unet/` (full)."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        with atomic_directory_update(output_dir) as staging:
+            if self.is_lora:
+                self.adapter.save_lora_weights(staging, get_peft_model_state_dict(self.adapter.denoiser))
+            else:
+                self.adapter.save_denoiser(staging)
+            torch.save(self.args, os.path.join(staging, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        if self.is_lora:
+            if not os.path.isfile(os.path.join(resume_from_checkpoint, LORA_WEIGHTS_NAME)):
+                raise ValueError(f"{resume_from_checkpoint} has no {LORA_WEIGHTS_NAME}: not a DDRL LoRA checkpoint.")
+            load_lora_into_denoiser(self.adapter.denoiser, resume_from_checkpoint, self.adapter.denoiser_name)
+        else:
+            load_full_denoiser(self.adapter.denoiser, resume_from_checkpoint, self.adapter.denoiser_name)
