@@ -211,7 +211,12 @@ class DDRLTrainer(Trainer):
         self._maybe_log_images(rollout.images, prompts)
         loss = self._policy_and_data_backward(model, rollout, advantages, prompt_cond, inputs["ref_latents"], generator)
         self._micro_step += 1
-        return loss / self.current_gradient_accumulation_steps
+        return loss / self._accumulation_steps
+
+    @property
+    def _accumulation_steps(self) -> int:
+        # Set by Trainer.train() (it may differ on the last, shorter accumulation window); args outside train().
+        return getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
 
     def _rollout_seed(self) -> int:
         micro = self._micro_step % self.args.gradient_accumulation_steps
@@ -293,7 +298,7 @@ class DDRLTrainer(Trainer):
                         kl = reverse_kl_loss(mean, ref_mean, sampler.stds[step_index])
                         loss = loss + args.kl_beta * kl
                         self._metrics["loss/kl"].append(kl.detach())
-                self.accelerator.backward(loss / (num_trained * self.current_gradient_accumulation_steps))
+                self.accelerator.backward(loss / (num_trained * self._accumulation_steps))
             total = total + loss.detach() / num_trained
             self._metrics["loss/policy"].append(policy_loss.detach())
             self._metrics["ratio/mean"].append(ratio.mean())

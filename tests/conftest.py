@@ -1,0 +1,25 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+PROMPTS = ["a red cat", "a blue dog", "a green bird"]
+
+
+@pytest.fixture
+def reference_dataset():
+    """Prompts with paired reference images of another size than the training resolution (to exercise resizing)."""
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)) for _ in range(6)]
+    return Dataset.from_dict({"prompt": PROMPTS * 2, "image": images, "label": [0, 1, 2] * 2})
+
+
+def brightness_reward(images, prompts, **kwargs):
+    return images.float().mean(dim=(1, 2, 3)).tolist()

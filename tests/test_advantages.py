@@ -1,0 +1,73 @@
+"""Group-relative advantages against hand-computed values."""
+
+import math
+
+import pytest
+import torch
+
+from ddrl_trl.core import combine_rewards, group_advantages
+
+EPS = 1e-4
+
+
+def test_group_normalisation_matches_hand_computation():
+    # group 1: mean 2.5, unbiased std sqrt(5/3); group 2: mean 0, std sqrt(2)
+    rewards = torch.tensor([1.0, 2.0, 3.0, 4.0, -1.0, 1.0, 1.0, -1.0])
+    adv = group_advantages(rewards, num_generations=4)
+    s1, s2 = math.sqrt(5 / 3), math.sqrt(4 / 3)
+    expected = [-1.5 / (s1 + EPS), -0.5 / (s1 + EPS), 0.5 / (s1 + EPS), 1.5 / (s1 + EPS)]
+    expected += [-1 / (s2 + EPS), 1 / (s2 + EPS), 1 / (s2 + EPS), -1 / (s2 + EPS)]
+    assert adv.dtype == torch.float32
+    torch.testing.assert_close(adv, torch.tensor(expected), rtol=0, atol=1e-6)
+
+
+def test_invalid_rewards_take_the_group_mean_and_get_zero_advantage():
+    rewards = torch.tensor([1.0, float("nan"), 3.0, 5.0])
+    adv = group_advantages(rewards, num_generations=4)
+    std = math.sqrt(8 / 3)  # values become [1, 3, 3, 5]
+    torch.testing.assert_close(adv, torch.tensor([-2, 0, 0, 2]) / (std + EPS), rtol=0, atol=1e-6)
+
+
+def test_all_invalid_group_gets_zero_advantages():
+    adv = group_advantages(torch.tensor([float("nan")] * 2 + [0.0, 1.0]), num_generations=2)
+    assert adv[:2].tolist() == [0.0, 0.0]
+    assert adv[2] < 0 < adv[3]
+
+
+def test_reward_clip_then_normalise():
+    adv = group_advantages(torch.tensor([10.0, 0.0]), num_generations=2, reward_clip=5.0)
+    std = math.sqrt(12.5)  # [5, 0]
+    torch.testing.assert_close(adv, torch.tensor([2.5, -2.5]) / (std + EPS))
+
+
+def test_exp_transform_and_advantage_clip():
+    rewards = torch.tensor([0.0, 1.0])
+    base = 0.5 / (math.sqrt(0.5) + EPS)
+    adv = group_advantages(rewards, num_generations=2, exp_transform=True, advantage_clip=None)
+    torch.testing.assert_close(adv, torch.tensor([-math.exp(base), -math.exp(-base)]))
+    clipped = group_advantages(rewards, num_generations=2, exp_transform=True, advantage_clip=1.0)
+    torch.testing.assert_close(clipped, torch.tensor([-1.0, -math.exp(-base)]))
+
+
+def test_scale_none_and_batch():
+    rewards = torch.tensor([0.0, 2.0, 10.0, 14.0])
+    torch.testing.assert_close(group_advantages(rewards, 2, scale_rewards="none", reward_clip=None), torch.tensor([-1.0, 1.0, -2.0, 2.0]))
+    batch_std = torch.tensor([0.0, 2.0, 10.0, 14.0]).std().item()
+    torch.testing.assert_close(
+        group_advantages(rewards, 2, scale_rewards="batch", reward_clip=None, advantage_clip=None),
+        torch.tensor([-1.0, 1.0, -2.0, 2.0]) / (batch_std + EPS),
+    )
+
+
+def test_bad_shapes_and_modes_are_rejected():
+    with pytest.raises(ValueError, match="multiple of num_generations=4"):
+        group_advantages(torch.zeros(6), 4)
+    with pytest.raises(ValueError, match="scale_rewards"):
+        group_advantages(torch.zeros(4), 2, scale_rewards="sum")
+
+
+def test_combine_rewards_weighs_and_propagates_invalid():
+    per_func = torch.tensor([[1.0, 2.0], [3.0, float("nan")], [0.5, 4.0]])
+    combined = combine_rewards(per_func, torch.tensor([2.0, -1.0]))
+    assert combined[0].item() == 0.0 and combined[2].item() == -3.0
+    assert math.isnan(combined[1].item())

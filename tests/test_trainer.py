@@ -1,0 +1,231 @@
+"""DDRLTrainer end to end on tiny offline Stable Diffusion pipelines."""
+
+import os
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from peft import LoraConfig
+from transformers import TrainerCallback
+
+import ddrl_trl.trainer as trainer_module
+from ddrl_trl import DDRLConfig, DDRLTrainer
+from ddrl_trl.core import group_advantages
+from ddrl_trl.rollout import generate_rollouts
+from ddrl_trl.tiny_pipelines import tiny_sd_pipeline, tiny_sdxl_pipeline
+
+from conftest import brightness_reward
+
+
+def make_args(tmp_path, **overrides):
+    values = dict(
+        output_dir=str(tmp_path / "out"), num_generations=2, per_device_train_batch_size=4, num_inference_steps=4,
+        train_step_stride=1, max_steps=2, learning_rate=1e-3, warmup_steps=0, logging_steps=1, report_to="none",
+        log_sample_images_steps=0, save_strategy="no", seed=0, per_device_eval_batch_size=4,
+        dataloader_pin_memory=False,
+    )
+    values.update(overrides)
+    return DDRLConfig(**values)
+
+
+def lora():
+    return LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian")
+
+
+def make_trainer(tmp_path, dataset, peft_config=None, pipeline=None, reward=brightness_reward, eval_dataset=None, **kw):
+    return DDRLTrainer(
+        model=pipeline if pipeline is not None else tiny_sd_pipeline(),
+        reward_funcs=reward,
+        args=make_args(tmp_path, **kw),
+        train_dataset=dataset,
+        eval_dataset=eval_dataset,
+        peft_config=peft_config,
+    )
+
+
+def test_on_policy_ratio_is_one_in_float32(tmp_path, reference_dataset, monkeypatch):
+    ratios = []
+    original = trainer_module.clipped_policy_loss
+
+    def recording(*args, **kwargs):
+        out = original(*args, **kwargs)
+        ratios.append(out[1])
+        return out
+
+    monkeypatch.setattr(trainer_module, "clipped_policy_loss", recording)
+    trainer = make_trainer(tmp_path, reference_dataset, peft_config=lora(), data_beta=0.1, max_steps=1)
+    trainer.train()
+    assert len(ratios) == 3  # steps 0, 1, 2 of 4 (the last is never trained)
+    deviation = torch.stack(ratios).sub(1).abs().max().item()
+    assert deviation < 1e-5, deviation
+    assert trainer.state.log_history[0]["clip_fraction"] == 0.0
+
+
+@pytest.mark.parametrize("data_beta", [0.0, 0.5])
+def test_gradient_equals_grpo_plus_data_term_computed_separately(tmp_path, reference_dataset, data_beta):
+    """data_beta=0 (and kl_beta=0) is plain GRPO; otherwise the gradient adds data_beta × ∇(diffusion loss on x̃0
+    noised with the rollout's initial noise to each trained step's timestep), here computed in separate passes."""
+    trainer = make_trainer(tmp_path, reference_dataset, data_beta=data_beta, num_inference_steps=4, train_step_stride=2)
+    model, adapter, sampler = trainer.model, trainer.adapter, trainer.sampler
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    seed = trainer._rollout_seed()
+    trainer.training_step(model, batch)
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+
+    cond = adapter.encode_prompts(batch["prompts"][::2])
+    rollout = generate_rollouts(adapter, sampler, cond, 2, trainer.latent_shape, torch.Generator().manual_seed(seed))
+    rewards = torch.tensor(brightness_reward(rollout.images, batch["prompts"]))
+    adv = group_advantages(rewards, 2)
+    cond_rep = {k: v.repeat_interleave(2, 0) for k, v in cond.items()}
+    ref, noise = batch["ref_latents"][::2], rollout.states[::2, 0]
+    scheduler = DDIMScheduler.from_config(trainer.pipeline.scheduler.config)
+    steps = [0, 2]
+    total = 0.0
+    for j in steps:
+        t = sampler.timesteps[j]
+        out = model(rollout.states[:, j], t, encoder_hidden_states=cond_rep["encoder_hidden_states"]).sample
+        log_prob, _ = sampler.log_prob(out, j, rollout.states[:, j], rollout.states[:, j + 1])
+        total = total + (-(adv * torch.exp(log_prob - rollout.log_probs[:, j]))).mean() / len(steps)
+        if data_beta:
+            noisy = scheduler.add_noise(ref, noise, t.expand(2))
+            pred = model(noisy, t, encoder_hidden_states=cond["encoder_hidden_states"]).sample
+            total = total + data_beta * torch.nn.functional.mse_loss(pred, noise) / len(steps)
+    total.backward()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(got[name], param.grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_lora_training_logs_metrics_saves_and_reloads_in_plain_diffusers(tmp_path, reference_dataset):
+    trainer = make_trainer(tmp_path, reference_dataset, peft_config=lora(), eval_dataset=reference_dataset)
+    before = trainer.evaluate()
+    assert before["eval_diffusion_loss_ratio"] == pytest.approx(1.0, abs=1e-6)
+    trainer.train()
+    logs = trainer.state.log_history[0]
+    for key in ["reward", "reward_std", "rewards/brightness_reward/mean", "loss/policy", "loss/data", "loss/kl",
+                "ratio/mean", "clip_fraction", "grad_norm"]:
+        assert key in logs, key
+    after = trainer.evaluate()
+    assert after["eval_diffusion_loss"] != before["eval_diffusion_loss"]
+    trainer.save_model()
+    out = tmp_path / "out"
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    assert not [p for p in os.listdir(out) if p.startswith(".tmp")]
+
+    plain = tiny_sd_pipeline()
+    plain.load_lora_weights(str(out))
+    latents, t = torch.randn(2, 4, 8, 8), torch.tensor([500, 500])
+    cond = torch.randn(2, 16, 32)
+    with torch.no_grad():
+        expected = trainer.adapter.denoiser(latents, t, encoder_hidden_states=cond).sample
+        reloaded = plain.unet(latents, t, encoder_hidden_states=cond).sample
+        base = tiny_sd_pipeline().unet(latents, t, encoder_hidden_states=cond).sample
+    torch.testing.assert_close(reloaded, expected, rtol=1e-5, atol=1e-6)
+    assert (reloaded - base).abs().max() > 1e-6  # the adapter did change the model
+
+
+def test_full_fine_tuning_saves_denoiser_in_diffusers_format(tmp_path, reference_dataset):
+    trainer = make_trainer(tmp_path, reference_dataset, max_steps=1, eval_dataset=reference_dataset)
+    trainer.train()
+    assert trainer.evaluate()["eval_diffusion_loss_ratio"] != 1.0
+    trainer.save_model()
+    reloaded = UNet2DConditionModel.from_pretrained(str(tmp_path / "out" / "unet"))
+    for (name, a), b in zip(trainer.model.state_dict().items(), reloaded.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_same_seed_gives_identical_training(tmp_path, reference_dataset):
+    weights = []
+    for run in range(2):
+        trainer = make_trainer(tmp_path / str(run), reference_dataset, peft_config=lora())
+        trainer.train()
+        weights.append([p.detach().clone() for p in trainer.model.parameters() if p.requires_grad])
+    for a, b in zip(*weights):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_kl_to_base_with_lora_starts_at_zero(tmp_path, reference_dataset):
+    trainer = make_trainer(
+        tmp_path, reference_dataset, peft_config=LoraConfig(r=4, lora_alpha=4), kl_beta=0.1, max_steps=2
+    )
+    trainer.train()
+    first, second = trainer.state.log_history[0], trainer.state.log_history[1]
+    assert first["loss/kl"] == 0.0  # LoRA starts as the identity: policy == base
+    assert second["loss/kl"] > 0.0
+
+
+def test_kl_with_full_fine_tuning_keeps_a_frozen_copy(tmp_path, reference_dataset):
+    trainer = make_trainer(tmp_path, reference_dataset, kl_beta=0.1, max_steps=2)
+    assert trainer.ref_denoiser is not None and not any(p.requires_grad for p in trainer.ref_denoiser.parameters())
+    trainer.train()
+    assert trainer.state.log_history[1]["loss/kl"] > 0.0
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(data_noise="random"), dict(data_timesteps="random"), dict(data_on_first_step_only=True),
+     dict(same_noise_within_group=True), dict(exp_advantage=True, scale_rewards="batch")],
+)
+def test_data_term_and_rollout_options_train(tmp_path, reference_dataset, options):
+    trainer = make_trainer(tmp_path, reference_dataset, peft_config=lora(), max_steps=1, **options)
+    trainer.train()
+    assert trainer.state.log_history[0]["loss/data"] > 0
+
+
+def test_v_prediction_and_sdxl_pipelines_train(tmp_path, reference_dataset):
+    for name, pipeline in [("v", tiny_sd_pipeline(prediction_type="v_prediction")), ("xl", tiny_sdxl_pipeline())]:
+        trainer = make_trainer(tmp_path / name, reference_dataset, peft_config=lora(), pipeline=pipeline, max_steps=1)
+        trainer.train()
+        trainer.save_model()
+        assert (tmp_path / name / "out" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_invalid_rewards_are_excluded_and_counted(tmp_path, reference_dataset):
+    calls = {"n": 0}
+
+    def flaky(images, prompts, **kwargs):
+        calls["n"] += 1
+        scores = images.mean(dim=(1, 2, 3)).tolist()
+        return scores if calls["n"] == 1 else [None, float("nan")] + scores[2:]
+
+    trainer = make_trainer(tmp_path, reference_dataset, peft_config=lora(), reward=flaky, max_steps=1)
+    trainer.train()
+    assert trainer.state.log_history[0]["rewards/flaky/invalid"] == 2.0
+
+
+def test_dataset_columns_reach_rewards_and_callbacks_run(tmp_path, reference_dataset):
+    seen, steps = [], []
+
+    def label_reward(images, prompts, label, **kwargs):
+        seen.append(list(label))
+        return [float(x) for x in label]
+
+    class Counter(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            steps.append(state.global_step)
+
+    trainer = make_trainer(tmp_path, reference_dataset, peft_config=lora(), reward=label_reward)
+    trainer.add_callback(Counter())
+    trainer.train()
+    assert steps == [1, 2]
+    assert all(len(labels) == 4 and labels[0] == labels[1] and labels[2] == labels[3] for labels in seen[1:])
+
+
+def test_checkpoints_and_tensorboard_images(tmp_path, reference_dataset):
+    trainer = make_trainer(
+        tmp_path, reference_dataset, peft_config=lora(), save_strategy="steps", save_steps=1, report_to="tensorboard",
+        log_sample_images_steps=1, num_sample_images=4,
+    )
+    trainer.train()
+    out = tmp_path / "out"
+    assert (out / "checkpoint-2" / "pytorch_lora_weights.safetensors").is_file()
+    assert (out / "checkpoint-2" / "optimizer.pt").is_file()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dirs = [os.path.join(dp) for dp, _, files in os.walk(out / "runs") if any("tfevents" in f for f in files)]
+    images = set()
+    for run_dir in run_dirs:
+        acc = EventAccumulator(run_dir, size_guidance={"images": 0})
+        acc.Reload()
+        images.update(acc.Tags()["images"])
+    assert "samples" in images
