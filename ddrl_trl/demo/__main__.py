@@ -1,0 +1,161 @@
+"""The embedded default: DDRL vs the same run without its data term, on a real digits model, in minutes on a CPU.
+
+    ddrl-trl-demo [--steps 60] [--output-dir ddrl-demo-output]      (or: python -m ddrl_trl.demo)
+
+Both runs start from the shipped digits pipeline (`ddrl_trl.demo.digits`), train the same LoRA for the same steps
+with the same seed on the hackable ink reward, and differ only in `data_beta`. Every `--eval-every` steps each run
+reports its held-out diffusion loss against the base model (the paper's hacking signal, > 1.10 = hacking) and an
+independent judge's accuracy on fresh samples. The report: a table, `report.png` (curves of both runs), image grids
+before and after, `results.json`, and TensorBoard logs under each run's folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from transformers import TrainerCallback
+
+from .. import DDRLConfig, DDRLTrainer
+from .digits import DigitsEvaluator, digit_prompt, digits_dataset, evaluate_digits_pipeline, ink_reward, load_digits_pipeline
+
+HACKING_RATIO = 1.10
+
+
+class _DemoProbe(TrainerCallback):
+    """After each evaluation, samples the current model and records what the judge says."""
+
+    def __init__(self, trainer_ref: dict, evaluator: DigitsEvaluator, per_digit: int):
+        self.trainer_ref, self.evaluator, self.per_digit = trainer_ref, evaluator, per_digit
+        self.history: list[dict] = []
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        trainer = self.trainer_ref["trainer"]
+        judged = evaluate_digits_pipeline(trainer.pipeline, self.evaluator, args.num_inference_steps, self.per_digit)
+        self.history.append(
+            {
+                "step": state.global_step,
+                "reward": judged["ink"],  # the ink reward on the judge's fixed prompts and seeds
+                "diffusion_loss_ratio": metrics["eval_diffusion_loss_ratio"],
+                "accuracy": judged["accuracy"],
+                "ink": judged["ink"],
+            }
+        )
+
+
+def _grid(pipe, path: Path, per_digit: int = 6, steps: int = 10) -> None:
+    from diffusers.utils import make_image_grid
+
+    prompts = [digit_prompt(d) for _ in range(per_digit) for d in range(10)]
+    images = pipe(prompts, num_inference_steps=steps, guidance_scale=1.0, eta=1.0, output_type="pil",
+                  generator=torch.Generator().manual_seed(1)).images
+    make_image_grid([im.resize((48, 48), 0) for im in images], rows=per_digit, cols=10).save(path)
+
+
+def run_one(name: str, data_beta: float, opts, evaluator, train_ds, eval_ds) -> dict:
+    """Train one run; return its evaluation history."""
+    output_dir = Path(opts.output_dir) / name
+    args = DDRLConfig(
+        output_dir=str(output_dir), seed=opts.seed, max_steps=opts.steps, learning_rate=opts.learning_rate,
+        warmup_steps=0, data_beta=data_beta, num_generations=8, per_device_train_batch_size=8 * opts.prompts_per_step,
+        num_inference_steps=10, train_step_stride=2, eval_strategy="steps", eval_steps=opts.eval_every,
+        logging_steps=opts.eval_every, log_sample_images_steps=opts.eval_every, report_to=["tensorboard"],
+        save_strategy="no", per_device_eval_batch_size=120, eval_noise_draws=4, dataloader_pin_memory=False,
+        run_name=name,
+    )
+    trainer_ref: dict = {}
+    probe = _DemoProbe(trainer_ref, evaluator, opts.per_digit)
+    trainer = DDRLTrainer(
+        model=load_digits_pipeline(), reward_funcs=ink_reward, args=args, train_dataset=train_ds,
+        eval_dataset=eval_ds, peft_config=LoraConfig(r=8, lora_alpha=8), callbacks=[probe],
+    )
+    trainer_ref["trainer"] = trainer
+    print(f"\n=== {name}: data_beta={data_beta} ===", flush=True)
+    trainer.evaluate()  # step 0: the base model
+    trainer.train()
+    if probe.history[-1]["step"] != trainer.state.global_step:
+        trainer.evaluate()
+    trainer.save_model()
+    _grid(trainer.pipeline, Path(opts.output_dir) / f"grid_after_{name}.png")
+    return {"data_beta": data_beta, "history": probe.history}
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    panels = [("reward", "ink reward (trained on)"), ("diffusion_loss_ratio", "held-out diffusion loss / base"),
+              ("accuracy", "independent judge: accuracy")]
+    for ax, (key, title) in zip(axes, panels):
+        for name, result in results.items():
+            steps = [h["step"] for h in result["history"]]
+            ax.plot(steps, [h[key] for h in result["history"]], marker="o", label=f"{name} (data_beta={result['data_beta']})")
+        if key == "diffusion_loss_ratio":
+            ax.axhline(HACKING_RATIO, color="red", linestyle="--", label="hacking threshold 1.10")
+        ax.set_title(title)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
+    parser.add_argument("--eval-every", type=int, default=10)
+    parser.add_argument("--data-beta", type=float, default=DDRLConfig.data_beta, help="DDRL run's data_beta")
+    parser.add_argument("--learning-rate", type=float, default=1e-3, help="LoRA learning rate of both runs")
+    parser.add_argument("--prompts-per-step", type=int, default=4, help="groups of 8 rollouts per step")
+    parser.add_argument("--per-digit", type=int, default=10, help="judge samples per digit at each evaluation")
+    parser.add_argument("--eval-size", type=int, default=120, help="held-out digits for the diffusion loss")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output-dir", default="ddrl-demo-output")
+    opts = parser.parse_args(argv)
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    start = time.perf_counter()
+    out = Path(opts.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    evaluator = DigitsEvaluator()
+    train_ds = digits_dataset("train")
+    eval_ds = digits_dataset("test").shuffle(seed=0).select(range(opts.eval_size))
+    _grid(load_digits_pipeline(), out / "grid_before.png")
+    results = {
+        "baseline": run_one("baseline", 0.0, opts, evaluator, train_ds, eval_ds),
+        "ddrl": run_one("ddrl", opts.data_beta, opts, evaluator, train_ds, eval_ds),
+    }
+    plot(results, out / "report.png")
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+
+    base = results["ddrl"]["history"][0]
+    print(f"\njudge accuracy on real held-out digits: {evaluator.test_accuracy():.3f}")
+    print(f"{'run':<10}{'step':>6}{'reward':>9}{'loss ratio':>12}{'judge acc.':>12}")
+    for name, result in results.items():
+        for h in result["history"]:
+            print(f"{name:<10}{h['step']:>6}{h['reward']:>9.4f}{h['diffusion_loss_ratio']:>12.3f}{h['accuracy']:>12.3f}")
+    final = {name: result["history"][-1] for name, result in results.items()}
+    hacked = final["baseline"]["diffusion_loss_ratio"] > HACKING_RATIO
+    held = final["ddrl"]["diffusion_loss_ratio"] <= HACKING_RATIO and final["ddrl"]["reward"] > base["reward"]
+    print(f"\nbaseline (data_beta=0): loss ratio {final['baseline']['diffusion_loss_ratio']:.3f} "
+          f"({'HACKED' if hacked else 'not hacked'}), judge accuracy {base['accuracy']:.2f} → "
+          f"{final['baseline']['accuracy']:.2f}")
+    print(f"DDRL (data_beta={opts.data_beta}): reward {base['reward']:.4f} → {final['ddrl']['reward']:.4f}, loss ratio "
+          f"{final['ddrl']['diffusion_loss_ratio']:.3f} ({'held under' if held else 'NOT under'} {HACKING_RATIO}), "
+          f"judge accuracy {base['accuracy']:.2f} → {final['ddrl']['accuracy']:.2f}")
+    print(f"\nwrote {out / 'report.png'}, grid_before.png, grid_after_*.png, results.json in "
+          f"{time.perf_counter() - start:.0f}s")
+    return 0 if hacked and held else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,130 @@
+"""Bad input fails at construction, before any rollout, with a message that names the problem and the fix."""
+
+import pytest
+from datasets import Dataset
+from peft import LoraConfig
+
+import ddrl_trl.trainer as trainer_module
+from ddrl_trl import DDRLConfig, DDRLTrainer, build_synthetic_reference_dataset, register_adapter
+from ddrl_trl.adapters import StableDiffusionAdapter, get_adapter
+from ddrl_trl.tiny_pipelines import tiny_sd_pipeline
+
+from conftest import brightness_reward
+
+
+@pytest.fixture(autouse=True)
+def no_rollouts(monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a rollout started before the input was checked")
+
+    monkeypatch.setattr(trainer_module, "generate_rollouts", forbidden)
+
+
+def args(tmp_path, **kw):
+    values = dict(output_dir=str(tmp_path), num_generations=2, per_device_train_batch_size=4, report_to="none")
+    values.update(kw)
+    return DDRLConfig(**values)
+
+
+def build(tmp_path, dataset, reward=brightness_reward, pipeline=None, **kw):
+    return DDRLTrainer(model=pipeline or tiny_sd_pipeline(), reward_funcs=reward, args=args(tmp_path, **kw),
+                       train_dataset=dataset, peft_config=LoraConfig(r=2))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_generations=1, per_device_train_batch_size=4), "num_generations must be at least 2"),
+        (dict(num_generations=4, per_device_train_batch_size=6), "multiple of num_generations"),
+        (dict(eta=0.0), "eta must be > 0"),
+        (dict(data_noise="fresh"), "data_noise must be one of"),
+        (dict(train_step_indices=[0, 9], num_inference_steps=5), r"in \[0, 3\]"),
+        (dict(scale_rewards="max"), "scale_rewards"),
+    ],
+)
+def test_config_errors(tmp_path, kwargs, message):
+    base = dict(output_dir=str(tmp_path), num_generations=2, per_device_train_batch_size=4, report_to="none")
+    with pytest.raises(ValueError, match=message):
+        DDRLConfig(**{**base, **kwargs})
+
+
+def test_missing_columns(tmp_path, reference_dataset):
+    with pytest.raises(ValueError, match="no column 'prompt'.*prompt_column"):
+        build(tmp_path, reference_dataset.rename_column("prompt", "caption"))
+    with pytest.raises(ValueError, match="no column 'image'.*build_synthetic_reference_dataset"):
+        build(tmp_path, reference_dataset.remove_columns("image"))
+    build(tmp_path, reference_dataset.rename_column("prompt", "caption"), prompt_column="caption")
+
+
+def test_unreadable_image_names_the_row(tmp_path, reference_dataset):
+    rows = reference_dataset.to_list()
+    broken = Dataset.from_dict({"prompt": [r["prompt"] for r in rows], "image": [b"not an image"] * len(rows)})
+    with pytest.raises(ValueError, match="Row 0 of the training dataset: column 'image' cannot be read"):
+        build(tmp_path, broken)
+
+
+def test_corrupt_file_in_image_feature_names_the_row(tmp_path, reference_dataset):
+    from datasets import Image
+
+    data = reference_dataset.cast_column("image", Image(decode=False)).to_dict()
+    data["image"][3] = {"bytes": b"\x89PNG truncated", "path": None}
+    broken = Dataset.from_dict(data).cast_column("image", Image())
+    with pytest.raises(ValueError, match="Row 3 of the training dataset"):
+        build(tmp_path, broken)
+
+
+@pytest.mark.parametrize(
+    "reward, error, message",
+    [
+        (lambda images, prompts, **kw: [1.0], ValueError, "returned 1 scores for 2 images"),
+        (lambda images, prompts, **kw: ["good"] * len(prompts), TypeError, "returned 'good'"),
+        (lambda images, prompts, **kw: 3.0, TypeError, "must return a list"),
+    ],
+)
+def test_bad_reward_outputs(tmp_path, reference_dataset, reward, error, message):
+    with pytest.raises(error, match=message):
+        build(tmp_path, reference_dataset, reward=reward)
+
+
+def test_reward_specs(tmp_path, reference_dataset):
+    with pytest.raises(ValueError, match="Unknown reward 'aesthetics'"):
+        build(tmp_path, reference_dataset, reward="aesthetics")
+    with pytest.raises(ValueError, match="reward_weights has 2 entries for 1"):
+        build(tmp_path, reference_dataset, reward_weights=[1.0, 2.0])
+    trainer = build(tmp_path, reference_dataset, reward=["brightness", "conftest:brightness_reward"])
+    assert trainer.reward_names == ["brightness", "brightness_reward"]
+
+
+def test_resolution_not_supported_by_vae(tmp_path, reference_dataset):
+    with pytest.raises(ValueError, match=r"resolution=18 is not supported.*multiple of 4 \(e.g. 16 or 20\)"):
+        build(tmp_path, reference_dataset, resolution=18)
+    build(tmp_path, reference_dataset, resolution=24)
+
+
+def test_unsupported_pipeline_lists_supported_ones_and_registration_works(tmp_path, reference_dataset):
+    class NotAPipeline:
+        pass
+
+    with pytest.raises(ValueError, match="no adapter for NotAPipeline.*StableDiffusionPipeline.*register_adapter"):
+        get_adapter(NotAPipeline())
+
+    class MyPipeline(type(tiny_sd_pipeline())):
+        pass
+
+    class MyAdapter(StableDiffusionAdapter):
+        pipeline_classes = (MyPipeline,)
+
+    assert type(get_adapter(MyPipeline(**tiny_sd_pipeline().components))) is StableDiffusionAdapter  # inherited
+    register_adapter(MyAdapter)
+    assert type(get_adapter(MyPipeline(**tiny_sd_pipeline().components))) is MyAdapter
+
+
+def test_synthetic_reference_dataset_is_paired_and_seeded():
+    pipe = tiny_sd_pipeline()
+    kwargs = dict(num_inference_steps=2, guidance_scale=1.0)
+    first = build_synthetic_reference_dataset(pipe, ["a red cat", "a blue dog"], images_per_prompt=2, **kwargs)
+    second = build_synthetic_reference_dataset(pipe, ["a red cat", "a blue dog"], images_per_prompt=2, **kwargs)
+    assert first["prompt"] == ["a red cat", "a red cat", "a blue dog", "a blue dog"]
+    assert first[0]["image"].size == (16, 16)
+    assert list(first[0]["image"].getdata()) == list(second[0]["image"].getdata())
+    assert list(first[0]["image"].getdata()) != list(first[1]["image"].getdata())
