@@ -139,6 +139,13 @@ class DDRLTrainer(Trainer):
                     param.data = param.data.float()
         else:
             denoiser.requires_grad_(True).to(device)
+        if args.gradient_checkpointing or getattr(args, "activation_checkpointing", False):
+            # diffusers models name it differently from the `*_checkpointing_enable` that Trainer would call:
+            # switch it on here and keep Trainer out of it.
+            denoiser.enable_gradient_checkpointing()
+            args.gradient_checkpointing = False
+            if hasattr(args, "activation_checkpointing"):
+                args.activation_checkpointing = False
         # Rollouts and the loss must see the same network for ratio = 1: no dropout anywhere (TRL's disable_dropout).
         disable_dropout_in_model(denoiser)
         make_config_tracker_friendly(denoiser)

@@ -229,3 +229,10 @@ def test_checkpoints_and_tensorboard_images(tmp_path, reference_dataset):
         acc.Reload()
         images.update(acc.Tags()["images"])
     assert "samples" in images
+
+
+def test_gradient_checkpointing_uses_the_diffusers_switch(tmp_path, reference_dataset):
+    trainer = make_trainer(tmp_path, reference_dataset, peft_config=lora(), max_steps=1, gradient_checkpointing=True)
+    assert trainer.model.is_gradient_checkpointing
+    trainer.train()
+    assert trainer.state.global_step == 1
