@@ -80,18 +80,15 @@ def build_word_tokenizer(words: Iterable[str], model_max_length: int = 16) -> CL
         # Byte-level encoding of the word (identity for ASCII letters), last symbol carries the suffix.
         chars = _byte_level(word)
         chars[-1] += _EOW
-        # Segment with the merges so far, then chain the pieces left to right. New merges rank after every
-        # earlier one, so words added before keep their single token; an earlier merge that fires on the growing
-        # prefix only produces the chain's next token, so this word also ends as one token.
+        # Merge the two leading pieces of the word's current segmentation until it is one token. New merges rank
+        # after every earlier one, so they never fire before an earlier merge could: words added before keep
+        # their single token. Re-segmenting after each merge keeps this exact even for repetitive words.
         pieces = _apply_merges(chars, ranks)
-        prefix = pieces[0]
-        for piece in pieces[1:]:
-            pair = (prefix, piece)
-            if pair not in ranks:
-                ranks[pair] = len(merges)
-                merges.append(pair)
-            prefix = prefix + piece
-            vocab.setdefault(prefix, len(vocab))
+        while len(pieces) > 1:
+            ranks[(pieces[0], pieces[1])] = len(merges)
+            merges.append((pieces[0], pieces[1]))
+            vocab.setdefault(pieces[0] + pieces[1], len(vocab))
+            pieces = _apply_merges(chars, ranks)
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
 
 
@@ -123,17 +120,17 @@ def tiny_clip_text_config(vocab_size: int, hidden_size: int = 32, max_position_e
 
 
 def _tiny_vae(latent_channels: int = 4) -> AutoencoderKL:
-    # Two blocks -> one downsampling -> VAE scale factor 2: 8x8 latents decode to 16x16 images.
+    # Three blocks -> two downsamplings -> VAE scale factor 4: 8x8 latents decode to 32x32 images.
     return AutoencoderKL(
-        block_out_channels=(8, 16),
+        block_out_channels=(8, 16, 16),
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
         latent_channels=latent_channels,
         layers_per_block=1,
         norm_num_groups=8,
-        sample_size=16,
+        sample_size=32,
     )
 
 
@@ -145,14 +142,14 @@ def tiny_sd_pipeline(
 ) -> StableDiffusionPipeline:
     """A randomly initialised Stable Diffusion pipeline small enough for CPU unit tests.
 
-    UNet (32, 64) with one layer per block and cross-attention dim 32, a 2-block VAE (scale factor 2, so the
-    default 8x8 latents are 16x16 images), a 2-layer CLIP text encoder (hidden 32, in eval mode) with a word
+    UNet (32, 64) with one layer per block and cross-attention dim 32, a 3-block VAE (scale factor 4, so the
+    default 8x8 latents are 32x32 images), a 2-layer CLIP text encoder (hidden 32, in eval mode) with a word
     tokenizer and a ``DDIMScheduler``. Two calls with the same arguments give identical weights.
 
     Args:
         seed: seeds the weight initialisation of every component.
         prediction_type: the scheduler's parameterisation, ``"epsilon"`` or ``"v_prediction"``.
-        sample_size: latent side length; images are ``2 * sample_size`` pixels wide.
+        sample_size: latent side length; images are ``4 * sample_size`` pixels wide.
         words: whole-word tokens for the tokenizer (default :data:`DEFAULT_WORDS`).
     """
     if prediction_type not in ("epsilon", "v_prediction"):

@@ -96,7 +96,7 @@ def test_reward_specs(tmp_path, reference_dataset):
 
 
 def test_resolution_not_supported_by_vae(tmp_path, reference_dataset):
-    with pytest.raises(ValueError, match=r"resolution=18 is not supported.*multiple of 4 \(e.g. 16 or 20\)"):
+    with pytest.raises(ValueError, match=r"resolution=18 is not supported.*multiple of 8 \(e.g. 16 or 24\)"):
         build(tmp_path, reference_dataset, resolution=18)
     build(tmp_path, reference_dataset, resolution=24)
 
@@ -125,6 +125,6 @@ def test_synthetic_reference_dataset_is_paired_and_seeded():
     first = build_synthetic_reference_dataset(pipe, ["a red cat", "a blue dog"], images_per_prompt=2, **kwargs)
     second = build_synthetic_reference_dataset(pipe, ["a red cat", "a blue dog"], images_per_prompt=2, **kwargs)
     assert first["prompt"] == ["a red cat", "a red cat", "a blue dog", "a blue dog"]
-    assert first[0]["image"].size == (16, 16)
+    assert first[0]["image"].size == (32, 32)
     assert list(first[0]["image"].getdata()) == list(second[0]["image"].getdata())
     assert list(first[0]["image"].getdata()) != list(first[1]["image"].getdata())

@@ -36,17 +36,9 @@ from transformers import CLIPTextModel
 from ..tiny_pipelines import build_word_tokenizer, tiny_clip_text_config
 
 __all__ = [
-    "ASSET_DIR",
-    "DIGIT_WORDS",
-    "DigitsEvaluator",
-    "build_digits_pipeline",
-    "digit_prompt",
-    "digits_dataset",
-    "evaluate_digits_pipeline",
-    "ink_reward",
-    "load_digits_pipeline",
-    "prompt_label",
-]
+    "ASSET_DIR", "DIGIT_WORDS", "DigitsEvaluator", "build_digits_pipeline", "digit_prompt", "digits_dataset",
+    "evaluate_digits_pipeline", "ink_reward", "load_digits_pipeline", "prompt_label",
+]  # fmt: skip
 
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 IMAGE_SIZE = 16  # pixels; each 8×8 digit pixel becomes a 2×2 block
@@ -113,7 +105,7 @@ def digits_dataset(split: str):
     return Dataset.from_dict(
         {
             "prompt": [digit_prompt(y) for y in labels],
-            "image": [PILImage.fromarray(np.ascontiguousarray(p), mode="RGB") for p in pixels],
+            "image": [PILImage.fromarray(np.ascontiguousarray(p)) for p in pixels],
             "label": labels.tolist(),
         },
         features=features,
@@ -184,8 +176,7 @@ def build_digits_pipeline(
     vae_steps: int = 200,
     unet_steps: int = 800,
     batch_size: int = 64,
-    unet_lr: float = 2e-3,
-    snr_gamma: float | None = None,
+    unet_lr: float = 4e-3,
     log=print,
 ) -> StableDiffusionPipeline:
     """Train the digits pipeline from scratch on the real train-split digits and save it to ``output_dir``.
@@ -200,6 +191,7 @@ def build_digits_pipeline(
         output_dir: where ``save_pretrained`` writes the pipeline (nothing is saved when None).
         seed: seeds every initialisation and every random draw of training.
         vae_steps, unet_steps, batch_size: training length of each stage.
+        unet_lr: peak AdamW learning rate of the denoiser (warm-up, then cosine decay to 0).
         log: called with progress lines (pass ``lambda *_: None`` to silence).
     """
     generator = torch.Generator().manual_seed(seed)
@@ -299,12 +291,7 @@ def build_digits_pipeline(
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * z0 + (1 - a).sqrt() * noise
         pred = unet(noisy, t, encoder_hidden_states=class_embeds[labels[idx]]).sample
-        if snr_gamma is None:
-            loss = F.mse_loss(pred, noise)
-        else:
-            snr = (a / (1 - a)).flatten()
-            weight = snr.clamp(max=snr_gamma) / snr
-            loss = (weight * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+        loss = F.mse_loss(pred, noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -317,7 +304,7 @@ def build_digits_pipeline(
     with torch.no_grad():
         for p, e in zip(unet.parameters(), ema):
             p.copy_(e)
-    unet.eval().requires_grad_(False)
+    unet.eval()
     log(f"unet done in {time.perf_counter() - start:.1f}s ({sum(p.numel() for p in unet.parameters()):,} params)")
 
     pipe = StableDiffusionPipeline(
