@@ -60,10 +60,10 @@ class DDRLConfig(TrainingArguments):
         epsilon (`float`, defaults to `1e-4`):
             PPO clip range ε of the ratio. With one optimiser step per rollout batch the ratio is 1 up to numerics;
             `ratio/mean` and `clip_fraction` are logged to show it.
-        data_beta (`float`, defaults to `0.1`):
+        data_beta (`float`, defaults to `0.3`):
             Weight of the data term (the diffusion loss on the paired reference samples), the forward-KL anchor of
             DDRL. The released configs use 0.01 with a log-prob that drops the Gaussian's 1/(2σ²); ours keeps it and
-            averages over latent dimensions, which scales the policy gradient differently, so 0.1 is calibrated on
+            averages over latent dimensions, which scales the policy gradient differently, so 0.3 is calibrated on
             the embedded digits benchmark (docs/concepts.md): it keeps the held-out diffusion-loss ratio below 1.10
             while the reward rises. `0` gives plain GRPO (reward hacking).
         data_noise (`str`, defaults to `"rollout"`):
@@ -117,7 +117,7 @@ class DDRLConfig(TrainingArguments):
     advantage_clip: float = field(default=5.0, metadata={"help": "Clamp advantages to ±this."})
     # Loss
     epsilon: float = field(default=1e-4, metadata={"help": "PPO clip range of the ratio."})
-    data_beta: float = field(default=0.1, metadata={"help": "Weight of the data (diffusion) term."})
+    data_beta: float = field(default=0.3, metadata={"help": "Weight of the data (diffusion) term."})
     data_noise: str = field(default="rollout", metadata={"help": "'rollout' or 'random' noise for the data term."})
     data_timesteps: str = field(default="rollout", metadata={"help": "'rollout' or 'random' data noise level."})
     data_on_first_step_only: bool = field(default=False, metadata={"help": "Data term at the first trained step only."})

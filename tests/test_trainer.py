@@ -236,3 +236,20 @@ def test_gradient_checkpointing_uses_the_diffusers_switch(tmp_path, reference_da
     assert trainer.model.is_gradient_checkpointing
     trainer.train()
     assert trainer.state.global_step == 1
+
+
+@pytest.mark.parametrize("use_lora", [True, False])
+def test_resume_from_checkpoint_continues_like_an_uninterrupted_run(tmp_path, reference_dataset, use_lora):
+    def run(name, **kw):
+        trainer = make_trainer(tmp_path / name, reference_dataset, peft_config=lora() if use_lora else None,
+                               max_steps=4, **kw)
+        return trainer
+
+    straight = run("straight")
+    straight.train()
+    run("saved", save_strategy="steps", save_steps=2).train()
+    resumed = run("resumed")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "saved" / "out" / "checkpoint-2"))
+    assert resumed.state.global_step == 4
+    for (name, a), b in zip(straight.model.named_parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)

@@ -1,6 +1,6 @@
 """The embedded default: DDRL vs the same run without its data term, on a real digits model, in minutes on a CPU.
 
-    ddrl-trl-demo [--steps 60] [--output-dir ddrl-demo-output]      (or: python -m ddrl_trl.demo)
+    ddrl-trl-demo [--steps 100] [--output-dir ddrl-demo-output]      (or: python -m ddrl_trl.demo)
 
 Both runs start from the shipped digits pipeline (`ddrl_trl.demo.digits`), train the same LoRA for the same steps
 with the same seed on the hackable ink reward, and differ only in `data_beta`. Every `--eval-every` steps each run
@@ -62,7 +62,8 @@ def run_one(name: str, data_beta: float, opts, evaluator, train_ds, eval_ds) -> 
     output_dir = Path(opts.output_dir) / name
     args = DDRLConfig(
         output_dir=str(output_dir), seed=opts.seed, max_steps=opts.steps, learning_rate=opts.learning_rate,
-        warmup_steps=0, data_beta=data_beta, num_generations=8, per_device_train_batch_size=8 * opts.prompts_per_step,
+        warmup_steps=0, lr_scheduler_type="constant", data_beta=data_beta, num_generations=8,
+        per_device_train_batch_size=8 * opts.prompts_per_step,
         num_inference_steps=10, train_step_stride=2, eval_strategy="steps", eval_steps=opts.eval_every,
         logging_steps=opts.eval_every, log_sample_images_steps=opts.eval_every, report_to=["tensorboard"],
         save_strategy="no", per_device_eval_batch_size=120, eval_noise_draws=4, dataloader_pin_memory=False,
@@ -110,7 +111,7 @@ def plot(results: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
+    parser.add_argument("--steps", type=int, default=100, help="optimizer steps per run")
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--data-beta", type=float, default=DDRLConfig.data_beta, help="DDRL run's data_beta")
     parser.add_argument("--learning-rate", type=float, default=1e-3, help="LoRA learning rate of both runs")
