@@ -66,7 +66,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--sample-size", type=int, default=16, help="latent side; images are twice that")
+    parser.add_argument("--sample-size", type=int, default=16, help="latent side; images are 4x that")
     args_ns = parser.parse_args()
     torch.manual_seed(0)
 
@@ -107,7 +107,7 @@ def main():
             times["rollout"].append(timed(rollout, device))
             times["pipeline"].append(timed(plain_call, device))
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"device={device} batch={args_ns.batch} steps={args_ns.steps} image={args_ns.sample_size * 2}px "
+    print(f"device={device} batch={args_ns.batch} steps={args_ns.steps} image={ddrl.resolution}px "
           f"repeats={args_ns.repeats} (medians)")
     rows = [
         ("DDRL iteration, data_beta=0.1 (data batched into the forward)", med["ddrl"]),
