@@ -66,12 +66,16 @@ def main():
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 gives steadier timings)")
     parser.add_argument("--sample-size", type=int, default=16, help="latent side; images are 4x that")
     args_ns = parser.parse_args()
+    if args_ns.threads:
+        torch.set_num_threads(args_ns.threads)
     torch.manual_seed(0)
 
     with tempfile.TemporaryDirectory() as tmp:
-        ddrl, grpo = make_trainer(0.1, args_ns, tmp + "/a"), make_trainer(0.0, args_ns, tmp + "/b")
+        data_beta = DDRLConfig.data_beta
+        ddrl, grpo = make_trainer(data_beta, args_ns, tmp + "/a"), make_trainer(0.0, args_ns, tmp + "/b")
         device = ddrl.accelerator.device
         batch = ddrl._prepare_inputs(next(iter(ddrl.get_train_dataloader())))
 
@@ -110,7 +114,7 @@ def main():
     print(f"device={device} batch={args_ns.batch} steps={args_ns.steps} image={ddrl.resolution}px "
           f"repeats={args_ns.repeats} (medians)")
     rows = [
-        ("DDRL iteration, data_beta=0.1 (data batched into the forward)", med["ddrl"]),
+        (f"DDRL iteration, data_beta={data_beta} (data batched into the forward)", med["ddrl"]),
         ("same iteration, data_beta=0 (plain GRPO)", med["grpo"]),
         ("rollout recording states + float32 log-probs", med["rollout"]),
         ("plain pipeline(...) call, same steps and batch, no guidance", med["pipeline"]),

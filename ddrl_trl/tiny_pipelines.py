@@ -181,6 +181,11 @@ def tiny_sd_pipeline(
         steps_offset=1,
         prediction_type=prediction_type,
     )
+    return assemble_sd_pipeline(unet, vae, text_encoder, tokenizer, scheduler)
+
+
+def assemble_sd_pipeline(unet, vae, text_encoder, tokenizer, scheduler) -> StableDiffusionPipeline:
+    """A `StableDiffusionPipeline` from its parts, with no safety checker and no progress bar (for tests and demos)."""
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,

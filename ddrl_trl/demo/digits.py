@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel
 
-from ..tiny_pipelines import build_word_tokenizer, tiny_clip_text_config
+from ..tiny_pipelines import assemble_sd_pipeline, build_word_tokenizer, tiny_clip_text_config
 
 __all__ = [
     "ASSET_DIR", "DIGIT_WORDS", "DigitsEvaluator", "build_digits_pipeline", "digit_prompt", "digits_dataset",
@@ -307,17 +307,7 @@ def build_digits_pipeline(
     unet.eval()
     log(f"unet done in {time.perf_counter() - start:.1f}s ({sum(p.numel() for p in unet.parameters()):,} params)")
 
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = assemble_sd_pipeline(unet, vae, text_encoder, tokenizer, scheduler)
     if output_dir is not None:
         pipe.save_pretrained(output_dir)
     return pipe
