@@ -138,7 +138,10 @@ class DDRLTrainer(Trainer):
                 if param.requires_grad:
                     param.data = param.data.float()
         else:
+            # Full fine-tuning keeps float32 master weights (bf16/fp16 run through autocast), whatever dtype it loaded in.
             denoiser.requires_grad_(True).to(device)
+            if denoiser.dtype != torch.float32:
+                denoiser.to(dtype=torch.float32)
         if args.gradient_checkpointing or getattr(args, "activation_checkpointing", False):
             # diffusers models name it differently from the `*_checkpointing_enable` that Trainer would call:
             # switch it on here and keep Trainer out of it.

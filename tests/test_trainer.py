@@ -253,3 +253,17 @@ def test_resume_from_checkpoint_continues_like_an_uninterrupted_run(tmp_path, re
     assert resumed.state.global_step == 4
     for (name, a), b in zip(straight.model.named_parameters(), resumed.model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_full_fine_tuning_keeps_float32_master_weights_and_lora_base_follows_bf16(tmp_path, reference_dataset):
+    full = make_trainer(tmp_path / "full", reference_dataset, pipeline=tiny_sd_pipeline().to(dtype=torch.bfloat16),
+                        bf16=True, use_cpu=True, max_steps=1)
+    assert {p.dtype for p in full.model.parameters()} == {torch.float32}
+    assert full.pipeline.vae.dtype == torch.bfloat16
+    full.train()
+    assert full.state.log_history[0]["ratio/mean"] == pytest.approx(1.0, abs=1e-2)  # bf16 forward, float32 ratio
+
+    lora_trainer = make_trainer(tmp_path / "lora", reference_dataset, peft_config=lora(), bf16=True, use_cpu=True)
+    trainable = {p.dtype for p in lora_trainer.model.parameters() if p.requires_grad}
+    frozen = {p.dtype for p in lora_trainer.model.parameters() if not p.requires_grad}
+    assert trainable == {torch.float32} and frozen == {torch.bfloat16}
