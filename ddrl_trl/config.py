@@ -29,6 +29,9 @@ class DDRLConfig(TrainingArguments):
         eta (`float`, defaults to `1.0`):
             Stochasticity η of the DDIM SDE sampler; must be > 0 for the steps to have a log-probability. η = 1 is
             DDPM's posterior variance, the usual choice (DDPO).
+        flow_noise_level (`float`, defaults to `0.7`):
+            Noise level a of the rectified-flow SDE sampler (SD3, FLUX, Wan), σ_t = a √(t/(1−t)); Flow-GRPO's value.
+            Plays the role `eta` plays for DDIM models; must be > 0.
         resolution (`int` or `None`, defaults to `None`):
             Pixel resolution of rollouts and reference images. `None` uses the denoiser's native size. Must be a
             multiple of the VAE × denoiser downsampling factor; checked before any work.
@@ -105,6 +108,7 @@ class DDRLConfig(TrainingArguments):
     num_generations: int = field(default=8, metadata={"help": "Group size N: rollouts per prompt (≥ 2)."})
     num_inference_steps: int = field(default=20, metadata={"help": "Denoising steps T per rollout."})
     eta: float = field(default=1.0, metadata={"help": "DDIM stochasticity η > 0."})
+    flow_noise_level: float = field(default=0.7, metadata={"help": "Rectified-flow SDE noise level a > 0."})
     resolution: int | None = field(default=None, metadata={"help": "Pixel resolution; None = denoiser's native."})
     same_noise_within_group: bool = field(default=False, metadata={"help": "Share initial noise within a group."})
     train_step_stride: int = field(default=2, metadata={"help": "Train every k-th denoising step."})
@@ -156,6 +160,8 @@ class DDRLConfig(TrainingArguments):
             raise ValueError(f"num_inference_steps must be ≥ 2 (the last step is never trained), got {self.num_inference_steps}.")
         if self.eta <= 0:
             raise ValueError(f"eta must be > 0 so sampler steps have a log-probability, got {self.eta}.")
+        if self.flow_noise_level <= 0:
+            raise ValueError(f"flow_noise_level must be > 0 so sampler steps have a log-probability, got {self.flow_noise_level}.")
         if self.epsilon <= 0:
             raise ValueError(f"epsilon (the PPO clip range) must be > 0, got {self.epsilon}.")
         if self.train_step_stride < 1:

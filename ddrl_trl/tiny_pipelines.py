@@ -13,17 +13,29 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 from tokenizers import pre_tokenizers
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+)
 
 __all__ = [
     "DEFAULT_WORDS",
     "build_word_tokenizer",
     "tiny_clip_text_config",
+    "tiny_sd3_pipeline",
     "tiny_sd_pipeline",
     "tiny_sdxl_pipeline",
 ]
@@ -255,6 +267,67 @@ def tiny_sdxl_pipeline(seed: int = 0, sample_size: int = 8) -> StableDiffusionXL
         scheduler=scheduler,
         force_zeros_for_empty_prompt=True,
         add_watermarker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sd3_pipeline(seed: int = 0, sample_size: int = 8) -> StableDiffusion3Pipeline:
+    """A randomly initialised Stable Diffusion 3 pipeline small enough for CPU unit tests.
+
+    Mirrors diffusers' own SD3 test components: a 1-layer ``SD3Transformer2DModel`` (patch 1, 4 heads of 8),
+    two CLIP text encoders with projection (hidden 32, projection 32; their pooled outputs concatenate to the
+    transformer's 64-dim pooled projection) with word tokenizers, a 1-layer T5 encoder (d_model 32) with an offline
+    unigram tokenizer holding every word of :data:`DEFAULT_WORDS` (other words are spelled out by characters), the
+    tiny VAE of :func:`tiny_sd_pipeline` with SD3's latent shift and scale, and a flow-matching Euler scheduler.
+    Images are ``4 * sample_size`` pixels wide (32x32 by default). All tokenizers have ``model_max_length=16``;
+    pass ``max_sequence_length=16`` to the pipeline so T5 does not pad prompts to 256 tokens.
+    """
+    tokenizer = build_word_tokenizer(DEFAULT_WORDS, model_max_length=16)
+    tokenizer_2 = build_word_tokenizer(DEFAULT_WORDS, model_max_length=16)
+    pieces = ["\u2581"] + ["\u2581" + w for w in dict.fromkeys(DEFAULT_WORDS)]
+    pieces += list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+    # Whole words score highest, so the unigram model prefers them to spelling a word out by characters.
+    specials = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab = specials + [(p, -1.0 if len(p) > 1 else -10.0) for p in pieces]
+    tokenizer_3 = T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=16)
+    hidden = 32
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=sample_size,
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        caption_projection_dim=hidden,
+        joint_attention_dim=hidden,  # T5's d_model; the 64-dim concatenated CLIP states are cut to it
+        pooled_projection_dim=2 * hidden,
+        out_channels=4,
+    )
+    torch.manual_seed(seed + 1)
+    vae = _tiny_vae()
+    vae.register_to_config(shift_factor=0.0609, scaling_factor=1.5035)
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModelWithProjection(tiny_clip_text_config(len(tokenizer), hidden)).eval()
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(tiny_clip_text_config(len(tokenizer_2), hidden)).eval()
+    torch.manual_seed(seed + 4)
+    t5_config = T5Config(
+        vocab_size=len(tokenizer_3), d_model=hidden, d_kv=8, d_ff=2 * hidden, num_layers=1, num_heads=4,
+        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    )  # fmt: skip
+    text_encoder_3 = T5EncoderModel(t5_config).eval()
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -156,7 +156,7 @@ class DDRLTrainer(Trainer):
         if args.kl_beta > 0 and not self.is_lora:
             self.ref_denoiser = copy.deepcopy(denoiser).requires_grad_(False).eval()
 
-        self.sampler = self.adapter.make_sampler(args.num_inference_steps, args.eta, device)
+        self.sampler = self.adapter.make_sampler(args, device)
         self.trained_steps = args.trained_step_indices
 
         # ---- one-off work on the data: encode reference images, then check the rewards on real images

@@ -11,6 +11,7 @@ from .base import (
     repeat_conditioning,
     select_conditioning,
 )
+from .sd3 import StableDiffusion3Adapter
 from .stable_diffusion import StableDiffusionAdapter, StableDiffusionXLAdapter
 
 _REGISTRY: dict[type, type[PipelineAdapter]] = {}
@@ -48,10 +49,12 @@ def get_adapter(pipeline: Any) -> PipelineAdapter:
 
 register_adapter(StableDiffusionAdapter)
 register_adapter(StableDiffusionXLAdapter)
+register_adapter(StableDiffusion3Adapter)
 
 __all__ = [
     "Conditioning",
     "PipelineAdapter",
+    "StableDiffusion3Adapter",
     "StableDiffusionAdapter",
     "StableDiffusionXLAdapter",
     "concat_conditioning",

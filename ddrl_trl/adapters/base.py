@@ -64,13 +64,31 @@ class PipelineAdapter(ABC):
     def default_resolution(self) -> int:
         """The pixel resolution the denoiser was configured for."""
 
+    @property
+    def vae_scale_factor(self) -> int:
+        """How much the VAE downsamples (2 per extra block of an `AutoencoderKL`)."""
+        return 2 ** (len(self.pipeline.vae.config.block_out_channels) - 1)
+
+    @property
     @abstractmethod
+    def denoiser_downsampling(self) -> int:
+        """How much the denoiser itself downsamples latents (UNet levels, or a transformer's patch size)."""
+
     def validate_resolution(self, resolution: int) -> None:
         """Raise `ValueError`, naming valid sizes, if `resolution` does not fit the VAE and denoiser."""
+        multiple = self.vae_scale_factor * self.denoiser_downsampling
+        if resolution <= 0 or resolution % multiple:
+            lower = max(multiple, resolution // multiple * multiple)
+            raise ValueError(
+                f"resolution={resolution} is not supported by this pipeline: its VAE downsamples by "
+                f"{self.vae_scale_factor} and its denoiser by {self.denoiser_downsampling}, so the resolution must be "
+                f"a positive multiple of {multiple} (e.g. {lower} or {lower + multiple}). Set `resolution` in DDRLConfig."
+            )
 
-    @abstractmethod
     def latent_shape(self, resolution: int) -> tuple[int, ...]:
         """Shape of one latent sample (no batch dimension) at `resolution`."""
+        side = resolution // self.vae_scale_factor
+        return (self.denoiser.config.in_channels, side, side)
 
     @abstractmethod
     def frozen_modules(self) -> list[torch.nn.Module]:
@@ -93,17 +111,27 @@ class PipelineAdapter(ABC):
         `denoiser` overrides `self.denoiser`, e.g. with its DDP-wrapped version during training, or a frozen copy.
         """
 
-    @abstractmethod
+    @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Latents of images `pixels` `(B, 3, H, W)` in [−1, 1] (deterministic: the posterior mean)."""
+        """Latents of images `pixels` `(B, 3, H, W)` in [−1, 1]: the VAE posterior mean, shifted and scaled as the
+        pipeline does (`(z − shift_factor) · scaling_factor`), float32. Deterministic, so the cache is exact."""
+        vae = self.pipeline.vae
+        latents = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist.mean
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return ((latents.float() - shift) * vae.config.scaling_factor).float()
 
-    @abstractmethod
+    @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Images `(B, 3, H, W)`, float32 in [0, 1], of `latents`."""
+        """Images `(B, 3, H, W)`, float32 in [0, 1], of `latents` (the inverse of `encode_images`' scaling)."""
+        vae = self.pipeline.vae
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        latents = latents / vae.config.scaling_factor + shift
+        images = vae.decode(latents.to(vae.dtype)).sample
+        return (images.float() / 2 + 0.5).clamp(0, 1)
 
     @abstractmethod
-    def make_sampler(self, num_inference_steps: int, eta: float, device: torch.device):
-        """The family's SDE sampler with exact log-probs (e.g. `DDIMSDESampler`)."""
+    def make_sampler(self, config, device: torch.device):
+        """The family's SDE sampler with exact log-probs (e.g. `DDIMSDESampler`), set up from a `DDRLConfig`."""
 
     @abstractmethod
     def save_lora_weights(self, output_dir: str, lora_state_dict: dict[str, torch.Tensor]) -> None:

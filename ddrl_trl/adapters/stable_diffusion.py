@@ -20,31 +20,12 @@ class StableDiffusionAdapter(PipelineAdapter):
     denoiser_name = "unet"
 
     @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.pipeline.vae.config.block_out_channels) - 1)
-
-    @property
-    def resolution_multiple(self) -> int:
-        """Pixel sizes must be multiples of this: the VAE factor times the UNet's own downsampling."""
-        return self.vae_scale_factor * 2 ** (len(self.denoiser.config.block_out_channels) - 1)
+    def denoiser_downsampling(self) -> int:
+        return 2 ** (len(self.denoiser.config.block_out_channels) - 1)
 
     @property
     def default_resolution(self) -> int:
         return int(self.denoiser.config.sample_size) * self.vae_scale_factor
-
-    def validate_resolution(self, resolution: int) -> None:
-        multiple = self.resolution_multiple
-        if resolution <= 0 or resolution % multiple:
-            lower = max(multiple, resolution // multiple * multiple)
-            raise ValueError(
-                f"resolution={resolution} is not supported by this pipeline: its VAE downsamples by "
-                f"{self.vae_scale_factor} and its UNet by {multiple // self.vae_scale_factor}, so the resolution must "
-                f"be a positive multiple of {multiple} (e.g. {lower} or {lower + multiple}). Set `resolution` in DDRLConfig."
-            )
-
-    def latent_shape(self, resolution: int) -> tuple[int, ...]:
-        side = resolution // self.vae_scale_factor
-        return (self.denoiser.config.in_channels, side, side)
 
     def frozen_modules(self) -> list[torch.nn.Module]:
         names = ("vae", "text_encoder", "text_encoder_2")
@@ -63,23 +44,8 @@ class StableDiffusionAdapter(PipelineAdapter):
             latents.to(self.denoiser.dtype), timesteps, encoder_hidden_states=cond["encoder_hidden_states"]
         ).sample
 
-    @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        vae = self.pipeline.vae
-        latents = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist.mean
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return ((latents.float() - shift) * vae.config.scaling_factor).float()
-
-    @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        vae = self.pipeline.vae
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        latents = latents / vae.config.scaling_factor + shift
-        images = vae.decode(latents.to(vae.dtype)).sample
-        return (images.float() / 2 + 0.5).clamp(0, 1)
-
-    def make_sampler(self, num_inference_steps: int, eta: float, device: torch.device) -> DDIMSDESampler:
-        return DDIMSDESampler(self.pipeline.scheduler.config, num_inference_steps, eta, device=device)
+    def make_sampler(self, config, device: torch.device) -> DDIMSDESampler:
+        return DDIMSDESampler(self.pipeline.scheduler.config, config.num_inference_steps, config.eta, device=device)
 
     def save_lora_weights(self, output_dir: str, lora_state_dict: dict[str, torch.Tensor]) -> None:
         type(self.pipeline).save_lora_weights(output_dir, unet_lora_layers=lora_state_dict, safe_serialization=True)

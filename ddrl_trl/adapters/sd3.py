@@ -1,0 +1,69 @@
+"""Stable Diffusion 3 / 3.5: an `SD3Transformer2DModel` rectified-flow denoiser, sampled by the Flow-GRPO SDE.
+
+Conditioning: the joint CLIP-L/CLIP-G/T5 sequence and the pooled CLIP projections (`pipeline.encode_prompt`, no
+guidance). The data term follows diffusers' `train_dreambooth_sd3.py`: x_t = (1 − t) x0 + t ε, target ε − x0,
+unit weighting; the rollout timesteps carry the pipeline's own shift (`FlowSDESampler`).
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import StableDiffusion3Pipeline
+
+from ..samplers import FlowSDESampler
+from .base import Conditioning, PipelineAdapter
+
+
+class StableDiffusion3Adapter(PipelineAdapter):
+    """Adapter for `StableDiffusion3Pipeline` (SD3, SD3.5) and its subclasses."""
+
+    pipeline_classes = (StableDiffusion3Pipeline,)
+    denoiser_name = "transformer"
+    #: The prompt length fed to T5 (the pipeline's default), capped by the tokenizer's own maximum.
+    max_sequence_length = 256
+
+    @property
+    def denoiser_downsampling(self) -> int:
+        return int(self.denoiser.config.patch_size)
+
+    @property
+    def default_resolution(self) -> int:
+        return int(self.denoiser.config.sample_size) * self.vae_scale_factor
+
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        names = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+        return [getattr(self.pipeline, n) for n in names if getattr(self.pipeline, n, None) is not None]
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        pipe = self.pipeline
+        max_length = self.max_sequence_length
+        if getattr(pipe, "tokenizer_3", None) is not None:
+            max_length = min(max_length, pipe.tokenizer_3.model_max_length)
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            prompt=prompts, prompt_2=None, prompt_3=None, device=self.denoiser.device,
+            do_classifier_free_guidance=False, max_sequence_length=max_length,
+        )
+        return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+
+    def predict(self, latents, timesteps, cond, denoiser=None) -> torch.Tensor:
+        denoiser = denoiser if denoiser is not None else self.denoiser
+        return denoiser(
+            hidden_states=latents.to(self.denoiser.dtype),
+            timestep=timesteps,
+            encoder_hidden_states=cond["encoder_hidden_states"],
+            pooled_projections=cond["pooled_projections"],
+            return_dict=False,
+        )[0]
+
+    def make_sampler(self, config, device: torch.device) -> FlowSDESampler:
+        return FlowSDESampler(
+            self.pipeline.scheduler.config, config.num_inference_steps, config.flow_noise_level, device=device
+        )
+
+    def save_lora_weights(self, output_dir: str, lora_state_dict: dict[str, torch.Tensor]) -> None:
+        # Straight from get_peft_model_state_dict: convert_state_dict_to_diffusers would rename only some SD3 keys and
+        # the reload would silently drop part of the adapter (environment-notes.md).
+        type(self.pipeline).save_lora_weights(
+            output_dir, transformer_lora_layers=lora_state_dict, safe_serialization=True
+        )
