@@ -19,10 +19,10 @@ from __future__ import annotations
 import torch
 from diffusers import DDIMScheduler
 
-from ..core.losses import gaussian_log_prob
+from .base import GaussianStepSampler
 
 
-class DDIMSDESampler:
+class DDIMSDESampler(GaussianStepSampler):
     """A T-step stochastic DDIM sampler bound to one scheduler config.
 
     Args:
@@ -81,24 +81,6 @@ class DDIMSDESampler:
         x0, eps = self._x0_and_eps(model_output, step_index, sample)
         alpha_prev, std = self.alpha_prev[step_index], self.stds[step_index]
         return alpha_prev.sqrt() * x0 + (1 - alpha_prev - std**2).clamp(min=0).sqrt() * eps
-
-    def step(
-        self, model_output: torch.Tensor, step_index: int, sample: torch.Tensor, noise: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Take step `step_index`: returns `(next_sample, log_prob)`, both float32; `noise` is z ~ N(0, I)."""
-        mean = self.step_mean(model_output, step_index, sample)
-        std = self.stds[step_index]
-        next_sample = mean + std * noise.float()
-        if not self.is_stochastic[step_index]:  # deterministic final step: no density to score
-            return next_sample, torch.zeros(sample.shape[0], device=sample.device)
-        return next_sample, gaussian_log_prob(next_sample, mean, std)
-
-    def log_prob(
-        self, model_output: torch.Tensor, step_index: int, sample: torch.Tensor, next_sample: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """log p_θ(next_sample | sample) of step `step_index` and the mean μ_θ, for the policy (and KL) terms."""
-        mean = self.step_mean(model_output, step_index, sample)
-        return gaussian_log_prob(next_sample, mean, self.stds[step_index]), mean
 
     # ----------------------------------------------------------------------------------------------- forward process
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

@@ -20,10 +20,10 @@ from __future__ import annotations
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from ..core.losses import gaussian_log_prob
+from .base import GaussianStepSampler
 
 
-class FlowSDESampler:
+class FlowSDESampler(GaussianStepSampler):
     """A T-step stochastic sampler for rectified-flow models.
 
     Args:
@@ -67,24 +67,6 @@ class FlowSDESampler:
         v, x = model_output.float(), sample.float()
         t, delta, sde_sigma = self.sigmas[step_index], self.deltas[step_index], self.sde_sigmas[step_index]
         return x - delta * (v + sde_sigma**2 / (2 * t) * (x + (1 - t) * v))
-
-    def step(
-        self, model_output: torch.Tensor, step_index: int, sample: torch.Tensor, noise: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Take step `step_index`: returns `(next_sample, log_prob)`, both float32; `noise` is z ~ N(0, I)."""
-        mean = self.step_mean(model_output, step_index, sample)
-        std = self.stds[step_index]
-        next_sample = mean + std * noise.float()
-        if not self.is_stochastic[step_index]:
-            return next_sample, torch.zeros(sample.shape[0], device=sample.device)
-        return next_sample, gaussian_log_prob(next_sample, mean, std)
-
-    def log_prob(
-        self, model_output: torch.Tensor, step_index: int, sample: torch.Tensor, next_sample: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """log p_θ(next_sample | sample) of step `step_index` and the mean μ_θ."""
-        mean = self.step_mean(model_output, step_index, sample)
-        return gaussian_log_prob(next_sample, mean, self.stds[step_index]), mean
 
     def _sigma(self, timesteps: torch.Tensor, ndim: int) -> torch.Tensor:
         return (timesteps.float() / self.num_train_timesteps).view(-1, *([1] * (ndim - 1)))
