@@ -168,18 +168,7 @@ def tiny_sd_pipeline(
         raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
     tokenizer = build_word_tokenizer(DEFAULT_WORDS if words is None else words, model_max_length=16)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=sample_size,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
+    unet = tiny_unet(sample_size)
     torch.manual_seed(seed + 1)
     vae = _tiny_vae()
     torch.manual_seed(seed + 2)
@@ -194,6 +183,25 @@ def tiny_sd_pipeline(
         prediction_type=prediction_type,
     )
     return assemble_sd_pipeline(unet, vae, text_encoder, tokenizer, scheduler)
+
+
+def tiny_unet(sample_size: int, norm_num_groups: int = 32) -> UNet2DConditionModel:
+    """A two-level (32, 64) text-conditional UNet on 4-channel latents, cross-attention dim 32 (~0.8 M params).
+
+    Shared by the tiny test pipelines and the digits demo's base model; seed torch before calling it.
+    """
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=norm_num_groups,
+    )
 
 
 def assemble_sd_pipeline(unet, vae, text_encoder, tokenizer, scheduler) -> StableDiffusionPipeline:

@@ -37,6 +37,7 @@ def build(tmp_path, dataset, reward=brightness_reward, pipeline=None, **kw):
         (dict(num_generations=1, per_device_train_batch_size=4), "num_generations must be at least 2"),
         (dict(num_generations=4, per_device_train_batch_size=6), "multiple of num_generations"),
         (dict(eta=0.0), "eta must be > 0"),
+        (dict(flow_noise_level=0.0), "flow_noise_level must be > 0"),
         (dict(data_noise="fresh"), "data_noise must be one of"),
         (dict(train_step_indices=[0, 9], num_inference_steps=5), r"in \[0, 3\]"),
         (dict(scale_rewards="max"), "scale_rewards"),

@@ -30,10 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
 from transformers import CLIPTextModel
 
-from ..tiny_pipelines import assemble_sd_pipeline, build_word_tokenizer, tiny_clip_text_config
+from ..tiny_pipelines import assemble_sd_pipeline, build_word_tokenizer, tiny_clip_text_config, tiny_unet
 
 __all__ = [
     "ASSET_DIR", "DIGIT_WORDS", "DigitsEvaluator", "build_digits_pipeline", "digit_prompt", "digits_dataset",
@@ -266,18 +266,7 @@ def build_digits_pipeline(
         prediction_type="epsilon",
     )
     torch.manual_seed(seed + 2)
-    unet = UNet2DConditionModel(
-        sample_size=IMAGE_SIZE // 2,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
+    unet = tiny_unet(IMAGE_SIZE // 2, norm_num_groups=8)
     ema = [p.detach().clone() for p in unet.parameters()]
     optimizer = torch.optim.AdamW(unet.parameters(), lr=unet_lr, weight_decay=0.0)
     lr_schedule = _cosine_lr(optimizer, unet_steps)
