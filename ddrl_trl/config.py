@@ -34,7 +34,19 @@ class DDRLConfig(TrainingArguments):
             Plays the role `eta` plays for DDIM models; must be > 0.
         resolution (`int` or `None`, defaults to `None`):
             Pixel resolution of rollouts and reference images. `None` uses the denoiser's native size. Must be a
-            multiple of the VAE × denoiser downsampling factor; checked before any work.
+            multiple of the VAE × denoiser downsampling factor; checked before any work. Square, like the reference
+            data it is cropped from.
+        num_frames (`int` or `None`, defaults to `None`):
+            Frames per video for video pipelines (Wan); `None` uses the pipeline's default (Wan: 81). Wan's VAE
+            compresses time 4×, so it must be 4k + 1; reference videos must have exactly this many frames. Ignored by
+            image pipelines.
+        guidance_scale (`float`, defaults to `3.5`):
+            The value fed to a guidance-distilled denoiser's guidance embedding (FLUX.1-dev, the pipeline's default),
+            in rollouts and in the data term alike. This is not classifier-free guidance, which DDRL rollouts never
+            use (one denoiser forward per step). Ignored by models without a guidance embedding.
+        max_sequence_length (`int` or `None`, defaults to `None`):
+            Prompt tokens fed to the T5 encoder of SD3 / FLUX / Wan; `None` uses the pipeline's default (SD3 256,
+            FLUX 512, Wan 512). Always capped by the tokenizer's `model_max_length`.
         same_noise_within_group (`bool`, defaults to `False`):
             Give all rollouts of a group the same initial noise (they still differ through the per-step noise).
             Independent noise per rollout is the default, as in the reference code.
@@ -110,6 +122,9 @@ class DDRLConfig(TrainingArguments):
     eta: float = field(default=1.0, metadata={"help": "DDIM stochasticity η > 0."})
     flow_noise_level: float = field(default=0.7, metadata={"help": "Rectified-flow SDE noise level a > 0."})
     resolution: int | None = field(default=None, metadata={"help": "Pixel resolution; None = denoiser's native."})
+    num_frames: int | None = field(default=None, metadata={"help": "Video frames (4k+1 for Wan); None = default."})
+    guidance_scale: float = field(default=3.5, metadata={"help": "Distilled guidance embedding value (FLUX.1-dev)."})
+    max_sequence_length: int | None = field(default=None, metadata={"help": "T5 prompt tokens; None = default."})
     same_noise_within_group: bool = field(default=False, metadata={"help": "Share initial noise within a group."})
     train_step_stride: int = field(default=2, metadata={"help": "Train every k-th denoising step."})
     train_step_indices: list[int] | None = field(default=None, metadata={"help": "Explicit trained step indices."})
@@ -175,6 +190,9 @@ class DDRLConfig(TrainingArguments):
             raise ValueError(f"data_beta and kl_beta must be ≥ 0, got {self.data_beta} and {self.kl_beta}.")
         if self.resolution is not None and self.resolution <= 0:
             raise ValueError(f"resolution must be a positive number of pixels, got {self.resolution}.")
+        for name in ("num_frames", "max_sequence_length"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer or None, got {getattr(self, name)}.")
         self.trained_step_indices  # validates explicit indices
 
     @property

@@ -2,7 +2,8 @@
 
 Every prompt comes with its **paired** reference sample x̃0 (real data, or synthetic data made by the base model for
 that prompt; never a random image). Images are loaded, resized and centre-cropped to the training resolution and
-VAE-encoded once, before training; steps only read the cached latents.
+VAE-encoded once, before training; steps only read the cached latents. Videos (for video pipelines) are checked for
+their frame count and size, then cropped and encoded the same way.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 from datasets import Dataset
 from datasets import Image as ImageFeature
-from PIL import Image
+from PIL import Image, ImageSequence
 
 REF_LATENTS_COLUMN = "ddrl_ref_latents"
 
@@ -72,43 +73,132 @@ def resize_center_crop(image: Image.Image, resolution: int) -> torch.Tensor:
     return array / 127.5 - 1.0
 
 
+class ReferenceSampleError(ValueError):
+    """A reference sample that can be read but does not fit the training setup (frame count, frame size)."""
+
+
+def load_video_frames(value) -> list[Image.Image]:
+    """Frames of a reference video given as a list of frames (anything `load_image` reads), a `(F, H, W, 3)` array,
+    or a video file (path or `{"path": ...}` dict; MP4 and the like need `pip install "ddrl-trl[video]"`, GIF not)."""
+    if isinstance(value, dict) and value.get("bytes"):
+        return _frames_from_bytes(value["bytes"], value.get("path"))
+    if isinstance(value, dict) and value.get("path"):
+        value = value["path"]
+    if isinstance(value, (str, os.PathLike)):
+        from diffusers.utils import load_video
+
+        try:
+            return [load_image(frame) for frame in load_video(os.fspath(value))]  # GIF frames come as palette images
+        except ImportError as err:
+            raise ImportError(
+                f"Reading video files needs imageio with its ffmpeg plugin: pip install \"ddrl-trl[video]\" ({err})."
+            ) from err
+    if isinstance(value, (np.ndarray, torch.Tensor)) and np.asarray(value).ndim == 4:
+        return [load_image(frame) for frame in np.asarray(value)]
+    if isinstance(value, (list, tuple)):
+        return [load_image(frame) for frame in value]
+    kind = "a single image" if isinstance(value, (Image.Image, np.ndarray, torch.Tensor)) else type(value).__name__
+    raise ReferenceSampleError(
+        f"expected a video (a list of frames, an (F, H, W, 3) array or a video file), got {kind}"
+    )
+
+
+def _frames_from_bytes(data: bytes, name: str | None) -> list[Image.Image]:
+    """Frames of an encoded file held in memory: animated images through PIL, other formats through a temp file."""
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Exception:  # noqa: BLE001 — not an image format PIL knows: try it as a video file
+        import tempfile
+
+        suffix = os.path.splitext(name or "")[1] or ".mp4"
+        with tempfile.NamedTemporaryFile(suffix=suffix) as file:
+            file.write(data)
+            file.flush()
+            return load_video_frames(file.name)
+    if getattr(image, "n_frames", 1) == 1:
+        raise ReferenceSampleError(
+            "expected a video (a list of frames, an (F, H, W, 3) array or a video file), got a single image"
+        )
+    return [load_image(frame.copy()) for frame in ImageSequence.Iterator(image)]
+
+
+def video_to_tensor(frames: list[Image.Image], resolution: int, num_frames: int) -> torch.Tensor:
+    """`(F, 3, R, R)` in [−1, 1] from `frames`, after checking they fit: exactly `num_frames` frames, one frame size,
+    no side shorter than `resolution` (upscaled reference videos would pull the model toward blur)."""
+    if len(frames) != num_frames:
+        raise ReferenceSampleError(
+            f"the video has {len(frames)} frames but num_frames={num_frames}: trim or resample the reference videos to "
+            f"{num_frames} frames, or set num_frames in DDRLConfig to their length (4k + 1 for Wan)"
+        )
+    sizes = sorted({frame.size for frame in frames})
+    if len(sizes) > 1:
+        raise ReferenceSampleError(f"the video's frames differ in size ({sizes}); every frame must have the same size")
+    width, height = sizes[0]
+    if min(width, height) < resolution:
+        raise ReferenceSampleError(
+            f"the frames are {width}x{height} px, smaller than resolution={resolution}: use reference videos whose "
+            f"short side is at least {resolution} px, or lower resolution in DDRLConfig"
+        )
+    return torch.stack([resize_center_crop(frame, resolution) for frame in frames])
+
+
 def encode_reference_dataset(
-    dataset: Dataset, encode_images, resolution: int, image_column: str, batch_size: int, split: str
+    dataset: Dataset,
+    encode,
+    resolution: int,
+    column: str,
+    batch_size: int,
+    split: str,
+    num_frames: int | None = None,
 ) -> Dataset:
-    """Add the column `ddrl_ref_latents`: the VAE latents of each row's image at `resolution`, computed once.
+    """Add the column `ddrl_ref_latents`: the VAE latents of each row's reference sample, computed once.
 
-    Unreadable images raise a `ValueError` naming the row and column, before any training work.
+    Images are resized and centre-cropped to `resolution`. With `num_frames` the samples are videos, checked by
+    `video_to_tensor` and encoded `batch_size // num_frames` (at least one) at a time. A sample that cannot be read
+    or does not fit raises a `ValueError` naming the row, the column and the fix, before any training work.
     """
-    if isinstance(dataset.features.get(image_column), ImageFeature):
+    kind = "video" if num_frames else "image"
+    if isinstance(dataset.features.get(column), ImageFeature):
         # Decode rows ourselves, so a corrupt file is reported with its row index instead of deep inside `datasets`.
-        dataset = dataset.cast_column(image_column, ImageFeature(decode=False))
+        dataset = dataset.cast_column(column, ImageFeature(decode=False))
 
-    def encode(batch, indices):
+    def to_pixels(value) -> torch.Tensor:
+        if num_frames:
+            return video_to_tensor(load_video_frames(value), resolution, num_frames)
+        return resize_center_crop(load_image(value), resolution)
+
+    def encode_batch(batch, indices):
         pixels = []
-        for value, row in zip(batch[image_column], indices):
+        for value, row in zip(batch[column], indices):
             try:
-                pixels.append(resize_center_crop(load_image(value), resolution))
+                pixels.append(to_pixels(value))
+            except ReferenceSampleError as err:
+                raise ValueError(f"Row {row} of the {split} dataset, column {column!r}: {err}.") from err
+            except ImportError:
+                raise
             except Exception as err:  # noqa: BLE001 — any decoding failure is the user's data, reported alike
                 raise ValueError(
-                    f"Row {row} of the {split} dataset: column {image_column!r} cannot be read as an image ({err}). "
-                    f"Fix or drop that row (e.g. dataset.filter) before training."
+                    f"Row {row} of the {split} dataset: column {column!r} cannot be read as {'a' if num_frames else 'an'} "
+                    f"{kind} ({err}). Fix or drop that row (e.g. dataset.filter) before training."
                 ) from err
-        latents = encode_images(torch.stack(pixels))
+        latents = encode(torch.stack(pixels))
         return {REF_LATENTS_COLUMN: latents.float().cpu().numpy()}
 
     from datasets.fingerprint import Hasher
 
-    fingerprint = Hasher.hash((dataset._fingerprint, REF_LATENTS_COLUMN, resolution, image_column, id(encode_images)))
+    fingerprint = Hasher.hash(
+        (dataset._fingerprint, REF_LATENTS_COLUMN, resolution, num_frames, column, id(encode))
+    )
     encoded = dataset.map(
-        encode,
+        encode_batch,
         batched=True,
-        batch_size=batch_size,
+        batch_size=max(1, batch_size // num_frames) if num_frames else batch_size,
         with_indices=True,
         keep_in_memory=True,  # latents depend on VAE weights the fingerprint cannot see: never reuse a disk cache
         new_fingerprint=fingerprint,
-        desc=f"Encoding {split} reference images",
+        desc=f"Encoding {split} reference {kind}s",
     )
-    return encoded.remove_columns(image_column)
+    return encoded.remove_columns(column)
 
 
 class RepeatSampler(torch.utils.data.Sampler[int]):

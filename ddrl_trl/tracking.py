@@ -15,7 +15,12 @@ from .rewards import to_pil
 
 
 def log_image_grid(callbacks, images: torch.Tensor, captions: list[str], step: int, tag: str = "samples") -> bool:
-    """Log `images` `(B, 3, H, W)` in [0, 1] as one grid to TensorBoard and/or W&B; returns whether any took it."""
+    """Log `images` `(B, 3, H, W)` in [0, 1] as one grid to TensorBoard and/or W&B; returns whether any took it.
+
+    Videos `(B, F, 3, H, W)` are shown by their middle frame.
+    """
+    if images.ndim == 5:
+        images = images[:, images.shape[1] // 2]
     pil = to_pil(images)
     cols = math.ceil(math.sqrt(len(pil)))
     rows = math.ceil(len(pil) / cols)

@@ -109,9 +109,8 @@ class DDRLTrainer(Trainer):
 
         pipeline = _load_pipeline(model, frozen_dtype)
         self.adapter: PipelineAdapter = get_adapter(pipeline)
-        self.resolution = args.resolution or self.adapter.default_resolution
-        self.adapter.validate_resolution(self.resolution)
-        self.adapter.resolution = self.resolution
+        self.adapter.configure(args)
+        self.resolution = self.adapter.resolution
         self.pipeline = pipeline
         self.latent_shape = self.adapter.latent_shape(self.resolution)
 
@@ -182,8 +181,9 @@ class DDRLTrainer(Trainer):
     # ------------------------------------------------------------------------------------------------ data plumbing
     def _encode(self, dataset: Dataset, args: DDRLConfig, split: str) -> Dataset:
         return encode_reference_dataset(
-            dataset, self.adapter.encode_images, self.resolution, args.image_column, args.preprocess_batch_size, split
-        )
+            dataset, self.adapter.encode_images, self.resolution, args.image_column, args.preprocess_batch_size, split,
+            num_frames=self.adapter.num_frames,
+        )  # fmt: skip
 
     def _check_rewards_on(self, dataset: Dataset, args: DDRLConfig) -> None:
         """Call every reward on two decoded reference images: a wrong length or type fails before any rollout."""
@@ -277,11 +277,7 @@ class DDRLTrainer(Trainer):
             timestep = sampler.timesteps[step_index].expand(batch)
             latents_in, timesteps_in, cond_in = rollout.states[:, step_index], timestep, cond
             if with_data:
-                data_t = (
-                    torch.randint(0, sampler.num_train_timesteps, (groups,), generator=generator, device=timestep.device)
-                    if args.data_timesteps == "random"
-                    else timestep[:groups]
-                )
+                data_t = sampler.sample_timesteps(groups, generator) if args.data_timesteps == "random" else timestep[:groups]
                 noisy_ref = sampler.add_noise(ref_latents, data_noise, data_t)
                 latents_in = torch.cat([latents_in, noisy_ref])
                 timesteps_in = torch.cat([timestep, data_t])
@@ -409,7 +405,7 @@ class DDRLTrainer(Trainer):
                 cond = self.adapter.encode_prompts(batch["prompts"])
                 for _ in range(args.eval_noise_draws):
                     noise = torch.randn(x0.shape, generator=generator, device=device)
-                    t = torch.randint(0, sampler.num_train_timesteps, (x0.shape[0],), generator=generator, device=device)
+                    t = sampler.sample_timesteps(x0.shape[0], generator)
                     noisy = sampler.add_noise(x0, noise, t)
                     predict = self._base_prediction if base else self.adapter.predict
                     output = predict(noisy, t, cond)

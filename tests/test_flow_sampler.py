@@ -74,3 +74,23 @@ def test_dynamic_shift_uses_mu_and_bad_noise_level_is_rejected():
     assert (high.sigmas[1:-1] > low.sigmas[1:-1]).all()  # a larger shift keeps more noise at each step
     with pytest.raises(ValueError, match="noise_level must be > 0"):
         FlowSDESampler(config(), 4, noise_level=0.0)
+
+
+def test_random_training_timesteps_carry_the_schedulers_shift():
+    gen = torch.Generator().manual_seed(0)
+    base = 1 - torch.rand(64, generator=torch.Generator().manual_seed(0))
+    static = FlowSDESampler(config(shift=3.0), num_inference_steps=4).sample_timesteps(64, gen)
+    torch.testing.assert_close(static, 3 * base / (1 + 2 * base) * 1000)
+    dynamic = FlowSDESampler(config(use_dynamic_shifting=True), num_inference_steps=4, mu=0.8)
+    drawn = dynamic.sample_timesteps(64, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(drawn, math.exp(0.8) / (math.exp(0.8) + (1 / base - 1)) * 1000)
+    assert 0 < drawn.min() and drawn.max() <= 1000
+
+
+def test_custom_base_sigmas_and_non_flow_schedulers():
+    from diffusers import DDIMScheduler
+
+    sampler = FlowSDESampler(config(shift=1.0), num_inference_steps=4, sigmas=[1.0, 0.75, 0.5, 0.25])
+    torch.testing.assert_close(sampler.sigmas, torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]))
+    with pytest.raises(ValueError, match="DDIMScheduler is not a flow-matching scheduler"):
+        FlowSDESampler(DDIMScheduler(), num_inference_steps=4)

@@ -11,8 +11,10 @@ from .base import (
     repeat_conditioning,
     select_conditioning,
 )
+from .flux import FluxAdapter
 from .sd3 import StableDiffusion3Adapter
 from .stable_diffusion import StableDiffusionAdapter, StableDiffusionXLAdapter
+from .wan import WanAdapter
 
 _REGISTRY: dict[type, type[PipelineAdapter]] = {}
 
@@ -50,13 +52,17 @@ def get_adapter(pipeline: Any) -> PipelineAdapter:
 register_adapter(StableDiffusionAdapter)
 register_adapter(StableDiffusionXLAdapter)
 register_adapter(StableDiffusion3Adapter)
+register_adapter(FluxAdapter)
+register_adapter(WanAdapter)
 
 __all__ = [
     "Conditioning",
+    "FluxAdapter",
     "PipelineAdapter",
     "StableDiffusion3Adapter",
     "StableDiffusionAdapter",
     "StableDiffusionXLAdapter",
+    "WanAdapter",
     "concat_conditioning",
     "get_adapter",
     "register_adapter",

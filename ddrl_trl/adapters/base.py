@@ -39,16 +39,36 @@ class PipelineAdapter(ABC):
         pipeline_classes: the diffusers pipeline classes (and their subclasses) this adapter serves.
         denoiser_name: the pipeline attribute holding the trained network (`"unet"`, `"transformer"`).
         default_lora_target_modules: modules a `LoraConfig` without `target_modules` is applied to.
+        frozen_module_names: pipeline attributes that are used but never trained (absent ones are skipped).
     """
 
     pipeline_classes: tuple[type, ...] = ()
     denoiser_name: str = "unet"
     default_lora_target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    frozen_module_names: tuple[str, ...] = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+    #: Frames per sample for video families (set by `configure`); None for image families.
+    num_frames: int | None = None
+    #: The pipeline's default T5 prompt length, for families with a T5 encoder.
+    default_max_sequence_length: int = 256
 
     def __init__(self, pipeline: Any, resolution: int | None = None):
         self.pipeline = pipeline
-        #: Training resolution in pixels (set by the trainer after `validate_resolution`); None = native.
+        #: Training resolution in pixels (set by `configure`); None = native.
         self.resolution = resolution
+        #: Prompt tokens for T5 encoders (set by `configure`).
+        self.max_sequence_length = self.default_max_sequence_length
+
+    def configure(self, config) -> None:
+        """Take the training options from a `DDRLConfig`, validating them against this pipeline; raises
+        `ValueError` naming the fix. Subclasses with options of their own (guidance, frame count) extend it."""
+        resolution = config.resolution or self.default_resolution
+        self.validate_resolution(resolution)
+        self.resolution = resolution
+        self.max_sequence_length = config.max_sequence_length or self.default_max_sequence_length
+
+    def t5_sequence_length(self, tokenizer) -> int:
+        """`max_sequence_length` capped by the T5 tokenizer's `model_max_length`."""
+        return min(self.max_sequence_length, tokenizer.model_max_length)
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -90,9 +110,10 @@ class PipelineAdapter(ABC):
         side = resolution // self.vae_scale_factor
         return (self.denoiser.config.in_channels, side, side)
 
-    @abstractmethod
     def frozen_modules(self) -> list[torch.nn.Module]:
         """Modules that are used but never trained (VAE, text encoders)."""
+        modules = (getattr(self.pipeline, name, None) for name in self.frozen_module_names)
+        return [m for m in modules if m is not None]
 
     @abstractmethod
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
@@ -133,9 +154,16 @@ class PipelineAdapter(ABC):
     def make_sampler(self, config, device: torch.device):
         """The family's SDE sampler with exact log-probs (e.g. `DDIMSDESampler`), set up from a `DDRLConfig`."""
 
-    @abstractmethod
     def save_lora_weights(self, output_dir: str, lora_state_dict: dict[str, torch.Tensor]) -> None:
-        """Write `pytorch_lora_weights.safetensors` that `pipeline.load_lora_weights(output_dir)` reloads."""
+        """Write `pytorch_lora_weights.safetensors` that `pipeline.load_lora_weights(output_dir)` reloads.
+
+        `lora_state_dict` comes straight from `get_peft_model_state_dict`: the pipeline's own LoRA mixin writes it
+        under `unet.` / `transformer.`. It is deliberately not passed through `convert_state_dict_to_diffusers`,
+        which renames only some transformer keys, so the reload would silently drop part of the adapter.
+        """
+        type(self.pipeline).save_lora_weights(
+            output_dir, **{f"{self.denoiser_name}_lora_layers": lora_state_dict}, safe_serialization=True
+        )
 
     def save_denoiser(self, output_dir: str) -> None:
         """Write the full denoiser in diffusers format under `output_dir/<denoiser_name>`."""

@@ -19,8 +19,6 @@ class StableDiffusion3Adapter(PipelineAdapter):
 
     pipeline_classes = (StableDiffusion3Pipeline,)
     denoiser_name = "transformer"
-    #: The prompt length fed to T5 (the pipeline's default), capped by the tokenizer's own maximum.
-    max_sequence_length = 256
 
     @property
     def denoiser_downsampling(self) -> int:
@@ -30,16 +28,11 @@ class StableDiffusion3Adapter(PipelineAdapter):
     def default_resolution(self) -> int:
         return int(self.denoiser.config.sample_size) * self.vae_scale_factor
 
-    def frozen_modules(self) -> list[torch.nn.Module]:
-        names = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")
-        return [getattr(self.pipeline, n) for n in names if getattr(self.pipeline, n, None) is not None]
-
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         pipe = self.pipeline
-        max_length = self.max_sequence_length
-        if getattr(pipe, "tokenizer_3", None) is not None:
-            max_length = min(max_length, pipe.tokenizer_3.model_max_length)
+        tokenizer = getattr(pipe, "tokenizer_3", None)
+        max_length = self.t5_sequence_length(tokenizer) if tokenizer is not None else self.max_sequence_length
         embeds, _, pooled, _ = pipe.encode_prompt(
             prompt=prompts, prompt_2=None, prompt_3=None, device=self.denoiser.device,
             do_classifier_free_guidance=False, max_sequence_length=max_length,
@@ -58,12 +51,5 @@ class StableDiffusion3Adapter(PipelineAdapter):
 
     def make_sampler(self, config, device: torch.device) -> FlowSDESampler:
         return FlowSDESampler(
-            self.pipeline.scheduler.config, config.num_inference_steps, config.flow_noise_level, device=device
-        )
-
-    def save_lora_weights(self, output_dir: str, lora_state_dict: dict[str, torch.Tensor]) -> None:
-        # Straight from get_peft_model_state_dict: convert_state_dict_to_diffusers would rename only some SD3 keys and
-        # the reload would silently drop part of the adapter (environment-notes.md).
-        type(self.pipeline).save_lora_weights(
-            output_dir, transformer_lora_layers=lora_state_dict, safe_serialization=True
+            self.pipeline.scheduler, config.num_inference_steps, config.flow_noise_level, device=device
         )

@@ -27,10 +27,6 @@ class StableDiffusionAdapter(PipelineAdapter):
     def default_resolution(self) -> int:
         return int(self.denoiser.config.sample_size) * self.vae_scale_factor
 
-    def frozen_modules(self) -> list[torch.nn.Module]:
-        names = ("vae", "text_encoder", "text_encoder_2")
-        return [getattr(self.pipeline, n) for n in names if getattr(self.pipeline, n, None) is not None]
-
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         embeds, _ = self.pipeline.encode_prompt(
@@ -46,9 +42,6 @@ class StableDiffusionAdapter(PipelineAdapter):
 
     def make_sampler(self, config, device: torch.device) -> DDIMSDESampler:
         return DDIMSDESampler(self.pipeline.scheduler.config, config.num_inference_steps, config.eta, device=device)
-
-    def save_lora_weights(self, output_dir: str, lora_state_dict: dict[str, torch.Tensor]) -> None:
-        type(self.pipeline).save_lora_weights(output_dir, unet_lora_layers=lora_state_dict, safe_serialization=True)
 
 
 class StableDiffusionXLAdapter(StableDiffusionAdapter):

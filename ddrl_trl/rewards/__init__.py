@@ -2,7 +2,8 @@
 
 A reward function is any callable `f(images, prompts, **columns) -> list[float | None]`:
 
-- `images`: float tensor `(B, 3, H, W)` in [0, 1] on the training device (use `to_pil` for PIL images);
+- `images`: float tensor `(B, 3, H, W)` in [0, 1] on the training device (use `to_pil` for PIL images); for video
+  pipelines (Wan) it holds videos `(B, F, 3, H, W)`;
 - `prompts`: list of `B` prompts;
 - `**columns`: every other dataset column (except the reference image), one value per image.
 

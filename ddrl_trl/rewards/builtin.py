@@ -14,8 +14,9 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 
 def brightness(images: torch.Tensor, prompts: list[str], **_) -> list[float]:
-    """Mean pixel intensity in [0, 1]: a deliberately hackable reward (more ink / light always scores higher)."""
-    return images.float().mean(dim=(1, 2, 3)).tolist()
+    """Mean pixel intensity in [0, 1] of images `(B, 3, H, W)` or videos `(B, F, 3, H, W)`: a deliberately hackable
+    reward (more ink / light always scores higher)."""
+    return images.float().flatten(1).mean(dim=1).tolist()
 
 
 BUILTIN_REWARDS = {"brightness": brightness}

@@ -83,6 +83,10 @@ class DDIMSDESampler(GaussianStepSampler):
         return alpha_prev.sqrt() * x0 + (1 - alpha_prev - std**2).clamp(min=0).sqrt() * eps
 
     # ----------------------------------------------------------------------------------------------- forward process
+    def sample_timesteps(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """`n` training timesteps uniform over {0, …, num_train_timesteps − 1}, as diffusers' SD scripts draw them."""
+        return torch.randint(0, self.num_train_timesteps, (n,), generator=generator, device=generator.device)
+
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε for integer training `timesteps` of shape `(B,)`."""
         alpha = self.alphas_cumprod[timesteps].view(-1, *([1] * (x0.ndim - 1)))

@@ -9,52 +9,80 @@ t → s (Δ = t − s > 0):
     x_s = μ + σ_t √Δ z,   z ~ N(0, I)
 
 so each step is a Gaussian N(μ, (σ_t √Δ)²) whose log-density is exact. At t = 1 the ratio t/(1−t) is infinite; as in
-Flow-GRPO the first step uses the second sigma in the denominator. The sigmas — the pipeline's own timestep shift,
-static (SD3's `shift`) or resolution-dependent (FLUX's `mu`) — come from diffusers' `FlowMatchEulerDiscreteScheduler`
-built from the pipeline's scheduler config. The data term uses the same interpolation and the velocity target
-ε − x0 of diffusers' SD3/FLUX training scripts. All arithmetic is float32.
+Flow-GRPO the first step (t ≈ 1) uses the second sigma in the denominator.
+
+The noise levels t_0 > … > t_T = 0 are the pipeline's own: its scheduler (`FlowMatchEulerDiscreteScheduler`, or a
+multistep scheduler with `use_flow_sigmas`, as Wan ships) computes them with its timestep shift — static (SD3's
+`shift`, Wan's `flow_shift`) or resolution-dependent (FLUX's `mu`) — from the base sigmas the pipeline passes. The
+data term uses the same interpolation and the velocity target ε − x0 of diffusers' SD3/FLUX training scripts, with
+unit weighting. All arithmetic is float32.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from .base import GaussianStepSampler
+
+
+def _fresh_flow_scheduler(scheduler) -> SchedulerMixin:
+    """A new scheduler of the pipeline's kind (the pipeline's own instance is never mutated); a bare config is read as
+    a `FlowMatchEulerDiscreteScheduler` config."""
+    if isinstance(scheduler, SchedulerMixin):
+        fresh = type(scheduler).from_config(scheduler.config)
+    else:
+        fresh = FlowMatchEulerDiscreteScheduler.from_config(scheduler)
+    if not (isinstance(fresh, FlowMatchEulerDiscreteScheduler) or fresh.config.get("use_flow_sigmas", False)):
+        raise ValueError(
+            f"{type(fresh).__name__} is not a flow-matching scheduler: the rectified-flow sampler needs a "
+            f"FlowMatchEulerDiscreteScheduler, or a multistep scheduler with use_flow_sigmas=True. Set the pipeline's "
+            f"scheduler to FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)."
+        )
+    return fresh
 
 
 class FlowSDESampler(GaussianStepSampler):
     """A T-step stochastic sampler for rectified-flow models.
 
     Args:
-        scheduler_config: the pipeline's `FlowMatchEulerDiscreteScheduler` config.
+        scheduler: the pipeline's scheduler (or a `FlowMatchEulerDiscreteScheduler` config); only its config is read.
         num_inference_steps: T.
         noise_level: a > 0 in σ_t = a √(t/(1−t)) (Flow-GRPO uses 0.7).
         device: where the schedule tensors live.
         mu: the resolution-dependent shift for schedulers with `use_dynamic_shifting` (FLUX), as the pipeline computes it.
+        sigmas: the unshifted base sigmas the pipeline passes to `set_timesteps` (FLUX: linspace(1, 1/T, T)); None
+            uses the scheduler's default spacing (SD3, Wan).
     """
 
     def __init__(
         self,
-        scheduler_config,
+        scheduler,
         num_inference_steps: int,
         noise_level: float = 0.7,
         device: torch.device | str = "cpu",
         mu: float | None = None,
+        sigmas: Sequence[float] | None = None,
     ):
         if noise_level <= 0:
             raise ValueError(f"noise_level must be > 0 for a stochastic sampler with a log-prob, got {noise_level}.")
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
-        scheduler.set_timesteps(num_inference_steps, device=device, mu=mu)
-        self.scheduler = scheduler
+        scheduler = _fresh_flow_scheduler(scheduler)
+        extra = {"sigmas": list(sigmas)} if sigmas is not None else {}
+        scheduler.set_timesteps(num_inference_steps, device=device, mu=mu, **extra)
+        self.scheduler, self.mu = scheduler, mu
         self.num_inference_steps = num_inference_steps
         self.num_train_timesteps = scheduler.config.num_train_timesteps
         #: `(T+1,)` float32 noise levels t_0 = ~1 > … > t_T = 0.
-        self.sigmas = scheduler.sigmas.to(device=device, dtype=torch.float32)
+        self.sigmas = torch.as_tensor(scheduler.sigmas).to(device=device, dtype=torch.float32)
         #: `(T,)` model timesteps (t · num_train_timesteps), as the pipeline feeds them to the transformer.
-        self.timesteps = scheduler.timesteps.to(device)
+        self.timesteps = torch.as_tensor(scheduler.timesteps).to(device=device, dtype=torch.float32)
         sigma, sigma_next = self.sigmas[:-1], self.sigmas[1:]
-        denominator = torch.where(sigma >= 1.0, self.sigmas[1], sigma)  # Flow-GRPO's guard at t = 1
+        # Flow-GRPO's guard at t = 1. "≈ 1", because multistep schedulers start at 1 − 1e-6 (their own log guard),
+        # which would otherwise give σ ≈ 700 at the first step.
+        denominator = torch.where(sigma > 1 - 1e-3, self.sigmas[1], sigma)
         #: `(T,)` σ_t of the SDE.
         self.sde_sigmas = noise_level * torch.sqrt(sigma / (1 - denominator))
         self.deltas = sigma - sigma_next
@@ -67,6 +95,20 @@ class FlowSDESampler(GaussianStepSampler):
         v, x = model_output.float(), sample.float()
         t, delta, sde_sigma = self.sigmas[step_index], self.deltas[step_index], self.sde_sigmas[step_index]
         return x - delta * (v + sde_sigma**2 / (2 * t) * (x + (1 - t) * v))
+
+    def shift(self, t: torch.Tensor) -> torch.Tensor:
+        """The scheduler's timestep shift applied to base noise levels `t` ∈ (0, 1]: the static
+        s·t / (1 + (s − 1) t), or with dynamic shifting the scheduler's `time_shift(mu, 1, t)` (FLUX)."""
+        config = self.scheduler.config
+        if config.get("use_dynamic_shifting", False):
+            return self.scheduler.time_shift(self.mu, 1.0, t)
+        s = config.get("shift", None) or config.get("flow_shift", None) or 1.0
+        return s * t / (1 + (s - 1) * t)
+
+    def sample_timesteps(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """`n` random training timesteps: t uniform on (0, 1], shifted like the rollout schedule, times 1000."""
+        base = 1 - torch.rand(n, generator=generator, device=generator.device)
+        return self.shift(base) * self.num_train_timesteps
 
     def _sigma(self, timesteps: torch.Tensor, ndim: int) -> torch.Tensor:
         return (timesteps.float() / self.num_train_timesteps).view(-1, *([1] * (ndim - 1)))

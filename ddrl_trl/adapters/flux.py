@@ -1,0 +1,105 @@
+"""FLUX.1: a `FluxTransformer2DModel` rectified-flow denoiser on packed latents, sampled by the Flow-GRPO SDE.
+
+What is FLUX-specific, and lives only here:
+- Latents stay `(B, C, H, W)` everywhere else (the sampler's math is elementwise); `predict` packs them into the
+  2×2-patch token sequence the transformer reads, with their positional ids, and unpacks its output — the
+  pipeline's own `_pack_latents` / `_unpack_latents`, as diffusers' `train_dreambooth_flux.py` does.
+- The transformer takes t / 1000 (it rescales internally), and, for guidance-distilled checkpoints (FLUX.1-dev,
+  `guidance_embeds=True`), the guidance value `DDRLConfig.guidance_scale` in every forward, rollout and data term
+  alike, as in the training script. Classifier-free guidance is never used.
+- The timestep shift depends on the image size: `mu = calculate_shift(image tokens, ...)` from the scheduler config,
+  with the pipeline's base sigmas linspace(1, 1/T, T).
+The data term is diffusers' FLUX recipe: x_t = (1 − t) x0 + t ε, target ε − x0, unit weighting.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from diffusers import FluxPipeline
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+from ..samplers import FlowSDESampler
+from .base import Conditioning, PipelineAdapter
+
+
+class FluxAdapter(PipelineAdapter):
+    """Adapter for `FluxPipeline` (FLUX.1-dev, FLUX.1-schnell) and its subclasses."""
+
+    pipeline_classes = (FluxPipeline,)
+    denoiser_name = "transformer"
+    default_max_sequence_length = 512
+
+    def __init__(self, pipeline, resolution: int | None = None):
+        super().__init__(pipeline, resolution)
+        self.guidance_scale = 3.5
+
+    def configure(self, config) -> None:
+        super().configure(config)
+        self.guidance_scale = float(config.guidance_scale)
+
+    @property
+    def denoiser_downsampling(self) -> int:
+        return 2 * int(self.denoiser.config.patch_size)  # 2×2 packing of latent pixels into tokens
+
+    @property
+    def default_resolution(self) -> int:
+        return int(self.pipeline.default_sample_size) * self.vae_scale_factor
+
+    def latent_shape(self, resolution: int) -> tuple[int, ...]:
+        side = resolution // self.vae_scale_factor
+        return (self.denoiser.config.in_channels // 4, side, side)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        embeds, pooled, _ = self.pipeline.encode_prompt(
+            prompt=prompts, prompt_2=None, device=self.denoiser.device,
+            max_sequence_length=self.t5_sequence_length(self.pipeline.tokenizer_2),
+        )  # fmt: skip
+        # The text ids are all zeros of shape (tokens, 3); `predict` rebuilds them, so conditioning stays batch-first.
+        return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+
+    def predict(self, latents, timesteps, cond, denoiser=None) -> torch.Tensor:
+        denoiser = denoiser if denoiser is not None else self.denoiser
+        batch, channels, height, width = latents.shape
+        dtype, device = self.denoiser.dtype, latents.device
+        packed = FluxPipeline._pack_latents(latents.to(dtype), batch, channels, height, width)
+        image_ids = FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, device, dtype)
+        text_ids = torch.zeros(cond["encoder_hidden_states"].shape[1], 3, device=device, dtype=dtype)
+        guidance = None
+        if self.denoiser.config.guidance_embeds:
+            guidance = torch.full((batch,), self.guidance_scale, device=device, dtype=torch.float32)
+        output = denoiser(
+            hidden_states=packed,
+            timestep=(timesteps / 1000).to(dtype),
+            guidance=guidance,
+            pooled_projections=cond["pooled_projections"],
+            encoder_hidden_states=cond["encoder_hidden_states"],
+            txt_ids=text_ids,
+            img_ids=image_ids,
+            return_dict=False,
+        )[0]
+        return FluxPipeline._unpack_latents(output, height * self.vae_scale_factor, width * self.vae_scale_factor,
+                                            self.vae_scale_factor)  # fmt: skip
+
+    def timestep_shift_mu(self) -> float:
+        """The pipeline's `mu` for the training resolution: linear in the number of image tokens."""
+        side = (self.resolution or self.default_resolution) // self.vae_scale_factor // 2
+        config = self.pipeline.scheduler.config
+        return calculate_shift(
+            side * side,
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
+        )
+
+    def make_sampler(self, config, device: torch.device) -> FlowSDESampler:
+        steps = config.num_inference_steps
+        # As FluxPipeline.__call__: base sigmas linspace(1, 1/T, T), unless the scheduler makes its own flow sigmas.
+        use_flow_sigmas = self.pipeline.scheduler.config.get("use_flow_sigmas", False)
+        sigmas = None if use_flow_sigmas else np.linspace(1.0, 1 / steps, steps).tolist()
+        return FlowSDESampler(
+            self.pipeline.scheduler, steps, config.flow_noise_level, device=device, mu=self.timestep_shift_mu(),
+            sigmas=sigmas,
+        )  # fmt: skip
