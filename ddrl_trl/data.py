@@ -177,9 +177,10 @@ def encode_reference_dataset(
             except ImportError:
                 raise
             except Exception as err:  # noqa: BLE001 — any decoding failure is the user's data, reported alike
+                article = "a" if num_frames else "an"
                 raise ValueError(
-                    f"Row {row} of the {split} dataset: column {column!r} cannot be read as {'a' if num_frames else 'an'} "
-                    f"{kind} ({err}). Fix or drop that row (e.g. dataset.filter) before training."
+                    f"Row {row} of the {split} dataset: column {column!r} cannot be read as {article} {kind} ({err}). "
+                    f"Fix or drop that row (e.g. dataset.filter) before training."
                 ) from err
         latents = encode(torch.stack(pixels))
         return {REF_LATENTS_COLUMN: latents.float().cpu().numpy()}

@@ -277,7 +277,8 @@ class DDRLTrainer(Trainer):
             timestep = sampler.timesteps[step_index].expand(batch)
             latents_in, timesteps_in, cond_in = rollout.states[:, step_index], timestep, cond
             if with_data:
-                data_t = sampler.sample_timesteps(groups, generator) if args.data_timesteps == "random" else timestep[:groups]
+                random_t = args.data_timesteps == "random"
+                data_t = sampler.sample_timesteps(groups, generator) if random_t else timestep[:groups]
                 noisy_ref = sampler.add_noise(ref_latents, data_noise, data_t)
                 latents_in = torch.cat([latents_in, noisy_ref])
                 timesteps_in = torch.cat([timestep, data_t])

@@ -181,3 +181,38 @@ def test_adapters_are_picked_by_pipeline_class():
     assert isinstance(get_adapter(tiny_sd3_pipeline()), StableDiffusion3Adapter)
     assert isinstance(get_adapter(tiny_flux_pipeline()), FluxAdapter)
     assert isinstance(get_adapter(tiny_wan_pipeline()), WanAdapter)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_bf16_with_gradient_checkpointing_keeps_float32_log_probs_and_lora(
+    name, tmp_path, reference_dataset, reference_videos, monkeypatch
+):
+    builder, _, config = FAMILIES[name]
+    dataset, columns = _dataset(name, reference_dataset, reference_videos)
+    rollouts = []
+    original = trainer_module.generate_rollouts
+    monkeypatch.setattr(
+        trainer_module, "generate_rollouts", lambda *a, **k: rollouts.append(original(*a, **k)) or rollouts[-1]
+    )
+    trainer = make_trainer(
+        tmp_path, dataset, peft_config=lora(), pipeline=builder(), max_steps=1, bf16=True, use_cpu=True,
+        gradient_checkpointing=True, max_sequence_length=16, **config, **columns,
+    )  # fmt: skip
+    trainer.train()
+    denoiser = trainer.adapter.denoiser
+    assert denoiser.is_gradient_checkpointing
+    assert {p.dtype for p in denoiser.parameters() if p.requires_grad} == {torch.float32}
+    assert {p.dtype for p in denoiser.parameters() if not p.requires_grad} == {torch.bfloat16}
+    assert rollouts[0].log_probs.dtype == torch.float32 and rollouts[0].states.dtype == torch.float32
+    assert torch.isfinite(rollouts[0].log_probs).all()
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_held_out_loss_ratio_is_one_before_training(name, tmp_path, reference_dataset, reference_videos):
+    builder, _, config = FAMILIES[name]
+    dataset, columns = _dataset(name, reference_dataset, reference_videos)
+    trainer = make_trainer(tmp_path, dataset, peft_config=lora(), pipeline=builder(), eval_dataset=dataset,
+                           max_sequence_length=16, **config, **columns)  # fmt: skip
+    metrics = trainer.evaluate()
+    assert metrics["eval_diffusion_loss"] > 0
+    assert metrics["eval_diffusion_loss_ratio"] == 1.0  # LoRA B starts at zero: the model is the base

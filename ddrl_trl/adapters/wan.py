@@ -123,4 +123,5 @@ class WanAdapter(PipelineAdapter):
         return (video.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4)
 
     def make_sampler(self, config, device: torch.device) -> FlowSDESampler:
-        return FlowSDESampler(self.pipeline.scheduler, config.num_inference_steps, config.flow_noise_level, device=device)
+        steps, noise_level = config.num_inference_steps, config.flow_noise_level
+        return FlowSDESampler(self.pipeline.scheduler, steps, noise_level, device=device)

@@ -38,15 +38,7 @@ def tiny_sd_pipeline(
     vae = tiny_vae()
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(tiny_clip_text_config(len(tokenizer))).eval()
-    scheduler = DDIMScheduler(
-        beta_schedule="scaled_linear",
-        beta_start=0.00085,
-        beta_end=0.012,
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type=prediction_type,
-    )
+    scheduler = sd_ddim_scheduler(prediction_type)
     return assemble_sd_pipeline(unet, vae, text_encoder, tokenizer, scheduler)
 
 
@@ -66,6 +58,19 @@ def tiny_unet(sample_size: int, norm_num_groups: int = 32) -> UNet2DConditionMod
         cross_attention_dim=32,
         attention_head_dim=8,
         norm_num_groups=norm_num_groups,
+    )
+
+
+def sd_ddim_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
+    """Stable Diffusion's scaled-linear β schedule in a `DDIMScheduler` (`steps_offset=1` avoids a deprecation warning)."""
+    return DDIMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
     )
 
 
@@ -122,14 +127,7 @@ def tiny_sdxl_pipeline(seed: int = 0, sample_size: int = 8) -> StableDiffusionXL
     text_encoder_2 = CLIPTextModelWithProjection(
         tiny_clip_text_config(len(tokenizer_2), hidden, projection_dim=projection_dim)
     ).eval()
-    scheduler = DDIMScheduler(
-        beta_schedule="scaled_linear",
-        beta_start=0.00085,
-        beta_end=0.012,
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    scheduler = sd_ddim_scheduler()
     pipe = StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,
