@@ -18,11 +18,23 @@ from ddrl_trl.tiny_pipelines import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_
 from test_trainer import lora, make_args, make_trainer
 
 PROMPTS = ["a red cat", "a blue dog"]
+
+
+def tiny_wan22_ti2v_pipeline():
+    """Wan 2.2 TI2V's text-to-video path: the same pipeline with per-token timesteps (`expand_timesteps`)."""
+    pipe = tiny_wan_pipeline()
+    pipe.register_to_config(expand_timesteps=True)
+    return pipe
+
+
+WAN_CALL, WAN_CONFIG = {"num_frames": 9, "guidance_scale": 1.0}, {"resolution": 16, "num_frames": 9}
 FAMILIES = {
     # name: (builder, pipeline-call kwargs, DDRLConfig kwargs)
     "sd3": (tiny_sd3_pipeline, {}, {}),
     "flux": (tiny_flux_pipeline, {"guidance_scale": 3.5}, {"resolution": 32}),
-    "wan": (tiny_wan_pipeline, {"num_frames": 9, "guidance_scale": 1.0}, {"resolution": 16, "num_frames": 9}),
+    "flux-schnell": (lambda: tiny_flux_pipeline(guidance_embeds=False), {}, {"resolution": 32}),
+    "wan": (tiny_wan_pipeline, WAN_CALL, WAN_CONFIG),
+    "wan2.2-ti2v": (tiny_wan22_ti2v_pipeline, WAN_CALL, WAN_CONFIG),
 }
 
 
@@ -36,11 +48,11 @@ def configured_adapter(pipe, **config):
 def pipeline_latents(name, pipe, adapter, x, **call):
     """Run the family's own pipeline from latents `x` and return its final latents, unpacked to (B, C, ...)."""
     size = adapter.resolution
-    if name == "flux":
+    if name.startswith("flux"):
         packed = FluxPipeline._pack_latents(x, x.shape[0], x.shape[1], x.shape[2], x.shape[3])
         out = pipe(PROMPTS, height=size, width=size, latents=packed, **call).images
         return FluxPipeline._unpack_latents(out, size, size, adapter.vae_scale_factor)
-    if name == "wan":
+    if name.startswith("wan"):
         return pipe(PROMPTS, height=size, width=size, latents=x, **call).frames
     return pipe(PROMPTS, height=size, width=size, latents=x, guidance_scale=1.0, **call).images
 
@@ -49,7 +61,7 @@ def pipeline_latents(name, pipe, adapter, x, **call):
 def test_noise_free_sampler_retraces_the_pipelines_own_trajectory(name):
     builder, call, config = FAMILIES[name]
     pipe = builder()
-    if name == "wan":  # Wan ships UniPC, a multistep solver; its Euler twin on the same shifted sigmas is comparable
+    if name.startswith("wan"):  # Wan ships UniPC, a multistep solver; its Euler twin on the same shifted sigmas is comparable
         pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=pipe.scheduler.config.flow_shift)
     adapter, args = configured_adapter(pipe, flow_noise_level=1e-9, **config)
     sampler = adapter.make_sampler(args, torch.device("cpu"))
@@ -113,12 +125,12 @@ def test_data_term_matches_diffusers_flow_matching_training_recipe(name):
     cond = adapter.encode_prompts(["a red cat"] * 3)
     with torch.no_grad():
         ours = adapter.predict(script_noisy, timesteps, cond)
-        if name == "flux":
+        if name.startswith("flux"):
             b, c, h, w = x0.shape
             script = pipe.transformer(
                 hidden_states=FluxPipeline._pack_latents(script_noisy, b, c, h, w),
                 timestep=timesteps / 1000,
-                guidance=torch.full((b,), args.guidance_scale),
+                guidance=torch.full((b,), args.guidance_scale) if name == "flux" else None,
                 pooled_projections=cond["pooled_projections"],
                 encoder_hidden_states=cond["encoder_hidden_states"],
                 txt_ids=torch.zeros(cond["encoder_hidden_states"].shape[1], 3),
@@ -134,7 +146,7 @@ def test_data_term_matches_diffusers_flow_matching_training_recipe(name):
 
 
 def _dataset(name, reference_dataset, reference_videos):
-    return (reference_videos, {"image_column": "video"}) if name == "wan" else (reference_dataset, {})
+    return (reference_videos, {"image_column": "video"}) if name.startswith("wan") else (reference_dataset, {})
 
 
 @pytest.mark.parametrize("use_lora", [True, False], ids=["lora", "full"])
