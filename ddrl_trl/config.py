@@ -60,6 +60,14 @@ class DDRLConfig(TrainingArguments):
 
         reward_weights (`list[float]` or `None`, defaults to `None`):
             Weight of each reward function; `None` weighs all by 1. r = Σ_i w_i r_i.
+        async_rewards (`bool`, defaults to `False`):
+            Score each finished chunk of groups in a background thread while the next chunk is rolled out, so a slow
+            reward (a large model, a remote `RemoteReward`) overlaps generation instead of stalling it. Results are
+            identical to `async_rewards=False` with the same `rollout_chunk_groups`: only the timing changes.
+        rollout_chunk_groups (`int` or `None`, defaults to `None`):
+            Groups rolled out together. `None` rolls out the whole batch at once (the most parallel rollout), or one
+            group at a time when `async_rewards` is on. Chunking changes how the seeded noise is drawn, not its
+            distribution.
         reward_clip (`float`, defaults to `5.0`):
             Rewards are clipped to ±`reward_clip` before normalisation, as in the reference code.
         scale_rewards (`str`, defaults to `"group"`):
@@ -130,6 +138,8 @@ class DDRLConfig(TrainingArguments):
     train_step_indices: list[int] | None = field(default=None, metadata={"help": "Explicit trained step indices."})
     # Rewards and advantages
     reward_weights: list[float] | None = field(default=None, metadata={"help": "Weights of the reward functions."})
+    async_rewards: bool = field(default=False, metadata={"help": "Score chunk k while chunk k+1 is rolled out."})
+    rollout_chunk_groups: int | None = field(default=None, metadata={"help": "Groups per rollout chunk; None = all."})
     reward_clip: float = field(default=5.0, metadata={"help": "Clip rewards to ±this."})
     scale_rewards: str = field(default="group", metadata={"help": "'group', 'batch' or 'none'."})
     exp_advantage: bool = field(default=False, metadata={"help": "λ-transform A ← −exp(−A)."})
@@ -190,10 +200,17 @@ class DDRLConfig(TrainingArguments):
             raise ValueError(f"data_beta and kl_beta must be ≥ 0, got {self.data_beta} and {self.kl_beta}.")
         if self.resolution is not None and self.resolution <= 0:
             raise ValueError(f"resolution must be a positive number of pixels, got {self.resolution}.")
-        for name in ("num_frames", "max_sequence_length"):
+        for name in ("num_frames", "max_sequence_length", "rollout_chunk_groups"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer or None, got {getattr(self, name)}.")
         self.trained_step_indices  # validates explicit indices
+
+    @property
+    def rollout_chunk_size(self) -> int | None:
+        """Groups per rollout chunk, as used: `rollout_chunk_groups`, or 1 with `async_rewards`, else None (all)."""
+        if self.rollout_chunk_groups is not None:
+            return self.rollout_chunk_groups
+        return 1 if self.async_rewards else None
 
     @property
     def trained_step_indices(self) -> list[int]:

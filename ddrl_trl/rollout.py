@@ -1,12 +1,15 @@
-"""On-policy group rollouts with the recorded states and float32 log-probs the policy term needs."""
+"""On-policy group rollouts with the recorded states and float32 log-probs the policy term needs, and their scoring
+(optionally overlapped: chunk k is scored in the background while chunk k+1 is rolled out)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import torch
 
-from .adapters import Conditioning, PipelineAdapter, repeat_conditioning
+from .adapters import Conditioning, PipelineAdapter, repeat_conditioning, select_conditioning
 
 
 @dataclass
@@ -26,6 +29,13 @@ class Rollout:
     @property
     def initial_noise(self) -> torch.Tensor:
         return self.states[:, 0]
+
+    @classmethod
+    def concat(cls, parts: list[Rollout]) -> Rollout:
+        """One rollout of the rows of `parts`, in order."""
+        if len(parts) == 1:
+            return parts[0]
+        return cls(*(torch.cat([getattr(p, name) for p in parts]) for name in ("states", "log_probs", "images")))
 
 
 @torch.no_grad()
@@ -62,3 +72,39 @@ def generate_rollouts(
         log_probs.append(log_prob)
     images = adapter.decode_latents(latents)
     return Rollout(states=torch.stack(states, dim=1), log_probs=torch.stack(log_probs, dim=1), images=images)
+
+
+def rollout_and_score(
+    adapter: PipelineAdapter,
+    sampler,
+    cond: Conditioning,
+    num_generations: int,
+    latent_shape: tuple[int, ...],
+    generator: torch.Generator,
+    score: Callable[[torch.Tensor, slice], torch.Tensor],
+    chunk_groups: int | None = None,
+    executor: Executor | None = None,
+    same_noise_within_group: bool = False,
+    denoiser: torch.nn.Module | None = None,
+) -> tuple[Rollout, torch.Tensor]:
+    """Roll out every group of `cond` and score the samples: returns `(rollout, scores)`.
+
+    Groups are rolled out `chunk_groups` at a time (None: all at once). `score(images, rows)` gets each chunk's samples
+    and their row slice in the batch and returns `(rows, F)` scores. With an `executor`, each chunk is scored there
+    while the next one is rolled out, so a slow reward overlaps generation; the results do not depend on it.
+    """
+    groups = next(iter(cond.values())).shape[0]
+    chunk = chunk_groups or groups
+    parts, scores = [], []
+    for start in range(0, groups, chunk):
+        stop = min(start + chunk, groups)
+        part = generate_rollouts(
+            adapter, sampler, select_conditioning(cond, slice(start, stop)), num_generations, latent_shape, generator,
+            same_noise_within_group=same_noise_within_group, denoiser=denoiser,
+        )  # fmt: skip
+        rows = slice(start * num_generations, stop * num_generations)
+        scores.append(executor.submit(score, part.images, rows) if executor is not None else score(part.images, rows))
+        parts.append(part)
+    if executor is not None:
+        scores = [future.result() for future in scores]
+    return Rollout.concat(parts), torch.cat(scores)

@@ -14,6 +14,7 @@ import logging
 import os
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -28,7 +29,7 @@ from .config import DDRLConfig
 from .core import clipped_policy_loss, combine_rewards, diffusion_loss, group_advantages, reverse_kl_loss
 from .data import DDRLCollator, RepeatSampler, check_columns, encode_reference_dataset
 from .rewards import compute_rewards, resolve_reward, reward_name
-from .rollout import Rollout, generate_rollouts
+from .rollout import Rollout, rollout_and_score
 from .tracking import log_image_grid, make_config_tracker_friendly
 
 logger = logging.getLogger(__name__)
@@ -177,6 +178,7 @@ class DDRLTrainer(Trainer):
         self._metrics: dict[str, list] = defaultdict(list)
         self._base_eval_loss: dict[str, float] = {}
         self._micro_step = 0
+        self._executor: ThreadPoolExecutor | None = None
 
     # ------------------------------------------------------------------------------------------------ data plumbing
     def _encode(self, dataset: Dataset, args: DDRLConfig, split: str) -> Dataset:
@@ -211,13 +213,20 @@ class DDRLTrainer(Trainer):
         device = self.accelerator.device
         generator = torch.Generator(device=device).manual_seed(self._rollout_seed())
 
+        columns = inputs["columns"]
+
+        def score(images: torch.Tensor, rows: slice) -> torch.Tensor:
+            chunk_columns = {name: values[rows] for name, values in columns.items()}
+            return compute_rewards(self.reward_funcs, images, prompts[rows], chunk_columns)
+
         with self.compute_loss_context_manager():
             prompt_cond = self.adapter.encode_prompts(unique_prompts)
-            rollout = generate_rollouts(
-                self.adapter, self.sampler, prompt_cond, num_generations, self.latent_shape, generator,
+            rollout, per_func = rollout_and_score(
+                self.adapter, self.sampler, prompt_cond, num_generations, self.latent_shape, generator, score,
+                chunk_groups=args.rollout_chunk_size, executor=self._reward_executor(),
                 same_noise_within_group=args.same_noise_within_group, denoiser=model,
             )
-        advantages = self._score(rollout, prompts, inputs["columns"])
+        advantages = self._advantages(per_func)
         self._maybe_log_images(rollout.images, prompts)
         loss = self._policy_and_data_backward(model, rollout, advantages, prompt_cond, inputs["ref_latents"], generator)
         self._micro_step += 1
@@ -232,10 +241,18 @@ class DDRLTrainer(Trainer):
         micro = self._micro_step % self.args.gradient_accumulation_steps
         return _stable_seed(self.args.seed, self.state.global_step, micro, self.args.process_index)
 
-    def _score(self, rollout: Rollout, prompts: list[str], columns: dict) -> torch.Tensor:
-        """Rewards → float32 advantages on the device; logs reward statistics."""
+    def _reward_executor(self) -> ThreadPoolExecutor | None:
+        """The one background thread that scores chunks with `async_rewards` (one, so reward functions never run
+        concurrently with themselves); None otherwise."""
+        if not self.args.async_rewards:
+            return None
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ddrl-reward")
+        return self._executor
+
+    def _advantages(self, per_func: torch.Tensor) -> torch.Tensor:
+        """Per-function rewards `(B, F)` → float32 advantages on the device; logs reward statistics."""
         args = self.args
-        per_func = compute_rewards(self.reward_funcs, rollout.images, prompts, columns)
         rewards = combine_rewards(per_func, self.reward_weights)
         advantages = group_advantages(
             rewards, args.num_generations, scale_rewards=args.scale_rewards, reward_clip=args.reward_clip,

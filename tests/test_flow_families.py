@@ -38,6 +38,18 @@ FAMILIES = {
 }
 
 
+def record(monkeypatch, name, sink, index):
+    """Wrap `trainer_module.<name>` so every call also appends element `index` of its result to `sink`."""
+    original = getattr(trainer_module, name)
+
+    def recording(*args, **kwargs):
+        out = original(*args, **kwargs)
+        sink.append(out[index])
+        return out
+
+    monkeypatch.setattr(trainer_module, name, recording)
+
+
 def configured_adapter(pipe, **config):
     adapter = get_adapter(pipe)
     args = DDRLConfig(output_dir="unused", report_to="none", num_inference_steps=5, **config)
@@ -157,10 +169,7 @@ def test_two_step_ddrl_training_changes_the_denoiser_and_reloads_in_diffusers(
     builder, _, config = FAMILIES[name]
     dataset, columns = _dataset(name, reference_dataset, reference_videos)
     ratios = []
-    original = trainer_module.clipped_policy_loss
-    monkeypatch.setattr(
-        trainer_module, "clipped_policy_loss", lambda *a, **k: ratios.append(original(*a, **k)[1]) or original(*a, **k)
-    )
+    record(monkeypatch, "clipped_policy_loss", ratios, index=1)
     trainer = make_trainer(
         tmp_path, dataset, peft_config=lora() if use_lora else None, pipeline=builder(), max_steps=2,
         max_sequence_length=16, **config, **columns,
@@ -202,10 +211,7 @@ def test_bf16_with_gradient_checkpointing_keeps_float32_log_probs_and_lora(
     builder, _, config = FAMILIES[name]
     dataset, columns = _dataset(name, reference_dataset, reference_videos)
     rollouts = []
-    original = trainer_module.generate_rollouts
-    monkeypatch.setattr(
-        trainer_module, "generate_rollouts", lambda *a, **k: rollouts.append(original(*a, **k)) or rollouts[-1]
-    )
+    record(monkeypatch, "rollout_and_score", rollouts, index=0)
     trainer = make_trainer(
         tmp_path, dataset, peft_config=lora(), pipeline=builder(), max_steps=1, bf16=True, use_cpu=True,
         gradient_checkpointing=True, max_sequence_length=16, **config, **columns,

@@ -22,7 +22,7 @@ def no_rollouts(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("a rollout started before the input was checked")
 
-    monkeypatch.setattr(trainer_module, "generate_rollouts", forbidden)
+    monkeypatch.setattr(trainer_module, "rollout_and_score", forbidden)
 
 
 def frames(count, height=20, width=24, seed=0):

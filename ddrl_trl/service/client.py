@@ -1,0 +1,113 @@
+"""`RemoteReward`: a reward function for `reward_funcs` that scores on a `ddrl-trl serve-reward` server."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import requests
+import torch
+
+from .wire import encode_samples, json_columns
+
+logger = logging.getLogger(__name__)
+
+_RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
+
+
+class RemoteReward:
+    """Score samples on a reward server: submit the batch, get a job id, poll until the scores are ready.
+
+    Connection failures, timeouts and 5xx/429 answers are retried with exponential backoff (`backoff`, 2·`backoff`,
+    4·`backoff`, …, `retries` times); then the call fails with a `ConnectionError` naming the URL. A rejected token
+    (401) or a rejected request (4xx) fails at once with the server's message. Dataset columns that are not JSON
+    (e.g. images) are not sent.
+
+    Args:
+        url: the server's base URL, e.g. `"http://10.0.0.7:8000"`.
+        token: the bearer token; or `token_file`, a file holding it (the server's `--token-file`).
+        timeout: seconds one HTTP request may take, and the longest a job may stay unfinished.
+        retries: retries of a failed HTTP request before giving up.
+        backoff: the first retry's delay in seconds, doubled at each retry.
+        poll_interval: the first delay between polls, growing ×1.5 up to 0.5 s.
+        name: the name logged as `rewards/<name>/...` (default: the server's reward name, else "remote").
+    """
+
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        token_file: str | os.PathLike | None = None,
+        timeout: float = 600.0,
+        retries: int = 5,
+        backoff: float = 0.5,
+        poll_interval: float = 0.02,
+        name: str | None = None,
+    ):
+        if (token is None) == (token_file is None):
+            raise ValueError("RemoteReward needs exactly one of token= or token_file=.")
+        if token_file is not None:
+            with open(token_file, encoding="utf-8") as file:
+                token = file.read().strip()
+        if not token:
+            raise ValueError("RemoteReward: the token is empty.")
+        self.url = url.rstrip("/")
+        self.timeout, self.retries, self.backoff, self.poll_interval = timeout, retries, backoff, poll_interval
+        self.__name__ = name or "remote"
+        self._session = requests.Session()
+        self._session.headers["Authorization"] = f"Bearer {token}"
+
+    def __repr__(self) -> str:  # never shows the token
+        return f"RemoteReward(url={self.url!r}, name={self.__name__!r})"
+
+    def __call__(self, images: torch.Tensor, prompts: list[str], **columns) -> list[float | None]:
+        payload = {"images": encode_samples(images), "prompts": list(prompts), "columns": json_columns(columns)}
+        job = self._request("POST", "/v1/score", json=payload)
+        deadline, delay = time.monotonic() + self.timeout, self.poll_interval
+        while True:
+            status = self._request("GET", f"/v1/score/{job['id']}")
+            if status["status"] == "done":
+                return status["scores"]
+            if status["status"] == "error":
+                raise RuntimeError(f"The reward service at {self.url} failed to score the batch: {status['error']}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"The reward service at {self.url} did not finish job {job['id']} in {self.timeout} s.")
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.5)
+
+    def _request(self, method: str, path: str, **kwargs) -> dict:
+        """One HTTP exchange, retried with exponential backoff on transient failures."""
+        start, delay, last = time.monotonic(), self.backoff, None
+        for attempt in range(self.retries + 1):
+            try:
+                response = self._session.request(method, self.url + path, timeout=self.timeout, **kwargs)
+            except (requests.ConnectionError, requests.Timeout) as err:
+                last = f"{type(err).__name__}: {err}"
+            else:
+                if response.status_code < 400:
+                    return response.json()
+                detail = _detail(response)
+                if response.status_code == 401:
+                    raise PermissionError(f"The reward service at {self.url} rejected the token (401): {detail}")
+                if response.status_code not in _RETRYABLE_STATUS:
+                    raise ValueError(f"The reward service at {self.url} refused {method} {path} "
+                                     f"({response.status_code}): {detail}")  # fmt: skip
+                last = f"HTTP {response.status_code}: {detail}"
+            if attempt < self.retries:
+                logger.warning("reward service %s: %s; retry %d/%d in %.2f s", self.url, last, attempt + 1,
+                               self.retries, delay)  # fmt: skip
+                time.sleep(delay)
+                delay *= 2
+        raise ConnectionError(
+            f"The reward service at {self.url} did not answer {method} {path} after {self.retries + 1} attempts over "
+            f"{time.monotonic() - start:.1f} s with exponential backoff (last: {last}). Check that `ddrl-trl "
+            f"serve-reward` is running and reachable at {self.url}."
+        )
+
+
+def _detail(response: requests.Response) -> str:
+    try:
+        return str(response.json().get("detail", response.text))
+    except ValueError:
+        return response.text[:200]
