@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -16,8 +17,10 @@ class DDRLConfig(TrainingArguments):
     [`~transformers.TrainingArguments`] applies. Defaults that differ from `TrainingArguments` follow the released
     DDRL configs (AdamW β₂ 0.99, weight decay 1e-4, grad clip 1.0) and TRL (logging every 10 steps).
 
-    Batch sizes count **rollouts**, as in TRL's `GRPOConfig`: each optimiser step draws
-    `per_device_train_batch_size / num_generations` prompts per device and rolls each out `num_generations` times.
+    Batch sizes count **rollouts**, as in TRL's `GRPOConfig`: each micro-step draws
+    `per_device_train_batch_size × processes / num_generations` prompts and rolls each out `num_generations` times; a
+    group may span two processes (its rewards are gathered for the advantages), so only that product must be a
+    multiple of `num_generations`.
 
     Parameters:
         > Rollouts
@@ -175,11 +178,20 @@ class DDRLConfig(TrainingArguments):
             raise ValueError(
                 f"num_generations must be at least 2 (advantages are relative to the group), got {self.num_generations}."
             )
-        if self.per_device_train_batch_size % self.num_generations:
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > 1 and self.world_size == 1:
             raise ValueError(
-                f"per_device_train_batch_size ({self.per_device_train_batch_size}) counts rollouts and must be a "
-                f"multiple of num_generations ({self.num_generations}) so every group lives on one device; e.g. set "
-                f"per_device_train_batch_size={self.num_generations * max(1, self.per_device_train_batch_size // self.num_generations)}."
+                f"Launched as one of {launched} processes (WORLD_SIZE={launched}) but transformers set up a "
+                f"single-process run, so every process would train alone on the same data. Without GPUs, pass "
+                f"use_cpu=True (--use_cpu) to train on {launched} CPU processes over gloo."
+            )
+        global_batch = self.per_device_train_batch_size * self.world_size
+        if global_batch % self.num_generations:
+            suggestion = self.num_generations * max(1, self.per_device_train_batch_size // self.num_generations)
+            raise ValueError(
+                f"per_device_train_batch_size ({self.per_device_train_batch_size}) × {self.world_size} process(es) = "
+                f"{global_batch} rollouts per micro-step, not a multiple of num_generations ({self.num_generations}): "
+                f"groups would be cut. E.g. set per_device_train_batch_size={suggestion}."
             )
         if self.num_inference_steps < 2:
             raise ValueError(f"num_inference_steps must be ≥ 2 (the last step is never trained), got {self.num_inference_steps}.")

@@ -1,25 +1,68 @@
 """On-policy group rollouts with the recorded states and float32 log-probs the policy term needs, and their scoring
-(optionally overlapped: chunk k is scored in the background while chunk k+1 is rolled out)."""
+(optionally overlapped: chunk k is scored in the background while chunk k+1 is rolled out).
+
+All randomness of a micro-step is a pure function of (seed, global step, micro-step, global row): `RolloutNoise`
+gives each row its own seeded streams, so a rollout does not depend on how rows are split across processes or chunks,
+and no two rows (on any process) share noise unless `same_noise_within_group` asks for it.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import torch
 
-from .adapters import Conditioning, PipelineAdapter, repeat_conditioning, select_conditioning
+from .adapters import Conditioning, PipelineAdapter, select_conditioning
+
+
+def stable_seed(*parts: int | str) -> int:
+    """A 63-bit seed that is a fixed function of `parts` (Python's `hash` is salted per process)."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+class RolloutNoise:
+    """The seeded noise of one micro-step, drawn per global row or group on `device` (no host round trip).
+
+    Args:
+        seed: the micro-step's seed (from `DDRLConfig.seed`, the global step and the accumulation index).
+        num_generations: N, to find a row's group.
+        same_noise_within_group: all rows of a group start from their group's initial noise.
+    """
+
+    def __init__(self, seed: int, device: torch.device, num_generations: int, same_noise_within_group: bool = False):
+        self.seed, self.device = seed, device
+        self.num_generations, self.same_noise_within_group = num_generations, same_noise_within_group
+
+    def generator(self, kind: str, index: int) -> torch.Generator:
+        """A generator for stream `kind` of row or group `index`."""
+        return torch.Generator(device=self.device).manual_seed(stable_seed(self.seed, kind, index))
+
+    def _draw(self, kind: str, indices: Sequence[int], shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.stack([torch.randn(shape, generator=self.generator(kind, i), device=self.device) for i in indices])
+
+    def initial(self, rows: Sequence[int], shape: tuple[int, ...]) -> torch.Tensor:
+        """x_T of global `rows` `(len(rows), *shape)`: per row, or per group with `same_noise_within_group`."""
+        if self.same_noise_within_group:
+            return self._draw("group-initial", [r // self.num_generations for r in rows], shape)
+        return self._draw("initial", rows, shape)
+
+    def group_noise(self, groups: Sequence[int], shape: tuple[int, ...]) -> torch.Tensor:
+        """Fresh noise per group (the data term's `data_noise="random"`)."""
+        return self._draw("data", groups, shape)
 
 
 @dataclass
 class Rollout:
-    """A batch of `B = groups × N` trajectories x_T → x_0 (sampling order: index 0 is pure noise).
+    """A batch of `B` trajectories x_T → x_0 (sampling order: index 0 is pure noise).
 
     Attributes:
         states: `(B, T+1, *latent)` float32 states; `states[:, j]` is the input of step j, `states[:, j+1]` its output.
         log_probs: `(B, T)` float32 log p_old(x_{j+1} | x_j), mean over latent dimensions.
-        images: `(B, 3, H, W)` float32 decoded images in [0, 1].
+        images: `(B, 3, H, W)` (or videos `(B, F, 3, H, W)`) float32 decoded samples in [0, 1].
     """
 
     states: torch.Tensor
@@ -43,31 +86,24 @@ def generate_rollouts(
     adapter: PipelineAdapter,
     sampler,
     cond: Conditioning,
-    num_generations: int,
     latent_shape: tuple[int, ...],
-    generator: torch.Generator,
-    same_noise_within_group: bool = False,
+    noise: RolloutNoise,
+    rows: Sequence[int],
     denoiser: torch.nn.Module | None = None,
 ) -> Rollout:
-    """Roll out `num_generations` samples for each of the prompts whose conditioning is `cond` (one row per prompt).
+    """Roll out one sample per global row in `rows`, with per-row conditioning `cond` (one row each).
 
-    Classifier-free guidance is off (DDRL's rollouts sample the policy itself). All noise comes from `generator`,
-    which lives on the training device, so a rollout is reproducible and never syncs with the host.
+    Classifier-free guidance is off (DDRL's rollouts sample the policy itself). Row r's step noise comes from its own
+    generator, so the result for a row does not depend on which other rows share the batch.
     """
-    groups = next(iter(cond.values())).shape[0]
-    batch = groups * num_generations
-    device = generator.device
-    cond = repeat_conditioning(cond, num_generations)
-    if same_noise_within_group:
-        latents = torch.randn((groups, *latent_shape), generator=generator, device=device)
-        latents = latents.repeat_interleave(num_generations, dim=0)
-    else:
-        latents = torch.randn((batch, *latent_shape), generator=generator, device=device)
+    batch = len(rows)
+    step_generators = [noise.generator("steps", r) for r in rows]
+    latents = noise.initial(rows, latent_shape)
     states, log_probs = [latents], []
     for step_index, timestep in enumerate(sampler.timesteps):
         model_output = adapter.predict(latents, timestep.expand(batch), cond, denoiser=denoiser)
-        noise = torch.randn(latents.shape, generator=generator, device=device)
-        latents, log_prob = sampler.step(model_output, step_index, latents, noise)
+        step_noise = torch.stack([torch.randn(latent_shape, generator=g, device=noise.device) for g in step_generators])
+        latents, log_prob = sampler.step(model_output, step_index, latents, step_noise)
         states.append(latents)
         log_probs.append(log_prob)
     images = adapter.decode_latents(latents)
@@ -78,32 +114,27 @@ def rollout_and_score(
     adapter: PipelineAdapter,
     sampler,
     cond: Conditioning,
-    num_generations: int,
     latent_shape: tuple[int, ...],
-    generator: torch.Generator,
+    noise: RolloutNoise,
+    rows: Sequence[int],
     score: Callable[[torch.Tensor, slice], torch.Tensor],
-    chunk_groups: int | None = None,
+    chunk_rows: int | None = None,
     executor: Executor | None = None,
-    same_noise_within_group: bool = False,
     denoiser: torch.nn.Module | None = None,
 ) -> tuple[Rollout, torch.Tensor]:
-    """Roll out every group of `cond` and score the samples: returns `(rollout, scores)`.
+    """Roll out global `rows` (per-row conditioning `cond`) and score the samples: returns `(rollout, scores)`.
 
-    Groups are rolled out `chunk_groups` at a time (None: all at once). `score(images, rows)` gets each chunk's samples
-    and their row slice in the batch and returns `(rows, F)` scores. With an `executor`, each chunk is scored there
-    while the next one is rolled out, so a slow reward overlaps generation; the results do not depend on it.
+    Rows are rolled out `chunk_rows` at a time (None: all at once). `score(samples, local_rows)` gets each chunk's
+    samples and their slice of the local batch and returns `(rows, F)` scores. With an `executor`, each chunk is
+    scored there while the next one is rolled out, so a slow reward overlaps generation; results do not depend on it.
     """
-    groups = next(iter(cond.values())).shape[0]
-    chunk = chunk_groups or groups
+    chunk = chunk_rows or len(rows)
     parts, scores = [], []
-    for start in range(0, groups, chunk):
-        stop = min(start + chunk, groups)
-        part = generate_rollouts(
-            adapter, sampler, select_conditioning(cond, slice(start, stop)), num_generations, latent_shape, generator,
-            same_noise_within_group=same_noise_within_group, denoiser=denoiser,
-        )  # fmt: skip
-        rows = slice(start * num_generations, stop * num_generations)
-        scores.append(executor.submit(score, part.images, rows) if executor is not None else score(part.images, rows))
+    for start in range(0, len(rows), chunk):
+        local = slice(start, min(start + chunk, len(rows)))
+        part = generate_rollouts(adapter, sampler, select_conditioning(cond, local), latent_shape, noise, rows[local],
+                                 denoiser=denoiser)  # fmt: skip
+        scores.append(executor.submit(score, part.images, local) if executor is not None else score(part.images, local))
         parts.append(part)
     if executor is not None:
         scores = [future.result() for future in scores]

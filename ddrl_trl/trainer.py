@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import logging
 import os
 from collections import defaultdict
@@ -29,7 +28,8 @@ from .config import DDRLConfig
 from .core import clipped_policy_loss, combine_rewards, diffusion_loss, group_advantages, reverse_kl_loss
 from .data import DDRLCollator, RepeatSampler, check_columns, encode_reference_dataset
 from .rewards import compute_rewards, resolve_reward, reward_name
-from .rollout import Rollout, rollout_and_score
+from .layout import GroupLayout
+from .rollout import Rollout, RolloutNoise, rollout_and_score, stable_seed
 from .tracking import log_image_grid, make_config_tracker_friendly
 
 logger = logging.getLogger(__name__)
@@ -41,12 +41,6 @@ def _load_pipeline(model: Any, dtype: torch.dtype):
     from diffusers import DiffusionPipeline
 
     return DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
-
-
-def _stable_seed(*parts: int) -> int:
-    """A 63-bit seed that is a fixed function of `parts` (Python's `hash` is salted per process)."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 class DDRLTrainer(Trainer):
@@ -203,32 +197,36 @@ class DDRLTrainer(Trainer):
 
     # ------------------------------------------------------------------------------------------------ one iteration
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
-        """One DDRL iteration on a batch of whole groups: rollout → reward → advantage → per-step loss/backward."""
-        args, num_generations = self.args, self.args.num_generations
+        """One DDRL iteration on this process's rows: rollout → reward → advantage → per-step loss/backward."""
+        args = self.args
         model.train()
         prompts: list[str] = inputs["prompts"]
-        unique_prompts = prompts[::num_generations]
-        if prompts != [p for p in unique_prompts for _ in range(num_generations)]:
-            raise RuntimeError("A batch does not hold whole groups of num_generations rows; use DDRLTrainer's sampler.")
-        device = self.accelerator.device
-        generator = torch.Generator(device=device).manual_seed(self._rollout_seed())
-
+        layout = GroupLayout(len(prompts), args.num_generations, self.accelerator.process_index,
+                             self.accelerator.num_processes)  # fmt: skip
+        unique_prompts = [prompts[i] for i in layout.first_local_rows]
+        if prompts != [p for p, count in zip(unique_prompts, layout.counts) for _ in range(count)]:
+            raise RuntimeError("A batch does not hold groups of num_generations rows; use DDRLTrainer's sampler.")
+        noise = RolloutNoise(self._rollout_seed(), self.accelerator.device, args.num_generations,
+                             args.same_noise_within_group)  # fmt: skip
         columns = inputs["columns"]
 
         def score(images: torch.Tensor, rows: slice) -> torch.Tensor:
             chunk_columns = {name: values[rows] for name, values in columns.items()}
             return compute_rewards(self.reward_funcs, images, prompts[rows], chunk_columns)
 
+        chunk_rows = args.rollout_chunk_size * args.num_generations if args.rollout_chunk_size else None
         with self.compute_loss_context_manager():
             prompt_cond = self.adapter.encode_prompts(unique_prompts)
+            row_cond = repeat_conditioning(prompt_cond, layout.counts)
             rollout, per_func = rollout_and_score(
-                self.adapter, self.sampler, prompt_cond, num_generations, self.latent_shape, generator, score,
-                chunk_groups=args.rollout_chunk_size, executor=self._reward_executor(),
-                same_noise_within_group=args.same_noise_within_group, denoiser=model,
-            )
-        advantages = self._advantages(per_func)
+                self.adapter, self.sampler, row_cond, self.latent_shape, noise, layout.global_rows, score,
+                chunk_rows=chunk_rows, executor=self._reward_executor(), denoiser=model,
+            )  # fmt: skip
+        advantages = self._advantages(per_func, layout)
         self._maybe_log_images(rollout.images, prompts)
-        loss = self._policy_and_data_backward(model, rollout, advantages, prompt_cond, inputs["ref_latents"], generator)
+        ref_latents = inputs["ref_latents"][layout.first_local_rows]
+        loss = self._policy_and_data_backward(model, rollout, advantages, row_cond, prompt_cond, ref_latents, layout,
+                                              noise)  # fmt: skip
         self._micro_step += 1
         return loss / self._accumulation_steps
 
@@ -238,8 +236,9 @@ class DDRLTrainer(Trainer):
         return getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
 
     def _rollout_seed(self) -> int:
+        """The micro-step's seed; rows and groups derive theirs from it with their global index (`RolloutNoise`)."""
         micro = self._micro_step % self.args.gradient_accumulation_steps
-        return _stable_seed(self.args.seed, self.state.global_step, micro, self.args.process_index)
+        return stable_seed(self.args.seed, self.state.global_step, micro)
 
     def _reward_executor(self) -> ThreadPoolExecutor | None:
         """The one background thread that scores chunks with `async_rewards` (one, so reward functions never run
@@ -250,9 +249,11 @@ class DDRLTrainer(Trainer):
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ddrl-reward")
         return self._executor
 
-    def _advantages(self, per_func: torch.Tensor) -> torch.Tensor:
-        """Per-function rewards `(B, F)` → float32 advantages on the device; logs reward statistics."""
+    def _advantages(self, per_func: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
+        """This process's rewards `(b, F)` → its float32 advantages on the device, computed on the rewards of the
+        whole global batch (gathered from every process: groups may span processes); logs reward statistics."""
         args = self.args
+        per_func = self.accelerator.gather(per_func.to(self.accelerator.device)).cpu()
         rewards = combine_rewards(per_func, self.reward_weights)
         advantages = group_advantages(
             rewards, args.num_generations, scale_rewards=args.scale_rewards, reward_clip=args.reward_clip,
@@ -270,22 +271,27 @@ class DDRLTrainer(Trainer):
             if ok.any():
                 self._metrics[f"rewards/{name}/mean"].append(column[ok].mean().item())
             self._metrics[f"rewards/{name}/invalid"].append(float((~ok).sum()))
-        return advantages.to(self.accelerator.device)
+        return advantages[layout.local_slice].to(self.accelerator.device)
 
     def _policy_and_data_backward(
-        self, model, rollout: Rollout, advantages, prompt_cond, ref_latents, generator
+        self, model, rollout: Rollout, advantages, cond, prompt_cond, ref_latents, layout: GroupLayout,
+        noise: RolloutNoise,
     ) -> torch.Tensor:
-        """For each trained step j: one forward of [rollout states ; noised reference], loss_j, one backward."""
+        """For each trained step j: one forward of [rollout states ; noised references], loss_j, one backward.
+
+        `ref_latents` holds one paired x̃0 per local group (`prompt_cond` its conditioning). Its data loss is weighted
+        by the group's share of this process's rows, so that with groups spanning processes the average over
+        processes is still the plain mean over groups.
+        """
         args, sampler = self.args, self.sampler
-        batch, groups = rollout.states.shape[0], ref_latents.shape[0] // args.num_generations
-        cond = repeat_conditioning(prompt_cond, args.num_generations)
-        # One reference sample per group (rows of a group share the prompt and its paired x̃0).
-        ref_latents = ref_latents[:: args.num_generations].to(rollout.states)
-        data_noise = (
-            rollout.initial_noise[:: args.num_generations]
-            if args.data_noise == "rollout"
-            else torch.randn(ref_latents.shape, generator=generator, device=ref_latents.device)
-        )
+        batch, groups = rollout.states.shape[0], len(layout.groups)
+        ref_latents = ref_latents.to(rollout.states)
+        if args.data_noise == "rollout":  # the initial noise of the group's first rollout, wherever that row lives
+            first_rows = [g * args.num_generations for g in layout.groups]
+            data_noise = noise.initial(first_rows, tuple(ref_latents.shape[1:]))
+        else:
+            data_noise = noise.group_noise(layout.groups, tuple(ref_latents.shape[1:]))
+        data_weights = torch.tensor(layout.data_weights, device=rollout.states.device)
         data_cond = concat_conditioning(cond, prompt_cond)
         total = torch.zeros((), device=rollout.states.device)
         num_trained = len(self.trained_steps)
@@ -294,8 +300,11 @@ class DDRLTrainer(Trainer):
             timestep = sampler.timesteps[step_index].expand(batch)
             latents_in, timesteps_in, cond_in = rollout.states[:, step_index], timestep, cond
             if with_data:
-                random_t = args.data_timesteps == "random"
-                data_t = sampler.sample_timesteps(groups, generator) if random_t else timestep[:groups]
+                if args.data_timesteps == "random":
+                    data_t = torch.cat([sampler.sample_timesteps(1, noise.generator(f"data-t{position}", g))
+                                        for g in layout.groups])  # fmt: skip
+                else:
+                    data_t = sampler.timesteps[step_index].expand(groups)
                 noisy_ref = sampler.add_noise(ref_latents, data_noise, data_t)
                 latents_in = torch.cat([latents_in, noisy_ref])
                 timesteps_in = torch.cat([timestep, data_t])
@@ -314,7 +323,7 @@ class DDRLTrainer(Trainer):
                     loss = policy_loss
                     if with_data:
                         target = sampler.training_target(ref_latents, data_noise, data_t)
-                        data_loss = diffusion_loss(output[batch:], target)
+                        data_loss = diffusion_loss(output[batch:], target, data_weights)
                         loss = loss + args.data_beta * data_loss
                         self._metrics["loss/data"].append(data_loss.detach())
                     if args.kl_beta > 0:
@@ -361,11 +370,21 @@ class DDRLTrainer(Trainer):
             log_image_grid(self.callback_handler.callbacks, images[:n], prompts[:n], self.state.global_step)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add the DDRL metrics (averaged since the last log) to the Trainer's training logs."""
+        """Add the DDRL metrics (averaged since the last log, then over processes) to the Trainer's training logs.
+
+        Every process logs the same keys in the same order, so one gather averages them all: per-process losses are
+        means over equal row counts, so their average is the global batch's.
+        """
         if not any(key.startswith("eval_") for key in logs):
-            for key, values in self._metrics.items():
-                if values:
-                    logs[key] = float(torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in values]).mean())
+            keys = [key for key, values in self._metrics.items() if values]
+            if keys:
+                device = self.accelerator.device
+                means = torch.stack([
+                    torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device) for v in self._metrics[key]]).mean()
+                    for key in keys
+                ])  # fmt: skip
+                means = self.accelerator.gather(means[None]).mean(dim=0)
+                logs.update(zip(keys, means.tolist()))
             self._metrics.clear()
         super().log(logs, start_time)
 

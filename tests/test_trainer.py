@@ -11,7 +11,7 @@ from transformers import TrainerCallback
 import ddrl_trl.trainer as trainer_module
 from ddrl_trl import DDRLConfig, DDRLTrainer
 from ddrl_trl.core import group_advantages
-from ddrl_trl.rollout import generate_rollouts
+from ddrl_trl.rollout import RolloutNoise, generate_rollouts
 from ddrl_trl.tiny_pipelines import tiny_sd_pipeline, tiny_sdxl_pipeline
 
 from conftest import brightness_reward
@@ -74,10 +74,11 @@ def test_gradient_equals_grpo_plus_data_term_computed_separately(tmp_path, refer
     model.zero_grad()
 
     cond = adapter.encode_prompts(batch["prompts"][::2])
-    rollout = generate_rollouts(adapter, sampler, cond, 2, trainer.latent_shape, torch.Generator().manual_seed(seed))
+    cond_rep = {k: v.repeat_interleave(2, 0) for k, v in cond.items()}
+    noise_source = RolloutNoise(seed, torch.device("cpu"), num_generations=2)
+    rollout = generate_rollouts(adapter, sampler, cond_rep, trainer.latent_shape, noise_source, range(4))
     rewards = torch.tensor(brightness_reward(rollout.images, batch["prompts"]))
     adv = group_advantages(rewards, 2)
-    cond_rep = {k: v.repeat_interleave(2, 0) for k, v in cond.items()}
     ref, noise = batch["ref_latents"][::2], rollout.states[::2, 0]
     scheduler = DDIMScheduler.from_config(trainer.pipeline.scheduler.config)
     steps = [0, 2]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -17,9 +18,11 @@ Conditioning = dict[str, torch.Tensor]
 """Flat dict of per-sample conditioning tensors (batch dimension first), as returned by `encode_prompts`."""
 
 
-def repeat_conditioning(cond: Conditioning, repeats: int) -> Conditioning:
-    """Repeat every conditioning tensor `repeats` times along the batch (prompt k → rows k·N … k·N+N−1)."""
-    return {k: v.repeat_interleave(repeats, dim=0) for k, v in cond.items()}
+def repeat_conditioning(cond: Conditioning, repeats: int | Sequence[int]) -> Conditioning:
+    """Repeat row k of every conditioning tensor `repeats` (or `repeats[k]`) times along the batch."""
+    if isinstance(repeats, int):
+        return {k: v.repeat_interleave(repeats, dim=0) for k, v in cond.items()}
+    return {k: v.repeat_interleave(torch.as_tensor(repeats, device=v.device), dim=0) for k, v in cond.items()}
 
 
 def select_conditioning(cond: Conditioning, index: torch.Tensor | slice) -> Conditioning:
