@@ -120,6 +120,11 @@ class DDRLConfig(TrainingArguments):
         eval_noise_draws (`int`, defaults to `4`):
             Noise draws per held-out sample in `evaluate()`. Draws are seeded and identical across evaluations, so
             `eval_diffusion_loss_ratio` against the base model compares like with like.
+        ema_decay (`float` or `None`, defaults to `None`):
+            Keep an exponential moving average of the trained weights (LoRA or full) with this decay, as diffusers'
+            training scripts' `--use_ema` (diffusers' `EMAModel`, e.g. 0.999). Checkpoints hold it and resume restores
+            it; the final `save_model` writes the EMA weights. `None`: off.
+
         log_sample_images_steps (`int`, defaults to `50`):
             Every that many optimiser steps, a grid of rollout images goes to the trackers in `report_to`
             (TensorBoard, W&B). `0` turns it off.
@@ -159,6 +164,7 @@ class DDRLConfig(TrainingArguments):
     image_column: str = field(default="image", metadata={"help": "Paired reference image column."})
     preprocess_batch_size: int = field(default=16, metadata={"help": "Batch size of the one-off VAE encoding."})
     # Evaluation and logging
+    ema_decay: float | None = field(default=None, metadata={"help": "EMA decay of the trained weights; None = off."})
     eval_noise_draws: int = field(default=4, metadata={"help": "Seeded noise draws per eval sample."})
     log_sample_images_steps: int = field(default=50, metadata={"help": "Log a rollout image grid every k steps."})
     num_sample_images: int = field(default=8, metadata={"help": "Images in the logged grid."})
@@ -212,6 +218,8 @@ class DDRLConfig(TrainingArguments):
             raise ValueError(f"data_beta and kl_beta must be ≥ 0, got {self.data_beta} and {self.kl_beta}.")
         if self.resolution is not None and self.resolution <= 0:
             raise ValueError(f"resolution must be a positive number of pixels, got {self.resolution}.")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in (0, 1) (e.g. 0.999) or None, got {self.ema_decay}.")
         for name in ("num_frames", "max_sequence_length", "rollout_chunk_groups"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer or None, got {getattr(self, name)}.")

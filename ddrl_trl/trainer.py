@@ -18,16 +18,16 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-from peft import LoraConfig, get_peft_model_state_dict
+from peft import LoraConfig
 from transformers import Trainer
 from trl.trainer.utils import disable_dropout_in_model
 
 from .adapters import PipelineAdapter, concat_conditioning, get_adapter, repeat_conditioning
-from .checkpointing import LORA_WEIGHTS_NAME, atomic_directory_update, load_full_denoiser, load_lora_into_denoiser
 from .config import DDRLConfig
 from .core import clipped_policy_loss, combine_rewards, diffusion_loss, group_advantages, reverse_kl_loss
 from .data import DDRLCollator, RepeatSampler, check_columns, encode_reference_dataset
 from .rewards import compute_rewards, resolve_reward, reward_name
+from .saving import SavingMixin
 from .layout import GroupLayout
 from .rollout import Rollout, RolloutNoise, rollout_and_score, stable_seed
 from .tracking import log_image_grid, make_config_tracker_friendly
@@ -43,7 +43,7 @@ def _load_pipeline(model: Any, dtype: torch.dtype):
     return DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
 
 
-class DDRLTrainer(Trainer):
+class DDRLTrainer(SavingMixin, Trainer):
     """Trainer for Data-regularized Diffusion Reinforcement Learning (DDRL, arXiv 2512.04332).
 
     Each optimiser step rolls out `num_generations` samples per prompt with the current policy (stochastic sampler,
@@ -173,6 +173,7 @@ class DDRLTrainer(Trainer):
         self._base_eval_loss: dict[str, float] = {}
         self._micro_step = 0
         self._executor: ThreadPoolExecutor | None = None
+        self._setup_ema()
 
     # ------------------------------------------------------------------------------------------------ data plumbing
     def _encode(self, dataset: Dataset, args: DDRLConfig, split: str) -> Dataset:
@@ -449,24 +450,3 @@ class DDRLTrainer(Trainer):
                     total += diffusion_loss(output, sampler.training_target(x0, noise, t)).item() * x0.shape[0]
                     count += x0.shape[0]
         return total / count
-
-    # ------------------------------------------------------------------------------------------------ saving
-    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        """Write diffusers-format weights: `pytorch_lora_weights.safetensors` (LoRA) or `<output_dir>/unet/` (full)."""
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if not self.args.should_save:
-            return
-        with atomic_directory_update(output_dir) as staging:
-            if self.is_lora:
-                self.adapter.save_lora_weights(staging, get_peft_model_state_dict(self.adapter.denoiser))
-            else:
-                self.adapter.save_denoiser(staging)
-            torch.save(self.args, os.path.join(staging, "training_args.bin"))
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        if self.is_lora:
-            if not os.path.isfile(os.path.join(resume_from_checkpoint, LORA_WEIGHTS_NAME)):
-                raise ValueError(f"{resume_from_checkpoint} has no {LORA_WEIGHTS_NAME}: not a DDRL LoRA checkpoint.")
-            load_lora_into_denoiser(self.adapter.denoiser, resume_from_checkpoint, self.adapter.denoiser_name)
-        else:
-            load_full_denoiser(self.adapter.denoiser, resume_from_checkpoint, self.adapter.denoiser_name)

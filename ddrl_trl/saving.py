@@ -1,0 +1,136 @@
+"""How `DDRLTrainer` saves and resumes: diffusers-format weights, an optional EMA, and checkpoints that are never
+half-written.
+
+- `save_model` / checkpoints write `pytorch_lora_weights.safetensors` (LoRA) or `<dir>/<denoiser>/` (full), as the
+  model family's pipeline reloads them; each file is staged and renamed into place (`atomic_directory_update`).
+- With `ema_decay`, diffusers' `EMAModel` keeps an exponential moving average of the trained weights; checkpoints hold
+  it (`ema_state.pt`) next to the raw weights, resume restores both, and the final `save_model` writes the EMA weights.
+- A whole checkpoint (weights, optimizer, scheduler, RNG states, trainer state with the data position) is written
+  into a staging folder and renamed to `checkpoint-N` only when complete, so a run killed mid-save leaves the previous
+  checkpoint as the newest one `resume_from_checkpoint=True` finds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+
+import torch
+from diffusers.training_utils import EMAModel
+from peft import get_peft_model_state_dict
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+from .checkpointing import LORA_WEIGHTS_NAME, atomic_directory_update, load_full_denoiser, load_lora_into_denoiser
+
+logger = logging.getLogger(__name__)
+
+EMA_STATE_NAME = "ema_state.pt"
+#: Where a checkpoint is assembled before it is renamed to `checkpoint-N` (ignored by `get_last_checkpoint`).
+STAGING_DIR = ".tmp-checkpoint"
+TRAINER_STATE_NAME = "trainer_state.json"
+
+
+class _EMAUpdate(TrainerCallback):
+    """Advances the EMA after every optimiser step."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer.ema.step(self.trainer.trainable_parameters)
+
+
+class SavingMixin:
+    """Saving, checkpointing and resuming for `DDRLTrainer` (needs `adapter`, `is_lora`, `args`, `state`)."""
+
+    ema: EMAModel | None = None
+    _checkpoint_root: str | None = None
+
+    @property
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.adapter.denoiser.parameters() if p.requires_grad]
+
+    def _setup_ema(self) -> None:
+        """Start the EMA of the trained weights (`ema_decay`), updated by a callback after each optimiser step."""
+        if self.args.ema_decay is None:
+            return
+        self.ema = EMAModel(self.trainable_parameters, decay=self.args.ema_decay)
+        self.add_callback(_EMAUpdate(self))
+
+    # ------------------------------------------------------------------------------------------------ weights
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """Write diffusers-format weights: `pytorch_lora_weights.safetensors` (LoRA) or `<output_dir>/<denoiser>/`.
+
+        Checkpoints get the raw weights and the EMA state; a final save with `ema_decay` gets the EMA weights.
+        """
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        in_checkpoint = self._checkpoint_root is not None
+        with atomic_directory_update(output_dir) as staging:
+            if self.ema is not None and not in_checkpoint:
+                self.ema.store(self.trainable_parameters)
+                self.ema.copy_to(self.trainable_parameters)
+            try:
+                if self.is_lora:
+                    self.adapter.save_lora_weights(staging, get_peft_model_state_dict(self.adapter.denoiser))
+                else:
+                    self.adapter.save_denoiser(staging)
+            finally:
+                if self.ema is not None and not in_checkpoint:
+                    self.ema.restore(self.trainable_parameters)
+            if self.ema is not None and in_checkpoint:
+                torch.save(self.ema.state_dict(), os.path.join(staging, EMA_STATE_NAME))
+            torch.save(self.args, os.path.join(staging, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        if self.is_lora:
+            if not os.path.isfile(os.path.join(resume_from_checkpoint, LORA_WEIGHTS_NAME)):
+                raise ValueError(f"{resume_from_checkpoint} has no {LORA_WEIGHTS_NAME}: not a DDRL LoRA checkpoint.")
+            load_lora_into_denoiser(self.adapter.denoiser, resume_from_checkpoint, self.adapter.denoiser_name)
+        else:
+            load_full_denoiser(self.adapter.denoiser, resume_from_checkpoint, self.adapter.denoiser_name)
+        if self.ema is not None:
+            path = os.path.join(resume_from_checkpoint, EMA_STATE_NAME)
+            if not os.path.isfile(path):
+                raise ValueError(
+                    f"{resume_from_checkpoint} has no {EMA_STATE_NAME}: it was written without ema_decay, so the EMA "
+                    f"cannot be resumed. Resume with ema_decay=None, or start a new run."
+                )
+            self.ema.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            self.ema.to(device=self.trainable_parameters[0].device)
+
+    # ------------------------------------------------------------------------------------------------ checkpoints
+    def _get_output_dir(self, trial) -> str:
+        return self._checkpoint_root or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Trainer's checkpoint, assembled in `<output_dir>/.tmp-checkpoint/` by every process, then renamed to
+        `checkpoint-N` by the main process once complete (a rename is atomic)."""
+        run_dir = super()._get_output_dir(trial)
+        staging_root = os.path.join(run_dir, STAGING_DIR)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save:
+            shutil.rmtree(staging_root, ignore_errors=True)  # what a run killed mid-save left behind
+            os.makedirs(staging_root)
+        self.accelerator.wait_for_everyone()
+        self._checkpoint_root = staging_root
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._checkpoint_root = None
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            staged, final = os.path.join(staging_root, name), os.path.join(run_dir, name)
+            if self.state.best_model_checkpoint == staged:
+                self.state.best_model_checkpoint = final
+                self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
+            if os.path.isdir(final):  # the same step saved again: the new one replaces it
+                shutil.move(final, os.path.join(staging_root, "replaced"))
+            os.replace(staged, final)
+            shutil.rmtree(staging_root, ignore_errors=True)
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)  # fmt: skip
+        self.accelerator.wait_for_everyone()
