@@ -3,6 +3,8 @@
 from .adapters import PipelineAdapter, get_adapter, register_adapter, supported_pipelines
 from .config import DDRLConfig
 from .data import build_synthetic_reference_dataset
+from .rewards import load_reward
+from .service import RemoteReward
 from .trainer import DDRLTrainer
 
 __version__ = "0.1.0"
@@ -11,8 +13,10 @@ __all__ = [
     "DDRLConfig",
     "DDRLTrainer",
     "PipelineAdapter",
+    "RemoteReward",
     "build_synthetic_reference_dataset",
     "get_adapter",
+    "load_reward",
     "register_adapter",
     "supported_pipelines",
 ]

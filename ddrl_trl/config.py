@@ -71,8 +71,11 @@ class DDRLConfig(TrainingArguments):
             Groups rolled out together. `None` rolls out the whole batch at once (the most parallel rollout), or one
             group at a time when `async_rewards` is on. Chunking changes how the seeded noise is drawn, not its
             distribution.
-        reward_clip (`float`, defaults to `5.0`):
-            Rewards are clipped to ±`reward_clip` before normalisation, as in the reference code.
+        reward_clip (`float` or `None`, defaults to `None`):
+            Clip the combined reward to ±`reward_clip` before group normalisation (the reference code uses 5 on its
+            rewards' scale). Off by default: common rewards live on other scales (aesthetic scores ~5–7, JPEG sizes in
+            kB), where a fixed clip would flatten every group; group normalisation makes the scale irrelevant anyway.
+            Set it to cap outliers of a reward whose range you know.
         scale_rewards (`str`, defaults to `"group"`):
             Divide centred rewards by the group std (`"group"`), the batch std (`"batch"`) or nothing (`"none"`).
             The group std approximates the temperature β of the DDRL objective.
@@ -148,7 +151,7 @@ class DDRLConfig(TrainingArguments):
     reward_weights: list[float] | None = field(default=None, metadata={"help": "Weights of the reward functions."})
     async_rewards: bool = field(default=False, metadata={"help": "Score chunk k while chunk k+1 is rolled out."})
     rollout_chunk_groups: int | None = field(default=None, metadata={"help": "Groups per rollout chunk; None = all."})
-    reward_clip: float = field(default=5.0, metadata={"help": "Clip rewards to ±this."})
+    reward_clip: float | None = field(default=None, metadata={"help": "Clip rewards to ±this; None = off."})
     scale_rewards: str = field(default="group", metadata={"help": "'group', 'batch' or 'none'."})
     exp_advantage: bool = field(default=False, metadata={"help": "λ-transform A ← −exp(−A)."})
     advantage_clip: float = field(default=5.0, metadata={"help": "Clamp advantages to ±this."})

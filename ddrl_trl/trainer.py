@@ -56,8 +56,9 @@ class DDRLTrainer(SavingMixin, Trainer):
 
     Args:
         model: a diffusers pipeline, or a local path / Hub id loaded with `DiffusionPipeline.from_pretrained`.
-        reward_funcs: a reward callable `f(images, prompts, **columns) -> list[float | None]`, a built-in name or
-            `"module:function"`, or a list of these (combined with `args.reward_weights`).
+        reward_funcs: a reward callable `f(images, prompts, **columns) -> list[float | None]` (e.g. a
+            `RemoteReward`), a string — a built-in name, `"module:function"`, or a Hub id / local path of a reward
+            model (`load_reward`) — or a list of these, combined with `args.reward_weights` (docs/rewards.md).
         args: a `DDRLConfig`.
         train_dataset: a `datasets.Dataset` with a prompt column and a paired reference image column.
         eval_dataset: held-out data of the same form, for `eval_diffusion_loss` and its ratio to the base model.
@@ -187,7 +188,11 @@ class DDRLTrainer(SavingMixin, Trainer):
         rows = [dataset[i] for i in range(min(2, len(dataset)))]
         batch = DDRLCollator(args.prompt_column)(rows)
         images = self.adapter.decode_latents(batch["ref_latents"].to(self.adapter.denoiser.device))
-        compute_rewards(self.reward_funcs, images, batch["prompts"], batch["columns"])
+        scores = compute_rewards(self.reward_funcs, images, batch["prompts"], batch["columns"])
+        for name, column in zip(self.reward_names, scores.unbind(dim=1)):
+            if torch.isnan(column).all():
+                logger.warning("Reward %r gave no score (None/NaN) to any of %d reference samples: check that it suits "
+                               "this data; unscored samples get no advantage.", name, len(column))  # fmt: skip
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset

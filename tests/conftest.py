@@ -1,13 +1,15 @@
 import os
 
+# Before anything imports huggingface_hub, which reads these once: the Hub is never reached from tests.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
 import numpy as np
 import pytest
 import torch
 from datasets import Dataset
 from PIL import Image
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # OMP_NUM_THREADS wins, so parallel pytest runs on a small machine can share it without oversubscribing.
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, min(2, os.cpu_count() or 1))))
 

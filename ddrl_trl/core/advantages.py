@@ -30,7 +30,7 @@ def group_advantages(
     rewards: torch.Tensor,
     num_generations: int,
     scale_rewards: Literal["group", "batch", "none"] = "group",
-    reward_clip: float | None = 5.0,
+    reward_clip: float | None = None,
     exp_transform: bool = False,
     advantage_clip: float | None = 5.0,
     std_eps: float = 1e-4,

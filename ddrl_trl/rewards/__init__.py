@@ -9,6 +9,11 @@ A reward function is any callable `f(images, prompts, **columns) -> list[float |
 
 It returns one score per image; `None` or NaN marks a sample it could not score (excluded, and counted in
 `rewards/<name>/invalid`).
+
+A string names a reward (`resolve_reward`): a built-in (`"brightness"`, `"jpeg_compressibility"`,
+`"jpeg_incompressibility"`), an import path `"package.module:function"`, or a Hub repo id / local folder of a reward
+model (`"yuvalkirstain/PickScore_v1"`, `"trl-lib/ddpo-aesthetic-predictor"`, an image classifier), loaded by
+`load_reward` (`hub.py`). docs/rewards.md has the formulas.
 """
 
 from __future__ import annotations
@@ -16,12 +21,14 @@ from __future__ import annotations
 import importlib
 import math
 import numbers
+import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
-from .builtin import BUILTIN_REWARDS, brightness, to_pil
+from .builtin import BUILTIN_REWARDS, brightness, jpeg_compressibility, jpeg_incompressibility, to_pil
+from .hub import load_reward
 
 RewardFunc = Callable[..., Sequence]
 
@@ -32,7 +39,9 @@ def reward_name(func: RewardFunc) -> str:
 
 
 def resolve_reward(spec: str | RewardFunc) -> RewardFunc:
-    """A callable as is; a string as a built-in name (`"brightness"`) or an import path `"package.module:function"`."""
+    """A callable as is; a string, in this order, as a built-in name (`"brightness"`), an import path
+    `"package.module:function"`, or a local folder / Hub repo id (anything with a "/", or an existing folder) of a
+    reward model loaded with `load_reward` and its defaults (call `load_reward` yourself for its options)."""
     if callable(spec):
         return spec
     if not isinstance(spec, str):
@@ -48,9 +57,11 @@ def resolve_reward(spec: str | RewardFunc) -> RewardFunc:
         if not callable(func):
             raise ValueError(f"Reward {spec!r} is not callable.")
         return func
+    if "/" in spec or os.sep in spec or os.path.isdir(spec):
+        return load_reward(spec)
     raise ValueError(
-        f"Unknown reward {spec!r}. Use a callable, a built-in name ({', '.join(sorted(BUILTIN_REWARDS))}) or an import "
-        f"path 'package.module:function'."
+        f"Unknown reward {spec!r}. Use a callable, a built-in name ({', '.join(sorted(BUILTIN_REWARDS))}), an import "
+        f"path 'package.module:function', or a Hub repo id / local folder of a reward model ('owner/name')."
     )
 
 
@@ -103,4 +114,15 @@ def compute_rewards(
     return scores
 
 
-__all__ = ["BUILTIN_REWARDS", "RewardFunc", "brightness", "compute_rewards", "resolve_reward", "reward_name", "to_pil"]
+__all__ = [
+    "BUILTIN_REWARDS",
+    "RewardFunc",
+    "brightness",
+    "compute_rewards",
+    "jpeg_compressibility",
+    "jpeg_incompressibility",
+    "load_reward",
+    "resolve_reward",
+    "reward_name",
+    "to_pil",
+]
