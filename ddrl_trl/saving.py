@@ -56,6 +56,11 @@ class SavingMixin:
         """Start the EMA of the trained weights (`ema_decay`), updated by a callback after each optimiser step."""
         if self.args.ema_decay is None:
             return
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            raise ValueError(
+                "ema_decay is not supported with FSDP or DeepSpeed: the EMA would average sharded parameters. Use DDP "
+                "(plain `accelerate launch --multi_gpu`) or set ema_decay=None."
+            )
         self.ema = EMAModel(self.trainable_parameters, decay=self.args.ema_decay)
         self.add_callback(_EMAUpdate(self))
 
@@ -74,10 +79,12 @@ class SavingMixin:
                 self.ema.store(self.trainable_parameters)
                 self.ema.copy_to(self.trainable_parameters)
             try:
+                # Under FSDP / DeepSpeed, Trainer.save_model gathers the sharded weights into `state_dict` first.
                 if self.is_lora:
-                    self.adapter.save_lora_weights(staging, get_peft_model_state_dict(self.adapter.denoiser))
+                    lora = get_peft_model_state_dict(self.adapter.denoiser, state_dict=state_dict)
+                    self.adapter.save_lora_weights(staging, lora)
                 else:
-                    self.adapter.save_denoiser(staging)
+                    self.adapter.save_denoiser(staging, state_dict=state_dict)
             finally:
                 if self.ema is not None and not in_checkpoint:
                     self.ema.restore(self.trainable_parameters)

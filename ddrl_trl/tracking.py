@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import torch
+from PIL import Image
 from diffusers.configuration_utils import FrozenDict
 from diffusers.utils import make_image_grid
 from transformers.integrations import TensorBoardCallback
@@ -14,18 +15,19 @@ from transformers.integrations import TensorBoardCallback
 from .rewards import to_pil
 
 
-def log_image_grid(callbacks, images: torch.Tensor, captions: list[str], step: int, tag: str = "samples") -> bool:
-    """Log `images` `(B, 3, H, W)` in [0, 1] as one grid to TensorBoard and/or W&B; returns whether any took it.
-
-    Videos `(B, F, 3, H, W)` are shown by their middle frame.
-    """
+def image_grid(images: torch.Tensor) -> Image.Image:
+    """One near-square grid of `images` `(B, 3, H, W)` in [0, 1]; videos `(B, F, 3, H, W)` by their middle frame."""
     if images.ndim == 5:
         images = images[:, images.shape[1] // 2]
     pil = to_pil(images)
     cols = math.ceil(math.sqrt(len(pil)))
     rows = math.ceil(len(pil) / cols)
     pil += [pil[0].copy().point(lambda _: 0)] * (rows * cols - len(pil))  # pad with black tiles
-    grid = make_image_grid(pil, rows=rows, cols=cols)
+    return make_image_grid(pil, rows=rows, cols=cols)
+
+
+def log_image_grid(callbacks, grid: Image.Image, captions: list[str], step: int, tag: str = "samples") -> bool:
+    """Log an image `grid` to TensorBoard and/or W&B (whichever `report_to` set up); returns whether any took it."""
     logged = False
     for callback in callbacks:
         if isinstance(callback, TensorBoardCallback) and callback.tb_writer is not None:

@@ -23,14 +23,16 @@ from transformers import Trainer
 from trl.trainer.utils import disable_dropout_in_model
 
 from .adapters import PipelineAdapter, concat_conditioning, get_adapter, repeat_conditioning
+from .callbacks import HackingMonitorCallback
 from .config import DDRLConfig
 from .core import clipped_policy_loss, combine_rewards, diffusion_loss, group_advantages, reverse_kl_loss
 from .data import DDRLCollator, RepeatSampler, check_columns, encode_reference_dataset
 from .rewards import compute_rewards, resolve_reward, reward_name
 from .saving import SavingMixin
 from .layout import GroupLayout
+from .model_card import write_model_card
 from .rollout import Rollout, RolloutNoise, rollout_and_score, stable_seed
-from .tracking import log_image_grid, make_config_tracker_friendly
+from .tracking import image_grid, log_image_grid, make_config_tracker_friendly
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +106,8 @@ class DDRLTrainer(SavingMixin, Trainer):
             check_columns(eval_dataset, args.prompt_column, args.image_column, "evaluation")
 
         pipeline = _load_pipeline(model, frozen_dtype)
+        #: Hub id or path of the base pipeline, for the model card (None for a pipeline built in memory).
+        self.base_model_id = str(model) if isinstance(model, (str, os.PathLike)) else getattr(pipeline, "name_or_path", None)
         self.adapter: PipelineAdapter = get_adapter(pipeline)
         self.adapter.configure(args)
         self.resolution = self.adapter.resolution
@@ -173,8 +177,13 @@ class DDRLTrainer(SavingMixin, Trainer):
         self._metrics: dict[str, list] = defaultdict(list)
         self._base_eval_loss: dict[str, float] = {}
         self._micro_step = 0
+        #: The last logged rollout grid `(image, prompts, step)`, shown in the model card.
+        self.last_samples = None
         self._executor: ThreadPoolExecutor | None = None
         self._setup_ema()
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, HackingMonitorCallback):  # it saves the last good weights through the trainer
+                callback.bind(self)
 
     # ------------------------------------------------------------------------------------------------ data plumbing
     def _encode(self, dataset: Dataset, args: DDRLConfig, split: str) -> Dataset:
@@ -366,6 +375,14 @@ class DDRLTrainer(SavingMixin, Trainer):
         output = self._base_prediction(latents, timestep, cond)
         return self.sampler.step_mean(output, step_index, latents)
 
+    # ------------------------------------------------------------------------------------------------ publishing
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None, license=None, **kwargs) -> None:
+        """Write the diffusers model card `push_to_hub()` uploads (README.md, samples.png, training_curves.png):
+        base model, paper, how to load the weights, rewards, configuration, samples and curves (`model_card.py`)."""
+        if self.is_world_process_zero():
+            tags = [tags] if isinstance(tags, str) else tags
+            write_model_card(self, tags=tags, license=license)
+
     # ------------------------------------------------------------------------------------------------ logging
     def _maybe_log_images(self, images: torch.Tensor, prompts: list[str]) -> None:
         every = self.args.log_sample_images_steps
@@ -373,7 +390,9 @@ class DDRLTrainer(SavingMixin, Trainer):
             return
         if self.accelerator.is_main_process:
             n = self.args.num_sample_images
-            log_image_grid(self.callback_handler.callbacks, images[:n], prompts[:n], self.state.global_step)
+            grid = image_grid(images[:n])
+            self.last_samples = (grid, prompts[:n], self.state.global_step)  # for the model card
+            log_image_grid(self.callback_handler.callbacks, grid, prompts[:n], self.state.global_step)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the DDRL metrics (averaged since the last log, then over processes) to the Trainer's training logs.

@@ -3,6 +3,7 @@
 import os
 
 import pytest
+from safetensors.torch import load_file
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from peft import LoraConfig
@@ -32,7 +33,8 @@ def lora():
     return LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian")
 
 
-def make_trainer(tmp_path, dataset, peft_config=None, pipeline=None, reward=brightness_reward, eval_dataset=None, **kw):
+def make_trainer(tmp_path, dataset, peft_config=None, pipeline=None, reward=brightness_reward, eval_dataset=None,
+                 callbacks=None, **kw):  # fmt: skip
     return DDRLTrainer(
         model=pipeline if pipeline is not None else tiny_sd_pipeline(),
         reward_funcs=reward,
@@ -40,6 +42,7 @@ def make_trainer(tmp_path, dataset, peft_config=None, pipeline=None, reward=brig
         train_dataset=dataset,
         eval_dataset=eval_dataset,
         peft_config=peft_config,
+        callbacks=callbacks,
     )
 
 
@@ -268,3 +271,29 @@ def test_full_fine_tuning_keeps_float32_master_weights_and_lora_base_follows_bf1
     trainable = {p.dtype for p in lora_trainer.model.parameters() if p.requires_grad}
     frozen = {p.dtype for p in lora_trainer.model.parameters() if not p.requires_grad}
     assert trainable == {torch.float32} and frozen == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("use_lora", [True, False], ids=["lora", "full"])
+def test_saving_from_a_gathered_state_dict_matches_the_normal_save(tmp_path, reference_dataset, use_lora):
+    """Under FSDP / DeepSpeed ZeRO-3, Trainer.save_model hands `_save` the gathered weights: same files, same weights."""
+    trainer = make_trainer(tmp_path, reference_dataset, peft_config=lora() if use_lora else None, max_steps=1)
+    trainer.train()
+    trainer._save(str(tmp_path / "normal"))
+    trainer._save(str(tmp_path / "gathered"), state_dict=trainer.model.state_dict())
+    name = "pytorch_lora_weights.safetensors" if use_lora else "unet/diffusion_pytorch_model.safetensors"
+    normal, gathered = load_file(tmp_path / "normal" / name), load_file(tmp_path / "gathered" / name)
+    assert normal.keys() == gathered.keys()
+    assert all(torch.equal(normal[k], gathered[k]) for k in normal)
+    if not use_lora:
+        reloaded = UNet2DConditionModel.from_pretrained(str(tmp_path / "gathered" / "unet"))
+        assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), trainer.model.state_dict().values()))
+
+
+@pytest.mark.parametrize("name, kind", [("multi_gpu", "MULTI_GPU"), ("fsdp", "FSDP"), ("deepspeed_zero2", "DEEPSPEED"),
+                                        ("deepspeed_zero3", "DEEPSPEED")])  # fmt: skip
+def test_shipped_accelerate_configs_parse(name, kind):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(os.path.join(os.path.dirname(__file__), "..", "examples", "accelerate_configs",
+                                                f"{name}.yaml"))  # fmt: skip
+    assert config.distributed_type.value == kind and config.num_processes == 8

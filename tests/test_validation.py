@@ -129,3 +129,17 @@ def test_synthetic_reference_dataset_is_paired_and_seeded():
     assert first[0]["image"].size == (32, 32)
     assert list(first[0]["image"].getdata()) == list(second[0]["image"].getdata())
     assert list(first[0]["image"].getdata()) != list(first[1]["image"].getdata())
+
+
+def test_multi_process_launch_that_would_train_alone_is_refused(tmp_path):
+    """WORLD_SIZE=2 without a distributed setup (a CPU launch without --use_cpu): each process would train alone."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from ddrl_trl import DDRLConfig; DDRLConfig(output_dir=r'%s', num_generations=2, "
+            "per_device_train_batch_size=4, report_to='none')" % tmp_path)  # fmt: skip
+    env = {**os.environ, "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "WORLD_SIZE=2" in result.stderr and "use_cpu=True (--use_cpu)" in result.stderr

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 Conditioning = dict[str, torch.Tensor]
 """Flat dict of per-sample conditioning tensors (batch dimension first), as returned by `encode_prompts`."""
@@ -168,6 +169,15 @@ class PipelineAdapter(ABC):
             output_dir, **{f"{self.denoiser_name}_lora_layers": lora_state_dict}, safe_serialization=True
         )
 
-    def save_denoiser(self, output_dir: str) -> None:
-        """Write the full denoiser in diffusers format under `output_dir/<denoiser_name>`."""
-        self.denoiser.save_pretrained(os.path.join(output_dir, self.denoiser_name), safe_serialization=True)
+    def save_denoiser(self, output_dir: str, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the full denoiser in diffusers format under `output_dir/<denoiser_name>` (`from_pretrained` reloads
+        it). `state_dict`: weights gathered from shards (FSDP / DeepSpeed ZeRO-3), written as the one safetensors file
+        `save_pretrained` would write."""
+        folder = os.path.join(output_dir, self.denoiser_name)
+        if state_dict is None:
+            self.denoiser.save_pretrained(folder, safe_serialization=True)
+            return
+        os.makedirs(folder, exist_ok=True)
+        self.denoiser.save_config(folder)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+        save_file(tensors, os.path.join(folder, "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})

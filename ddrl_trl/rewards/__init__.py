@@ -95,7 +95,11 @@ def compute_rewards(
     scores = torch.empty(batch, len(funcs), dtype=torch.float32)
     for f_idx, func in enumerate(funcs):
         name = reward_name(func)
-        output = func(images, prompts, **columns)
+        try:
+            output = func(images, prompts, **columns)
+        except Exception as err:
+            err.add_note(f"(raised by reward function {name!r} on a batch of {batch} samples)")  # keeps its type
+            raise
         if isinstance(output, torch.Tensor):
             output = output.detach().float().cpu().reshape(-1).tolist()
         elif isinstance(output, np.ndarray):

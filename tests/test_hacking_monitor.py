@@ -1,0 +1,69 @@
+"""HackingMonitorCallback: periodic held-out loss ratio, a warning past the threshold, optional stop, last good weights."""
+
+import logging
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ddrl_trl import HackingMonitorCallback
+
+from test_trainer import lora, make_trainer
+
+
+THRESHOLD = 1.15
+
+
+def hacking_trainer(tmp_path, reference_dataset, monitor, **kw):
+    """Full fine-tuning with data_beta=0 and a large learning rate on brightness: the held-out loss ratio climbs past
+    1.15 within a few steps (1.00, 1.04, 1.03, 1.10, 1.18, ... on this seed)."""
+    return make_trainer(tmp_path, reference_dataset, eval_dataset=reference_dataset, data_beta=0.0, learning_rate=1e-2,
+                        max_steps=8, callbacks=[monitor], **kw)  # fmt: skip
+
+
+def test_stops_at_the_first_hacked_evaluation_and_keeps_the_last_good_weights(tmp_path, reference_dataset, caplog):
+    monitor = HackingMonitorCallback(threshold=THRESHOLD, eval_steps=1, stop_training=True)
+    trainer = hacking_trainer(tmp_path, reference_dataset, monitor)
+    snapshots = {}
+    original_save = trainer.save_model
+
+    def recording_save(output_dir=None, _internal_call=False):
+        snapshots[trainer.state.global_step] = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+        return original_save(output_dir, _internal_call)
+
+    trainer.save_model = recording_save
+    with caplog.at_level(logging.WARNING):
+        trainer.train()
+    ratios = [h["eval_diffusion_loss_ratio"] for h in trainer.state.log_history if "eval_diffusion_loss_ratio" in h]
+    assert ratios[-1] > THRESHOLD and all(r <= THRESHOLD for r in ratios[:-1])
+    assert monitor.hacking_step == trainer.state.global_step == len(ratios) < 8  # stopped right there
+    assert monitor.last_good_step == monitor.hacking_step - 1
+    warning = next(r.getMessage() for r in caplog.records if "Reward hacking suspected" in r.getMessage())
+    assert f"step {monitor.hacking_step}" in warning and "Stopping training" in warning
+    assert f"step {monitor.last_good_step} are in {tmp_path / 'out' / 'last-good'}" in warning
+    # last-good holds the weights of the last good step, not the final (hacked) ones
+    saved = load_file(tmp_path / "out" / "last-good" / "unet" / "diffusion_pytorch_model.safetensors")
+    good, final = snapshots[monitor.last_good_step], trainer.model.state_dict()
+    for key in ("conv_in.weight", "up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"):
+        torch.testing.assert_close(saved[key], good[key], rtol=0, atol=0)
+        assert not torch.equal(saved[key], final[key])
+    logged = [h for h in trainer.state.log_history if "hacking/detected" in h]
+    assert [h["hacking/detected"] for h in logged] == [0.0] * (len(ratios) - 1) + [1.0]
+
+
+def test_warns_but_keeps_training_without_stop(tmp_path, reference_dataset, caplog):
+    monitor = HackingMonitorCallback(threshold=THRESHOLD, eval_steps=2, stop_training=False)
+    trainer = hacking_trainer(tmp_path, reference_dataset, monitor)
+    with caplog.at_level(logging.WARNING):
+        trainer.train()
+    assert trainer.state.global_step == 8
+    evaluated = [h["step"] for h in trainer.state.log_history if "eval_diffusion_loss_ratio" in h]
+    assert evaluated == [2, 4, 6, 8]
+    assert any("Training goes on" in r.getMessage() for r in caplog.records)
+
+
+def test_needs_held_out_data_and_sane_settings(tmp_path, reference_dataset):
+    with pytest.raises(ValueError, match="needs held-out data: pass eval_dataset"):
+        make_trainer(tmp_path, reference_dataset, peft_config=lora(), callbacks=[HackingMonitorCallback()])
+    with pytest.raises(ValueError, match="threshold must be > 1"):
+        HackingMonitorCallback(threshold=0.9)

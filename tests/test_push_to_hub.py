@@ -1,0 +1,77 @@
+"""`trainer.push_to_hub()`: what would be uploaded (the Hub API is replaced by a recorder; the Hub cannot be reached)."""
+
+import shutil
+
+import pytest
+import yaml
+from PIL import Image
+
+import transformers.trainer
+
+from ddrl_trl.tiny_pipelines import tiny_sd_pipeline
+
+from test_trainer import lora, make_trainer
+
+
+class RecordingHubApi:
+    """Stands in for `huggingface_hub.HfApi`: records the calls and copies the folder that would be uploaded."""
+
+    def __init__(self, capture_dir):
+        self.capture_dir, self.calls = capture_dir, []
+
+    def create_repo(self, repo_id, token=None, private=None, exist_ok=False, **kwargs):
+        self.calls.append(("create_repo", repo_id))
+        return type("RepoUrl", (), {"repo_id": f"someone/{repo_id}"})()
+
+    def upload_folder(self, repo_id, folder_path, ignore_patterns=(), **kwargs):
+        self.calls.append(("upload_folder", repo_id))
+        shutil.copytree(folder_path, self.capture_dir, ignore=shutil.ignore_patterns(*ignore_patterns))
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    api = RecordingHubApi(tmp_path / "uploaded")
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: api)
+    return api
+
+
+def front_matter(readme: str) -> dict:
+    assert readme.startswith("---\n")
+    return yaml.safe_load(readme.split("---\n")[1])
+
+
+def test_push_uploads_diffusers_lora_and_a_complete_model_card(tmp_path, reference_dataset, hub):
+    tiny_sd_pipeline().save_pretrained(tmp_path / "base")
+    trainer = make_trainer(tmp_path, reference_dataset, peft_config=lora(), pipeline=str(tmp_path / "base"),
+                           eval_dataset=reference_dataset, max_steps=3, eval_strategy="steps", eval_steps=1,
+                           log_sample_images_steps=1, num_sample_images=4, save_strategy="steps", save_steps=1)  # fmt: skip
+    trainer.train()
+    trainer.push_to_hub(tags=["my-tag"])
+    assert hub.calls == [("create_repo", "out"), ("upload_folder", "someone/out")]
+    uploaded = hub.capture_dir
+    names = {p.name for p in uploaded.iterdir()}
+    assert {"pytorch_lora_weights.safetensors", "README.md", "samples.png", "training_curves.png"} <= names
+    assert not any(n.startswith("checkpoint-") for n in names)  # checkpoints are not pushed
+    readme = (uploaded / "README.md").read_text()
+    meta = front_matter(readme)
+    assert meta["library_name"] == "diffusers"
+    assert meta["base_model"] == str(tmp_path / "base")
+    assert {"ddrl", "trl", "lora", "text-to-image", "my-tag"} <= set(meta["tags"])
+    assert "arxiv.org/abs/2512.04332" in readme
+    assert '"data_beta": 0.3' in readme and '"num_generations": 2' in readme  # the training configuration
+    assert "brightness_reward" in readme and "![samples](samples.png)" in readme
+    assert "![training curves](training_curves.png)" in readme
+    assert "| step | reward | loss/data | eval_diffusion_loss_ratio |" in readme and "\n| 3 | " in readme
+    assert "pipe.load_lora_weights" in readme
+    assert Image.open(uploaded / "samples.png").size == (2 * 32, 2 * 32)  # 4 samples of 32 px
+    pipe = tiny_sd_pipeline()
+    pipe.load_lora_weights(str(uploaded))  # what was uploaded loads in plain diffusers
+
+
+def test_a_readme_the_user_wrote_is_never_overwritten(tmp_path, reference_dataset, hub):
+    trainer = make_trainer(tmp_path, reference_dataset, peft_config=lora(), max_steps=1)
+    trainer.train()
+    (tmp_path / "out").mkdir(exist_ok=True)
+    (tmp_path / "out" / "README.md").write_text("# my own card\n")
+    trainer.push_to_hub()
+    assert (hub.capture_dir / "README.md").read_text() == "# my own card\n"
