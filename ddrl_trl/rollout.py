@@ -41,8 +41,12 @@ class RolloutNoise:
         """A generator for stream `kind` of row or group `index`."""
         return torch.Generator(device=self.device).manual_seed(stable_seed(self.seed, kind, index))
 
+    def draw(self, generators: Sequence[torch.Generator], shape: tuple[int, ...]) -> torch.Tensor:
+        """One standard-normal sample of `shape` from each generator, stacked: `(len(generators), *shape)`."""
+        return torch.stack([torch.randn(shape, generator=g, device=self.device) for g in generators])
+
     def _draw(self, kind: str, indices: Sequence[int], shape: tuple[int, ...]) -> torch.Tensor:
-        return torch.stack([torch.randn(shape, generator=self.generator(kind, i), device=self.device) for i in indices])
+        return self.draw([self.generator(kind, i) for i in indices], shape)
 
     def initial(self, rows: Sequence[int], shape: tuple[int, ...]) -> torch.Tensor:
         """x_T of global `rows` `(len(rows), *shape)`: per row, or per group with `same_noise_within_group`."""
@@ -97,13 +101,14 @@ def generate_rollouts(
     generator, so the result for a row does not depend on which other rows share the batch.
     """
     batch = len(rows)
-    step_generators = [noise.generator("steps", r) for r in rows]
+    # All steps' noise of a row in one draw from its own generator: one call per row, not one per row and step.
+    step_noise = noise.draw([noise.generator("steps", r) for r in rows], (len(sampler.timesteps), *latent_shape))
+    step_noise = step_noise.transpose(0, 1).contiguous()  # (T, B, ...): each step reads one contiguous block
     latents = noise.initial(rows, latent_shape)
     states, log_probs = [latents], []
     for step_index, timestep in enumerate(sampler.timesteps):
         model_output = adapter.predict(latents, timestep.expand(batch), cond, denoiser=denoiser)
-        step_noise = torch.stack([torch.randn(latent_shape, generator=g, device=noise.device) for g in step_generators])
-        latents, log_prob = sampler.step(model_output, step_index, latents, step_noise)
+        latents, log_prob = sampler.step(model_output, step_index, latents, step_noise[step_index])
         states.append(latents)
         log_probs.append(log_prob)
     images = adapter.decode_latents(latents)

@@ -33,6 +33,7 @@ class FluxAdapter(PipelineAdapter):
     def __init__(self, pipeline, resolution: int | None = None):
         super().__init__(pipeline, resolution)
         self.guidance_scale = 3.5
+        self._ids_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def configure(self, config) -> None:
         super().configure(config)
@@ -64,8 +65,7 @@ class FluxAdapter(PipelineAdapter):
         batch, channels, height, width = latents.shape
         dtype, device = self.denoiser.dtype, latents.device
         packed = FluxPipeline._pack_latents(latents.to(dtype), batch, channels, height, width)
-        image_ids = FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, device, dtype)
-        text_ids = torch.zeros(cond["encoder_hidden_states"].shape[1], 3, device=device, dtype=dtype)
+        image_ids, text_ids = self._position_ids(height, width, cond["encoder_hidden_states"].shape[1], device, dtype)
         guidance = None
         if self.denoiser.config.guidance_embeds:
             guidance = torch.full((batch,), self.guidance_scale, device=device, dtype=torch.float32)
@@ -81,6 +81,15 @@ class FluxAdapter(PipelineAdapter):
         )[0]
         return FluxPipeline._unpack_latents(output, height * self.vae_scale_factor, width * self.vae_scale_factor,
                                             self.vae_scale_factor)  # fmt: skip
+
+    def _position_ids(self, height: int, width: int, text_tokens: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The image tokens' (0, row, column) ids and the text tokens' zero ids, built once per shape (the pipeline
+        builds them once per call; `predict` runs every step)."""
+        key = (height, width, text_tokens, device, dtype)
+        if key not in self._ids_cache:
+            image_ids = FluxPipeline._prepare_latent_image_ids(1, height // 2, width // 2, device, dtype)
+            self._ids_cache[key] = image_ids, torch.zeros(text_tokens, 3, device=device, dtype=dtype)
+        return self._ids_cache[key]
 
     def timestep_shift_mu(self) -> float:
         """The pipeline's `mu` for the training resolution: linear in the number of image tokens."""
