@@ -50,13 +50,18 @@ class HackingMonitorCallback(TrainerCallback):
         self.last_good_step: int | None = None
         self.hacking_step: int | None = None
 
-    def bind(self, trainer) -> None:
-        """Called by `DDRLTrainer` when the callback is given to it: the monitor saves through the trainer."""
-        if trainer.eval_dataset is None:
+    @staticmethod
+    def check_eval_data(eval_dataset) -> None:
+        """Raise, naming the fix, when there is no held-out data to measure the ratio on."""
+        if eval_dataset is None:
             raise ValueError(
                 "HackingMonitorCallback needs held-out data: pass eval_dataset (prompts with paired reference samples) "
                 "to DDRLTrainer."
             )
+
+    def bind(self, trainer) -> None:
+        """Called by `DDRLTrainer` when the callback is given to it: the monitor saves through the trainer."""
+        self.check_eval_data(trainer.eval_dataset)
         self.trainer = trainer
 
     @property

@@ -223,6 +223,9 @@ class DDRLConfig(TrainingArguments):
             raise ValueError(f"resolution must be a positive number of pixels, got {self.resolution}.")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in (0, 1) (e.g. 0.999) or None, got {self.ema_decay}.")
+        for name in ("preprocess_batch_size", "eval_noise_draws", "num_sample_images"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}.")
         for name in ("num_frames", "max_sequence_length", "rollout_chunk_groups"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer or None, got {getattr(self, name)}.")

@@ -104,10 +104,13 @@ class DDRLTrainer(SavingMixin, Trainer):
         check_columns(train_dataset, args.prompt_column, args.image_column, "training")
         if eval_dataset is not None:
             check_columns(eval_dataset, args.prompt_column, args.image_column, "evaluation")
+        if any(isinstance(callback, HackingMonitorCallback) for callback in callbacks or []):
+            HackingMonitorCallback.check_eval_data(eval_dataset)
 
         pipeline = _load_pipeline(model, frozen_dtype)
         #: Hub id or path of the base pipeline, for the model card (None for a pipeline built in memory).
-        self.base_model_id = str(model) if isinstance(model, (str, os.PathLike)) else getattr(pipeline, "name_or_path", None)
+        in_memory = not isinstance(model, (str, os.PathLike))
+        self.base_model_id = getattr(pipeline, "name_or_path", None) if in_memory else str(model)
         self.adapter: PipelineAdapter = get_adapter(pipeline)
         self.adapter.configure(args)
         self.resolution = self.adapter.resolution

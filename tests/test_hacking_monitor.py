@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import ddrl_trl.trainer as trainer_module
 from ddrl_trl import HackingMonitorCallback
 
 from test_trainer import lora, make_trainer
@@ -62,7 +63,11 @@ def test_warns_but_keeps_training_without_stop(tmp_path, reference_dataset, capl
     assert any("Training goes on" in r.getMessage() for r in caplog.records)
 
 
-def test_needs_held_out_data_and_sane_settings(tmp_path, reference_dataset):
+def test_needs_held_out_data_and_sane_settings(tmp_path, reference_dataset, monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("reference data were encoded before the input was checked")
+
+    monkeypatch.setattr(trainer_module, "encode_reference_dataset", forbidden)
     with pytest.raises(ValueError, match="needs held-out data: pass eval_dataset"):
         make_trainer(tmp_path, reference_dataset, peft_config=lora(), callbacks=[HackingMonitorCallback()])
     with pytest.raises(ValueError, match="threshold must be > 1"):
