@@ -29,7 +29,7 @@ from PIL import Image
 from ddrl_trl import DDRLConfig, DDRLTrainer
 from ddrl_trl.rewards import brightness
 from ddrl_trl.adapters import repeat_conditioning
-from ddrl_trl.rollout import RolloutNoise, generate_rollouts
+from ddrl_trl.rollout import SeededNoise, generate_rollouts
 from ddrl_trl.tiny_pipelines import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline, tiny_wan_pipeline
 
 PROMPTS = ["a red cat", "a blue dog", "a green bird", "a small house"] * 2
@@ -114,7 +114,7 @@ def bench_family(name: str, args_ns) -> tuple[float, float]:
         def rollout():
             with torch.no_grad():
                 cond = repeat_conditioning(ddrl.adapter.encode_prompts(unique), ddrl.args.num_generations)
-                noise = RolloutNoise(0, device, ddrl.args.num_generations)
+                noise = SeededNoise(0, device, ddrl.args.num_generations)
                 generate_rollouts(ddrl.adapter, ddrl.sampler, cond, ddrl.latent_shape, noise, range(len(prompts)))
 
         pipe = ddrl.pipeline

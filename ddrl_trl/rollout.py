@@ -1,7 +1,7 @@
 """On-policy group rollouts with the recorded states and float32 log-probs the policy term needs, and their scoring
 (optionally overlapped: chunk k is scored in the background while chunk k+1 is rolled out).
 
-All randomness of a micro-step is a pure function of (seed, global step, micro-step, global row): `RolloutNoise`
+All randomness of a micro-step is a pure function of (seed, global step, micro-step, global row): `SeededNoise`
 gives each row its own seeded streams, so a rollout does not depend on how rows are split across processes or chunks,
 and no two rows (on any process) share noise unless `same_noise_within_group` asks for it.
 """
@@ -24,11 +24,14 @@ def stable_seed(*parts: int | str) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-class RolloutNoise:
-    """The seeded noise of one micro-step, drawn per global row or group on `device` (no host round trip).
+class SeededNoise:
+    """Seeded noise drawn per row or group on `device` (no host round trip): each (kind, index) has its own stream.
+
+    For a micro-step's rollouts `seed` comes from (`DDRLConfig.seed`, global step, accumulation index), and rows are
+    global row indices; evaluation uses it with held-out sample indices.
 
     Args:
-        seed: the micro-step's seed (from `DDRLConfig.seed`, the global step and the accumulation index).
+        seed: the base seed.
         num_generations: N, to find a row's group.
         same_noise_within_group: all rows of a group start from their group's initial noise.
     """
@@ -91,7 +94,7 @@ def generate_rollouts(
     sampler,
     cond: Conditioning,
     latent_shape: tuple[int, ...],
-    noise: RolloutNoise,
+    noise: SeededNoise,
     rows: Sequence[int],
     denoiser: torch.nn.Module | None = None,
 ) -> Rollout:
@@ -120,7 +123,7 @@ def rollout_and_score(
     sampler,
     cond: Conditioning,
     latent_shape: tuple[int, ...],
-    noise: RolloutNoise,
+    noise: SeededNoise,
     rows: Sequence[int],
     score: Callable[[torch.Tensor, slice], torch.Tensor],
     chunk_rows: int | None = None,

@@ -31,7 +31,7 @@ from .rewards import compute_rewards, resolve_reward, reward_name
 from .saving import SavingMixin
 from .layout import GroupLayout
 from .model_card import write_model_card
-from .rollout import Rollout, RolloutNoise, rollout_and_score, stable_seed
+from .rollout import Rollout, SeededNoise, rollout_and_score, stable_seed
 from .tracking import image_grid, log_image_grid, make_config_tracker_friendly
 
 logger = logging.getLogger(__name__)
@@ -224,7 +224,7 @@ class DDRLTrainer(SavingMixin, Trainer):
         unique_prompts = [prompts[i] for i in layout.first_local_rows]
         if prompts != [p for p, count in zip(unique_prompts, layout.counts) for _ in range(count)]:
             raise RuntimeError("A batch does not hold groups of num_generations rows; use DDRLTrainer's sampler.")
-        noise = RolloutNoise(self._rollout_seed(), self.accelerator.device, args.num_generations,
+        noise = SeededNoise(self._rollout_seed(), self.accelerator.device, args.num_generations,
                              args.same_noise_within_group)  # fmt: skip
         columns = inputs["columns"]
 
@@ -254,7 +254,7 @@ class DDRLTrainer(SavingMixin, Trainer):
         return getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
 
     def _rollout_seed(self) -> int:
-        """The micro-step's seed; rows and groups derive theirs from it with their global index (`RolloutNoise`)."""
+        """The micro-step's seed; rows and groups derive theirs from it with their global index (`SeededNoise`)."""
         micro = self._micro_step % self.args.gradient_accumulation_steps
         return stable_seed(self.args.seed, self.state.global_step, micro)
 
@@ -293,7 +293,7 @@ class DDRLTrainer(SavingMixin, Trainer):
 
     def _policy_and_data_backward(
         self, model, rollout: Rollout, advantages, cond, prompt_cond, ref_latents, layout: GroupLayout,
-        noise: RolloutNoise,
+        noise: SeededNoise,
     ) -> torch.Tensor:
         """For each trained step j: one forward of [rollout states ; noised references], loss_j, one backward.
 
@@ -420,8 +420,8 @@ class DDRLTrainer(SavingMixin, Trainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Held-out diffusion loss and its ratio to the base model's (> 1.10: the paper's reward-hacking signal).
 
-        Noise and timesteps are drawn from a generator seeded with `args.seed`, identical for the model and the
-        base, so the ratio compares the two on the same draws.
+        Each held-out sample's noise and timesteps are seeded by (`args.seed`, its index), identical for the model and
+        the base, so the ratio compares the two on the same draws; the samples are split across processes.
         """
         if eval_dataset is None:
             eval_dataset = self.eval_dataset
@@ -457,23 +457,30 @@ class DDRLTrainer(SavingMixin, Trainer):
 
     @torch.no_grad()
     def _held_out_loss(self, dataset: Dataset, base: bool) -> float:
-        args, sampler = self.args, self.sampler
-        device = self.accelerator.device
-        generator = torch.Generator(device=device).manual_seed(args.seed)
+        """Mean diffusion loss over `dataset` × `eval_noise_draws`, the samples split across processes.
+
+        Sample i's noise and timesteps come from generators seeded by (seed, i, draw), so the value does not depend on
+        the number of processes or the batch size, and the model and the base see the same draws.
+        """
+        args, sampler, device = self.args, self.sampler, self.accelerator.device
+        noise_source = SeededNoise(args.seed, device, args.num_generations)
+        predict = self._base_prediction if base else self.adapter.predict
         collate = DDRLCollator(args.prompt_column)
-        total, count = 0.0, 0
-        batch_size = args.per_device_eval_batch_size
-        for start in range(0, len(dataset), batch_size):
-            batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        rows = range(self.accelerator.process_index, len(dataset), self.accelerator.num_processes)
+        total = torch.zeros((), device=device)
+        for start in range(0, len(rows), args.per_device_eval_batch_size):
+            indices = rows[start : start + args.per_device_eval_batch_size]
+            batch = collate([dataset[i] for i in indices])
             x0 = batch["ref_latents"].to(device)
             with self.compute_loss_context_manager():
                 cond = self.adapter.encode_prompts(batch["prompts"])
-                for _ in range(args.eval_noise_draws):
-                    noise = torch.randn(x0.shape, generator=generator, device=device)
-                    t = sampler.sample_timesteps(x0.shape[0], generator)
-                    noisy = sampler.add_noise(x0, noise, t)
-                    predict = self._base_prediction if base else self.adapter.predict
-                    output = predict(noisy, t, cond)
-                    total += diffusion_loss(output, sampler.training_target(x0, noise, t)).item() * x0.shape[0]
-                    count += x0.shape[0]
-        return total / count
+                for draw in range(args.eval_noise_draws):
+                    noise = noise_source.draw([noise_source.generator(f"eval-noise{draw}", i) for i in indices],
+                                              tuple(x0.shape[1:]))  # fmt: skip
+                    t = torch.cat([sampler.sample_timesteps(1, noise_source.generator(f"eval-t{draw}", i))
+                                   for i in indices])  # fmt: skip
+                    output = predict(sampler.add_noise(x0, noise, t), t, cond)
+                    total += diffusion_loss(output, sampler.training_target(x0, noise, t)) * len(indices)
+        count = torch.tensor(float(len(rows) * args.eval_noise_draws), device=device)
+        summed = self.accelerator.gather(torch.stack([total, count])[None]).sum(dim=0)
+        return (summed[0] / summed[1]).item()

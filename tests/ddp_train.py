@@ -43,15 +43,17 @@ args = DDRLConfig(
     use_cpu=True,  # on a machine without GPUs, transformers sets up gloo multi-process only when told it is on CPU
 )  # fmt: skip
 trainer = DDRLTrainer(
-    model=tiny_sd_pipeline(), reward_funcs="brightness", args=args, train_dataset=dataset,
+    model=tiny_sd_pipeline(), reward_funcs="brightness", args=args, train_dataset=dataset, eval_dataset=dataset,
     peft_config=LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian"),
 )  # fmt: skip
 trainer.train()
 trainer.save_model()
+evaluation = trainer.evaluate()  # the held-out samples are split across processes
 noise = trainer.accelerator.gather(torch.stack(initial_noise).flatten(2).contiguous())  # (processes·steps, b, D)
 if trainer.accelerator.is_main_process:
     rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
     losses = [h["loss/data"] for h in trainer.state.log_history if "loss/data" in h]
     with open(f"{out}/result.json", "w") as f:
         json.dump({"rewards": rewards, "data_losses": losses, "processes": trainer.accelerator.num_processes,
+                   "eval_loss": evaluation["eval_diffusion_loss"], "eval_ratio": evaluation["eval_diffusion_loss_ratio"],
                    "initial_noise": noise.tolist()}, f)  # fmt: skip

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -49,6 +50,9 @@ def test_two_processes_match_one_process(tmp_path):
     # the data term on the group that spans both processes is weighted so the average over processes is the plain mean
     torch.testing.assert_close(torch.tensor(double["data_losses"]), torch.tensor(single["data_losses"]), rtol=1e-5,
                                atol=1e-7)
+    # evaluation splits the held-out samples across processes and gathers the sums: the same loss and ratio
+    assert double["eval_loss"] == pytest.approx(single["eval_loss"], rel=1e-5)
+    assert double["eval_ratio"] == pytest.approx(single["eval_ratio"], rel=1e-5) and single["eval_ratio"] != 1.0
     # no duplicate seeds across ranks: rank 0 and rank 1 drew the noise of global rows 0-5 and 6-11
     one = torch.tensor(single["initial_noise"])  # (steps, 12, D)
     two = torch.tensor(double["initial_noise"])  # (2 processes · steps, 6, D), rank-major

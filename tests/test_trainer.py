@@ -12,7 +12,7 @@ from transformers import TrainerCallback
 import ddrl_trl.trainer as trainer_module
 from ddrl_trl import DDRLConfig, DDRLTrainer
 from ddrl_trl.core import group_advantages
-from ddrl_trl.rollout import RolloutNoise, generate_rollouts
+from ddrl_trl.rollout import SeededNoise, generate_rollouts
 from ddrl_trl.tiny_pipelines import tiny_sd_pipeline, tiny_sdxl_pipeline
 
 from conftest import brightness_reward
@@ -78,7 +78,7 @@ def test_gradient_equals_grpo_plus_data_term_computed_separately(tmp_path, refer
 
     cond = adapter.encode_prompts(batch["prompts"][::2])
     cond_rep = {k: v.repeat_interleave(2, 0) for k, v in cond.items()}
-    noise_source = RolloutNoise(seed, torch.device("cpu"), num_generations=2)
+    noise_source = SeededNoise(seed, torch.device("cpu"), num_generations=2)
     rollout = generate_rollouts(adapter, sampler, cond_rep, trainer.latent_shape, noise_source, range(4))
     rewards = torch.tensor(brightness_reward(rollout.images, batch["prompts"]))
     adv = group_advantages(rewards, 2)
