@@ -135,7 +135,9 @@ class DDRLTrainer(SavingMixin, Trainer):
                 peft_config.target_modules = list(self.adapter.default_lora_target_modules)
             denoiser.requires_grad_(False)
             place(denoiser)
-            denoiser.add_adapter(peft_config)
+            with torch.random.fork_rng(devices=[]):  # the adapter's random init depends on args.seed alone
+                torch.manual_seed(args.seed)
+                denoiser.add_adapter(peft_config)
             for param in denoiser.parameters():  # trainable LoRA weights stay float32 (master weights)
                 if param.requires_grad:
                     param.data = param.data.float()

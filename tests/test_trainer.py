@@ -297,3 +297,17 @@ def test_shipped_accelerate_configs_parse(name, kind):
     config = load_config_from_file(os.path.join(os.path.dirname(__file__), "..", "examples", "accelerate_configs",
                                                 f"{name}.yaml"))  # fmt: skip
     assert config.distributed_type.value == kind and config.num_processes == 8
+
+
+def test_lora_initialisation_depends_on_args_seed_only(tmp_path, reference_dataset):
+    """The adapter's random init must not depend on whatever the global RNG did before the trainer was built."""
+    torch.manual_seed(123)
+    first = make_trainer(tmp_path / "a", reference_dataset, peft_config=LoraConfig(r=4, lora_alpha=4))
+    torch.manual_seed(456)
+    torch.randn(1000)
+    second = make_trainer(tmp_path / "b", reference_dataset, peft_config=LoraConfig(r=4, lora_alpha=4))
+    a = {k: v for k, v in first.model.state_dict().items() if "lora_A" in k}
+    b = {k: v for k, v in second.model.state_dict().items() if "lora_A" in k}
+    assert a and all(torch.equal(a[k], b[k]) for k in a)
+    third = make_trainer(tmp_path / "c", reference_dataset, peft_config=LoraConfig(r=4, lora_alpha=4), seed=1)
+    assert not torch.equal(next(iter(a.values())), third.model.state_dict()[next(iter(a))])
