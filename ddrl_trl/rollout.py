@@ -48,18 +48,19 @@ class SeededNoise:
         """One standard-normal sample of `shape` from each generator, stacked: `(len(generators), *shape)`."""
         return torch.stack([torch.randn(shape, generator=g, device=self.device) for g in generators])
 
-    def _draw(self, kind: str, indices: Sequence[int], shape: tuple[int, ...]) -> torch.Tensor:
+    def draw_for(self, kind: str, indices: Sequence[int], shape: tuple[int, ...]) -> torch.Tensor:
+        """The first sample of `shape` of stream `kind` for each of `indices`, stacked."""
         return self.draw([self.generator(kind, i) for i in indices], shape)
 
     def initial(self, rows: Sequence[int], shape: tuple[int, ...]) -> torch.Tensor:
         """x_T of global `rows` `(len(rows), *shape)`: per row, or per group with `same_noise_within_group`."""
         if self.same_noise_within_group:
-            return self._draw("group-initial", [r // self.num_generations for r in rows], shape)
-        return self._draw("initial", rows, shape)
+            return self.draw_for("group-initial", [r // self.num_generations for r in rows], shape)
+        return self.draw_for("initial", rows, shape)
 
     def group_noise(self, groups: Sequence[int], shape: tuple[int, ...]) -> torch.Tensor:
         """Fresh noise per group (the data term's `data_noise="random"`)."""
-        return self._draw("data", groups, shape)
+        return self.draw_for("data", groups, shape)
 
 
 @dataclass

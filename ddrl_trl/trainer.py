@@ -477,8 +477,7 @@ class DDRLTrainer(SavingMixin, Trainer):
             with self.compute_loss_context_manager():
                 cond = self.adapter.encode_prompts(batch["prompts"])
                 for draw in range(args.eval_noise_draws):
-                    noise = noise_source.draw([noise_source.generator(f"eval-noise{draw}", i) for i in indices],
-                                              tuple(x0.shape[1:]))  # fmt: skip
+                    noise = noise_source.draw_for(f"eval-noise{draw}", indices, tuple(x0.shape[1:]))
                     t = torch.cat([sampler.sample_timesteps(1, noise_source.generator(f"eval-t{draw}", i))
                                    for i in indices])  # fmt: skip
                     output = predict(sampler.add_noise(x0, noise, t), t, cond)
