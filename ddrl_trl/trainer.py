@@ -315,6 +315,11 @@ class DDRLTrainer(SavingMixin, Trainer):
         data_cond = concat_conditioning(cond, prompt_cond)
         total = torch.zeros((), device=rollout.states.device)
         num_trained = len(self.trained_steps)
+        # Under DeepSpeed, `accelerator.backward` also runs the engine's optimiser step whenever gradients sync: only
+        # the last trained step may be that boundary, or the policy would move between the steps of one rollout batch
+        # (ratio ≠ 1). The loss is already divided by the accumulation steps here, so DeepSpeed must not divide again.
+        sync_after_batch = self.accelerator.sync_gradients
+        backward_kwargs = {"scale_wrt_gas": False} if self.is_deepspeed_enabled else {}
         for position, step_index in enumerate(self.trained_steps):
             with_data = args.data_beta > 0 and (not args.data_on_first_step_only or position == 0)
             timestep = sampler.timesteps[step_index].expand(batch)
@@ -351,7 +356,8 @@ class DDRLTrainer(SavingMixin, Trainer):
                         kl = reverse_kl_loss(mean, ref_mean, sampler.stds[step_index])
                         loss = loss + args.kl_beta * kl
                         self._metrics["loss/kl"].append(kl.detach())
-                self.accelerator.backward(loss / (num_trained * self._accumulation_steps))
+                self.accelerator.gradient_state._set_sync_gradients(sync_after_batch and last)
+                self.accelerator.backward(loss / (num_trained * self._accumulation_steps), **backward_kwargs)
             total = total + loss.detach() / num_trained
             self._metrics["loss/policy"].append(policy_loss.detach())
             self._metrics["ratio/mean"].append(ratio.mean())

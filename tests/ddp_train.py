@@ -1,11 +1,15 @@
-"""A tiny DDRL LoRA training for the multi-process test: `accelerate launch tests/ddp_train.py OUT PER_DEVICE_BATCH`.
+"""A tiny DDRL training for the multi-process tests:
+`accelerate launch [DDP or DeepSpeed flags] tests/ddp_train.py OUT PER_DEVICE_BATCH [--full] [--accumulation K]
+[--optim NAME]
+[--learning-rate LR]`.
 
-Writes the trained LoRA (`OUT/pytorch_lora_weights.safetensors`) and, from the main process, the logged rewards and
-the rollout's initial noise of every process (`OUT/result.json`), so runs with 1 and 2 processes can be compared.
+Writes the trained weights (`OUT/pytorch_lora_weights.safetensors`, or `OUT/unet/` for full fine-tuning) and, from
+the main process, the logged metrics (rewards, data losses, ratios) and the rollout's initial noise of every process
+(`OUT/result.json`), so runs with 1 and 2 processes, or with and without DeepSpeed, can be compared.
 """
 
+import argparse
 import json
-import sys
 
 import numpy as np
 import torch
@@ -18,7 +22,15 @@ from ddrl_trl import DDRLConfig, DDRLTrainer
 from ddrl_trl.tiny_pipelines import tiny_sd_pipeline
 
 torch.set_num_threads(1)
-out, per_device = sys.argv[1], int(sys.argv[2])
+parser = argparse.ArgumentParser()
+parser.add_argument("out")
+parser.add_argument("per_device", type=int)
+parser.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
+parser.add_argument("--accumulation", type=int, default=1)
+parser.add_argument("--optim", default="adamw_torch", help="sgd: updates linear in the gradient, to compare its scale")
+parser.add_argument("--learning-rate", type=float, default=1e-3)
+cli = parser.parse_args()
+out = cli.out
 rng = np.random.default_rng(0)
 dataset = Dataset.from_dict({
     "prompt": ["a red cat", "a blue dog", "a green bird", "a white house", "a black car", "a small tree"],
@@ -37,23 +49,26 @@ def recording(*args, **kwargs):
 
 trainer_module.rollout_and_score = recording
 args = DDRLConfig(
-    output_dir=out, num_generations=4, per_device_train_batch_size=per_device, num_inference_steps=4,
-    train_step_stride=1, max_steps=2, learning_rate=1e-3, warmup_steps=0, logging_steps=1, report_to="none",
+    output_dir=out, num_generations=4, per_device_train_batch_size=cli.per_device, num_inference_steps=4,
+    train_step_stride=1, max_steps=2, learning_rate=cli.learning_rate, warmup_steps=0, logging_steps=1, report_to="none",
     log_sample_images_steps=0, save_strategy="no", seed=0, dataloader_pin_memory=False, data_beta=0.5,
+    gradient_accumulation_steps=cli.accumulation, optim=cli.optim,
     use_cpu=True,  # on a machine without GPUs, transformers sets up gloo multi-process only when told it is on CPU
 )  # fmt: skip
 trainer = DDRLTrainer(
     model=tiny_sd_pipeline(), reward_funcs="brightness", args=args, train_dataset=dataset, eval_dataset=dataset,
-    peft_config=LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian"),
+    peft_config=LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian") if not cli.full else None,
 )  # fmt: skip
 trainer.train()
 trainer.save_model()
 evaluation = trainer.evaluate()  # the held-out samples are split across processes
 noise = trainer.accelerator.gather(torch.stack(initial_noise).flatten(2).contiguous())  # (processes·steps, b, D)
 if trainer.accelerator.is_main_process:
-    rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
-    losses = [h["loss/data"] for h in trainer.state.log_history if "loss/data" in h]
+    logged = {key: [h[key] for h in trainer.state.log_history if key in h]
+              for key in ("reward", "loss/data", "ratio/mean", "clip_fraction")}  # fmt: skip
     with open(f"{out}/result.json", "w") as f:
-        json.dump({"rewards": rewards, "data_losses": losses, "processes": trainer.accelerator.num_processes,
+        json.dump({"rewards": logged["reward"], "data_losses": logged["loss/data"], "ratios": logged["ratio/mean"],
+                   "clip_fractions": logged["clip_fraction"], "processes": trainer.accelerator.num_processes,
+                   "distributed_type": str(trainer.accelerator.distributed_type),
                    "eval_loss": evaluation["eval_diffusion_loss"], "eval_ratio": evaluation["eval_diffusion_loss_ratio"],
                    "initial_noise": noise.tolist()}, f)  # fmt: skip

@@ -1,4 +1,5 @@
-"""DDRL under `accelerate launch` with 2 CPU processes (gloo) gives the result of one process on the same seeds."""
+"""Multi-process DDRL under `accelerate launch` on CPU — DDP (gloo) and DeepSpeed ZeRO-2/3 — gives the result of one
+process on the same seeds."""
 
 import json
 import os
@@ -11,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from ddrl_trl.layout import GroupLayout
+from ddrl_trl.tiny_pipelines import tiny_sd_pipeline
 
 TESTS = Path(__file__).resolve().parent
 
@@ -30,11 +32,23 @@ def test_group_layout_by_hand():
     assert GroupLayout(8, 4).data_weights == [1.0, 1.0]  # whole groups: the plain mean
 
 
-def launch(out: Path, processes: int, per_device: int) -> dict:
+ONE_PROCESS = ["--num_processes", "1"]
+DDP = ["--multi_gpu", "--num_processes", "2"]
+
+
+def deepspeed(stage: int) -> list[str]:
+    """`accelerate launch` flags for DeepSpeed ZeRO-`stage` on 2 processes (DeepSpeed's CPU accelerator here)."""
+    gathered_save = ["--zero3_save_16bit_model", "true"] if stage == 3 else []
+    return ["--use_deepspeed", "--zero_stage", str(stage), "--gradient_clipping", "1.0", *gathered_save,
+            "--num_processes", "2"]  # fmt: skip
+
+
+def launch(out: Path, launcher: list[str], per_device: int, *options: str) -> dict:
+    """Run `tests/ddp_train.py` under `accelerate launch <launcher>`; return its `result.json`."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    distributed = ["--multi_gpu", "--num_processes", "2"] if processes == 2 else ["--num_processes", "1"]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *distributed, "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", str(TESTS / "ddp_train.py"), str(out), str(per_device)]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", str(TESTS / "ddp_train.py"), str(out), str(per_device),
+           *options]  # fmt: skip
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads((out / "result.json").read_text())
@@ -42,8 +56,8 @@ def launch(out: Path, processes: int, per_device: int) -> dict:
 
 def test_two_processes_match_one_process(tmp_path):
     """Global batch 12 = 3 groups of 4: one process with 12 rows vs two with 6 (group 1 spans both)."""
-    single = launch(tmp_path / "one", 1, 12)
-    double = launch(tmp_path / "two", 2, 6)
+    single = launch(tmp_path / "one", ONE_PROCESS, 12)
+    double = launch(tmp_path / "two", DDP, 6)
     assert (single["processes"], double["processes"]) == (1, 2)
     # rewards are gathered over both processes before advantages: the logged batch reward is the global one
     assert double["rewards"] == single["rewards"]
@@ -66,3 +80,53 @@ def test_two_processes_match_one_process(tmp_path):
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6, msg=key)
     trained = load_file(tmp_path / "one" / "pytorch_lora_weights.safetensors")
     assert any(v.abs().max() > 0 for k, v in trained.items() if "lora_B" in k)  # training moved the adapter
+
+
+# Under SGD the update is linear in the gradient, so a gradient of the wrong scale (the loss divided by the
+# accumulation steps twice) shows, as it would not under Adam; accumulation 2 exercises the sync boundaries.
+SHARDED_OPTIONS = ("--accumulation", "2", "--optim", "sgd", "--learning-rate", "0.1")
+MODES = {  # mode: (script options, saved weights)
+    "full": (("--full", *SHARDED_OPTIONS), "unet/diffusion_pytorch_model.safetensors"),
+    "lora": (SHARDED_OPTIONS, "pytorch_lora_weights.safetensors"),
+}
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory):
+    """The plain one-process run of a mode, launched once per module: `(output folder, result)`."""
+    runs = {}
+
+    def run(mode: str):
+        if mode not in runs:
+            out = tmp_path_factory.mktemp(f"one-process-{mode}")
+            runs[mode] = out, launch(out, ONE_PROCESS, 12, *MODES[mode][0])
+        return runs[mode]
+
+    return run
+
+
+def largest_update(mode: str, trained: dict[str, torch.Tensor]) -> float:
+    """How far training moved the weights: from the tiny UNet (full), or from LoRA's zero-initialised B matrices."""
+    if mode == "lora":
+        return max(v.abs().max().item() for k, v in trained.items() if "lora_B" in k)
+    return max((trained[k] - base).abs().max().item() for k, base in tiny_sd_pipeline().unet.state_dict().items())
+
+
+@pytest.mark.parametrize("stage, mode", [(2, "full"), (3, "full"), (3, "lora")])
+def test_deepspeed_zero_matches_one_process(tmp_path, one_process_run, stage, mode):
+    """DeepSpeed ZeRO-2/3 on 2 processes gives one plain process's weights, with one optimiser step per rollout batch
+    (the ratio stays 1 at every trained step, though accelerate's DeepSpeed backward steps the engine at every synced
+    backward); ZeRO-3's sharded weights, full or LoRA, are gathered into a diffusers-format save."""
+    options, weights = MODES[mode]
+    single_dir, single = one_process_run(mode)
+    zero = launch(tmp_path, deepspeed(stage), 6, *options)
+    assert (zero["distributed_type"], zero["processes"]) == ("DistributedType.DEEPSPEED", 2)
+    assert zero["ratios"] == pytest.approx([1.0, 1.0], abs=1e-5) and zero["clip_fractions"] == [0.0, 0.0]
+    expected, trained = load_file(single_dir / weights), load_file(tmp_path / weights)
+    assert trained.keys() == expected.keys()
+    assert largest_update(mode, expected) > 1e-4  # training moved the weights: agreeing below is not trivial
+    for key in expected:
+        torch.testing.assert_close(trained[key], expected[key], rtol=1e-4, atol=1e-7, msg=key)
+    assert zero["rewards"] == pytest.approx(single["rewards"], rel=1e-5)
+    assert zero["data_losses"] == pytest.approx(single["data_losses"], rel=1e-4)
+    assert zero["eval_ratio"] == pytest.approx(single["eval_ratio"], rel=1e-5)
