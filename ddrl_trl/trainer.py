@@ -456,10 +456,12 @@ class DDRLTrainer(SavingMixin, Trainer):
         return metrics
 
     def train(self, *args, **kwargs):
-        """`Trainer.train`, after measuring the base model's held-out loss when nothing else could later."""
+        """`Trainer.train`, after measuring the base model's held-out loss when nothing else could later (full
+        fine-tuning keeps no copy of the base). The denoiser still holds the base weights here, also when resuming:
+        `Trainer.train` loads the checkpoint afterwards."""
         if self.eval_dataset is not None and not self.is_lora and self.ref_denoiser is None:
             key = self.eval_dataset._fingerprint
-            if key not in self._base_eval_loss and kwargs.get("resume_from_checkpoint") in (None, False):
+            if key not in self._base_eval_loss:
                 self._base_eval_loss[key] = self._held_out_loss(self.eval_dataset, base=False)
         return super().train(*args, **kwargs)
 

@@ -1,7 +1,7 @@
 """A tiny DDRL training for the multi-process tests:
 `accelerate launch [DDP or DeepSpeed flags] tests/ddp_train.py OUT PER_DEVICE_BATCH [--full] [--accumulation K]
 [--optim NAME]
-[--learning-rate LR]`.
+[--learning-rate LR] [--max-steps N] [--save-steps K] [--resume CHECKPOINT]`.
 
 Writes the trained weights (`OUT/pytorch_lora_weights.safetensors`, or `OUT/unet/` for full fine-tuning) and, from
 the main process, the logged metrics (rewards, data losses, ratios) and the rollout's initial noise of every process
@@ -29,6 +29,9 @@ parser.add_argument("--full", action="store_true", help="full fine-tuning instea
 parser.add_argument("--accumulation", type=int, default=1)
 parser.add_argument("--optim", default="adamw_torch", help="sgd: updates linear in the gradient, to compare its scale")
 parser.add_argument("--learning-rate", type=float, default=1e-3)
+parser.add_argument("--max-steps", type=int, default=2)
+parser.add_argument("--save-steps", type=int, default=0, help="a checkpoint every K steps (0: none)")
+parser.add_argument("--resume", default=None, help="checkpoint folder to resume from")
 cli = parser.parse_args()
 out = cli.out
 rng = np.random.default_rng(0)
@@ -50,8 +53,8 @@ def recording(*args, **kwargs):
 trainer_module.rollout_and_score = recording
 args = DDRLConfig(
     output_dir=out, num_generations=4, per_device_train_batch_size=cli.per_device, num_inference_steps=4,
-    train_step_stride=1, max_steps=2, learning_rate=cli.learning_rate, warmup_steps=0, logging_steps=1, report_to="none",
-    log_sample_images_steps=0, save_strategy="no", seed=0, dataloader_pin_memory=False, data_beta=0.5,
+    train_step_stride=1, max_steps=cli.max_steps, learning_rate=cli.learning_rate, warmup_steps=0, logging_steps=1, report_to="none",
+    log_sample_images_steps=0, save_strategy="steps" if cli.save_steps else "no", save_steps=cli.save_steps or 1, seed=0, dataloader_pin_memory=False, data_beta=0.5,
     gradient_accumulation_steps=cli.accumulation, optim=cli.optim,
     use_cpu=True,  # on a machine without GPUs, transformers sets up gloo multi-process only when told it is on CPU
 )  # fmt: skip
@@ -59,7 +62,7 @@ trainer = DDRLTrainer(
     model=tiny_sd_pipeline(), reward_funcs="brightness", args=args, train_dataset=dataset, eval_dataset=dataset,
     peft_config=LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian") if not cli.full else None,
 )  # fmt: skip
-trainer.train()
+trainer.train(resume_from_checkpoint=cli.resume)
 trainer.save_model()
 evaluation = trainer.evaluate()  # the held-out samples are split across processes
 noise = trainer.accelerator.gather(torch.stack(initial_noise).flatten(2).contiguous())  # (processes·steps, b, D)

@@ -130,3 +130,18 @@ def test_deepspeed_zero_matches_one_process(tmp_path, one_process_run, stage, mo
     assert zero["rewards"] == pytest.approx(single["rewards"], rel=1e-5)
     assert zero["data_losses"] == pytest.approx(single["data_losses"], rel=1e-4)
     assert zero["eval_ratio"] == pytest.approx(single["eval_ratio"], rel=1e-5)
+
+
+def test_deepspeed_checkpoint_resumes_to_the_uninterrupted_weights(tmp_path):
+    """ZeRO-2, full fine-tuning with AdamW: 4 steps straight == resuming the checkpoint of step 2 to step 4. The
+    engine's sharded optimizer state is saved inside the staged checkpoint folder and restored from it."""
+    options = ("--full", "--max-steps", "4", "--save-steps", "2")
+    launch(tmp_path / "straight", deepspeed(2), 6, *options)
+    checkpoint = tmp_path / "straight" / "checkpoint-2"
+    assert (checkpoint / "global_step2").is_dir()  # DeepSpeed's own optimizer shards
+    launch(tmp_path / "resumed", deepspeed(2), 6, *options, "--resume", str(checkpoint))
+    weights = MODES["full"][1]
+    straight, resumed = load_file(tmp_path / "straight" / weights), load_file(tmp_path / "resumed" / weights)
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0, msg=key)

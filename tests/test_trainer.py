@@ -244,9 +244,11 @@ def test_gradient_checkpointing_uses_the_diffusers_switch(tmp_path, reference_da
 
 @pytest.mark.parametrize("use_lora", [True, False])
 def test_resume_from_checkpoint_continues_like_an_uninterrupted_run(tmp_path, reference_dataset, use_lora):
+    """Same weights, and the same held-out loss ratio to the base model: full fine-tuning keeps no base copy, so the
+    base loss must be measured at the resumed train() as at the first (before Trainer loads the checkpoint)."""
     def run(name, **kw):
         trainer = make_trainer(tmp_path / name, reference_dataset, peft_config=lora() if use_lora else None,
-                               max_steps=4, **kw)
+                               eval_dataset=reference_dataset, max_steps=4, **kw)
         return trainer
 
     straight = run("straight")
@@ -257,6 +259,10 @@ def test_resume_from_checkpoint_continues_like_an_uninterrupted_run(tmp_path, re
     assert resumed.state.global_step == 4
     for (name, a), b in zip(straight.model.named_parameters(), resumed.model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+    expected, measured = straight.evaluate(), resumed.evaluate()
+    assert expected["eval_diffusion_loss_ratio"] != 1.0  # training changed the held-out loss
+    for key, value in expected.items():
+        assert measured[key] == pytest.approx(value, rel=1e-5), key
 
 
 def test_full_fine_tuning_keeps_float32_master_weights_and_lora_base_follows_bf16(tmp_path, reference_dataset):
