@@ -386,6 +386,19 @@ class DDRLTrainer(SavingMixin, Trainer):
         output = self._base_prediction(latents, timestep, cond)
         return self.sampler.step_mean(output, step_index, latents)
 
+    def autocast_smart_context_manager(self, cache_enabled: bool | None = True):
+        """bf16/fp16 autocast around the trainer's own denoiser calls (`compute_loss_context_manager` enters it).
+
+        transformers leaves autocast to accelerate, which patches it into the model's forward in `prepare()`, and not
+        at all under DeepSpeed (the engine casts the model). The base model's held-out loss is measured before
+        `prepare()`, and full fine-tuning keeps float32 weights next to bf16 text encoders, so the trainer sets it
+        itself. The samplers' log-prob math is elementwise float32 and stays float32.
+        """
+        if not (self.args.bf16 or self.args.fp16):
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.args.bf16 else torch.float16
+        return torch.autocast(self.accelerator.device.type, dtype=dtype, cache_enabled=cache_enabled)
+
     # ------------------------------------------------------------------------------------------------ publishing
     def create_model_card(self, model_name=None, dataset_name=None, tags=None, license=None, **kwargs) -> None:
         """Write the diffusers model card `push_to_hub()` uploads (README.md, samples.png, training_curves.png):

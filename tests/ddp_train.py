@@ -1,7 +1,7 @@
 """A tiny DDRL training for the multi-process tests:
 `accelerate launch [DDP or DeepSpeed flags] tests/ddp_train.py OUT PER_DEVICE_BATCH [--full] [--accumulation K]
 [--optim NAME]
-[--learning-rate LR] [--max-steps N] [--save-steps K] [--resume CHECKPOINT]`.
+[--learning-rate LR] [--max-steps N] [--save-steps K] [--resume CHECKPOINT] [--bf16]`.
 
 Writes the trained weights (`OUT/pytorch_lora_weights.safetensors`, or `OUT/unet/` for full fine-tuning) and, from
 the main process, the logged metrics (rewards, data losses, ratios) and the rollout's initial noise of every process
@@ -32,6 +32,7 @@ parser.add_argument("--learning-rate", type=float, default=1e-3)
 parser.add_argument("--max-steps", type=int, default=2)
 parser.add_argument("--save-steps", type=int, default=0, help="a checkpoint every K steps (0: none)")
 parser.add_argument("--resume", default=None, help="checkpoint folder to resume from")
+parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (launch with --mixed_precision bf16)")
 cli = parser.parse_args()
 out = cli.out
 rng = np.random.default_rng(0)
@@ -55,7 +56,7 @@ args = DDRLConfig(
     output_dir=out, num_generations=4, per_device_train_batch_size=cli.per_device, num_inference_steps=4,
     train_step_stride=1, max_steps=cli.max_steps, learning_rate=cli.learning_rate, warmup_steps=0, logging_steps=1, report_to="none",
     log_sample_images_steps=0, save_strategy="steps" if cli.save_steps else "no", save_steps=cli.save_steps or 1, seed=0, dataloader_pin_memory=False, data_beta=0.5,
-    gradient_accumulation_steps=cli.accumulation, optim=cli.optim,
+    gradient_accumulation_steps=cli.accumulation, optim=cli.optim, bf16=cli.bf16,
     use_cpu=True,  # on a machine without GPUs, transformers sets up gloo multi-process only when told it is on CPU
 )  # fmt: skip
 trainer = DDRLTrainer(

@@ -1,5 +1,6 @@
 """DDRLTrainer end to end on tiny offline Stable Diffusion pipelines."""
 
+import math
 import os
 
 import pytest
@@ -267,11 +268,14 @@ def test_resume_from_checkpoint_continues_like_an_uninterrupted_run(tmp_path, re
 
 def test_full_fine_tuning_keeps_float32_master_weights_and_lora_base_follows_bf16(tmp_path, reference_dataset):
     full = make_trainer(tmp_path / "full", reference_dataset, pipeline=tiny_sd_pipeline().to(dtype=torch.bfloat16),
-                        bf16=True, use_cpu=True, max_steps=1)
+                        eval_dataset=reference_dataset, bf16=True, use_cpu=True, max_steps=1)
     assert {p.dtype for p in full.model.parameters()} == {torch.float32}
     assert full.pipeline.vae.dtype == torch.bfloat16
+    # The base model's held-out loss is measured at train(), before accelerate's prepare(): the trainer's own autocast
+    # lets the float32 denoiser read the bf16 text encoder's conditioning there.
     full.train()
     assert full.state.log_history[0]["ratio/mean"] == pytest.approx(1.0, abs=1e-2)  # bf16 forward, float32 ratio
+    assert math.isfinite(full.evaluate()["eval_diffusion_loss_ratio"])
 
     lora_trainer = make_trainer(tmp_path / "lora", reference_dataset, peft_config=lora(), bf16=True, use_cpu=True)
     trainable = {p.dtype for p in lora_trainer.model.parameters() if p.requires_grad}
