@@ -52,7 +52,8 @@ class HeldOutEvaluationMixin:
                     "The base model's held-out loss was not measured before training; with full fine-tuning call "
                     "evaluate() (or pass eval_dataset to the trainer) before training starts."
                 )
-            self._base_eval_loss[key] = self._held_out_loss(eval_dataset, base=self.is_lora or self.ref_denoiser is not None)
+            has_base = self.is_lora or self.ref_denoiser is not None  # else the weights are still the base's
+            self._base_eval_loss[key] = self._held_out_loss(eval_dataset, base=has_base)
         loss = self._held_out_loss(eval_dataset, base=False)
         metrics = {
             f"{metric_key_prefix}_diffusion_loss": loss,

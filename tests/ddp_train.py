@@ -1,7 +1,6 @@
 """A tiny DDRL training for the multi-process tests:
 `accelerate launch [DDP or DeepSpeed flags] tests/ddp_train.py OUT PER_DEVICE_BATCH [--full] [--accumulation K]
-[--optim NAME]
-[--learning-rate LR] [--max-steps N] [--save-steps K] [--resume CHECKPOINT] [--bf16]`.
+[--optim NAME] [--learning-rate LR] [--max-steps N] [--save-steps K] [--resume CHECKPOINT] [--bf16]`.
 
 Writes the trained weights (`OUT/pytorch_lora_weights.safetensors`, or `OUT/unet/` for full fine-tuning) and, from
 the main process, the logged metrics (rewards, data losses, ratios) and the rollout's initial noise of every process
@@ -34,7 +33,6 @@ parser.add_argument("--save-steps", type=int, default=0, help="a checkpoint ever
 parser.add_argument("--resume", default=None, help="checkpoint folder to resume from")
 parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (launch with --mixed_precision bf16)")
 cli = parser.parse_args()
-out = cli.out
 rng = np.random.default_rng(0)
 dataset = Dataset.from_dict({
     "prompt": ["a red cat", "a blue dog", "a green bird", "a white house", "a black car", "a small tree"],
@@ -53,9 +51,10 @@ def recording(*args, **kwargs):
 
 trainer_module.rollout_and_score = recording
 args = DDRLConfig(
-    output_dir=out, num_generations=4, per_device_train_batch_size=cli.per_device, num_inference_steps=4,
-    train_step_stride=1, max_steps=cli.max_steps, learning_rate=cli.learning_rate, warmup_steps=0, logging_steps=1, report_to="none",
-    log_sample_images_steps=0, save_strategy="steps" if cli.save_steps else "no", save_steps=cli.save_steps or 1, seed=0, dataloader_pin_memory=False, data_beta=0.5,
+    output_dir=cli.out, num_generations=4, per_device_train_batch_size=cli.per_device, num_inference_steps=4,
+    train_step_stride=1, max_steps=cli.max_steps, learning_rate=cli.learning_rate, warmup_steps=0, logging_steps=1,
+    report_to="none", log_sample_images_steps=0, seed=0, dataloader_pin_memory=False, data_beta=0.5,
+    save_strategy="steps" if cli.save_steps else "no", save_steps=cli.save_steps or 1,
     gradient_accumulation_steps=cli.accumulation, optim=cli.optim, bf16=cli.bf16,
     use_cpu=True,  # on a machine without GPUs, transformers sets up gloo multi-process only when told it is on CPU
 )  # fmt: skip
@@ -70,7 +69,7 @@ noise = trainer.accelerator.gather(torch.stack(initial_noise).flatten(2).contigu
 if trainer.accelerator.is_main_process:
     logged = {key: [h[key] for h in trainer.state.log_history if key in h]
               for key in ("reward", "loss/data", "ratio/mean", "clip_fraction")}  # fmt: skip
-    with open(f"{out}/result.json", "w") as f:
+    with open(f"{cli.out}/result.json", "w") as f:
         json.dump({"rewards": logged["reward"], "data_losses": logged["loss/data"], "ratios": logged["ratio/mean"],
                    "clip_fractions": logged["clip_fraction"], "processes": trainer.accelerator.num_processes,
                    "distributed_type": str(trainer.accelerator.distributed_type),

@@ -43,12 +43,12 @@ def deepspeed(stage: int) -> list[str]:
             "--num_processes", "2"]  # fmt: skip
 
 
-def launch(out: Path, launcher: list[str], per_device: int, *options: str) -> dict:
+def launch(out: Path, launcher: list[str], per_device: int, *options: str, mixed_precision: str = "no") -> dict:
     """Run `tests/ddp_train.py` under `accelerate launch <launcher>`; return its `result.json`."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", str(TESTS / "ddp_train.py"), str(out), str(per_device),
-           *options]  # fmt: skip
+           "--mixed_precision", mixed_precision, "--dynamo_backend", "no", str(TESTS / "ddp_train.py"), str(out),
+           str(per_device), *options]  # fmt: skip
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads((out / "result.json").read_text())
@@ -151,9 +151,7 @@ def test_deepspeed_bf16_trains_on_policy_and_evaluates(tmp_path):
     """The shipped DeepSpeed configs' precision: ZeRO-2 with bf16 (the engine casts the denoiser to bf16), full
     fine-tuning with a held-out set. The base model's loss is measured before the engine exists, under the trainer's
     own autocast; the ratio stays 1 and the bf16 weights save in diffusers format."""
-    launcher = deepspeed(2)
-    launcher[launcher.index("--num_processes"):launcher.index("--num_processes")] = ["--mixed_precision", "bf16"]
-    result = launch(tmp_path, launcher, 6, "--full", "--bf16")
+    result = launch(tmp_path, deepspeed(2), 6, "--full", "--bf16", mixed_precision="bf16")
     assert result["distributed_type"] == "DistributedType.DEEPSPEED"
     assert result["ratios"] == pytest.approx([1.0, 1.0], abs=1e-2)
     assert 0.5 < result["eval_ratio"] < 2.0
