@@ -12,28 +12,55 @@ def _serve_reward(args: argparse.Namespace) -> None:
 
     limits = ServerLimits(
         max_request_bytes=int(args.max_request_mb * 2**20),
+        max_json_values=args.max_json_values,
         max_samples_per_request=args.max_samples_per_request,
         max_batch_samples=args.max_batch_samples,
         max_wait_ms=args.max_wait_ms,
+        max_pending_jobs=args.max_pending_jobs,
+        result_ttl_s=args.result_ttl_s,
+        max_stored_results=args.max_stored_results,
+        batch_timeout_s=args.batch_timeout_s,
+        max_stuck_batches=args.max_stuck_batches,
+        max_connections=args.max_connections,
+        request_timeout_s=args.request_timeout_s,
     )
     serve(args.reward, args.host, args.port, args.token_file, limits)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .rewards import REWARD_SPEC_HELP
+
     parser = argparse.ArgumentParser(prog="ddrl-trl", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser(
         "serve-reward", help="serve a reward over HTTP for RemoteReward clients",
-        description="Serve a reward function over HTTP (submit → id → poll), micro-batching requests.",
+        description="Serve a reward function over HTTP (submit → id → poll), micro-batching requests. --reward is "
+                    "code the server runs: an import path imports and executes that module, so pass only rewards "
+                    "from configuration you trust, never from a request or an untrusted file.",
     )  # fmt: skip
-    serve.add_argument("--reward", required=True, help="a built-in name, 'package.module:function', or a Hub id/path")
+    serve.add_argument("--reward", required=True, help=f"the reward to serve: {REWARD_SPEC_HELP}")
     serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (default loopback only)")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--token-file", required=True, help="file holding the bearer token clients must send")
+    serve.add_argument("--token-file", required=True,
+                       help="file holding the bearer token clients must send (one line of visible ASCII)")
     serve.add_argument("--max-request-mb", type=float, default=64.0, help="largest request body accepted (MiB)")
+    serve.add_argument("--max-json-values", type=int, default=200_000,
+                       help="most JSON values (list items, keys) in one body: bounds the memory parsing it takes")
     serve.add_argument("--max-samples-per-request", type=int, default=1024)
     serve.add_argument("--max-batch-samples", type=int, default=64, help="micro-batch size across requests")
     serve.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a request waits for company")
+    serve.add_argument("--max-pending-jobs", type=int, default=256,
+                       help="jobs waiting or being scored; past it, new requests get 503 with Retry-After")
+    serve.add_argument("--result-ttl-s", type=float, default=600.0, help="how long finished scores can be polled")
+    serve.add_argument("--max-stored-results", type=int, default=100_000, help="finished results kept at most")
+    serve.add_argument("--batch-timeout-s", type=float, default=600.0,
+                       help="a reward call running longer fails its requests and counts as stuck")
+    serve.add_argument("--max-stuck-batches", type=int, default=2,
+                       help="stuck reward calls after which new work is refused (503) and /health says stuck")
+    serve.add_argument("--max-connections", type=int, default=256,
+                       help="open connections at most; past it the longest-idle one is closed")
+    serve.add_argument("--request-timeout-s", type=float, default=60.0,
+                       help="a connection must deliver each whole request within this many seconds")
     serve.set_defaults(func=_serve_reward)
     return parser
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from transformers import TrainingArguments
 
@@ -30,8 +32,9 @@ class DDRLConfig(TrainingArguments):
         num_inference_steps (`int`, defaults to `20`):
             Denoising steps T of each rollout (the released configs use 20).
         eta (`float`, defaults to `1.0`):
-            Stochasticity η of the DDIM SDE sampler; must be > 0 for the steps to have a log-probability. η = 1 is
-            DDPM's posterior variance, the usual choice (DDPO).
+            Stochasticity η of the DDIM SDE sampler, in (0, 1]: > 0 for the steps to have a log-probability, ≤ 1
+            because above it DDIM's direction term √(1 − ᾱ_s − σ²) has no real value. η = 1 is DDPM's posterior
+            variance, the usual choice (DDPO).
         flow_noise_level (`float`, defaults to `0.7`):
             Noise level a of the rectified-flow SDE sampler (SD3, FLUX, Wan), σ_t = a √(t/(1−t)); Flow-GRPO's value.
             Plays the role `eta` plays for DDIM models; must be > 0.
@@ -75,14 +78,14 @@ class DDRLConfig(TrainingArguments):
             Clip the combined reward to ±`reward_clip` before group normalisation (the reference code uses 5 on its
             rewards' scale). Off by default: common rewards live on other scales (aesthetic scores ~5–7, JPEG sizes in
             kB), where a fixed clip would flatten every group; group normalisation makes the scale irrelevant anyway.
-            Set it to cap outliers of a reward whose range you know.
+            Set it (> 0) to cap outliers of a reward whose range you know.
         scale_rewards (`str`, defaults to `"group"`):
             Divide centred rewards by the group std (`"group"`), the batch std (`"batch"`) or nothing (`"none"`).
             The group std approximates the temperature β of the DDRL objective.
         exp_advantage (`bool`, defaults to `False`):
             Apply the objective's λ-transform A ← −exp(−A) (the reference code's `exp_reward`; off in its configs).
         advantage_clip (`float`, defaults to `5.0`):
-            Advantages are clamped to ±`advantage_clip`.
+            Advantages are clamped to ±`advantage_clip` (> 0).
 
         > Loss
 
@@ -117,6 +120,24 @@ class DDRLConfig(TrainingArguments):
             centre-cropped to `resolution` and VAE-encoded once, before training.
         preprocess_batch_size (`int`, defaults to `16`):
             Batch size of that one-off VAE encoding.
+        max_reference_upscale (`float`, defaults to `2.0`):
+            How far a reference image or video may be upscaled to reach `resolution` (the ratio of `resolution` to its
+            short side). Upscaled references anchor the model to blur: any upscaling is reported in one warning per
+            dataset, and a sample needing more than this factor is refused, naming the row. `1.0` refuses all
+            upscaling.
+
+        > Runs and safety
+
+        overwrite_output_dir (`bool`, defaults to `False`):
+            Allow a new run in an `output_dir` that already holds another run's checkpoints or saved weights; its
+            `checkpoint-*` folders are deleted when training starts. Without it such a run is refused before any work
+            (resume the earlier run with `resume_from_checkpoint`, or pick another `output_dir`), so no saved work is
+            overwritten by accident.
+        max_consecutive_nonfinite_steps (`int`, defaults to `3`):
+            An optimiser step whose loss or gradients are not finite (NaN, ±inf) is skipped: the weights and optimiser
+            state stay as they were, a warning is logged and `nonfinite_steps` counts it (the step still counts toward
+            `max_steps`, and the LR schedule advances). After this many skipped steps in a row training stops with an
+            error, so a run that has diverged does not go on writing checkpoints.
 
         > Evaluation and logging
 
@@ -138,7 +159,7 @@ class DDRLConfig(TrainingArguments):
     # Rollouts
     num_generations: int = field(default=8, metadata={"help": "Group size N: rollouts per prompt (≥ 2)."})
     num_inference_steps: int = field(default=20, metadata={"help": "Denoising steps T per rollout."})
-    eta: float = field(default=1.0, metadata={"help": "DDIM stochasticity η > 0."})
+    eta: float = field(default=1.0, metadata={"help": "DDIM stochasticity η in (0, 1]."})
     flow_noise_level: float = field(default=0.7, metadata={"help": "Rectified-flow SDE noise level a > 0."})
     resolution: int | None = field(default=None, metadata={"help": "Pixel resolution; None = denoiser's native."})
     num_frames: int | None = field(default=None, metadata={"help": "Video frames (4k+1 for Wan); None = default."})
@@ -166,6 +187,16 @@ class DDRLConfig(TrainingArguments):
     prompt_column: str = field(default="prompt", metadata={"help": "Prompt column."})
     image_column: str = field(default="image", metadata={"help": "Paired reference image column."})
     preprocess_batch_size: int = field(default=16, metadata={"help": "Batch size of the one-off VAE encoding."})
+    max_reference_upscale: float = field(
+        default=2.0, metadata={"help": "Largest upscaling factor of a reference sample to `resolution`."}
+    )
+    # Runs and safety
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Start a new run in an output_dir holding another run's checkpoints."}
+    )
+    max_consecutive_nonfinite_steps: int = field(
+        default=3, metadata={"help": "Stop after this many skipped non-finite steps in a row."}
+    )
     # Evaluation and logging
     ema_decay: float | None = field(default=None, metadata={"help": "EMA decay of the trained weights; None = off."})
     eval_noise_draws: int = field(default=4, metadata={"help": "Seeded noise draws per eval sample."})
@@ -182,6 +213,7 @@ class DDRLConfig(TrainingArguments):
     )
 
     def __post_init__(self):
+        self._check_numbers_are_finite()  # before anything compares them: every comparison with NaN is False
         super().__post_init__()
         if self.num_generations < 2:
             raise ValueError(
@@ -204,12 +236,31 @@ class DDRLConfig(TrainingArguments):
             )
         if self.num_inference_steps < 2:
             raise ValueError(f"num_inference_steps must be ≥ 2 (the last step is never trained), got {self.num_inference_steps}.")
-        if self.eta <= 0:
-            raise ValueError(f"eta must be > 0 so sampler steps have a log-probability, got {self.eta}.")
+        if not 0 < self.eta <= 1:
+            raise ValueError(
+                f"eta must be in (0, 1]: > 0 so DDIM steps have a log-probability, ≤ 1 because above it DDIM's "
+                f"variance exceeds what the step allows (the sampler would stop being DDIM), got {self.eta}."
+            )
         if self.flow_noise_level <= 0:
             raise ValueError(f"flow_noise_level must be > 0 so sampler steps have a log-probability, got {self.flow_noise_level}.")
         if self.epsilon <= 0:
             raise ValueError(f"epsilon (the PPO clip range) must be > 0, got {self.epsilon}.")
+        if self.advantage_clip <= 0:
+            raise ValueError(f"advantage_clip must be > 0 (advantages are clamped to ±advantage_clip), got {self.advantage_clip}.")
+        if self.reward_clip is not None and self.reward_clip <= 0:
+            raise ValueError(
+                f"reward_clip must be > 0 (rewards are clipped to ±reward_clip) or None to turn clipping off, got "
+                f"{self.reward_clip}."
+            )
+        if self.max_reference_upscale < 1:
+            raise ValueError(
+                f"max_reference_upscale must be ≥ 1 (1 refuses any upscaling of reference samples), got "
+                f"{self.max_reference_upscale}."
+            )
+        if self.max_consecutive_nonfinite_steps < 1:
+            raise ValueError(
+                f"max_consecutive_nonfinite_steps must be ≥ 1, got {self.max_consecutive_nonfinite_steps}."
+            )
         if self.train_step_stride < 1:
             raise ValueError(f"train_step_stride must be ≥ 1, got {self.train_step_stride}.")
         for name in ("data_noise", "data_timesteps"):
@@ -230,6 +281,18 @@ class DDRLConfig(TrainingArguments):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer or None, got {getattr(self, name)}.")
         self.trained_step_indices  # validates explicit indices
+
+    def _check_numbers_are_finite(self) -> None:
+        """Refuse NaN and ±inf in every number of the config (reward weights included), naming the field."""
+        for spec in fields(self):
+            value = getattr(self, spec.name, None)
+            values = value if isinstance(value, (list, tuple)) else [value]
+            for item in values:
+                if isinstance(item, numbers.Real) and not isinstance(item, bool) and not math.isfinite(item):
+                    raise ValueError(
+                        f"{spec.name} must be a finite number, got {value!r}. NaN and infinity are never valid "
+                        f"settings; see docs/config.md for the field's range."
+                    )
 
     @property
     def rollout_chunk_size(self) -> int | None:

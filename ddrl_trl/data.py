@@ -4,19 +4,29 @@ Every prompt comes with its **paired** reference sample x̃0 (real data, or synt
 that prompt; never a random image). Images are loaded, resized and centre-cropped to the training resolution and
 VAE-encoded once, before training; steps only read the cached latents. Videos (for video pipelines) are checked for
 their frame count and size, then cropped and encoded the same way.
+
+Pixels are read by what they are, never guessed into white: 16-bit images (PIL modes `I;16*`, `uint16` arrays) are
+scaled from 0..65535, other integer arrays must hold 0..255, float arrays must lie in [0, 1], transparent pixels are
+composited over white and EXIF orientation is applied; anything else is refused naming the row and the fix.
+Images and videos alike may be upscaled to the resolution by at most `max_upscale` (a warning reports any upscaling).
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import os
 from collections.abc import Iterator, Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from datasets import Dataset
 from datasets import Image as ImageFeature
-from PIL import Image, ImageSequence
+from PIL import Image, ImageOps, ImageSequence
+
+logger = logging.getLogger(__name__)
 
 REF_LATENTS_COLUMN = "ddrl_ref_latents"
 
@@ -39,8 +49,38 @@ def check_columns(dataset: Dataset, prompt_column: str, image_column: str, split
         raise ValueError(f"The {split} dataset is empty.")
 
 
+class ReferenceSampleError(ValueError):
+    """A reference sample that can be read but does not fit the training setup (pixel values, frame count, size)."""
+
+
+def check_prompts(dataset: Dataset, prompt_column: str, split: str) -> None:
+    """Fail early, naming the first bad row, when a prompt is not a non-empty string (None, a number, blank)."""
+    column = dataset.with_format("arrow")[prompt_column]
+    if isinstance(column, pa.Table):
+        column = column.column(0)
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        raise ValueError(
+            f"The {split} dataset's column {prompt_column!r} holds {column.type} values (row 0: {dataset[0][prompt_column]!r}), "
+            f"not text: every prompt must be a non-empty string. Convert the column (e.g. dataset.map) or set "
+            f"prompt_column to the column holding the prompts."
+        )
+    blank = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(column)), 0)
+    invalid = pc.fill_null(pc.or_kleene(pc.is_null(column), blank), True)
+    count = pc.sum(invalid).as_py() or 0
+    if count:
+        rows = np.flatnonzero(invalid.to_numpy(zero_copy_only=False))
+        raise ValueError(
+            f"Row {rows[0]} of the {split} dataset: column {prompt_column!r} holds {dataset[int(rows[0])][prompt_column]!r}, "
+            f"not a non-empty prompt ({count} such row(s) in all, e.g. {rows[:5].tolist()}). Fix or drop those rows, "
+            f"e.g. dataset.filter(lambda row: bool(row[{prompt_column!r}] and row[{prompt_column!r}].strip()))."
+        )
+
+
 def load_image(value) -> Image.Image:
-    """Open a reference image given as PIL image, path, bytes, `{"bytes"|"path": ...}` dict or HWC array."""
+    """Open a reference image given as PIL image, path, bytes, `{"bytes"|"path": ...}` dict or array, as 8-bit RGB.
+
+    Files are decoded now (a truncated one fails here, not mid-training) and turned upright by their EXIF
+    orientation; 16-bit and float images, arrays and transparency are converted by `to_rgb`."""
     if isinstance(value, Image.Image):
         image = value
     elif isinstance(value, (str, os.PathLike)):
@@ -50,14 +90,84 @@ def load_image(value) -> Image.Image:
     elif isinstance(value, dict) and (value.get("bytes") or value.get("path")):
         image = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(value["path"])
     elif isinstance(value, (np.ndarray, torch.Tensor)):
-        array = np.asarray(value)
-        if array.dtype != np.uint8:
-            array = (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
-        image = Image.fromarray(array)
+        return to_rgb(array_to_image(value))
     else:
         raise TypeError(f"expected a PIL image, a path, bytes or an array, got {type(value).__name__}")
-    image.load()  # decode now, so a truncated file fails here and not mid-training
+    image.load()
+    return to_rgb(ImageOps.exif_transpose(image))
+
+
+def array_to_image(value) -> Image.Image:
+    """An image array — `(H, W)`, `(H, W, C)` or a tensor's `(C, H, W)`, C in {1, 3, 4} — as an 8-bit PIL image.
+
+    Values are read by dtype: uint8 as is; uint16 as 16-bit (0..65535); other integers must hold 0..255; floats must
+    lie in [0, 1] (within 1e-3, then clipped); bool as black/white. Anything else raises `ReferenceSampleError`."""
+    array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+        array = array.transpose(1, 2, 0)  # channels first, as tensors hold images
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4))):
+        raise ReferenceSampleError(
+            f"an array of shape {array.shape} is not an image: expected (H, W), (H, W, 1|3|4) or (1|3|4, H, W)"
+        )
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8) * 255
+    elif array.dtype == np.uint16:
+        array = np.round(array.astype(np.float32) / 257.0).astype(np.uint8)  # 65535 / 257 = 255
+    elif np.issubdtype(array.dtype, np.integer) and array.dtype != np.uint8:
+        low, high = int(array.min()), int(array.max())
+        if low < 0 or high > 255:
+            raise ReferenceSampleError(
+                f"an integer ({array.dtype}) image with values {low}..{high}: integer images must hold 0..255; pass "
+                f"16-bit data as uint16, or rescale it to uint8"
+            )
+        array = array.astype(np.uint8)
+    elif np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise ReferenceSampleError("a float image holding NaN or infinite values")
+        low, high = float(array.min()), float(array.max())
+        if low < -1e-3 or high > 1 + 1e-3:
+            raise ReferenceSampleError(
+                f"a float image with values {low:.4g}..{high:.4g}: float images must lie in [0, 1]; divide 0..255 "
+                f"data by 255, map [-1, 1] data with (x + 1) / 2, or pass uint8"
+            )
+        array = np.round(np.clip(array, 0, 1) * 255).astype(np.uint8)
+    elif array.dtype != np.uint8:
+        raise ReferenceSampleError(f"an array of dtype {array.dtype} is not an image; pass uint8, uint16 or floats in [0, 1]")
+    return Image.fromarray(np.ascontiguousarray(array))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB of any PIL image: 16-bit and 32-bit modes by their values (`array_to_image`; PIL's own conversion
+    clips 16-bit values to 255, i.e. white), transparency composited over white."""
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N"):
+        return to_rgb(array_to_image(np.asarray(image).astype(np.uint16)))
+    if image.mode == "I":  # 32-bit integers: how PIL opens 16-bit PNG/TIFF data in some versions
+        array = np.asarray(image)
+        if array.min() < 0 or array.max() > 65535:
+            raise ReferenceSampleError(f"a 32-bit integer image with values {array.min()}..{array.max()}; convert it to 8 or 16 bits")
+        return to_rgb(array_to_image(array.astype(np.uint16)))
+    if image.mode == "F":
+        return to_rgb(array_to_image(np.asarray(image)))
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def upscale_factor(width: int, height: int, resolution: int, max_upscale: float) -> float:
+    """How much a `width`×`height` sample is upscaled to reach `resolution` (≤ 1: not at all); raises
+    `ReferenceSampleError` above `max_upscale`: upscaled references anchor the model to blur."""
+    factor = resolution / min(width, height)
+    if factor > max_upscale:
+        raise ReferenceSampleError(
+            f"it is {width}x{height} px, which would be upscaled {factor:.2f}x to resolution={resolution} (more than "
+            f"max_reference_upscale={max_upscale:g}): use references whose short side is at least "
+            f"{resolution / max_upscale:.0f} px, lower resolution, or raise max_reference_upscale"
+        )
+    return factor
 
 
 def resize_center_crop(image: Image.Image, resolution: int) -> torch.Tensor:
@@ -71,10 +181,6 @@ def resize_center_crop(image: Image.Image, resolution: int) -> torch.Tensor:
     image = image.crop((left, top, left + resolution, top + resolution))
     array = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1)
     return array / 127.5 - 1.0
-
-
-class ReferenceSampleError(ValueError):
-    """A reference sample that can be read but does not fit the training setup (frame count, frame size)."""
 
 
 def load_video_frames(value) -> list[Image.Image]:
@@ -122,9 +228,9 @@ def _frames_from_bytes(data: bytes, name: str | None) -> list[Image.Image]:
     return [load_image(frame.copy()) for frame in ImageSequence.Iterator(image)]
 
 
-def video_to_tensor(frames: list[Image.Image], resolution: int, num_frames: int) -> torch.Tensor:
+def video_to_tensor(frames: list[Image.Image], resolution: int, num_frames: int, max_upscale: float = 2.0) -> torch.Tensor:
     """`(F, 3, R, R)` in [−1, 1] from `frames`, after checking they fit: exactly `num_frames` frames, one frame size,
-    no side shorter than `resolution` (upscaled reference videos would pull the model toward blur)."""
+    upscaled at most `max_upscale` times (`upscale_factor`, the same rule as images)."""
     if len(frames) != num_frames:
         raise ReferenceSampleError(
             f"the video has {len(frames)} frames but num_frames={num_frames}: trim or resample the reference videos to "
@@ -133,12 +239,7 @@ def video_to_tensor(frames: list[Image.Image], resolution: int, num_frames: int)
     sizes = sorted({frame.size for frame in frames})
     if len(sizes) > 1:
         raise ReferenceSampleError(f"the video's frames differ in size ({sizes}); every frame must have the same size")
-    width, height = sizes[0]
-    if min(width, height) < resolution:
-        raise ReferenceSampleError(
-            f"the frames are {width}x{height} px, smaller than resolution={resolution}: use reference videos whose "
-            f"short side is at least {resolution} px, or lower resolution in DDRLConfig"
-        )
+    upscale_factor(*sizes[0], resolution, max_upscale)
     return torch.stack([resize_center_crop(frame, resolution) for frame in frames])
 
 
@@ -150,28 +251,34 @@ def encode_reference_dataset(
     batch_size: int,
     split: str,
     num_frames: int | None = None,
+    max_upscale: float = 2.0,
 ) -> Dataset:
     """Add the column `ddrl_ref_latents`: the VAE latents of each row's reference sample, computed once.
 
     Images are resized and centre-cropped to `resolution`. With `num_frames` the samples are videos, checked by
-    `video_to_tensor` and encoded `batch_size // num_frames` (at least one) at a time. A sample that cannot be read
-    or does not fit raises a `ValueError` naming the row, the column and the fix, before any training work.
+    `video_to_tensor` and encoded `batch_size // num_frames` (at least one) at a time. A sample upscaled more than
+    `max_upscale` times, unreadable, or otherwise unfit raises a `ValueError` naming the row, the column and the fix,
+    before any training work; any upscaling at all is reported in one warning.
     """
     kind = "video" if num_frames else "image"
     if isinstance(dataset.features.get(column), ImageFeature):
         # Decode rows ourselves, so a corrupt file is reported with its row index instead of deep inside `datasets`.
         dataset = dataset.cast_column(column, ImageFeature(decode=False))
+    upscaled: list[tuple[int, float]] = []  # (row, factor) of every upscaled sample
 
-    def to_pixels(value) -> torch.Tensor:
+    def to_pixels(value) -> tuple[torch.Tensor, float]:
         if num_frames:
-            return video_to_tensor(load_video_frames(value), resolution, num_frames)
-        return resize_center_crop(load_image(value), resolution)
+            frames = load_video_frames(value)
+            return video_to_tensor(frames, resolution, num_frames, max_upscale), resolution / min(frames[0].size)
+        image = load_image(value)
+        factor = upscale_factor(*image.size, resolution, max_upscale)
+        return resize_center_crop(image, resolution), factor
 
     def encode_batch(batch, indices):
         pixels = []
         for value, row in zip(batch[column], indices):
             try:
-                pixels.append(to_pixels(value))
+                sample, factor = to_pixels(value)
             except ReferenceSampleError as err:
                 raise ValueError(f"Row {row} of the {split} dataset, column {column!r}: {err}.") from err
             except ImportError:
@@ -182,6 +289,9 @@ def encode_reference_dataset(
                     f"Row {row} of the {split} dataset: column {column!r} cannot be read as {article} {kind} ({err}). "
                     f"Fix or drop that row (e.g. dataset.filter) before training."
                 ) from err
+            pixels.append(sample)
+            if factor > 1:
+                upscaled.append((row, factor))
         latents = encode(torch.stack(pixels))
         return {REF_LATENTS_COLUMN: latents.float().cpu().numpy()}
 
@@ -199,6 +309,13 @@ def encode_reference_dataset(
         new_fingerprint=fingerprint,
         desc=f"Encoding {split} reference {kind}s",
     )
+    if upscaled:
+        row, factor = max(upscaled, key=lambda item: item[1])
+        logger.warning(
+            "%d of %d %s reference %ss are smaller than resolution=%d and were upscaled (up to %.2fx, row %d): "
+            "upscaled references pull the model toward blur. Prefer references at least %d px on their short side.",
+            len(upscaled), len(dataset), split, kind, resolution, factor, row, resolution,
+        )  # fmt: skip
     return encoded.remove_columns(column)
 
 

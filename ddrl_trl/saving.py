@@ -1,17 +1,22 @@
 """How `DDRLTrainer` saves and resumes: diffusers-format weights, an optional EMA, and checkpoints that are never
 half-written.
 
-- `save_model` / checkpoints write `pytorch_lora_weights.safetensors` (LoRA) or `<dir>/<denoiser>/` (full), as the
-  model family's pipeline reloads them; each file is staged and renamed into place (`atomic_directory_update`).
+- `save_model` / checkpoints write `pytorch_lora_weights.safetensors` (LoRA, with its config in the file's metadata,
+  so plain `load_lora_weights` reloads it at its trained strength) or `<dir>/<denoiser>/` (full), as the model
+  family's pipeline reloads them, plus `ddrl_run.json` (`resume.py`); each file is staged and renamed into place
+  (`atomic_directory_update`). Non-finite weights are never written.
 - With `ema_decay`, diffusers' `EMAModel` keeps an exponential moving average of the trained weights; checkpoints hold
   it (`ema_state.pt`) next to the raw weights, resume restores both, and the final `save_model` writes the EMA weights.
 - A whole checkpoint (weights, optimizer, scheduler, RNG states, trainer state with the data position) is written
   into a staging folder and renamed to `checkpoint-N` only when complete, so a run killed mid-save leaves the previous
   checkpoint as the newest one `resume_from_checkpoint=True` finds.
+- Resuming reads every file through a check that names the file and the checkpoint when it is damaged, and refuses
+  non-finite weights or optimizer state.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -22,7 +27,11 @@ from peft import get_peft_model_state_dict
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from .checkpointing import LORA_WEIGHTS_NAME, atomic_directory_update, load_full_denoiser, load_lora_into_denoiser
+from .checkpointing import (
+    LORA_WEIGHTS_NAME, CheckpointError, NonFiniteWeightsError, atomic_directory_update, first_non_finite,
+    load_full_denoiser, load_lora_into_denoiser,
+)  # fmt: skip
+from .resume import RUN_INFO_NAME, run_info
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +48,8 @@ class _EMAUpdate(TrainerCallback):
         self.trainer = trainer
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.trainer.ema.step(self.trainer.trainable_parameters)
+        if not self.trainer.nonfinite_guard.skipped_last_step:  # a skipped step changed nothing to average in
+            self.trainer.ema.step(self.trainer.trainable_parameters)
 
 
 class SavingMixin:
@@ -80,9 +90,18 @@ class SavingMixin:
                 self.ema.copy_to(self.trainable_parameters)
             try:
                 # Under FSDP / DeepSpeed, Trainer.save_model gathers the sharded weights into `state_dict` first.
+                named = state_dict.items() if state_dict is not None else self.adapter.denoiser.named_parameters()
+                bad = first_non_finite(named)
+                if bad is not None:
+                    raise NonFiniteWeightsError(
+                        f"Refusing to save to {output_dir}: the weight {bad!r} holds NaN or ±inf. Saved weights and "
+                        f"checkpoints are never overwritten with a diverged model; lower learning_rate and resume from "
+                        f"the last checkpoint."
+                    )
                 if self.is_lora:
                     lora = get_peft_model_state_dict(self.adapter.denoiser, state_dict=state_dict)
-                    self.adapter.save_lora_weights(staging, lora)
+                    metadata = self.adapter.denoiser.peft_config["default"].to_dict()
+                    self.adapter.save_lora_weights(staging, lora, adapter_metadata=metadata)
                 else:
                     self.adapter.save_denoiser(staging, state_dict=state_dict)
             finally:
@@ -91,23 +110,55 @@ class SavingMixin:
             if self.ema is not None and in_checkpoint:
                 torch.save(self.ema.state_dict(), os.path.join(staging, EMA_STATE_NAME))
             torch.save(self.args, os.path.join(staging, "training_args.bin"))
+            with open(os.path.join(staging, RUN_INFO_NAME), "w", encoding="utf-8") as file:
+                json.dump(run_info(self), file, indent=2)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if self.is_lora:
-            if not os.path.isfile(os.path.join(resume_from_checkpoint, LORA_WEIGHTS_NAME)):
-                raise ValueError(f"{resume_from_checkpoint} has no {LORA_WEIGHTS_NAME}: not a DDRL LoRA checkpoint.")
             load_lora_into_denoiser(self.adapter.denoiser, resume_from_checkpoint, self.adapter.denoiser_name)
         else:
             load_full_denoiser(self.adapter.denoiser, resume_from_checkpoint, self.adapter.denoiser_name)
         if self.ema is not None:
             path = os.path.join(resume_from_checkpoint, EMA_STATE_NAME)
             if not os.path.isfile(path):
-                raise ValueError(
+                raise CheckpointError(
                     f"{resume_from_checkpoint} has no {EMA_STATE_NAME}: it was written without ema_decay, so the EMA "
                     f"cannot be resumed. Resume with ema_decay=None, or start a new run."
                 )
-            self.ema.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            self.ema.load_state_dict(_torch_load(path, resume_from_checkpoint))
             self.ema.to(device=self.trainable_parameters[0].device)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """Trainer's loading, after checking the weights now loaded (from any backend) are finite; a damaged optimizer
+        or scheduler file is reported by name, and a non-finite optimizer state is refused."""
+        if checkpoint is None:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        bad = first_non_finite((n, p.detach()) for n, p in self.adapter.denoiser.named_parameters())
+        if bad is not None:
+            raise CheckpointError(f"Checkpoint {checkpoint} holds non-finite weights ({bad!r}); resume from an earlier one.")
+        try:
+            super()._load_optimizer_and_scheduler(checkpoint)
+        except Exception as err:
+            for name in ("optimizer.pt", "scheduler.pt"):
+                path = os.path.join(checkpoint, name)
+                if os.path.isfile(path):
+                    _torch_load(path, checkpoint)  # raises CheckpointError naming the damaged file
+            raise CheckpointError(f"Cannot load the optimizer or scheduler state of checkpoint {checkpoint}: {err}") from err
+        tensors = ((f"state of parameter {i}", v) for i, state in enumerate(self.optimizer.state.values())
+                   for v in state.values() if isinstance(v, torch.Tensor))  # fmt: skip
+        bad = first_non_finite(tensors)
+        if bad is not None:
+            raise CheckpointError(f"The optimizer state in checkpoint {checkpoint} is non-finite ({bad}); resume from "
+                                  f"an earlier checkpoint.")  # fmt: skip
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        try:
+            super()._load_rng_state(checkpoint)
+        except Exception as err:
+            raise CheckpointError(
+                f"The RNG state of checkpoint {checkpoint} is unreadable ({err}): the file is truncated or corrupt. "
+                f"Resume from an earlier checkpoint-N."
+            ) from err
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     def _get_output_dir(self, trial) -> str:
@@ -141,3 +192,14 @@ class SavingMixin:
             rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)  # fmt: skip
         self.accelerator.wait_for_everyone()
+
+
+def _torch_load(path: str, checkpoint: str):
+    """`torch.load(path)` of tensors only; `CheckpointError` naming the file if it is damaged."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 — torch raises several types for a damaged archive
+        raise CheckpointError(
+            f"{path} in checkpoint {checkpoint} is unreadable ({err}): the file is truncated or corrupt. Resume from an "
+            f"earlier checkpoint-N."
+        ) from err

@@ -7,7 +7,9 @@ A training script is then only its model family's defaults:
 
 Arguments are parsed by `trl.TrlParser` from `ScriptArguments` (dataset), `DDRLConfig` (training), `ModelConfig`
 (model and LoRA) and `RewardArguments`; a YAML `--config` file overrides the script's defaults and command-line
-flags override both.
+flags override both. `--reward_funcs` is required (there is no safe default reward); `--resume_from_checkpoint`
+takes a checkpoint folder, or `true` / `latest` for the newest one in `--output_dir`; a new run refuses an
+`--output_dir` holding another run's checkpoints (unless `--overwrite_output_dir`) before loading anything.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from datasets import Dataset, load_dataset, load_from_disk
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
 from .config import DDRLConfig
+from .resume import check_output_dir_free, check_output_dir_writable
+from .rewards import REWARD_SPEC_HELP
 from .trainer import DDRLTrainer
 
 
@@ -27,11 +31,37 @@ from .trainer import DDRLTrainer
 class RewardArguments:
     """Which rewards to train on."""
 
-    reward_funcs: list[str] = field(
-        default_factory=lambda: ["brightness"],
-        metadata={"help": "Reward names: built-ins (e.g. 'brightness') or 'package.module:function' import paths."},
+    reward_funcs: list[str] | None = field(
+        default=None,
+        metadata={"help": f"Required. One or more rewards, each {REWARD_SPEC_HELP}. Weigh several with "
+                          f"--reward_weights."},
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
+
+
+def resume_argument(value: str | bool | None) -> str | bool | None:
+    """`--resume_from_checkpoint` as `Trainer.train` takes it: `true` / `latest` → True (the newest checkpoint in
+    `--output_dir`), `false` / `none` / empty → None, anything else a checkpoint folder."""
+    if value is None or isinstance(value, bool):
+        return value or None
+    if value.strip().lower() in ("true", "latest", "yes", "1"):
+        return True
+    if value.strip().lower() in ("false", "none", "no", "0", ""):
+        return None
+    return value
+
+
+def check_arguments(training_args: DDRLConfig, reward_args: RewardArguments, resume: str | bool | None) -> None:
+    """What can be checked before loading the model and data: a reward is named, and `output_dir` may be used."""
+    if not reward_args.reward_funcs:
+        raise ValueError(
+            f"--reward_funcs is required: name the reward(s) to train on, each {REWARD_SPEC_HELP}. There is no "
+            f"default: a reward chosen by accident is what RL optimises (the built-in 'brightness' trains toward white "
+            f"images)."
+        )
+    if training_args.should_save:
+        check_output_dir_writable(training_args.output_dir)
+    check_output_dir_free(training_args, resume)
 
 
 def load_data(script_args: ScriptArguments) -> tuple[Dataset, Dataset | None]:
@@ -54,7 +84,10 @@ def load_data(script_args: ScriptArguments) -> tuple[Dataset, Dataset | None]:
 def train(
     script_args: ScriptArguments, training_args: DDRLConfig, model_args: ModelConfig, reward_args: RewardArguments
 ) -> DDRLTrainer:
-    """Build the `DDRLTrainer` from parsed arguments, train, and save the adapter (or denoiser) to `output_dir`."""
+    """Build the `DDRLTrainer` from parsed arguments, train (resuming with `--resume_from_checkpoint`), and save the
+    adapter (or denoiser) to `output_dir`."""
+    resume = resume_argument(training_args.resume_from_checkpoint)
+    check_arguments(training_args, reward_args, resume)
     train_data, test_data = load_data(script_args)
     if reward_args.max_train_samples is not None:
         train_data = train_data.select(range(min(reward_args.max_train_samples, len(train_data))))
@@ -69,7 +102,7 @@ def train(
         eval_dataset=test_data if training_args.eval_strategy != "no" else None,
         peft_config=peft_config,
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)
     return trainer
 

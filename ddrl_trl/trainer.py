@@ -25,13 +25,17 @@ from trl.trainer.utils import disable_dropout_in_model
 from .adapters import PipelineAdapter, concat_conditioning, get_adapter, repeat_conditioning
 from .callbacks import HackingMonitorCallback
 from .config import DDRLConfig
-from .core import clipped_policy_loss, combine_rewards, diffusion_loss, group_advantages, reverse_kl_loss
-from .data import DDRLCollator, RepeatSampler, check_columns, encode_reference_dataset
+from .core import (
+    clipped_policy_loss, combine_rewards, diffusion_loss, group_advantages, group_reward_std, reverse_kl_loss,
+)  # fmt: skip
+from .data import DDRLCollator, RepeatSampler, check_columns, check_prompts, encode_reference_dataset
 from .evaluation import HeldOutEvaluationMixin
+from .guards import NonFiniteStepGuard
 from .rewards import compute_rewards, resolve_reward, reward_name
 from .saving import SavingMixin
 from .layout import GroupLayout
 from .model_card import write_model_card
+from .resume import check_output_dir_writable, check_same_run, prepare_output_dir, resolve_checkpoint, run_info, verify_checkpoint
 from .rollout import Rollout, SeededNoise, rollout_and_score, stable_seed
 from .tracking import image_grid, log_image_grid, make_config_tracker_friendly
 
@@ -103,8 +107,12 @@ class DDRLTrainer(SavingMixin, HeldOutEvaluationMixin, Trainer):
         if train_dataset is None:
             raise ValueError("DDRLTrainer needs a train_dataset with prompts and their paired reference images.")
         check_columns(train_dataset, args.prompt_column, args.image_column, "training")
+        check_prompts(train_dataset, args.prompt_column, "training")
         if eval_dataset is not None:
             check_columns(eval_dataset, args.prompt_column, args.image_column, "evaluation")
+            check_prompts(eval_dataset, args.prompt_column, "evaluation")
+        if args.should_save:
+            check_output_dir_writable(args.output_dir)
         if any(isinstance(callback, HackingMonitorCallback) for callback in callbacks or []):
             HackingMonitorCallback.check_eval_data(eval_dataset)
 
@@ -186,16 +194,32 @@ class DDRLTrainer(SavingMixin, HeldOutEvaluationMixin, Trainer):
         #: The last logged rollout grid `(image, prompts, step)`, shown in the model card.
         self.last_samples = None
         self._executor: ThreadPoolExecutor | None = None
+        #: Skips optimiser steps with non-finite losses or gradients (`guards.py`); before the EMA's callback.
+        self.nonfinite_guard = NonFiniteStepGuard(self, args.max_consecutive_nonfinite_steps)
+        self.add_callback(self.nonfinite_guard)
         self._setup_ema()
         for callback in self.callback_handler.callbacks:
             if isinstance(callback, HackingMonitorCallback):  # it saves the last good weights through the trainer
                 callback.bind(self)
 
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """`Trainer.train`, after deciding, before any work, that the run may use `output_dir` and that the checkpoint
+        to resume (`True`: the newest in `output_dir`) is complete, readable and of this run (`resume.py`)."""
+        prepare_output_dir(self.args, resume_from_checkpoint, self.is_world_process_zero())
+        self.accelerator.wait_for_everyone()
+        checkpoint = resolve_checkpoint(self.args.output_dir, resume_from_checkpoint)
+        if checkpoint is not None:
+            verify_checkpoint(checkpoint, self.is_lora, self.adapter.denoiser_name, self.is_deepspeed_enabled,
+                              self.args.process_index, self.args.world_size)  # fmt: skip
+            check_same_run(checkpoint, run_info(self))
+        return super().train(resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval,
+                             **kwargs)  # fmt: skip
+
     # ------------------------------------------------------------------------------------------------ data plumbing
     def _encode(self, dataset: Dataset, args: DDRLConfig, split: str) -> Dataset:
         return encode_reference_dataset(
             dataset, self.adapter.encode_images, self.resolution, args.image_column, args.preprocess_batch_size, split,
-            num_frames=self.adapter.num_frames,
+            num_frames=self.adapter.num_frames, max_upscale=args.max_reference_upscale,
         )  # fmt: skip
 
     def _check_rewards_on(self, dataset: Dataset, args: DDRLConfig) -> None:
@@ -272,27 +296,31 @@ class DDRLTrainer(SavingMixin, HeldOutEvaluationMixin, Trainer):
 
     def _advantages(self, per_func: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
         """This process's rewards `(b, F)` → its float32 advantages on the device, computed on the rewards of the
-        whole global batch (gathered from every process: groups may span processes); logs reward statistics."""
+        whole global batch (gathered from every process: groups may span processes)."""
         args = self.args
         per_func = self.accelerator.gather(per_func.to(self.accelerator.device)).cpu()
         rewards = combine_rewards(per_func, self.reward_weights)
         advantages = group_advantages(
             rewards, args.num_generations, scale_rewards=args.scale_rewards, reward_clip=args.reward_clip,
             exp_transform=args.exp_advantage, advantage_clip=args.advantage_clip,
-        )
-        valid = ~torch.isnan(rewards)
+        )  # fmt: skip
+        self._log_reward_statistics(per_func, rewards)
+        return advantages[layout.local_slice].to(self.accelerator.device)
+
+    def _log_reward_statistics(self, per_func: torch.Tensor, rewards: torch.Tensor) -> None:
+        """`reward` (mean of the valid combined rewards), `reward_std` (the std the advantages were divided by, as
+        TRL logs it), and per function its mean and its count of invalid (None, NaN, ±inf) scores."""
+        args = self.args
+        valid = torch.isfinite(rewards)
         if valid.any():
             self._metrics["reward"].append(rewards[valid].mean().item())
-        grouped = rewards.view(-1, args.num_generations)
-        stds = [g[~torch.isnan(g)].std().item() for g in grouped if (~torch.isnan(g)).sum() > 1]
-        if stds:
-            self._metrics["reward_std"].append(sum(stds) / len(stds))
+        stds = group_reward_std(rewards, args.num_generations, args.scale_rewards, args.reward_clip)
+        self._metrics["reward_std"].append(stds.mean().item())
         for name, column in zip(self.reward_names, per_func.unbind(dim=1)):
-            ok = ~torch.isnan(column)
+            ok = torch.isfinite(column)
             if ok.any():
                 self._metrics[f"rewards/{name}/mean"].append(column[ok].mean().item())
             self._metrics[f"rewards/{name}/invalid"].append(float((~ok).sum()))
-        return advantages[layout.local_slice].to(self.accelerator.device)
 
     def _policy_and_data_backward(
         self, model, rollout: Rollout, advantages, cond, prompt_cond, ref_latents, layout: GroupLayout,
@@ -357,6 +385,9 @@ class DDRLTrainer(SavingMixin, HeldOutEvaluationMixin, Trainer):
                         kl = reverse_kl_loss(mean, ref_mean, sampler.stds[step_index])
                         loss = loss + args.kl_beta * kl
                         self._metrics["loss/kl"].append(kl.detach())
+                self.nonfinite_guard.record_loss(loss)
+                if self.is_deepspeed_enabled and sync_after_batch and last:  # the engine steps in this backward
+                    self.nonfinite_guard.check_before_deepspeed_step(self.state.global_step + 1)
                 self.accelerator.gradient_state._set_sync_gradients(sync_after_batch and last)
                 self.accelerator.backward(loss / (num_trained * self._accumulation_steps), **backward_kwargs)
             total = total + loss.detach() / num_trained
@@ -422,4 +453,5 @@ class DDRLTrainer(SavingMixin, HeldOutEvaluationMixin, Trainer):
                 means = self.accelerator.gather(means[None]).mean(dim=0)
                 logs.update(zip(keys, means.tolist()))
             self._metrics.clear()
+            logs["nonfinite_steps"] = float(self.nonfinite_guard.skipped_steps)
         super().log(logs, start_time)

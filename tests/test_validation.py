@@ -36,11 +36,26 @@ def build(tmp_path, dataset, reward=brightness_reward, pipeline=None, **kw):
     [
         (dict(num_generations=1, per_device_train_batch_size=4), "num_generations must be at least 2"),
         (dict(num_generations=4, per_device_train_batch_size=6), "multiple of num_generations"),
-        (dict(eta=0.0), "eta must be > 0"),
+        (dict(eta=0.0), r"eta must be in \(0, 1\]"),
+        (dict(eta=1.5), r"eta must be in \(0, 1\].*would stop being DDIM"),
         (dict(flow_noise_level=0.0), "flow_noise_level must be > 0"),
         (dict(data_noise="fresh"), "data_noise must be one of"),
         (dict(train_step_indices=[0, 9], num_inference_steps=5), r"in \[0, 3\]"),
         (dict(scale_rewards="max"), "scale_rewards"),
+        (dict(advantage_clip=0.0), "advantage_clip must be > 0"),
+        (dict(advantage_clip=-1.0), "advantage_clip must be > 0"),
+        (dict(reward_clip=-1.0), "reward_clip must be > 0"),
+        (dict(reward_clip=0.0), "reward_clip must be > 0"),
+        (dict(max_reference_upscale=0.5), "max_reference_upscale must be ≥ 1"),
+        (dict(max_consecutive_nonfinite_steps=0), "max_consecutive_nonfinite_steps must be ≥ 1"),
+        # NaN passes every comparison: each float field must be refused as non-finite, by name
+        *[(
+            {name: value}, f"{name} must be a finite number"
+        ) for name in ("eta", "data_beta", "epsilon", "kl_beta", "flow_noise_level", "learning_rate",
+                       "advantage_clip", "reward_clip", "ema_decay", "max_grad_norm", "guidance_scale")
+          for value in (float("nan"), float("inf"), float("-inf"))],
+        (dict(reward_weights=[1.0, float("nan")]), "reward_weights must be a finite number"),
+        (dict(reward_weights=[float("inf")]), "reward_weights must be a finite number"),
     ],
 )
 def test_config_errors(tmp_path, kwargs, message):

@@ -74,7 +74,8 @@ def test_video_file_column_trains_the_latents_of_its_frames(tmp_path):
     "videos, message",
     [
         ([frames(9), frames(12)], r"Row 1 of the training dataset, column 'video': the video has 12 frames but num_frames=9"),
-        ([frames(9, 12, 12), frames(9)], r"Row 0 .* frames are 12x12 px, smaller than resolution=16"),
+        ([frames(9, 6, 6), frames(9)], r"Row 0 .* 6x6 px, which would be upscaled 2.67x to resolution=16 \(more than "
+                                        r"max_reference_upscale=2\)"),
         ([frames(4) + frames(5, 24, 24), frames(9)], r"Row 0 .*frames differ in size"),
         ([frames(1)[0], frames(1)[0]], r"Row 0 .*expected a video .* got a single image"),
     ],

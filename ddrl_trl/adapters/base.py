@@ -158,15 +158,20 @@ class PipelineAdapter(ABC):
     def make_sampler(self, config, device: torch.device):
         """The family's SDE sampler with exact log-probs (e.g. `DDIMSDESampler`), set up from a `DDRLConfig`."""
 
-    def save_lora_weights(self, output_dir: str, lora_state_dict: dict[str, torch.Tensor]) -> None:
+    def save_lora_weights(
+        self, output_dir: str, lora_state_dict: dict[str, torch.Tensor], adapter_metadata: dict | None = None
+    ) -> None:
         """Write `pytorch_lora_weights.safetensors` that `pipeline.load_lora_weights(output_dir)` reloads.
 
         `lora_state_dict` comes straight from `get_peft_model_state_dict`: the pipeline's own LoRA mixin writes it
         under `unet.` / `transformer.`. It is deliberately not passed through `convert_state_dict_to_diffusers`,
         which renames only some transformer keys, so the reload would silently drop part of the adapter.
+        `adapter_metadata` (the `LoraConfig` as a dict) goes into the file's header: without it `load_lora_weights`
+        assumes `lora_alpha == r` and no rank/alpha patterns, and reloads any other LoRA at the wrong strength.
         """
+        metadata = {f"{self.denoiser_name}_lora_adapter_metadata": adapter_metadata} if adapter_metadata else {}
         type(self.pipeline).save_lora_weights(
-            output_dir, **{f"{self.denoiser_name}_lora_layers": lora_state_dict}, safe_serialization=True
+            output_dir, **{f"{self.denoiser_name}_lora_layers": lora_state_dict}, **metadata, safe_serialization=True
         )
 
     def save_denoiser(self, output_dir: str, state_dict: dict[str, torch.Tensor] | None = None) -> None:

@@ -1,6 +1,6 @@
 """Pure, unit-tested math of DDRL: advantages and losses. No model, no trainer state."""
 
-from .advantages import combine_rewards, group_advantages
+from .advantages import combine_rewards, group_advantages, group_reward_std
 from .losses import clipped_policy_loss, diffusion_loss, gaussian_log_prob, reverse_kl_loss
 
 __all__ = [
@@ -9,5 +9,6 @@ __all__ = [
     "diffusion_loss",
     "gaussian_log_prob",
     "group_advantages",
+    "group_reward_std",
     "reverse_kl_loss",
 ]

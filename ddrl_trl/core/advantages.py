@@ -19,11 +19,45 @@ def combine_rewards(rewards_per_func: torch.Tensor, weights: torch.Tensor) -> to
         weights: `(F,)` reward weights.
 
     Returns:
-        `(B,)` float32 rewards; NaN for a sample if any function gave it no valid score, so that an invalid sample is
-        excluded rather than silently scored on the remaining functions only.
+        `(B,)` float32 rewards; NaN (or ±inf) for a sample if any function gave it no valid score, so that an invalid
+        sample is excluded rather than silently scored on the remaining functions only.
     """
     rewards_per_func = rewards_per_func.float()
     return (rewards_per_func * weights.to(rewards_per_func)).sum(dim=1)
+
+
+def _filled_groups(rewards: torch.Tensor, num_generations: int, reward_clip: float | None) -> torch.Tensor:
+    """`(G, N)` rewards as the advantages use them: clipped to ±`reward_clip`, each invalid (NaN, ±inf) reward
+    replaced by the mean of the valid rewards of its group (0 for a group with none)."""
+    if rewards.ndim != 1 or rewards.numel() % num_generations != 0:
+        raise ValueError(
+            f"rewards must be a 1-D tensor whose length is a multiple of num_generations={num_generations}, "
+            f"got shape {tuple(rewards.shape)}."
+        )
+    grouped = rewards.float().view(-1, num_generations)
+    valid = torch.isfinite(grouped)
+    if reward_clip is not None:
+        grouped = grouped.clamp(-reward_clip, reward_clip)
+    n_valid = valid.sum(dim=1, keepdim=True)
+    group_mean = torch.where(valid, grouped, 0.0).sum(dim=1, keepdim=True) / n_valid.clamp(min=1)
+    return torch.where(valid, grouped, group_mean)
+
+
+def group_reward_std(
+    rewards: torch.Tensor,
+    num_generations: int,
+    scale_rewards: Literal["group", "batch", "none"] = "group",
+    reward_clip: float | None = None,
+) -> torch.Tensor:
+    """`(G,)` the reward std each group's advantages are divided by (before `std_eps`): the group's unbiased std
+    (`"group"`, and reported for `"none"`, as TRL's GRPOTrainer does) or the batch's (`"batch"`), of the rewards as
+    `group_advantages` uses them (clipped, invalid ones replaced by their group mean)."""
+    grouped = _filled_groups(rewards, num_generations, reward_clip)
+    if scale_rewards == "batch":
+        return grouped.std().expand(grouped.shape[0])
+    if scale_rewards not in ("group", "none"):
+        raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale_rewards!r}.")
+    return grouped.std(dim=1)
 
 
 def group_advantages(
@@ -41,10 +75,10 @@ def group_advantages(
     (ddrl-algorithm.md §2). Steps, in order:
 
     1. clip rewards to ±`reward_clip`;
-    2. replace invalid (NaN) rewards by the mean of the valid rewards of their group, so they get zero advantage
-       (a group with no valid reward gets zero advantages);
+    2. replace invalid (NaN, ±inf) rewards by the mean of the valid rewards of their group, so they get zero
+       advantage (a group with no valid reward gets zero advantages);
     3. centre on the group mean; divide by the group's unbiased std (`"group"`, as TRL's GRPOTrainer), by the std of
-       the whole batch (`"batch"`) or by nothing (`"none"`), plus `std_eps`;
+       the whole batch (`"batch"`) or by nothing (`"none"`), plus `std_eps` (`group_reward_std`);
     4. optionally apply the λ-transform A ← −exp(−A) (`exp_transform`, the code's `exp_reward`);
     5. clamp to ±`advantage_clip`.
 
@@ -53,28 +87,13 @@ def group_advantages(
         num_generations: group size N.
 
     Returns:
-        `(B,)` float32 advantages.
+        `(B,)` float32 advantages, always finite.
     """
-    if rewards.ndim != 1 or rewards.numel() % num_generations != 0:
-        raise ValueError(
-            f"rewards must be a 1-D tensor whose length is a multiple of num_generations={num_generations}, "
-            f"got shape {tuple(rewards.shape)}."
-        )
-    rewards = rewards.float()
-    if reward_clip is not None:
-        rewards = rewards.clamp(-reward_clip, reward_clip)  # NaN stays NaN
-    grouped = rewards.view(-1, num_generations)
-    valid = ~torch.isnan(grouped)
-    n_valid = valid.sum(dim=1, keepdim=True)
-    group_mean = torch.where(valid, grouped, 0.0).sum(dim=1, keepdim=True) / n_valid.clamp(min=1)
-    grouped = torch.where(valid, grouped, group_mean)
-    centred = grouped - group_mean
-    if scale_rewards == "group":
-        centred = centred / (grouped.std(dim=1, keepdim=True) + std_eps)
-    elif scale_rewards == "batch":
-        centred = centred / (grouped.std() + std_eps)
-    elif scale_rewards != "none":
-        raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale_rewards!r}.")
+    grouped = _filled_groups(rewards, num_generations, reward_clip)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale_rewards != "none":
+        std = group_reward_std(rewards, num_generations, scale_rewards, reward_clip)
+        centred = centred / (std[:, None] + std_eps)
     advantages = centred.reshape(-1)
     if exp_transform:
         advantages = -torch.exp(-advantages)

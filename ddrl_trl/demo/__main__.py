@@ -67,7 +67,7 @@ def run_one(name: str, data_beta: float, opts, evaluator, train_ds, eval_ds) -> 
         num_inference_steps=10, train_step_stride=2, eval_strategy="steps", eval_steps=opts.eval_every,
         logging_steps=opts.eval_every, log_sample_images_steps=opts.eval_every, report_to=["tensorboard"],
         save_strategy="no", per_device_eval_batch_size=120, eval_noise_draws=4, dataloader_pin_memory=False,
-        run_name=name,
+        run_name=name, overwrite_output_dir=True,  # the demo regenerates its own output folder on every run
     )
     trainer_ref: dict = {}
     probe = _DemoProbe(trainer_ref, evaluator, opts.per_digit)

@@ -7,13 +7,14 @@ A reward function is any callable `f(images, prompts, **columns) -> list[float |
 - `prompts`: list of `B` prompts;
 - `**columns`: every other dataset column (except the reference image), one value per image.
 
-It returns one score per image; `None` or NaN marks a sample it could not score (excluded, and counted in
+It returns one score per image; `None`, NaN or ±inf marks a sample it could not score (excluded, and counted in
 `rewards/<name>/invalid`).
 
-A string names a reward (`resolve_reward`): a built-in (`"brightness"`, `"jpeg_compressibility"`,
-`"jpeg_incompressibility"`), an import path `"package.module:function"`, or a Hub repo id / local folder of a reward
-model (`"yuvalkirstain/PickScore_v1"`, `"trl-lib/ddpo-aesthetic-predictor"`, an image classifier), loaded by
-`load_reward` (`hub.py`). docs/rewards.md has the formulas.
+A string names a reward (`resolve_reward`, forms listed in `REWARD_SPEC_HELP`): a built-in (`"brightness"`,
+`"jpeg_compressibility"`, `"jpeg_incompressibility"`), an import path (`"package.module:function"` or TRL's
+`"package.module.function"`), or a Hub repo id / local folder of a reward model (`"yuvalkirstain/PickScore_v1"`,
+`"trl-lib/ddpo-aesthetic-predictor"`, an image classifier), loaded by `load_reward` (`hub.py`). An import path runs
+code: take it only from configuration you trust. docs/rewards.md has the formulas.
 """
 
 from __future__ import annotations
@@ -32,6 +33,14 @@ from .hub import load_reward
 
 RewardFunc = Callable[..., Sequence]
 
+#: Every form a reward string may take, for `--help` texts and error messages.
+REWARD_SPEC_HELP = (
+    f"a built-in name ({', '.join(sorted(BUILTIN_REWARDS))}); an import path 'package.module:function' or "
+    f"'package.module.function' (TRL's form), which imports and runs that code, so take it only from configuration "
+    f"you trust; a local folder of a reward model; or a Hub repo id 'owner/name' of one (CLIP/PickScore, LAION "
+    f"aesthetic predictor, image classifier)"
+)
+
 
 def reward_name(func: RewardFunc) -> str:
     """The name a reward function is logged under (`rewards/<name>/mean`)."""
@@ -39,9 +48,13 @@ def reward_name(func: RewardFunc) -> str:
 
 
 def resolve_reward(spec: str | RewardFunc) -> RewardFunc:
-    """A callable as is; a string, in this order, as a built-in name (`"brightness"`), an import path
-    `"package.module:function"`, or a local folder / Hub repo id (anything with a "/", or an existing folder) of a
-    reward model loaded with `load_reward` and its defaults (call `load_reward` yourself for its options)."""
+    """A callable as is; a string (`REWARD_SPEC_HELP`), tried in this order: a built-in name (`"brightness"`), an
+    import path `"package.module:function"`, an existing local folder of a reward model, TRL's dotted import path
+    `"package.module.function"` (a string with dots and no "/"), else a Hub repo id `"owner/name"` of a reward model.
+    Reward models load with `load_reward`'s defaults (call it yourself for its options).
+
+    An import path imports a module and calls a function in it: it runs code, so it must come from configuration you
+    trust (never from a request or an untrusted file)."""
     if callable(spec):
         return spec
     if not isinstance(spec, str):
@@ -50,22 +63,34 @@ def resolve_reward(spec: str | RewardFunc) -> RewardFunc:
         return BUILTIN_REWARDS[spec]
     if ":" in spec:
         module_name, _, attr = spec.partition(":")
-        try:
-            func = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as err:
-            raise ValueError(f"Cannot import reward {spec!r}: {err}. Use 'package.module:function'.") from err
-        if not callable(func):
-            raise ValueError(f"Reward {spec!r} is not callable.")
-        return func
-    if "/" in spec or os.sep in spec or os.path.isdir(spec):
+        return _import_reward(spec, module_name, attr)
+    if os.path.isdir(spec):
         return load_reward(spec)
-    raise ValueError(
-        f"Unknown reward {spec!r}. Use a callable, a built-in name ({', '.join(sorted(BUILTIN_REWARDS))}), an import "
-        f"path 'package.module:function', or a Hub repo id / local folder of a reward model ('owner/name')."
-    )
+    if "." in spec and "/" not in spec and os.sep not in spec:
+        module_name, _, attr = spec.rpartition(".")
+        return _import_reward(spec, module_name, attr)
+    if "/" in spec or os.sep in spec:
+        return load_reward(spec)
+    raise ValueError(f"Unknown reward {spec!r}. Use a callable, or a string naming {REWARD_SPEC_HELP}.")
+
+
+def _import_reward(spec: str, module_name: str, attr: str) -> RewardFunc:
+    if not module_name or not attr:
+        raise ValueError(f"Cannot import reward {spec!r}: use 'package.module:function' or 'package.module.function'.")
+    try:
+        func = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(
+            f"Cannot import reward {spec!r}: {err}. Use 'package.module:function' or 'package.module.function', with "
+            f"the package importable (installed, or on PYTHONPATH)."
+        ) from err
+    if not callable(func):
+        raise ValueError(f"Reward {spec!r} is not callable.")
+    return func
 
 
 def _as_score(value, func_name: str, index: int) -> float:
+    """One score as a float; NaN (invalid) for None, NaN and ±inf, which no advantage can be computed from."""
     if value is None:
         return math.nan
     if isinstance(value, torch.Tensor) and value.numel() == 1:
@@ -77,7 +102,8 @@ def _as_score(value, func_name: str, index: int) -> float:
             f"Reward function {func_name!r} returned {value!r} ({type(value).__name__}) for image {index}; it must "
             f"return one float (or None to skip the image) per image."
         )
-    return float(value)
+    value = float(value)
+    return value if math.isfinite(value) else math.nan
 
 
 def compute_rewards(
@@ -86,7 +112,7 @@ def compute_rewards(
     """Call every reward function on the batch and check what it returns.
 
     Returns:
-        `(B, F)` float32 CPU tensor of scores, NaN where a function returned None/NaN.
+        `(B, F)` float32 CPU tensor of scores, NaN where a function returned None, NaN or ±inf.
 
     Raises:
         ValueError / TypeError naming the function, if it returns the wrong number of scores or a non-number.
@@ -115,11 +141,12 @@ def compute_rewards(
                 f"one float (or None) per image."
             )
         scores[:, f_idx] = torch.tensor([_as_score(v, name, i) for i, v in enumerate(output)], dtype=torch.float32)
-    return scores
+    return scores.nan_to_num_(nan=math.nan, posinf=math.nan, neginf=math.nan)  # finite floats beyond float32 too
 
 
 __all__ = [
     "BUILTIN_REWARDS",
+    "REWARD_SPEC_HELP",
     "RewardFunc",
     "brightness",
     "compute_rewards",

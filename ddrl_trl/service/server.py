@@ -4,15 +4,25 @@
         --token-file token.txt
 
 Endpoints (JSON):
-- `GET /health` → `{"status": "ok", "reward": name, "queued": n, "requests": n, "batches": n, "samples": n}`;
-  no token needed, reveals nothing but the reward's name and counters.
+- `GET /health` → `{"status": "ok" | "stuck", "reward": name, "queued", "pending_jobs", "stored_results",
+  "held_bytes", "stuck_batches", "requests", "batches", "samples"}` (503 while stuck); no token needed, reveals
+  nothing but the reward's name and counters.
 - `POST /v1/score` (bearer token) with a `wire.ScoreRequest` → 202 `{"id": job_id, "status": "queued"}`.
 - `GET /v1/score/{job_id}` (bearer token) → `{"id", "status": "queued" | "running" | "done" | "error",
   "scores": [float | null] | null, "error": str | null}`; finished jobs are kept `result_ttl_s` seconds.
+No other route is served (no `/docs`, no `/openapi.json`).
 
-Errors never take the server down: a missing or wrong token → 401; a body over `max_request_bytes` → 413; a body
-that is not JSON → 400; a request of the wrong form → 422 with a message; a reward that raises fails its jobs with
-the error text. The token is compared in constant time and never logged.
+Bounds, so that no client can exhaust the server (`ServerLimits`):
+- memory: a body over `max_request_bytes` → 413 before it is read in full; one holding more than `max_json_values`
+  JSON values → 413 before it is parsed (parsed JSON costs ~50× its bytes); more than `max_pending_jobs` unscored jobs
+  → 503 with Retry-After; a scored job keeps its scores only (its images are freed at once), expires after
+  `result_ttl_s` on a timer, and at most `max_stored_results` are kept;
+- time: a reward call running longer than `batch_timeout_s` fails its jobs with that error, and `/health` reports the
+  stuck call; past `max_stuck_batches` stuck calls new work is refused (503) rather than queued behind them;
+- connections: at most `max_connections` (past it the longest-idle one is closed), and a connection must deliver each
+  whole request within `request_timeout_s` of being opened or answered.
+A reward that raises fails its jobs; when several requests shared the failing call, each is scored alone again, so
+only the guilty request fails. The token is compared in constant time and never logged, nor are query strings.
 """
 
 from __future__ import annotations
@@ -21,38 +31,54 @@ import asyncio
 import hmac
 import logging
 import math
+import re
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+import h11
 import torch
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..rewards import compute_rewards, reward_name
-from .wire import PayloadError, ScoreRequest, check_lengths, decode_samples
+from .wire import PayloadError, ScoreRequest, check_lengths, check_token, decode_samples
 
 logger = logging.getLogger(__name__)
+
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 
 
 @dataclass
 class Job:
-    """One request's samples and, once scored, its result."""
+    """One request's samples and, once scored, only its result (the samples are dropped)."""
 
-    samples: torch.Tensor
-    prompts: list[str]
-    columns: dict[str, list]
+    job_id: str
+    samples: torch.Tensor | None
+    prompts: list[str] | None
+    columns: dict[str, list] | None
     status: str = "queued"
     scores: list[float | None] | None = None
     error: str | None = None
     finished_at: float | None = None
 
+    def __post_init__(self):
+        #: Samples in the request, and the bytes they hold until scored.
+        self.size, self.nbytes = self.samples.shape[0], self.samples.element_size() * self.samples.nelement()
+
     def batch_key(self) -> tuple:
         """Jobs that can share one reward call: same sample shape and the same columns."""
         return tuple(self.samples.shape[1:]), tuple(sorted(self.columns))
+
+    def finish(self, status: str, scores: list[float | None] | None = None, error: str | None = None) -> None:
+        self.status, self.scores, self.error, self.finished_at = status, scores, error, time.monotonic()
+        self.samples = self.prompts = self.columns = None  # a finished job holds its scores, nothing else
 
 
 @dataclass
@@ -60,54 +86,109 @@ class ServerLimits:
     """Bounds of one server. Defaults suit a GPU reward model scoring 512-px images."""
 
     max_request_bytes: int = 64 * 2**20  # ~ 80 images of 512x512 after base64
+    max_json_values: int = 200_000  # JSON values (list items, keys) in one body: bounds the cost of parsing it
     max_samples_per_request: int = 1024
     max_batch_samples: int = 64  # micro-batch size across requests
     max_wait_ms: float = 10.0  # how long the first queued job waits for company
+    max_pending_jobs: int = 256  # jobs queued or being scored; past it, 503 with Retry-After
     result_ttl_s: float = 600.0
+    max_stored_results: int = 100_000  # finished results kept for polling; the oldest go first
+    batch_timeout_s: float = 600.0  # a reward call running longer fails its jobs
+    max_stuck_batches: int = 2  # reward calls still running past their limit; past it, new work is refused
+    max_connections: int = 256
+    request_timeout_s: float = 60.0  # a connection must deliver each whole request within this
+
+    def __post_init__(self):
+        for name, value in vars(self).items():
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"ServerLimits.{name} must be a positive finite number, got {value!r}.")
+
+
+class _RewardTimeout(Exception):
+    pass
 
 
 @dataclass
 class _State:
     jobs: dict[str, Job] = field(default_factory=dict)
+    finished: OrderedDict = field(default_factory=OrderedDict)  # job ids in the order they finished
     queue: asyncio.Queue | None = None
+    executor: ThreadPoolExecutor | None = None
+    stuck: set = field(default_factory=set)  # futures of reward calls running past batch_timeout_s
+    pending: int = 0
+    held_bytes: int = 0
     counters: dict[str, int] = field(default_factory=lambda: {"requests": 0, "batches": 0, "samples": 0})
+
+
+def count_json_values(body: bytes) -> int:
+    """An upper bound on the JSON values and keys of `body`, without parsing it: the separators outside strings."""
+    stripped = _JSON_STRING.sub(b'""', body)
+    return sum(stripped.count(token) for token in (b",", b"[", b"{", b":"))
 
 
 def create_app(reward_fn: Callable, token: str, limits: ServerLimits | None = None) -> FastAPI:
     """The FastAPI app serving `reward_fn` behind bearer `token` (uvicorn runs it; tests too)."""
-    if not token:
-        raise ValueError("The reward server needs a non-empty token.")
+    check_token(token, "the reward server's token")
     limits = limits or ServerLimits()
     name = reward_name(reward_fn)
     state = _State()
     expected = f"Bearer {token}".encode()
 
-    def score_batch(jobs: list[Job]) -> None:
-        """Run the reward once on the concatenated jobs (a worker thread) and hand each job its scores."""
+    def score_batch(samples: torch.Tensor, prompts: list[str], columns: dict[str, list]) -> list[float | None]:
+        """The reward on one concatenated batch (a worker thread); non-finite scores become None (invalid)."""
+        scores = compute_rewards([reward_fn], samples, prompts, columns)[:, 0].tolist()
+        return [s if math.isfinite(s) else None for s in scores]
+
+    async def call_reward(jobs: list[Job]) -> list[float | None]:
+        """Run the reward on `jobs` in the worker pool; `_RewardTimeout` past `batch_timeout_s` (the call then goes
+        on in its thread, counted as stuck until it returns, and its late result is dropped)."""
         samples = torch.cat([job.samples for job in jobs])
         prompts = [p for job in jobs for p in job.prompts]
         columns = {key: [v for job in jobs for v in job.columns[key]] for key in jobs[0].columns}
-        scores = compute_rewards([reward_fn], samples, prompts, columns)[:, 0].tolist()
-        start = 0
-        for job in jobs:
-            part = scores[start : start + len(job.prompts)]
-            job.scores = [None if math.isnan(s) else s for s in part]
-            start += len(job.prompts)
+        future = asyncio.get_running_loop().run_in_executor(state.executor, score_batch, samples, prompts, columns)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), limits.batch_timeout_s)
+        except asyncio.TimeoutError:
+            state.stuck.add(future)
+            future.add_done_callback(state.stuck.discard)
+            raise _RewardTimeout from None
+
+    def finish(job: Job, status: str, scores=None, error=None) -> None:
+        """Record a job's result, free its samples, and keep at most `max_stored_results` results."""
+        state.pending -= 1
+        state.held_bytes -= job.nbytes
+        job.finish(status, scores, error)
+        state.finished[job.job_id] = None
+        while len(state.finished) > limits.max_stored_results:
+            state.jobs.pop(state.finished.popitem(last=False)[0], None)
 
     async def run_batch(jobs: list[Job]) -> None:
         for job in jobs:
             job.status = "running"
         try:
-            await asyncio.to_thread(score_batch, jobs)
-            status, error = "done", None
+            scores = await call_reward(jobs)
+        except _RewardTimeout:
+            logger.error("reward %s did not finish a batch of %d requests within %.0f s", name, len(jobs),
+                         limits.batch_timeout_s)  # fmt: skip
+            for job in jobs:
+                finish(job, "error", error=f"the reward did not finish within batch_timeout_s={limits.batch_timeout_s:g} s")
+            return
         except Exception as err:  # noqa: BLE001 — a failing reward fails its jobs, not the server
-            logger.exception("reward %s failed on a batch of %d requests", name, len(jobs))
-            status, error = "error", f"{type(err).__name__}: {err}"
-        now = time.monotonic()
-        for job in jobs:
-            job.status, job.error, job.finished_at = status, error, now
+            if len(jobs) > 1:  # find the guilty request: score each one alone
+                logger.warning("reward %s failed on a batch of %d requests (%s); scoring them one by one", name,
+                               len(jobs), err)  # fmt: skip
+                for job in jobs:
+                    await run_batch([job])
+                return
+            logger.exception("reward %s failed on a request of %d samples", name, jobs[0].size)
+            finish(jobs[0], "error", error=f"{type(err).__name__}: {err}")
+            return
         state.counters["batches"] += 1
-        state.counters["samples"] += sum(len(job.prompts) for job in jobs)
+        state.counters["samples"] += sum(job.size for job in jobs)
+        start = 0
+        for job in jobs:
+            finish(job, "done", scores=scores[start : start + job.size])
+            start += job.size
 
     async def batcher() -> None:
         """Take the first queued job, gather more for up to `max_wait_ms` or `max_batch_samples`, score them."""
@@ -117,7 +198,7 @@ def create_app(reward_fn: Callable, token: str, limits: ServerLimits | None = No
         while True:
             batch = [await (pending or state.queue.get())]
             pending = None
-            size, deadline = len(batch[0].prompts), loop.time() + limits.max_wait_ms / 1000
+            size, deadline = batch[0].size, loop.time() + limits.max_wait_ms / 1000
             while size < limits.max_batch_samples and (remaining := deadline - loop.time()) > 0:
                 pending = asyncio.ensure_future(state.queue.get())
                 done, _ = await asyncio.wait({pending}, timeout=remaining)
@@ -125,26 +206,52 @@ def create_app(reward_fn: Callable, token: str, limits: ServerLimits | None = No
                     break
                 batch.append(pending.result())
                 pending = None
-                size += len(batch[-1].prompts)
+                size += batch[-1].size
             groups: dict[tuple, list[Job]] = {}
             for job in batch:
                 groups.setdefault(job.batch_key(), []).append(job)
             for jobs in groups.values():
                 await run_batch(jobs)
 
+    async def expire_results() -> None:
+        """Drop finished results older than `result_ttl_s`, on a timer (not only when a request comes in)."""
+        interval = min(max(limits.result_ttl_s / 4, 0.05), 10.0)
+        while True:
+            await asyncio.sleep(interval)
+            cutoff = time.monotonic() - limits.result_ttl_s
+            while state.finished:
+                job_id = next(iter(state.finished))
+                job = state.jobs.get(job_id)
+                if job is not None and job.finished_at >= cutoff:
+                    break
+                state.finished.popitem(last=False)
+                state.jobs.pop(job_id, None)
+
     @asynccontextmanager
     async def lifespan(_app):
         state.queue = asyncio.Queue()
-        task = asyncio.create_task(batcher())
+        state.executor = ThreadPoolExecutor(max_workers=limits.max_stuck_batches + 1, thread_name_prefix="reward")
+        tasks = [asyncio.create_task(batcher()), asyncio.create_task(expire_results())]
         yield
-        task.cancel()
+        for task in tasks:
+            task.cancel()
+        state.executor.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title=f"ddrl-trl reward service: {name}", lifespan=lifespan)
+    app = FastAPI(title=f"ddrl-trl reward service: {name}", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)  # fmt: skip
 
     def authorize(request: Request) -> None:
         given = request.headers.get("authorization", "").encode()
         if not hmac.compare_digest(given, expected):
             raise HTTPException(401, "missing or invalid bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    def refuse_if_busy() -> None:
+        if len(state.stuck) >= limits.max_stuck_batches:
+            raise HTTPException(503, f"the reward is stuck: {len(state.stuck)} calls have run past batch_timeout_s="
+                                     f"{limits.batch_timeout_s:g} s; restart the server", headers={"Retry-After": "30"})
+        if state.pending >= limits.max_pending_jobs:
+            raise HTTPException(503, f"{state.pending} jobs are waiting to be scored (max_pending_jobs="
+                                     f"{limits.max_pending_jobs}); retry later", headers={"Retry-After": "1"})
 
     async def read_body(request: Request) -> bytes:
         declared = request.headers.get("content-length")
@@ -157,19 +264,12 @@ def create_app(reward_fn: Callable, token: str, limits: ServerLimits | None = No
                 raise HTTPException(413, f"request body over the limit of {limits.max_request_bytes} bytes")
         return bytes(body)
 
-    def purge_expired() -> None:
-        cutoff = time.monotonic() - limits.result_ttl_s
-        for job_id in [k for k, j in state.jobs.items() if j.finished_at is not None and j.finished_at < cutoff]:
-            del state.jobs[job_id]
-
-    @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok", "reward": name, "queued": state.queue.qsize(), **state.counters}
-
-    @app.post("/v1/score", status_code=202)
-    async def submit(request: Request) -> dict:
-        authorize(request)
-        body = await read_body(request)
+    def parse(body: bytes) -> tuple[ScoreRequest, torch.Tensor]:
+        """The request and its samples (run in a thread: big bodies take a moment); HTTPException if unfit."""
+        values = count_json_values(body)
+        if values > limits.max_json_values:
+            raise HTTPException(413, f"request body holds about {values} JSON values, over the limit of "
+                                     f"{limits.max_json_values}")  # fmt: skip
         try:
             payload = ScoreRequest.model_validate_json(body)
         except ValidationError as err:
@@ -177,19 +277,40 @@ def create_app(reward_fn: Callable, token: str, limits: ServerLimits | None = No
                 raise HTTPException(400, "request body is not valid JSON") from None
             problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in err.errors()[:5])
             raise HTTPException(422, f"malformed score request: {problems}") from None
+        if payload.images.shape[0] > limits.max_samples_per_request:
+            raise HTTPException(413, f"{payload.images.shape[0]} samples over the limit of {limits.max_samples_per_request}")
         try:
             samples = decode_samples(payload.images)
             check_lengths(payload, samples.shape[0])
         except PayloadError as err:
             raise HTTPException(422, f"malformed score request: {err}") from None
-        if samples.shape[0] > limits.max_samples_per_request:
-            raise HTTPException(413, f"{samples.shape[0]} samples over the limit of {limits.max_samples_per_request}")
-        purge_expired()
-        job_id = uuid.uuid4().hex
-        state.jobs[job_id] = Job(samples, payload.prompts, payload.columns)
+        return payload, samples
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        stuck = len(state.stuck) >= limits.max_stuck_batches
+        body = {
+            "status": "stuck" if stuck else "ok", "reward": name, "queued": state.queue.qsize(),
+            "pending_jobs": state.pending, "stored_results": len(state.finished), "held_bytes": state.held_bytes,
+            "stuck_batches": len(state.stuck), **state.counters,
+        }  # fmt: skip
+        return JSONResponse(body, status_code=503 if stuck else 200)
+
+    @app.post("/v1/score", status_code=202)
+    async def submit(request: Request) -> dict:
+        authorize(request)
+        refuse_if_busy()
+        body = await read_body(request)
+        payload, samples = await asyncio.to_thread(parse, body)
+        del body
+        refuse_if_busy()  # again: others may have queued while this body was read and parsed
+        job = Job(uuid.uuid4().hex, samples, payload.prompts, payload.columns)
+        state.jobs[job.job_id] = job
+        state.pending += 1
+        state.held_bytes += job.nbytes
         state.counters["requests"] += 1
-        await state.queue.put(state.jobs[job_id])
-        return {"id": job_id, "status": "queued"}
+        await state.queue.put(job)
+        return {"id": job.job_id, "status": "queued"}
 
     @app.get("/v1/score/{job_id}")
     async def result(job_id: str, request: Request) -> JSONResponse:
@@ -202,16 +323,69 @@ def create_app(reward_fn: Callable, token: str, limits: ServerLimits | None = No
     return app
 
 
+def guarded_protocol(limits: ServerLimits) -> type[H11Protocol]:
+    """uvicorn's h11 protocol with a connection limit and a request deadline (uvicorn has neither: a connection that
+    sends nothing, or half a request, stays open forever, and enough of them lock every client out)."""
+
+    class GuardedH11Protocol(H11Protocol):
+        _timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._idle_since = self.loop.time()
+            if len(self.connections) > limits.max_connections:  # make room: close the longest-idle connection
+                idle = [c for c in self.connections if c is not self and c._waiting_for_request()]
+                victim = min(idle, key=lambda c: c._idle_since) if idle else self
+                victim.transport.close()
+            self._arm()
+
+        def _waiting_for_request(self) -> bool:
+            """No complete request of this connection is with the app: idle, or a request still arriving."""
+            return self.cycle is None or self.cycle.response_complete or self.conn.their_state is not h11.DONE
+
+        def _arm(self) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self.loop.call_later(limits.request_timeout_s, self._deadline_passed)
+
+        def _deadline_passed(self) -> None:
+            self._timer = None
+            if not self.transport.is_closing() and self._waiting_for_request():
+                self.transport.close()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._idle_since = self.loop.time()
+                self._arm()
+
+        def connection_lost(self, exc) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+            super().connection_lost(exc)
+
+    return GuardedH11Protocol
+
+
+class RedactQueryStrings(logging.Filter):
+    """Keep query strings out of uvicorn's access log: a token sent as `?token=` would otherwise be logged in full."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str) and "?" in args[2]:
+            record.args = (*args[:2], args[2].split("?", 1)[0] + "?<redacted>", *args[3:])
+        return True
+
+
 def read_token_file(path: str) -> str:
-    """The bearer token in `path` (surrounding whitespace stripped); a clear error if missing or empty."""
+    """The bearer token in `path` (surrounding whitespace stripped); a clear error if missing, empty or unusable."""
     try:
         with open(path, encoding="utf-8") as file:
             token = file.read().strip()
-    except OSError as err:
-        raise ValueError(f"Cannot read the token file {path!r} ({err.strerror}). Write a secret into it, e.g. "
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"Cannot read the token file {path!r} ({err}). Write a secret into it, e.g. "
                          f"`python -c \"import secrets; print(secrets.token_urlsafe(32))\" > {path}`.") from err
-    if not token:
-        raise ValueError(f"The token file {path!r} is empty: write a secret into it.")
+    check_token(token, f"the token file {path!r}")
     return token
 
 
@@ -221,7 +395,12 @@ def serve(reward: str, host: str, port: int, token_file: str, limits: ServerLimi
 
     from ..rewards import resolve_reward
 
+    limits = limits or ServerLimits()
     token = read_token_file(token_file)  # before loading a model: bad input fails fast
     reward_fn = resolve_reward(reward)
+    logging.getLogger("uvicorn.access").addFilter(RedactQueryStrings())
     logger.info("serving reward %s on http://%s:%d (token from %s)", reward_name(reward_fn), host, port, token_file)
-    uvicorn.run(create_app(reward_fn, token, limits), host=host, port=port, log_level="info")
+    uvicorn.run(
+        create_app(reward_fn, token, limits), host=host, port=port, log_level="info", http=guarded_protocol(limits),
+        h11_max_incomplete_event_size=64 * 1024,  # request line and headers; bodies are bounded by the app
+    )  # fmt: skip

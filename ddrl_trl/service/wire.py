@@ -36,6 +36,19 @@ class ScoreRequest(BaseModel):
     columns: dict[str, list[Any]] = Field(default_factory=dict)
 
 
+def check_token(token: str, source: str) -> None:
+    """Raise `ValueError` naming `source` unless `token` is usable in an `Authorization: Bearer` header: non-empty
+    visible ASCII, without spaces or line breaks (a token with an inner newline could never match)."""
+    if not token:
+        raise ValueError(f"{source} is empty: write a secret into it.")
+    if not all(33 <= ord(char) <= 126 for char in token):
+        raise ValueError(
+            f"{source} holds a space, a line break or a non-ASCII character inside the token, which an HTTP header "
+            f"cannot carry, so no client could ever match it. Use one line of visible ASCII, e.g. "
+            f"`python -c \"import secrets; print(secrets.token_urlsafe(32))\"`."
+        )
+
+
 class PayloadError(ValueError):
     """A request that parses but cannot be scored (inconsistent shapes or lengths)."""
 

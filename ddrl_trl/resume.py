@@ -1,0 +1,230 @@
+"""Which run an `output_dir` belongs to, and whether a checkpoint can be resumed exactly — decided before any work.
+
+- A new run refuses an `output_dir` that already holds another run's checkpoints or saved weights, unless
+  `overwrite_output_dir=True` (its `checkpoint-*` folders are then deleted) or the run resumes.
+- Every save writes `ddrl_run.json`: what makes a run itself (pipeline, denoiser, LoRA shape, base model) and the
+  settings that shape its trajectory. Resuming a checkpoint of another model or adapter is refused; resuming with
+  changed settings is allowed, with a warning naming each change (the result then differs from an uninterrupted run).
+- `verify_checkpoint` checks a checkpoint is complete and readable (trainer state, weights, optimizer, scheduler;
+  RNG state, whose absence is reported) before `Trainer` starts loading it; damaged weight files are reported by
+  `checkpointing.py` as they load.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from typing import Any
+
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+
+from .checkpointing import LORA_WEIGHTS_NAME, CheckpointError
+
+logger = logging.getLogger(__name__)
+
+RUN_INFO_NAME = "ddrl_run.json"
+TRAINER_STATE_NAME = "trainer_state.json"
+SCHEDULER_NAME = "scheduler.pt"
+_CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-\d+$")
+
+#: Settings that shape a run's trajectory: resuming with another value is allowed but reported.
+TRAJECTORY_SETTINGS = (
+    "seed", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2",
+    "max_grad_norm", "optim", "num_generations", "per_device_train_batch_size", "gradient_accumulation_steps",
+    "num_inference_steps", "eta", "flow_noise_level", "resolution", "num_frames", "guidance_scale",
+    "trained_step_indices", "same_noise_within_group", "reward_weights", "reward_clip", "scale_rewards",
+    "exp_advantage", "advantage_clip", "epsilon", "data_beta", "data_noise", "data_timesteps",
+    "data_on_first_step_only", "kl_beta", "ema_decay", "bf16", "fp16",
+)  # fmt: skip
+
+
+def check_output_dir_writable(output_dir: str) -> None:
+    """Create `output_dir` if needed and prove a file can be written there; raise naming the folder if not."""
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        probe = os.path.join(output_dir, f".ddrl-write-test-{os.getpid()}")
+        with open(probe, "w") as file:
+            file.write("ok")
+        os.remove(probe)
+    except OSError as err:
+        raise ValueError(
+            f"output_dir {output_dir!r} cannot be written ({err.strerror or err}): checkpoints and weights would be "
+            f"lost at the first save. Choose a folder you can write to (output_dir / --output_dir)."
+        ) from err
+
+
+def checkpoint_folders(output_dir: str) -> list[str]:
+    """The `checkpoint-N` folders in `output_dir`, by step."""
+    if not os.path.isdir(output_dir):
+        return []
+    names = [n for n in os.listdir(output_dir) if _CHECKPOINT_RE.match(n) and os.path.isdir(os.path.join(output_dir, n))]
+    return sorted(names, key=lambda n: int(n.rsplit("-", 1)[1]))
+
+
+def saved_run_files(output_dir: str, denoiser_names: tuple[str, ...] = ("unet", "transformer")) -> list[str]:
+    """What an earlier run left in `output_dir`: checkpoints, and final weights (LoRA file or denoiser folder)."""
+    found = checkpoint_folders(output_dir)
+    for name in (LORA_WEIGHTS_NAME, *denoiser_names, RUN_INFO_NAME):
+        if os.path.exists(os.path.join(output_dir, name)):
+            found.append(name)
+    return found
+
+
+def check_output_dir_free(args, resume_from_checkpoint) -> None:
+    """Refuse a new run in an `output_dir` holding another run's work, unless `overwrite_output_dir`; a resumed run
+    may use its own folder. Deletes nothing (`prepare_output_dir` does)."""
+    if resume_from_checkpoint not in (None, False) or args.overwrite_output_dir:
+        return
+    found = saved_run_files(args.output_dir)
+    if found:
+        shown = ", ".join(found[:6]) + (f", … ({len(found)} in all)" if len(found) > 6 else "")
+        raise ValueError(
+            f"output_dir {args.output_dir!r} already holds another run's work ({shown}); a new run there would "
+            f"overwrite it. To continue that run, pass resume_from_checkpoint=True (--resume_from_checkpoint true); "
+            f"to start over there, set overwrite_output_dir=True (--overwrite_output_dir), which deletes its "
+            f"checkpoints; or choose another output_dir."
+        )
+
+
+def prepare_output_dir(args, resume_from_checkpoint, is_main_process: bool) -> None:
+    """`check_output_dir_free`, then, for a new run with `overwrite_output_dir`, delete the earlier run's checkpoints
+    (on the main process), so that `resume_from_checkpoint=True` can never pick one of them later."""
+    check_output_dir_free(args, resume_from_checkpoint)
+    if resume_from_checkpoint in (None, False) and args.overwrite_output_dir and is_main_process:
+        old = checkpoint_folders(args.output_dir)
+        for name in old:
+            shutil.rmtree(os.path.join(args.output_dir, name))
+        if old:
+            logger.warning("overwrite_output_dir=True: deleted the earlier run's checkpoints in %s (%s).",
+                           args.output_dir, ", ".join(old))  # fmt: skip
+
+
+def resolve_checkpoint(output_dir: str, resume_from_checkpoint: str | bool | None) -> str | None:
+    """The checkpoint folder to resume: `True` → the newest in `output_dir`; a path as given; else None."""
+    if resume_from_checkpoint in (None, False):
+        return None
+    if resume_from_checkpoint is True:
+        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        if last is None:
+            raise ValueError(
+                f"resume_from_checkpoint=True but output_dir {output_dir!r} holds no checkpoint-N folder to resume. "
+                f"Start without resume_from_checkpoint, or pass the path of a checkpoint."
+            )
+        return last
+    path = os.fspath(resume_from_checkpoint)
+    if not os.path.isdir(path):
+        raise ValueError(f"resume_from_checkpoint={path!r} is not a folder: pass a checkpoint-N folder, or True.")
+    return path
+
+
+def verify_checkpoint(checkpoint: str, lora: bool, denoiser_name: str, deepspeed: bool, process_index: int,
+                      world_size: int) -> None:  # fmt: skip
+    """Raise `CheckpointError` naming the file if `checkpoint` lacks, or cannot read, what an exact resume needs;
+    warn if this process's RNG state is missing (DDRL's own noise and data order are seeded without it)."""
+    state_file = os.path.join(checkpoint, TRAINER_STATE_NAME)
+    state = _read_json(state_file, checkpoint)
+    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int) or state["global_step"] < 0:
+        raise CheckpointError(f"{state_file} in checkpoint {checkpoint} holds no training state (no global_step).")
+    needed = {SCHEDULER_NAME: "the learning-rate schedule"}
+    if deepspeed:
+        if not os.path.isfile(os.path.join(checkpoint, "latest")):
+            needed["latest"] = "DeepSpeed's pointer to its model and optimizer shards"
+    else:
+        needed[LORA_WEIGHTS_NAME if lora else denoiser_name] = "the trained weights"
+        has_optimizer = any(
+            name.startswith("optimizer") for name in os.listdir(checkpoint)
+        )  # optimizer.pt, optimizer.bin, or FSDP's optimizer folder
+        if not has_optimizer:
+            needed["optimizer.pt"] = "the optimizer state"
+    missing = [f"{name} ({what})" for name, what in needed.items() if not os.path.exists(os.path.join(checkpoint, name))]
+    if missing:
+        raise CheckpointError(
+            f"Checkpoint {checkpoint} is incomplete: it lacks {', '.join(missing)}, so resuming from it would not "
+            f"continue the run exactly. Resume from a complete checkpoint (an earlier checkpoint-N), or start a new run."
+        )
+    rng_name = f"rng_state_{process_index}.pth" if world_size > 1 else "rng_state.pth"
+    if not os.path.isfile(os.path.join(checkpoint, rng_name)):
+        logger.warning(
+            "Checkpoint %s has no %s: the global random state is not restored. DDRL's rollout noise, data order and "
+            "LoRA init are seeded without it and resume exactly; randomness drawn by your own code (e.g. a reward "
+            "function) will differ from an uninterrupted run.", checkpoint, rng_name,
+        )  # fmt: skip
+
+
+def _read_json(path: str, checkpoint: str) -> Any:
+    if not os.path.isfile(path):
+        raise CheckpointError(f"Checkpoint {checkpoint} has no {os.path.basename(path)}: it is not a complete checkpoint.")
+    try:
+        with open(path, encoding="utf-8") as file:
+            return json.load(file)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(
+            f"{path} in checkpoint {checkpoint} is unreadable ({err}): the file is truncated or corrupt. Resume from "
+            f"an earlier checkpoint-N."
+        ) from err
+
+
+# ---------------------------------------------------------------------------------------------------- run identity
+def run_info(trainer) -> dict[str, Any]:
+    """What identifies `trainer`'s run (compared strictly on resume) and the settings that shape its trajectory."""
+    denoiser = trainer.adapter.denoiser
+    lora = None
+    if trainer.is_lora:
+        config = denoiser.peft_config["default"]
+        lora = {
+            "r": config.r, "lora_alpha": config.lora_alpha,
+            "target_modules": config.target_modules if isinstance(config.target_modules, str)
+            else sorted(config.target_modules),
+            "rank_pattern": dict(config.rank_pattern), "alpha_pattern": dict(config.alpha_pattern),
+            "use_rslora": config.use_rslora, "use_dora": config.use_dora,
+        }  # fmt: skip
+    args = trainer.args
+    settings = {name: getattr(args, name, None) for name in TRAJECTORY_SETTINGS}
+    settings["world_size"] = args.world_size
+    settings["reward_funcs"] = list(trainer.reward_names)
+    info = {
+        "identity": {
+            "pipeline": type(trainer.pipeline).__name__,
+            "denoiser": type(denoiser).__name__,
+            "base_model": str(trainer.base_model_id) if trainer.base_model_id else None,
+            "lora": lora,
+        },
+        "settings": settings,
+        "train_dataset": getattr(trainer.train_dataset, "_fingerprint", None),
+    }
+    return json.loads(json.dumps(info, default=str))  # as it reads back from disk: lists, not tuples
+
+
+def check_same_run(checkpoint: str, current: dict[str, Any]) -> None:
+    """Refuse `checkpoint` if another model or adapter wrote it; warn about each changed setting."""
+    path = os.path.join(checkpoint, RUN_INFO_NAME)
+    if not os.path.isfile(path):
+        logger.warning("Checkpoint %s has no %s (written by an older version): it cannot be checked to belong to "
+                       "this run.", checkpoint, RUN_INFO_NAME)  # fmt: skip
+        return
+    saved = _read_json(path, checkpoint)
+    ours, theirs = current["identity"], saved.get("identity", {})
+    different = [
+        f"{key}: checkpoint {theirs.get(key)!r}, this run {ours[key]!r}"
+        for key in ours
+        if not (key == "base_model" and (theirs.get(key) is None or ours[key] is None)) and theirs.get(key) != ours[key]
+    ]
+    if different:
+        raise CheckpointError(
+            f"Checkpoint {checkpoint} was written by another run ({'; '.join(different)}), so it cannot be resumed "
+            f"here. Resume it with the model and peft_config that wrote it, or start this run in another output_dir "
+            f"(or with overwrite_output_dir=True to replace that run's checkpoints)."
+        )
+    changed = [
+        f"{key} {value!r} → {current['settings'].get(key)!r}"
+        for key, value in saved.get("settings", {}).items()
+        if current["settings"].get(key) != value
+    ]
+    if saved.get("train_dataset") != current["train_dataset"]:
+        changed.append("train_dataset (another fingerprint)")
+    if changed:
+        logger.warning("Resuming %s with changed settings: %s. The result will differ from an uninterrupted run.",
+                       checkpoint, "; ".join(changed))  # fmt: skip
