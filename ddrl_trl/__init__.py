@@ -1,24 +1,50 @@
-"""ddrl-trl: DDRL (Data-regularized Diffusion Reinforcement Learning) for diffusers pipelines, the TRL way."""
+"""ddrl-trl: DDRL (Data-regularized Diffusion Reinforcement Learning) for diffusers pipelines, the TRL way.
 
-from .adapters import PipelineAdapter, get_adapter, register_adapter, supported_pipelines
-from .callbacks import HackingMonitorCallback
-from .config import DDRLConfig
-from .data import build_synthetic_reference_dataset
-from .rewards import load_reward
-from .service import RemoteReward
-from .trainer import DDRLTrainer
+The public names below are imported on first use, so that light entry points (the reward server, `ddrl-trl --help`)
+do not load every diffusers pipeline: `from ddrl_trl import DDRLTrainer` works as usual.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "DDRLConfig",
-    "DDRLTrainer",
-    "HackingMonitorCallback",
-    "PipelineAdapter",
-    "RemoteReward",
-    "build_synthetic_reference_dataset",
-    "get_adapter",
-    "load_reward",
-    "register_adapter",
-    "supported_pipelines",
-]
+#: Public name → the submodule that defines it.
+_EXPORTS = {
+    "DDRLConfig": ".config",
+    "DDRLTrainer": ".trainer",
+    "HackingMonitorCallback": ".callbacks",
+    "PipelineAdapter": ".adapters",
+    "RemoteReward": ".service",
+    "build_synthetic_reference_dataset": ".data",
+    "get_adapter": ".adapters",
+    "load_reward": ".rewards",
+    "register_adapter": ".adapters",
+    "supported_pipelines": ".adapters",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'ddrl_trl' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
+
+
+if TYPE_CHECKING:  # static analysers and IDEs see the names
+    from .adapters import PipelineAdapter, get_adapter, register_adapter, supported_pipelines
+    from .callbacks import HackingMonitorCallback
+    from .config import DDRLConfig
+    from .data import build_synthetic_reference_dataset
+    from .rewards import load_reward
+    from .service import RemoteReward
+    from .trainer import DDRLTrainer

@@ -53,11 +53,15 @@ class ReferenceSampleError(ValueError):
     """A reference sample that can be read but does not fit the training setup (pixel values, frame count, size)."""
 
 
+def arrow_column(dataset: Dataset, name: str) -> pa.ChunkedArray:
+    """Column `name` of `dataset` (its selected rows, in order) as Arrow, without building Python objects."""
+    column = dataset.with_format("arrow")[name]
+    return column.column(0) if isinstance(column, pa.Table) else column
+
+
 def check_prompts(dataset: Dataset, prompt_column: str, split: str) -> None:
     """Fail early, naming the first bad row, when a prompt is not a non-empty string (None, a number, blank)."""
-    column = dataset.with_format("arrow")[prompt_column]
-    if isinstance(column, pa.Table):
-        column = column.column(0)
+    column = arrow_column(dataset, prompt_column)
     if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
         raise ValueError(
             f"The {split} dataset's column {prompt_column!r} holds {column.type} values (row 0: {dataset[0][prompt_column]!r}), "
@@ -77,7 +81,8 @@ def check_prompts(dataset: Dataset, prompt_column: str, split: str) -> None:
 
 
 def load_image(value) -> Image.Image:
-    """Open a reference image given as PIL image, path, bytes, `{"bytes"|"path": ...}` dict or array, as 8-bit RGB.
+    """Open a reference image given as PIL image, path, bytes, `{"bytes"|"path": ...}` dict, array or nested list
+    (how `datasets` returns an array column), as 8-bit RGB.
 
     Files are decoded now (a truncated one fails here, not mid-training) and turned upright by their EXIF
     orientation; 16-bit and float images, arrays and transparency are converted by `to_rgb`."""
@@ -89,8 +94,8 @@ def load_image(value) -> Image.Image:
         image = Image.open(io.BytesIO(value))
     elif isinstance(value, dict) and (value.get("bytes") or value.get("path")):
         image = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(value["path"])
-    elif isinstance(value, (np.ndarray, torch.Tensor)):
-        return to_rgb(array_to_image(value))
+    elif isinstance(value, (np.ndarray, torch.Tensor, list, tuple)):  # `datasets` hands arrays back as nested lists
+        return to_rgb(array_to_image(np.asarray(value) if isinstance(value, (list, tuple)) else value))
     else:
         raise TypeError(f"expected a PIL image, a path, bytes or an array, got {type(value).__name__}")
     image.load()

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ from typing import Any
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from .checkpointing import LORA_WEIGHTS_NAME, CheckpointError
+from .data import arrow_column
 
 logger = logging.getLogger(__name__)
 
@@ -168,6 +170,14 @@ def _read_json(path: str, checkpoint: str) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------------- run identity
+def data_signature(dataset, prompt_column: str) -> str:
+    """`"<rows> rows, prompts <hash>"`: which training data a run used, from its content (a dataset built in memory
+    gets a random fingerprint, so the fingerprint cannot tell the same data apart from other data)."""
+    prompts = arrow_column(dataset, prompt_column)
+    digest = hashlib.sha256("\x00".join(map(str, prompts.to_pylist())).encode()).hexdigest()[:16]
+    return f"{len(dataset)} rows, prompts {digest}"
+
+
 def run_info(trainer) -> dict[str, Any]:
     """What identifies `trainer`'s run (compared strictly on resume) and the settings that shape its trajectory."""
     denoiser = trainer.adapter.denoiser
@@ -193,7 +203,7 @@ def run_info(trainer) -> dict[str, Any]:
             "lora": lora,
         },
         "settings": settings,
-        "train_dataset": getattr(trainer.train_dataset, "_fingerprint", None),
+        "train_data": trainer.train_data_signature,
     }
     return json.loads(json.dumps(info, default=str))  # as it reads back from disk: lists, not tuples
 
@@ -223,8 +233,8 @@ def check_same_run(checkpoint: str, current: dict[str, Any]) -> None:
         for key, value in saved.get("settings", {}).items()
         if current["settings"].get(key) != value
     ]
-    if saved.get("train_dataset") != current["train_dataset"]:
-        changed.append("train_dataset (another fingerprint)")
+    if saved.get("train_data") != current["train_data"]:
+        changed.append(f"train_dataset ({saved.get('train_data')} → {current['train_data']})")
     if changed:
         logger.warning("Resuming %s with changed settings: %s. The result will differ from an uninterrupted run.",
                        checkpoint, "; ".join(changed))  # fmt: skip

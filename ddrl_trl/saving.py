@@ -155,9 +155,10 @@ class SavingMixin:
         try:
             super()._load_rng_state(checkpoint)
         except Exception as err:
+            name = f"rng_state_{self.args.process_index}.pth" if self.args.world_size > 1 else "rng_state.pth"
             raise CheckpointError(
-                f"The RNG state of checkpoint {checkpoint} is unreadable ({err}): the file is truncated or corrupt. "
-                f"Resume from an earlier checkpoint-N."
+                f"{os.path.join(checkpoint, name)} in checkpoint {checkpoint} is unreadable ({err}): the file is "
+                f"truncated or corrupt. Resume from an earlier checkpoint-N."
             ) from err
 
     # ------------------------------------------------------------------------------------------------ checkpoints

@@ -35,7 +35,10 @@ from .rewards import compute_rewards, resolve_reward, reward_name
 from .saving import SavingMixin
 from .layout import GroupLayout
 from .model_card import write_model_card
-from .resume import check_output_dir_writable, check_same_run, prepare_output_dir, resolve_checkpoint, run_info, verify_checkpoint
+from .resume import (
+    check_output_dir_writable, check_same_run, data_signature, prepare_output_dir, resolve_checkpoint, run_info,
+    verify_checkpoint,
+)  # fmt: skip
 from .rollout import Rollout, SeededNoise, rollout_and_score, stable_seed
 from .tracking import image_grid, log_image_grid, make_config_tracker_friendly
 
@@ -113,6 +116,8 @@ class DDRLTrainer(SavingMixin, HeldOutEvaluationMixin, Trainer):
             check_prompts(eval_dataset, args.prompt_column, "evaluation")
         if args.should_save:
             check_output_dir_writable(args.output_dir)
+        #: Which training data this run uses (`resume.data_signature`), recorded with every save.
+        self.train_data_signature = data_signature(train_dataset, args.prompt_column)
         if any(isinstance(callback, HackingMonitorCallback) for callback in callbacks or []):
             HackingMonitorCallback.check_eval_data(eval_dataset)
 

@@ -3,12 +3,14 @@
     accelerate launch examples/train_sd.py \
         --model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
         --dataset_name <hub dataset with "prompt" and "image" columns> \
-        --reward_funcs brightness --use_peft --lora_r 16 --lora_alpha 16 \
+        --reward_funcs trl-lib/ddpo-aesthetic-predictor --use_peft --lora_r 16 --lora_alpha 32 \
         --output_dir sd15-ddrl --learning_rate 1e-4 --bf16 --report_to tensorboard
 
 or with a YAML file holding the same keys: `accelerate launch examples/train_sd.py --config ddrl.yaml`.
-`--dataset_name` may also be a folder written by `Dataset.save_to_disk`, `--model_name_or_path` a local pipeline folder,
-and `--reward_funcs` built-in names or `package.module:function` import paths. See docs/examples.md.
+`--dataset_name` may also be a folder written by `Dataset.save_to_disk`, `--model_name_or_path` a local pipeline folder.
+`--reward_funcs` is required: built-in names, import paths (`package.module:function` or `package.module.function`),
+or reward models by Hub id or folder. Add `--resume_from_checkpoint true` to continue an interrupted run in
+`--output_dir`. See docs/examples.md.
 """
 
 from ddrl_trl.scripts import run_script

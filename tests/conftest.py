@@ -16,12 +16,16 @@ torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, min(2, os.
 PROMPTS = ["a red cat", "a blue dog", "a green bird"]
 
 
-@pytest.fixture
-def reference_dataset():
+def make_reference_dataset() -> Dataset:
     """Prompts with paired reference images of another size than the training resolution (to exercise resizing)."""
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)) for _ in range(6)]
     return Dataset.from_dict({"prompt": PROMPTS * 2, "image": images, "label": [0, 1, 2] * 2})
+
+
+@pytest.fixture
+def reference_dataset():
+    return make_reference_dataset()
 
 
 def brightness_reward(images, prompts, **kwargs):

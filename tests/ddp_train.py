@@ -1,6 +1,7 @@
 """A tiny DDRL training for the multi-process tests:
 `accelerate launch [DDP or DeepSpeed flags] tests/ddp_train.py OUT PER_DEVICE_BATCH [--full] [--accumulation K]
-[--optim NAME] [--learning-rate LR] [--max-steps N] [--save-steps K] [--resume CHECKPOINT] [--bf16]`.
+[--optim NAME] [--learning-rate LR] [--max-steps N] [--save-steps K] [--resume CHECKPOINT] [--bf16]
+[--nan-loss-at-step N [--nan-rank R]]`.
 
 Writes the trained weights (`OUT/pytorch_lora_weights.safetensors`, or `OUT/unet/` for full fine-tuning) and, from
 the main process, the logged metrics (rewards, data losses, ratios) and the rollout's initial noise of every process
@@ -32,6 +33,8 @@ parser.add_argument("--max-steps", type=int, default=2)
 parser.add_argument("--save-steps", type=int, default=0, help="a checkpoint every K steps (0: none)")
 parser.add_argument("--resume", default=None, help="checkpoint folder to resume from")
 parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (launch with --mixed_precision bf16)")
+parser.add_argument("--nan-loss-at-step", type=int, default=0, help="make the policy loss NaN in that step (1-based)")
+parser.add_argument("--nan-rank", type=int, default=-1, help="only on that process (-1: on all)")
 cli = parser.parse_args()
 rng = np.random.default_rng(0)
 dataset = Dataset.from_dict({
@@ -50,6 +53,18 @@ def recording(*args, **kwargs):
 
 
 trainer_module.rollout_and_score = recording
+original_policy_loss = trainer_module.clipped_policy_loss
+
+
+def nan_at_step(*args, **kwargs):
+    loss, ratio, clipped = original_policy_loss(*args, **kwargs)
+    rank_hit = cli.nan_rank in (-1, trainer.accelerator.process_index)
+    if trainer.state.global_step + 1 == cli.nan_loss_at_step and rank_hit:
+        loss = loss * float("nan")
+    return loss, ratio, clipped
+
+
+trainer_module.clipped_policy_loss = nan_at_step
 args = DDRLConfig(
     output_dir=cli.out, num_generations=4, per_device_train_batch_size=cli.per_device, num_inference_steps=4,
     train_step_stride=1, max_steps=cli.max_steps, learning_rate=cli.learning_rate, warmup_steps=0, logging_steps=1,
@@ -60,7 +75,7 @@ args = DDRLConfig(
 )  # fmt: skip
 trainer = DDRLTrainer(
     model=tiny_sd_pipeline(), reward_funcs="brightness", args=args, train_dataset=dataset, eval_dataset=dataset,
-    peft_config=LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian") if not cli.full else None,
+    peft_config=LoraConfig(r=4, lora_alpha=16, init_lora_weights="gaussian") if not cli.full else None,
 )  # fmt: skip
 trainer.train(resume_from_checkpoint=cli.resume)
 trainer.save_model()
@@ -68,10 +83,11 @@ evaluation = trainer.evaluate()  # the held-out samples are split across process
 noise = trainer.accelerator.gather(torch.stack(initial_noise).flatten(2).contiguous())  # (processes·steps, b, D)
 if trainer.accelerator.is_main_process:
     logged = {key: [h[key] for h in trainer.state.log_history if key in h]
-              for key in ("reward", "loss/data", "ratio/mean", "clip_fraction")}  # fmt: skip
+              for key in ("reward", "loss/data", "ratio/mean", "clip_fraction", "nonfinite_steps")}  # fmt: skip
     with open(f"{cli.out}/result.json", "w") as f:
         json.dump({"rewards": logged["reward"], "data_losses": logged["loss/data"], "ratios": logged["ratio/mean"],
-                   "clip_fractions": logged["clip_fraction"], "processes": trainer.accelerator.num_processes,
+                   "clip_fractions": logged["clip_fraction"], "nonfinite_steps": logged["nonfinite_steps"],
+                   "processes": trainer.accelerator.num_processes,
                    "distributed_type": str(trainer.accelerator.distributed_type),
                    "eval_loss": evaluation["eval_diffusion_loss"], "eval_ratio": evaluation["eval_diffusion_loss_ratio"],
                    "initial_noise": noise.tolist()}, f)  # fmt: skip

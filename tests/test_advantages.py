@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from ddrl_trl.core import combine_rewards, group_advantages
+from ddrl_trl.core import combine_rewards, group_advantages, group_reward_std
 
 EPS = 1e-4
 
@@ -71,3 +71,27 @@ def test_combine_rewards_weighs_and_propagates_invalid():
     combined = combine_rewards(per_func, torch.tensor([2.0, -1.0]))
     assert combined[0].item() == 0.0 and combined[2].item() == -3.0
     assert math.isnan(combined[1].item())
+
+
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
+def test_infinite_rewards_are_invalid_like_nan_even_when_clipped(bad):
+    """±inf is no score: it takes the group mean like NaN (clipping must not turn +inf into a valid 5.0)."""
+    rewards = torch.tensor([1.0, bad, 3.0, 5.0])
+    std = math.sqrt(8 / 3)  # values become [1, 3, 3, 5]
+    for clip in (None, 5.0):
+        adv = group_advantages(rewards, num_generations=4, reward_clip=clip)
+        torch.testing.assert_close(adv, torch.tensor([-2, 0, 0, 2]) / (std + EPS), rtol=0, atol=1e-6)
+        assert group_reward_std(rewards, 4, reward_clip=clip).tolist() == pytest.approx([std])
+
+
+def test_reward_std_is_the_one_the_advantages_divide_by():
+    rewards = torch.tensor([1.0, math.nan, 3.0, 5.0, 0.0, 2.0, 10.0, math.inf])  # groups [1, 3, 3, 5], [0, 2, 10, 4]
+    filled = torch.tensor([1.0, 3.0, 3.0, 5.0, 0.0, 2.0, 10.0, 4.0])
+    group = [math.sqrt(8 / 3), filled[4:].std().item()]
+    assert group_reward_std(rewards, 4, "group").tolist() == pytest.approx(group)
+    assert group_reward_std(rewards, 4, "none").tolist() == pytest.approx(group)  # reported as TRL does
+    assert group_reward_std(rewards, 4, "batch").tolist() == pytest.approx([filled.std().item()] * 2)
+    centred = filled.view(2, 4) - filled.view(2, 4).mean(dim=1, keepdim=True)
+    torch.testing.assert_close(
+        group_advantages(rewards, 4, "batch", advantage_clip=None), (centred / (filled.std() + EPS)).reshape(-1)
+    )

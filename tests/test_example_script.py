@@ -138,3 +138,13 @@ def test_interrupted_scripted_run_resumes_through_the_script_to_identical_weight
     assert straight.keys() == after_resume.keys() and straight
     for key in straight:
         torch.testing.assert_close(after_resume[key], straight[key], rtol=0, atol=0, msg=key)
+
+
+def test_script_help_lists_every_accepted_reward_form():
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "train_sd.py"), "--help"], capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    text = " ".join(result.stdout.split())
+    for form in ("--reward_funcs", "Required", "brightness, jpeg_compressibility, jpeg_incompressibility",
+                 "'package.module:function'", "'package.module.function'", "run", "local folder", "Hub repo id",
+                 "--resume_from_checkpoint", "--overwrite_output_dir"):
+        assert form in text, form

@@ -161,18 +161,21 @@ def _dataset(name, reference_dataset, reference_videos):
     return (reference_videos, {"image_column": "video"}) if name.startswith("wan") else (reference_dataset, {})
 
 
-@pytest.mark.parametrize("use_lora", [True, False], ids=["lora", "full"])
+@pytest.mark.parametrize("kind", ["lora", "lora-patterns", "full"])
 @pytest.mark.parametrize("name", FAMILIES)
 def test_two_step_ddrl_training_changes_the_denoiser_and_reloads_in_diffusers(
-    name, use_lora, tmp_path, reference_dataset, reference_videos, monkeypatch
+    name, kind, tmp_path, reference_dataset, reference_videos, monkeypatch
 ):
+    """LoRAs with alpha ≠ r, and with per-module rank/alpha patterns, reload through plain `load_lora_weights` at
+    their trained strength; full fine-tunes through `from_pretrained`."""
     builder, _, config = FAMILIES[name]
     dataset, columns = _dataset(name, reference_dataset, reference_videos)
+    use_lora = kind != "full"
     ratios = []
     record(monkeypatch, "clipped_policy_loss", ratios, index=1)
     trainer = make_trainer(
-        tmp_path, dataset, peft_config=lora() if use_lora else None, pipeline=builder(), max_steps=2,
-        max_sequence_length=16, **config, **columns,
+        tmp_path, dataset, peft_config=lora(patterns=kind == "lora-patterns") if use_lora else None,
+        pipeline=builder(), max_steps=2, max_sequence_length=16, **config, **columns,
     )  # fmt: skip
     assert isinstance(trainer.sampler, FlowSDESampler)
     trainer.train()

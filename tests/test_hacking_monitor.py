@@ -9,7 +9,9 @@ from safetensors.torch import load_file
 import ddrl_trl.trainer as trainer_module
 from ddrl_trl import HackingMonitorCallback
 
-from test_trainer import lora, make_trainer
+from ddrl_trl.tiny_pipelines import tiny_sd_pipeline
+
+from test_trainer import assert_reloads_to_trained_outputs, lora, make_trainer
 
 
 THRESHOLD = 1.15
@@ -72,3 +74,18 @@ def test_needs_held_out_data_and_sane_settings(tmp_path, reference_dataset, monk
         make_trainer(tmp_path, reference_dataset, peft_config=lora(), callbacks=[HackingMonitorCallback()])
     with pytest.raises(ValueError, match="threshold must be > 1"):
         HackingMonitorCallback(threshold=0.9)
+
+
+def test_last_good_lora_reloads_in_plain_diffusers_at_its_trained_strength(tmp_path, reference_dataset):
+    """The last good weights of a LoRA with alpha ≠ r and rank/alpha patterns carry their config: a plain
+    `load_lora_weights` of `last-good/` gives the model as it was at that evaluation (here the last step)."""
+    monitor = HackingMonitorCallback(threshold=100.0, eval_steps=1)
+    trainer = make_trainer(tmp_path, reference_dataset, peft_config=lora(patterns=True), eval_dataset=reference_dataset,
+                           learning_rate=1e-2, max_steps=2, callbacks=[monitor])  # fmt: skip
+    trainer.train()
+    assert monitor.last_good_step == 2
+    plain = tiny_sd_pipeline()
+    plain.load_lora_weights(str(tmp_path / "out" / "last-good"))
+    x = torch.randn(2, *trainer.latent_shape, generator=torch.Generator().manual_seed(3))
+    cond = trainer.adapter.encode_prompts(["a red cat", "a blue dog"])
+    assert_reloads_to_trained_outputs(trainer, plain, (x, torch.tensor([900, 400]), cond))

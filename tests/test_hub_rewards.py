@@ -313,3 +313,25 @@ def test_model_follows_the_images_device(tiny):
     pinned = load_reward(tiny["root"] / "tiny-vit", label=0, device="cpu")
     assert pinned(_images(6).cuda(), PROMPTS) == pytest.approx(cpu_scores, abs=1e-5)
     assert not next(pinned.model.parameters()).is_cuda
+
+
+def test_import_paths_in_both_forms_and_their_errors(tmp_path, monkeypatch):
+    """`package.module:function` and TRL's `package.module.function` name the same function; a local folder wins
+    over the dotted form (a folder may have dots in its name); errors list every accepted form."""
+    from ddrl_trl.rewards.builtin import brightness
+
+    assert resolve_reward("ddrl_trl.rewards.builtin:brightness") is brightness
+    assert resolve_reward("ddrl_trl.rewards.builtin.brightness") is brightness
+    with pytest.raises(ValueError, match=r"Cannot import reward 'no_such_pkg.rewards.fn': No module named 'no_such_pkg'.*"
+                                         r"'package\.module\.function'"):
+        resolve_reward("no_such_pkg.rewards.fn")
+    with pytest.raises(ValueError, match=r"Cannot import reward 'ddrl_trl.rewards.builtin.nope'"):
+        resolve_reward("ddrl_trl.rewards.builtin.nope")
+    with pytest.raises(ValueError, match=r"Unknown reward 'aesthetic'.*built-in name \(brightness, .*'package\.module:"
+                                         r"function' or 'package\.module\.function'.*runs that code.*Hub repo id"):
+        resolve_reward("aesthetic")
+    folder = tmp_path / "my.model.v1"
+    folder.mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="Cannot tell"):  # loaded as a reward model folder, not imported
+        resolve_reward("my.model.v1")

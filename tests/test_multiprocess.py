@@ -43,13 +43,18 @@ def deepspeed(stage: int) -> list[str]:
             "--num_processes", "2"]  # fmt: skip
 
 
-def launch(out: Path, launcher: list[str], per_device: int, *options: str, mixed_precision: str = "no") -> dict:
-    """Run `tests/ddp_train.py` under `accelerate launch <launcher>`; return its `result.json`."""
+def launch(out: Path, launcher: list[str], per_device: int, *options: str, mixed_precision: str = "no",
+           expect_failure: bool = False) -> dict | subprocess.CompletedProcess:  # fmt: skip
+    """Run `tests/ddp_train.py` under `accelerate launch <launcher>`; return its `result.json` (or, with
+    `expect_failure`, the failed process)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_machines", "1",
            "--mixed_precision", mixed_precision, "--dynamo_backend", "no", str(TESTS / "ddp_train.py"), str(out),
            str(per_device), *options]  # fmt: skip
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    if expect_failure:
+        assert result.returncode != 0, "the run was expected to fail"
+        return result
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads((out / "result.json").read_text())
 
@@ -157,3 +162,24 @@ def test_deepspeed_bf16_trains_on_policy_and_evaluates(tmp_path):
     assert 0.5 < result["eval_ratio"] < 2.0
     saved = load_file(tmp_path / MODES["full"][1])
     assert {v.dtype for v in saved.values()} == {torch.bfloat16}
+
+
+def test_a_non_finite_loss_on_one_process_is_skipped_by_every_process(tmp_path):
+    """DDP: a NaN loss on rank 1 alone in step 1. The processes agree to skip that step, so the run ends with the
+    weights of one process whose whole step 1 was NaN and skipped; nothing is NaN."""
+    single = launch(tmp_path / "one", ONE_PROCESS, 12, "--nan-loss-at-step", "1")
+    double = launch(tmp_path / "two", DDP, 6, "--nan-loss-at-step", "1", "--nan-rank", "1")
+    assert single["nonfinite_steps"] == double["nonfinite_steps"] == [1.0, 1.0, 1.0]  # steps 1, 2, and the summary
+    a, b = (load_file(tmp_path / name / "pytorch_lora_weights.safetensors") for name in ("one", "two"))
+    assert a.keys() == b.keys() and all(torch.isfinite(v).all() for v in b.values())
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_deepspeed_stops_before_applying_a_non_finite_loss(tmp_path):
+    """The DeepSpeed engine steps inside the last backward of a batch, so a NaN loss cannot be skipped there: the run
+    stops before that backward, and no checkpoint of the step is written."""
+    failed = launch(tmp_path, deepspeed(2), 6, "--full", "--max-steps", "3", "--save-steps", "1",
+                    "--nan-loss-at-step", "2", expect_failure=True)  # fmt: skip
+    assert "Step 2: a non-finite (NaN or infinite) loss under DeepSpeed" in failed.stderr
+    assert (tmp_path / "checkpoint-1").is_dir() and not (tmp_path / "checkpoint-2").exists()

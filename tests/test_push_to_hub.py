@@ -3,6 +3,7 @@
 import shutil
 
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -10,7 +11,7 @@ import transformers.trainer
 
 from ddrl_trl.tiny_pipelines import tiny_sd_pipeline
 
-from test_trainer import lora, make_trainer
+from test_trainer import assert_reloads_to_trained_outputs, lora, make_trainer
 
 
 class RecordingHubApi:
@@ -52,6 +53,12 @@ def test_push_uploads_diffusers_lora_and_a_complete_model_card(tmp_path, referen
     names = {p.name for p in uploaded.iterdir()}
     assert {"pytorch_lora_weights.safetensors", "README.md", "samples.png", "training_curves.png"} <= names
     assert not any(n.startswith("checkpoint-") for n in names)  # checkpoints are not pushed
+    # the pushed LoRA (alpha 16, r 4) reloads at its trained strength in plain diffusers
+    plain = tiny_sd_pipeline()
+    plain.load_lora_weights(str(uploaded))
+    x = torch.randn(2, *trainer.latent_shape, generator=torch.Generator().manual_seed(3))
+    cond = trainer.adapter.encode_prompts(["a red cat", "a blue dog"])
+    assert_reloads_to_trained_outputs(trainer, plain, (x, torch.tensor([900, 400]), cond))
     readme = (uploaded / "README.md").read_text()
     meta = front_matter(readme)
     assert meta["library_name"] == "diffusers"

@@ -28,14 +28,16 @@ TOKEN = "s3cret-token-for-tests-0123456789"
 class RewardServer:
     """`python -m ddrl_trl.cli serve-reward ...` in a subprocess, logging to a file."""
 
-    def __init__(self, tmp_path, reward="brightness", *extra):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
+    def __init__(self, tmp_path, reward="brightness", *extra, port=None):
+        if port is None:
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+        self.port = port
         self.url = f"http://127.0.0.1:{self.port}"
         self.token_file = tmp_path / "token.txt"
         self.token_file.write_text(TOKEN + "\n")
-        self.log_path = tmp_path / f"server-{self.port}.log"
+        self.log_path = tmp_path / f"server-{self.port}-{time.monotonic_ns()}.log"
         env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                "OMP_NUM_THREADS": "1"}  # fmt: skip
         cmd = [sys.executable, "-m", "ddrl_trl.cli", "serve-reward", "--reward", reward, "--port", str(self.port),
@@ -56,6 +58,11 @@ class RewardServer:
     def health(self):
         return requests.get(self.url + "/health", timeout=5).json()
 
+    def memory_mb(self, field="VmRSS"):
+        """The server process's resident memory now (`VmRSS`) or at its peak so far (`VmHWM`), in MiB."""
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith(field + ":"))) / 1024
+
     def kill(self):
         self.process.kill()
         self.process.wait()
@@ -66,8 +73,8 @@ class RewardServer:
 def server(tmp_path):
     started = []
 
-    def start(*args):
-        started.append(RewardServer(tmp_path, *args))
+    def start(*args, port=None):
+        started.append(RewardServer(tmp_path, *args, port=port))
         return started[-1]
 
     yield start
@@ -215,3 +222,165 @@ def test_bounded_load_all_clients_get_their_own_scores(server):
         t.join()
     assert not failures
     assert srv.health()["requests"] == 80
+
+
+def submit(srv, images, prompts, **columns):
+    body = {"images": encode_samples(images), "prompts": list(prompts), "columns": columns}
+    return requests.post(srv.url + "/v1/score", json=body, headers=auth(), timeout=30)
+
+
+def wait_for(srv, job_id, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = requests.get(f"{srv.url}/v1/score/{job_id}", headers=auth(), timeout=5).json()
+        if status["status"] in ("done", "error"):
+            return status
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not finish")
+
+
+def test_scored_jobs_keep_their_scores_not_their_images_and_expire_on_a_timer(server):
+    """Before: every finished job kept its decoded float32 images for 10 minutes, expired only when a new request
+    came in, and the server's memory grew by ~3 MB per request and stayed."""
+    srv = server("brightness", "--result-ttl-s", "3")
+    images = torch.rand(64, 3, 64, 64, generator=torch.Generator().manual_seed(0))  # 3 MiB once decoded
+    warm = wait_for(srv, submit(srv, images, ["x"] * 64).json()["id"])
+    assert warm["status"] == "done"
+    before = srv.memory_mb()
+    ids = []
+    for _ in range(60):
+        ids.append(submit(srv, images, ["x"] * 64).json()["id"])
+        assert wait_for(srv, ids[-1])["status"] == "done"
+    grown = srv.memory_mb() - before
+    assert grown < 60, f"server memory grew by {grown:.0f} MiB over 60 requests of 3 MiB"
+    health = srv.health()
+    assert health["held_bytes"] == 0 and health["pending_jobs"] == 0 and 0 < health["stored_results"] <= 61
+    time.sleep(4.5)  # no request comes in: the timer alone expires the results
+    health = srv.health()
+    assert health["stored_results"] == 0
+    assert requests.get(f"{srv.url}/v1/score/{ids[-1]}", headers=auth(), timeout=5).status_code == 404
+
+
+def test_pending_jobs_are_capped_with_503_and_retry_after(server):
+    srv = server("remote_rewards:slow_brightness", "--max-pending-jobs", "2", "--max-batch-samples", "1")
+    images = torch.rand(1, 3, 8, 8)
+    accepted = [submit(srv, images, ["x"]) for _ in range(2)]
+    refused = submit(srv, images, ["x"])
+    assert [r.status_code for r in accepted] == [202, 202]
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+    assert "2 jobs are waiting to be scored (max_pending_jobs=2)" in refused.json()["detail"]
+    assert wait_for(srv, accepted[1].json()["id"])["status"] == "done"
+    assert submit(srv, images, ["x"]).status_code == 202  # room again
+
+
+def test_infinite_scores_come_back_as_null_not_as_a_server_error(server):
+    srv = server("remote_rewards:infinite_for_bright")
+    images = torch.stack([torch.full((3, 8, 8), v) for v in (0.1, 0.9, 0.2)])
+    status = wait_for(srv, submit(srv, images, ["x"] * 3).json()["id"])
+    assert status["status"] == "done" and status["scores"][1] is None
+    assert status["scores"][0] == pytest.approx(0.1, abs=1 / 255)
+    assert RemoteReward(srv.url, token=TOKEN)(images, ["x"] * 3)[1] is None  # the trainer counts it invalid
+
+
+def test_a_body_of_millions_of_tiny_json_values_is_refused_before_parsing(server):
+    """Before: a 60 MiB body of `[]` parsed into millions of Python lists (2.8 GB peak, 2 GB kept)."""
+    srv = server("brightness")
+    _, body = sample_request()
+    payload = json.dumps(body)[:-1].encode() + b', "columns": {"x": [' + b"[]," * 6_000_000 + b"[]]}}"
+    peak_before = srv.memory_mb("VmHWM")
+    start = time.monotonic()
+    response = requests.post(srv.url + "/v1/score", data=payload, headers={**auth(), "Content-Type": "application/json"},
+                             timeout=60)  # fmt: skip
+    assert response.status_code == 413 and "JSON values, over the limit of 200000" in response.json()["detail"]
+    assert time.monotonic() - start < 20
+    assert srv.memory_mb("VmHWM") - peak_before < 150  # ~19 MiB body: a copy or two, not ~1 GB of lists
+    assert srv.health()["status"] == "ok"
+
+
+def test_a_hanging_reward_fails_its_batch_after_the_timeout_and_health_reports_it(server):
+    srv = server("remote_rewards:sleeps_on_hang", "--batch-timeout-s", "1", "--max-stuck-batches", "2")
+    images = torch.rand(2, 3, 8, 8)
+    hung = wait_for(srv, submit(srv, images, ["hang", "x"]).json()["id"])
+    assert hung == {**hung, "status": "error", "error": "the reward did not finish within batch_timeout_s=1 s"}
+    assert srv.health()["stuck_batches"] == 1 and srv.health()["status"] == "ok"
+    assert wait_for(srv, submit(srv, images, ["x", "y"]).json()["id"])["status"] == "done"  # others still served
+    wait_for(srv, submit(srv, images, ["hang", "x"]).json()["id"])
+    stuck = requests.get(srv.url + "/health", timeout=5)
+    assert stuck.status_code == 503 and stuck.json()["status"] == "stuck" and stuck.json()["stuck_batches"] == 2
+    refused = submit(srv, images, ["x", "y"])
+    assert refused.status_code == 503 and "the reward is stuck: 2 calls have run past" in refused.json()["detail"]
+    with pytest.raises(ConnectionError, match=r"answered POST /v1/score with an error 1 times .*it said: HTTP 503: "
+                                              r"the reward is stuck"):
+        RemoteReward(srv.url, token=TOKEN, retries=0)(images, ["x", "y"])
+
+
+def test_one_bad_request_fails_alone_in_its_micro_batch(server):
+    srv = server("remote_rewards:fails_on_boom", "--max-wait-ms", "1000")
+    images = torch.rand(2, 3, 8, 8)
+    guilty, innocent = submit(srv, images, ["boom", "x"]), submit(srv, images, ["fine", "x"])  # one micro-batch
+    assert wait_for(srv, guilty.json()["id"])["error"] == "RuntimeError: the reward model crashed on 'boom'"
+    scores = wait_for(srv, innocent.json()["id"])
+    assert scores["status"] == "done"
+    assert scores["scores"] == pytest.approx(brightness((images * 255).round() / 255, []), abs=1e-6)
+
+
+def test_idle_and_half_sent_connections_cannot_lock_clients_out(server):
+    """Before: connections that never send a request were kept forever; ~1,000 of them locked every client out."""
+    srv = server("brightness", "--max-connections", "16", "--request-timeout-s", "2")
+    idle = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(200)]
+    half_headers = socket.create_connection(("127.0.0.1", srv.port))
+    half_headers.sendall(b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Le")
+    half_body = socket.create_connection(("127.0.0.1", srv.port))
+    half_body.sendall(f"POST /v1/score HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                      f"Content-Length: 1000\r\n\r\n{{\"images\":".encode())  # fmt: skip
+    start = time.monotonic()
+    images = torch.rand(2, 3, 8, 8)
+    assert RemoteReward(srv.url, token=TOKEN, retries=2, backoff=0.1)(images, ["x", "y"])  # served at once
+    assert time.monotonic() - start < 3
+    for half in (half_headers, half_body):  # closed by the server within request_timeout_s, not left hanging
+        half.settimeout(10)
+        assert half.recv(1024) == b""
+    for sock in idle:
+        sock.settimeout(10)
+        assert sock.recv(1) == b""
+        sock.close()
+    assert srv.process.poll() is None and srv.health()["status"] == "ok"
+
+
+def test_the_client_submits_again_when_a_restarted_server_lost_its_job(server):
+    first = server("remote_rewards:slow_brightness")
+    images = torch.rand(2, 3, 8, 8)
+    result = {}
+
+    def call():
+        result["scores"] = RemoteReward(first.url, token=TOKEN, retries=8, backoff=0.25)(images, ["x", "y"])
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    while first.health()["requests"] < 1:
+        time.sleep(0.05)
+    first.kill()  # the job dies with the server
+    second = server("remote_rewards:slow_brightness", port=first.port)
+    thread.join(timeout=60)
+    assert result["scores"] == pytest.approx(brightness((images * 255).round() / 255, []), abs=1e-6)
+    assert second.health()["requests"] == 1  # submitted again after the 404
+
+
+def test_query_strings_are_not_logged_docs_are_not_served_and_a_bad_token_file_is_refused(server, tmp_path):
+    srv = server()
+    assert requests.get(f"{srv.url}/v1/score/x?token=leaked-secret-123", timeout=5).status_code == 401
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        assert requests.get(srv.url + path, timeout=5).status_code == 404, path
+    srv.kill()
+    log = srv.log_path.read_text()
+    assert "leaked-secret-123" not in log and "GET /v1/score/x?<redacted>" in log
+    token_file = tmp_path / "bad-token.txt"
+    token_file.write_text("first-half\nsecond-half\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "ddrl_trl.cli", "serve-reward", "--reward", "brightness", "--token-file",
+         str(token_file)], capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2 and "a line break" in result.stderr and "no client could ever match" in result.stderr
+    helped = subprocess.run([sys.executable, "-m", "ddrl_trl.cli", "serve-reward", "--help"], capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    assert "is code the server runs" in " ".join(helped.stdout.split())

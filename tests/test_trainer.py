@@ -30,8 +30,26 @@ def make_args(tmp_path, **overrides):
     return DDRLConfig(**values)
 
 
-def lora():
-    return LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian")
+def lora(patterns: bool = False) -> LoraConfig:
+    """A LoRA with alpha ≠ r, as users pass them (TRL's ModelConfig: r 16 / alpha 32; train_sd3.py: 32 / 64);
+    `patterns` adds per-module ranks and alphas (peft's rank_pattern / alpha_pattern)."""
+    extra = dict(rank_pattern={"to_q": 8}, alpha_pattern={"to_v": 2}) if patterns else {}
+    return LoraConfig(r=4, lora_alpha=16, init_lora_weights="gaussian", **extra)
+
+
+def assert_reloads_to_trained_outputs(trainer, plain_pipeline, inputs) -> None:
+    """`plain_pipeline` (a fresh base pipeline after the user's reload) gives the trained denoiser's outputs on
+    `inputs` = (latents, timesteps, conditioning), and they differ from the base model's."""
+    from ddrl_trl.adapters import get_adapter
+
+    reloaded_adapter = get_adapter(plain_pipeline)
+    reloaded_adapter.configure(trainer.args)
+    with torch.no_grad():
+        trained = trainer.adapter.predict(*inputs)
+        reloaded = reloaded_adapter.predict(*inputs)
+    base = trainer._base_prediction(*inputs)  # the LoRA switched off
+    assert (trained - base).abs().max() > 1e-4  # the training did change the model
+    torch.testing.assert_close(reloaded, trained, rtol=1e-5, atol=1e-6)
 
 
 def make_trainer(tmp_path, dataset, peft_config=None, pipeline=None, reward=brightness_reward, eval_dataset=None,
@@ -177,12 +195,22 @@ def test_data_term_and_rollout_options_train(tmp_path, reference_dataset, option
     assert trainer.state.log_history[0]["loss/data"] > 0
 
 
-def test_v_prediction_and_sdxl_pipelines_train(tmp_path, reference_dataset):
-    for name, pipeline in [("v", tiny_sd_pipeline(prediction_type="v_prediction")), ("xl", tiny_sdxl_pipeline())]:
-        trainer = make_trainer(tmp_path / name, reference_dataset, peft_config=lora(), pipeline=pipeline, max_steps=1)
-        trainer.train()
-        trainer.save_model()
-        assert (tmp_path / name / "out" / "pytorch_lora_weights.safetensors").is_file()
+@pytest.mark.parametrize("patterns", [False, True], ids=["alpha-16-r-4", "rank-and-alpha-patterns"])
+@pytest.mark.parametrize("builder", [lambda: tiny_sd_pipeline(prediction_type="v_prediction"), tiny_sdxl_pipeline],
+                         ids=["sd-v-prediction", "sdxl"])  # fmt: skip
+def test_lora_of_any_shape_reloads_in_plain_diffusers_at_its_trained_strength(tmp_path, reference_dataset, builder,
+                                                                              patterns):  # fmt: skip
+    """Without the LoRA config in the file, `load_lora_weights` assumes alpha = r and no patterns: an r=4/alpha=16
+    LoRA came back at a quarter of its strength."""
+    trainer = make_trainer(tmp_path, reference_dataset, peft_config=lora(patterns), pipeline=builder(), max_steps=1,
+                           learning_rate=1e-2)  # fmt: skip
+    trainer.train()
+    trainer.save_model()
+    plain = builder()
+    plain.load_lora_weights(str(tmp_path / "out"))
+    x = torch.randn(2, *trainer.latent_shape, generator=torch.Generator().manual_seed(3))
+    cond = trainer.adapter.encode_prompts(["a red cat", "a blue dog"])
+    assert_reloads_to_trained_outputs(trainer, plain, (x, torch.tensor([900, 400]), cond))
 
 
 def test_invalid_rewards_are_excluded_and_counted(tmp_path, reference_dataset):

@@ -103,3 +103,13 @@ def test_two_expert_wan_is_refused_with_the_way_out(tmp_path):
     pipe.register_to_config(boundary_ratio=0.875)
     with pytest.raises(ValueError, match="two expert transformers.*transformer_2=None and boundary_ratio=None"):
         build(tmp_path, [frames(9), frames(9)], pipeline=pipe)
+
+
+def test_small_videos_are_upscaled_with_a_warning_like_images(tmp_path, caplog):
+    """One rule for images and videos: up to max_reference_upscale (2) a smaller reference is upscaled and reported."""
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        build(tmp_path, [frames(9, 12, 12), frames(9)])
+    assert any("1 of 2 training reference videos are smaller than resolution=16 and were upscaled (up to 1.33x, row 0)"
+               in r.getMessage() for r in caplog.records)  # fmt: skip

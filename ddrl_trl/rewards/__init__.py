@@ -29,9 +29,18 @@ import numpy as np
 import torch
 
 from .builtin import BUILTIN_REWARDS, brightness, jpeg_compressibility, jpeg_incompressibility, to_pil
-from .hub import load_reward
 
 RewardFunc = Callable[..., Sequence]
+
+
+def __getattr__(name: str):
+    # `load_reward` (hub.py) loads transformers' processors: imported on first use, so that a server of a built-in
+    # reward, or `ddrl-trl --help`, starts in seconds.
+    if name == "load_reward":
+        from .hub import load_reward
+
+        return load_reward
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 #: Every form a reward string may take, for `--help` texts and error messages.
 REWARD_SPEC_HELP = (
@@ -64,6 +73,8 @@ def resolve_reward(spec: str | RewardFunc) -> RewardFunc:
     if ":" in spec:
         module_name, _, attr = spec.partition(":")
         return _import_reward(spec, module_name, attr)
+    from .hub import load_reward
+
     if os.path.isdir(spec):
         return load_reward(spec)
     if "." in spec and "/" not in spec and os.sep not in spec:

@@ -1,0 +1,193 @@
+"""Resuming is exact or refused: a damaged, incomplete, non-finite or foreign checkpoint fails naming the file and the
+checkpoint before any rollout; a new run never overwrites another run's work; an unwritable output_dir fails at once."""
+
+import json
+import logging
+import math
+import re
+import shutil
+
+import pytest
+import torch
+from peft import LoraConfig
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import ddrl_trl.trainer as trainer_module
+from ddrl_trl.checkpointing import CheckpointError
+from ddrl_trl.tiny_pipelines import tiny_sdxl_pipeline
+
+from conftest import make_reference_dataset
+from test_trainer import lora, make_trainer
+
+
+def run(tmp_path, reference_dataset, peft_config=None, **kw):
+    """A 2-step run writing checkpoint-1 and checkpoint-2 into `tmp_path/out`."""
+    values = dict(max_steps=2, learning_rate=1e-2, save_strategy="steps", save_steps=1)
+    return make_trainer(tmp_path, reference_dataset, peft_config=peft_config, **{**values, **kw})
+
+
+def trained_weights(trainer) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+
+
+@pytest.fixture(scope="module")
+def saved_runs(tmp_path_factory):
+    """A LoRA run and a full fine-tuning run, each with its checkpoints and final weights (trained once per module)."""
+    reference_dataset = make_reference_dataset()
+    runs = {}
+    for kind, peft_config in (("lora", lora()), ("full", None)):
+        folder = tmp_path_factory.mktemp(kind)
+        trainer = run(folder, reference_dataset, peft_config)
+        trainer.train()
+        runs[kind] = (folder / "out", trained_weights(trainer))
+    return runs
+
+
+@pytest.fixture
+def no_rollouts(monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a rollout started before the checkpoint was checked")
+
+    monkeypatch.setattr(trainer_module, "rollout_and_score", forbidden)
+
+
+def copy_run(saved_runs, kind, tmp_path):
+    source, weights = saved_runs[kind]
+    target = tmp_path / "out"
+    shutil.copytree(source, target)
+    return target, weights
+
+
+def truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize(
+    "kind, name",
+    [("lora", "pytorch_lora_weights.safetensors"), ("lora", "optimizer.pt"), ("lora", "scheduler.pt"),
+     ("lora", "trainer_state.json"), ("lora", "rng_state.pth"), ("full", "unet/diffusion_pytorch_model.safetensors")],
+)  # fmt: skip
+def test_a_truncated_file_fails_resume_naming_the_file_and_the_checkpoint(tmp_path, reference_dataset, saved_runs,
+                                                                          kind, name, no_rollouts):  # fmt: skip
+    out, _ = copy_run(saved_runs, kind, tmp_path)
+    damaged = out / "checkpoint-2" / name
+    truncate(damaged)
+    trainer = run(tmp_path, reference_dataset, lora() if kind == "lora" else None)
+    with pytest.raises(CheckpointError) as caught:
+        trainer.train(resume_from_checkpoint=True)
+    message = str(caught.value)
+    assert str(damaged) in message and "checkpoint-2" in message, message
+    assert re.search(r"unreadable .* truncated or corrupt|unreadable \(", message), message
+
+
+@pytest.mark.parametrize(
+    "name, what",
+    [("scheduler.pt", "the learning-rate schedule"), ("optimizer.pt", "the optimizer state"),
+     ("pytorch_lora_weights.safetensors", "the trained weights"), ("trainer_state.json", None)],
+)  # fmt: skip
+def test_an_incomplete_checkpoint_is_refused(tmp_path, reference_dataset, saved_runs, name, what, no_rollouts):
+    """transformers would skip a missing optimizer/scheduler pair silently and resume with fresh Adam moments."""
+    out, _ = copy_run(saved_runs, "lora", tmp_path)
+    (out / "checkpoint-2" / name).unlink()
+    trainer = run(tmp_path, reference_dataset, lora())
+    expected = f"lacks {name} \\({what}\\)" if what else f"has no {name}"
+    with pytest.raises(CheckpointError, match=rf"Checkpoint .*checkpoint-2 (is incomplete: it )?{expected}"):
+        trainer.train(resume_from_checkpoint=True)
+
+
+def test_a_missing_rng_state_is_reported_and_ddrl_still_resumes_exactly(tmp_path, reference_dataset, saved_runs,
+                                                                        caplog):  # fmt: skip
+    """DDRL's own randomness (rollout noise, data order, LoRA init) is seeded without the global RNG state, so
+    resuming checkpoint-1 without it still gives the straight run's step-2 weights; the warning says what differs."""
+    out, straight = copy_run(saved_runs, "lora", tmp_path)
+    (out / "checkpoint-1" / "rng_state.pth").unlink()
+    trainer = run(tmp_path, reference_dataset, lora())
+    with caplog.at_level(logging.WARNING):
+        trainer.train(resume_from_checkpoint=str(out / "checkpoint-1"))
+    assert any("has no rng_state.pth: the global random state is not restored" in r.getMessage()
+               for r in caplog.records)  # fmt: skip
+    for name, value in trained_weights(trainer).items():
+        torch.testing.assert_close(value, straight[name], rtol=0, atol=0, msg=name)
+
+
+def test_non_finite_weights_or_optimizer_state_in_a_checkpoint_are_refused(tmp_path, reference_dataset, saved_runs,
+                                                                           no_rollouts):  # fmt: skip
+    out, _ = copy_run(saved_runs, "lora", tmp_path)
+    weights_file = out / "checkpoint-2" / "pytorch_lora_weights.safetensors"
+    with safe_open(str(weights_file), framework="pt") as file:
+        metadata = file.metadata()
+    tensors = load_file(weights_file)
+    key = sorted(tensors)[0]
+    tensors[key][0, 0] = math.nan
+    save_file(tensors, str(weights_file), metadata=metadata)
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(weights_file))} .* holds non-finite values .*{re.escape(key)}"):
+        run(tmp_path, reference_dataset, lora()).train(resume_from_checkpoint=True)
+
+    optimizer_file = out / "checkpoint-1" / "optimizer.pt"
+    state = torch.load(optimizer_file, weights_only=True)
+    next(iter(state["state"].values()))["exp_avg"].fill_(math.inf)
+    torch.save(state, optimizer_file)
+    with pytest.raises(CheckpointError, match=r"optimizer state in checkpoint .*checkpoint-1 is non-finite"):
+        run(tmp_path, reference_dataset, lora()).train(resume_from_checkpoint=str(out / "checkpoint-1"))
+
+
+def test_a_checkpoint_of_another_model_or_adapter_is_refused_and_changed_settings_are_reported(
+    tmp_path, reference_dataset, saved_runs, no_rollouts, caplog, monkeypatch
+):
+    out, _ = copy_run(saved_runs, "lora", tmp_path)
+    with pytest.raises(CheckpointError, match=r"checkpoint-2 was written by another run \(lora: checkpoint .*'r': 4"
+                                              r".* this run .*'r': 8"):
+        run(tmp_path, reference_dataset, LoraConfig(r=8, lora_alpha=16)).train(resume_from_checkpoint=True)
+    with pytest.raises(CheckpointError, match=r"another run \(pipeline: checkpoint 'StableDiffusionPipeline', this "
+                                              r"run 'StableDiffusionXLPipeline'"):
+        run(tmp_path, reference_dataset, lora(), pipeline=tiny_sdxl_pipeline()).train(resume_from_checkpoint=True)
+    # without the run record (an older checkpoint), the LoRA file's own config still catches a strength mismatch
+    (out / "checkpoint-2" / "ddrl_run.json").unlink()
+    with pytest.raises(CheckpointError, match=r"holds a LoRA of another shape or strength .*lora_alpha: file 16, "
+                                              r"trainer 8"):
+        run(tmp_path, reference_dataset, LoraConfig(r=4, lora_alpha=8)).train(resume_from_checkpoint=True)
+    # the same model with other settings resumes, saying what changed
+    monkeypatch.undo()
+    out2, _ = copy_run(saved_runs, "lora", tmp_path / "again")
+    with caplog.at_level(logging.WARNING):
+        run(tmp_path / "again", reference_dataset, lora(), learning_rate=2e-2, max_steps=3).train(
+            resume_from_checkpoint=True
+        )
+    message = next(r.getMessage() for r in caplog.records if "changed settings" in r.getMessage())
+    assert "learning_rate 0.01 → 0.02" in message and "differ from an uninterrupted run" in message
+
+
+def test_a_new_run_never_overwrites_another_runs_work(tmp_path, reference_dataset, saved_runs, no_rollouts,
+                                                     monkeypatch):  # fmt: skip
+    out, _ = copy_run(saved_runs, "lora", tmp_path)
+    with pytest.raises(ValueError, match=rf"output_dir '{re.escape(str(out))}' already holds another run's work "
+                                         r"\(checkpoint-1, checkpoint-2\).*resume_from_checkpoint=True.*"
+                                         r"overwrite_output_dir=True"):
+        run(tmp_path, reference_dataset, lora()).train()
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-1", "checkpoint-2"]
+    with pytest.raises(ValueError, match="holds no checkpoint-N folder to resume"):
+        run(tmp_path / "empty", reference_dataset, lora()).train(resume_from_checkpoint=True)
+    # overwrite_output_dir: the old checkpoints go before the new run starts, so `True` can never find them later
+    monkeypatch.undo()
+    trainer = run(tmp_path, reference_dataset, lora(), overwrite_output_dir=True, save_strategy="no", max_steps=1)
+    trainer.train()
+    assert not [p for p in out.iterdir() if p.name.startswith("checkpoint")]
+
+
+def test_an_unwritable_output_dir_fails_at_construction(tmp_path, reference_dataset, monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("reference data were encoded before output_dir was checked")
+
+    monkeypatch.setattr(trainer_module, "encode_reference_dataset", forbidden)
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(ValueError, match=r"output_dir '.*a-file/out' cannot be written .* Choose a folder"):
+        make_trainer(tmp_path / "a-file", reference_dataset, peft_config=lora())
+
+
+def test_run_record_names_the_model_adapter_and_settings(tmp_path, saved_runs):
+    record = json.loads((saved_runs["lora"][0] / "checkpoint-2" / "ddrl_run.json").read_text())
+    assert record["identity"]["pipeline"] == "StableDiffusionPipeline"
+    assert record["identity"]["lora"]["r"] == 4 and record["identity"]["lora"]["lora_alpha"] == 16
+    assert record["settings"]["learning_rate"] == 0.01 and record["settings"]["num_generations"] == 2

@@ -1,0 +1,116 @@
+"""Non-finite numbers never reach the weights: ±inf rewards are invalid like NaN, a step with a non-finite loss or
+gradient is skipped (and counted), too many in a row stop the run, and non-finite weights are never saved."""
+
+import logging
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import ddrl_trl.trainer as trainer_module
+from ddrl_trl.checkpointing import NonFiniteWeightsError
+from ddrl_trl.guards import NonFiniteTrainingError
+
+from test_trainer import lora, make_trainer
+
+
+def lora_weights(trainer) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+
+
+def test_infinite_rewards_are_invalid_like_nan_and_the_logged_std_is_the_one_used(tmp_path, reference_dataset):
+    """+inf / -inf scores are excluded exactly like NaN (same weights), counted as invalid, and `reward_std` is the
+    std of the rewards the advantages used (invalid ones replaced by their group's mean), computed here by hand."""
+    returned: dict[str, list] = {}
+
+    def make_reward(bad):
+        def reward(images, prompts, **kwargs):
+            scores = images.float().flatten(1).mean(1).tolist()
+            if len(prompts) == 4:  # training batches (one group of 4), not the construction check on 2 references
+                scores[0], scores[3] = bad
+            returned.setdefault(bad, []).append(scores)
+            return scores
+
+        reward.__name__ = "score"
+        return reward
+
+    weights, logs = {}, {}
+    for bad in [(math.inf, -math.inf), (math.nan, math.nan)]:
+        trainer = make_trainer(tmp_path / str(bad[0]), reference_dataset, peft_config=lora(), reward=make_reward(bad),
+                               max_steps=2, learning_rate=1e-2, num_generations=4)  # fmt: skip
+        trainer.train()
+        weights[bad[0] == math.inf], logs[bad[0] == math.inf] = lora_weights(trainer), trainer.state.log_history
+    for name, value in weights[True].items():
+        assert torch.isfinite(value).all(), name
+        torch.testing.assert_close(value, weights[False][name], rtol=0, atol=0, msg=name)
+    step_logs = [h for h in logs[True] if "rewards/score/invalid" in h]
+    assert [h["rewards/score/invalid"] for h in step_logs] == [2.0, 2.0]
+    assert all(math.isfinite(h["loss"]) and h["nonfinite_steps"] == 0.0 for h in step_logs)
+    for scores, logged in zip(returned[(math.inf, -math.inf)][1:], step_logs):
+        valid = [s for s in scores if math.isfinite(s)]
+        filled = [s if math.isfinite(s) else np.mean(valid) for s in scores]  # [m, a, b, m] with m = (a + b) / 2
+        assert logged["reward_std"] == pytest.approx(np.std(filled, ddof=1), rel=1e-5) != np.std(valid, ddof=1)
+        assert logged["reward"] == pytest.approx(np.mean([s for s in scores if math.isfinite(s)]), rel=1e-5)
+
+
+def test_a_step_with_a_non_finite_loss_is_skipped_counted_and_the_next_one_trains(tmp_path, reference_dataset,
+                                                                               monkeypatch, caplog):  # fmt: skip
+    trainer = make_trainer(tmp_path, reference_dataset, peft_config=lora(), max_steps=2, learning_rate=1e-2)
+    initial = lora_weights(trainer)
+    original = trainer_module.clipped_policy_loss
+    after_step = {}
+
+    def nan_in_first_step(*args, **kwargs):
+        loss, ratio, clipped = original(*args, **kwargs)
+        return (loss * math.nan if trainer.state.global_step == 0 else loss), ratio, clipped
+
+    monkeypatch.setattr(trainer_module, "clipped_policy_loss", nan_in_first_step)
+    original_log = trainer.log
+
+    def log_and_snapshot(logs, *args):
+        after_step.setdefault(trainer.state.global_step, lora_weights(trainer))
+        return original_log(logs, *args)
+
+    trainer.log = log_and_snapshot
+    with caplog.at_level(logging.WARNING):
+        trainer.train()
+    for name, value in after_step[1].items():  # step 1 was skipped: not a single weight moved, no optimizer state
+        torch.testing.assert_close(value, initial[name], rtol=0, atol=0, msg=name)
+    assert not any(trainer.optimizer.state[p].get("step", 0) == 2 for p in trainer.model.parameters() if p.requires_grad)
+    assert any(not torch.equal(after_step[2][n], initial[n]) for n in initial)  # step 2 trained
+    assert all(torch.isfinite(v).all() for v in after_step[2].values())
+    logged = [h for h in trainer.state.log_history if "nonfinite_steps" in h and "loss" in h]
+    assert [h["nonfinite_steps"] for h in logged] == [1.0, 1.0]
+    assert any("Step 1: non-finite (NaN or infinite) loss or gradients; the optimiser step is skipped" in r.getMessage()
+               for r in caplog.records)  # fmt: skip
+
+
+def test_non_finite_gradients_in_a_row_stop_training_and_no_diverged_checkpoint_is_written(tmp_path, reference_dataset):
+    """Finite losses, NaN gradients (a hook poisons one LoRA weight's gradient): every step is skipped, the run stops
+    after max_consecutive_nonfinite_steps=3 with an error, and the checkpoints written hold the untouched weights."""
+    trainer = make_trainer(tmp_path, reference_dataset, peft_config=lora(), max_steps=10, save_strategy="steps",
+                           save_steps=1)  # fmt: skip
+    initial = lora_weights(trainer)
+    param = next(p for p in trainer.model.parameters() if p.requires_grad)
+    param.register_hook(lambda grad: grad * math.nan)
+    with pytest.raises(NonFiniteTrainingError, match=r"3 optimiser steps in a row \(up to step 3\) had non-finite"):
+        trainer.train()
+    assert sorted(os.listdir(tmp_path / "out")) == ["checkpoint-1", "checkpoint-2"]
+    for name, value in lora_weights(trainer).items():
+        torch.testing.assert_close(value, initial[name], rtol=0, atol=0, msg=name)
+
+
+def test_non_finite_weights_are_never_saved_over_good_ones(tmp_path, reference_dataset):
+    trainer = make_trainer(tmp_path, reference_dataset, peft_config=lora(), max_steps=1)
+    trainer.train()
+    trainer.save_model()
+    saved = tmp_path / "out" / "pytorch_lora_weights.safetensors"
+    before = saved.read_bytes()
+    with torch.no_grad():
+        next(p for p in trainer.model.parameters() if p.requires_grad)[0, 0] = math.inf
+    with pytest.raises(NonFiniteWeightsError, match=r"Refusing to save to .*/out: the weight .*lora.* holds NaN or ±inf"):
+        trainer.save_model()
+    assert saved.read_bytes() == before
+    assert not [p for p in os.listdir(tmp_path / "out") if p.startswith(".tmp")]

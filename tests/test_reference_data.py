@@ -1,0 +1,165 @@
+"""Reference samples are read by what they hold: 16-bit, integer, float, channels-first, transparent and rotated
+images come out as the picture they are (never white), anything ambiguous is refused naming the row and the fix;
+images and videos share one upscaling rule; bad prompts are found at construction."""
+
+import io
+import logging
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+from PIL import Image
+
+import ddrl_trl.trainer as trainer_module
+from ddrl_trl.data import load_image
+
+from test_trainer import lora, make_trainer
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def rgb(image: Image.Image) -> np.ndarray:
+    assert image.mode == "RGB"
+    return np.asarray(image)
+
+
+GREY_16 = np.full((8, 8), 128 * 257, dtype=np.uint16)  # 16-bit mid-grey: 128 in 8 bits
+
+
+def test_a_16_bit_png_is_grey_not_white():
+    decoded = Image.open(io.BytesIO(png_bytes(Image.fromarray(GREY_16))))
+    assert decoded.mode.startswith("I")  # PIL opens 16-bit greyscale as I;16 (its convert("RGB") clips to 255)
+    assert (rgb(load_image(decoded)) == 128).all()
+    assert (rgb(load_image(png_bytes(Image.fromarray(GREY_16)))) == 128).all()
+
+
+@pytest.mark.parametrize(
+    "array, expected",
+    [
+        (GREY_16, 128),  # uint16: 16-bit data
+        (np.full((8, 8, 3), 100, dtype=np.int64), 100),  # other integers holding 0..255
+        (np.full((8, 8), 200, dtype=np.int32), 200),
+        (np.full((8, 8, 3), 0.5, dtype=np.float32), 128),  # floats in [0, 1]
+        (np.full((8, 8, 3), 1.0004, dtype=np.float64), 255),  # within 1e-3 of the range: clipped
+        (torch.full((3, 8, 8), 0.25), 64),  # a tensor, channels first
+        (np.full((1, 8, 8), 0.25, dtype=np.float32), 64),
+        (np.ones((8, 8), dtype=bool), 255),
+        (np.full((8, 8, 3), 7, dtype=np.uint8), 7),
+    ],
+    ids=["uint16", "int64", "int32-grey", "float", "float-overshoot", "tensor-chw", "float-1hw", "bool", "uint8"],
+)
+def test_arrays_of_every_dtype_keep_their_values(array, expected):
+    pixels = rgb(load_image(array))
+    assert pixels.shape == (8, 8, 3) and (pixels == expected).all(), np.unique(pixels)
+
+
+@pytest.mark.parametrize(
+    "array, message",
+    [
+        (np.full((8, 8, 3), 100.0, dtype=np.float32), r"float image with values 100\.\.100: .*divide 0\.\.255 data by 255"),
+        (np.full((8, 8, 3), -0.5, dtype=np.float32), r"float images must lie in \[0, 1\].*\(x \+ 1\) / 2"),
+        (np.full((8, 8), 300, dtype=np.int64), r"integer \(int64\) image with values 300\.\.300.*uint16"),
+        (np.full((8, 8, 3), np.nan, dtype=np.float32), "NaN or infinite"),
+        (np.zeros((8, 8, 5), dtype=np.uint8), r"shape \(8, 8, 5\) is not an image"),
+    ],
+    ids=["float-0-255", "float-minus-one", "int-over-255", "nan", "five-channels"],
+)
+def test_ambiguous_arrays_are_refused_with_the_fix(array, message):
+    from ddrl_trl.data import ReferenceSampleError
+
+    with pytest.raises(ReferenceSampleError, match=message):
+        load_image(array)
+
+
+def test_pil_modes_transparency_and_orientation():
+    assert (rgb(load_image(Image.fromarray(np.full((8, 8), 0.25, dtype=np.float32)))) == 64).all()  # mode F
+    assert (rgb(load_image(Image.fromarray(GREY_16.astype(np.int32)))) == 128).all()  # mode I, 16-bit values
+    transparent = Image.new("RGBA", (8, 8), (0, 0, 0, 0))  # fully transparent black: shows as the white page
+    assert (rgb(load_image(transparent)) == 255).all()
+    half = Image.new("LA", (8, 8), (0, 128))
+    assert (rgb(load_image(half)) == 127).all()  # black at half opacity over white
+    # a photo stored sideways with an EXIF orientation tag (3: rotate 180°) is read upright
+    photo = Image.new("RGB", (16, 8), (0, 0, 0))
+    photo.paste((255, 255, 255), (8, 0, 16, 8))  # right half white as stored
+    exif = Image.Exif()
+    exif[0x0112] = 3
+    buffer = io.BytesIO()
+    photo.save(buffer, format="JPEG", exif=exif, quality=95)
+    upright = rgb(load_image(buffer.getvalue())).astype(float)
+    assert upright[:, :6].mean() > 200 and upright[:, 10:].mean() < 50  # white on the left once upright
+
+
+def test_a_16_bit_reference_trains_on_the_same_latents_as_its_8_bit_twin(tmp_path):
+    """What the data term anchors to: the encoded latents of a 16-bit PNG equal those of the same picture in 8 bits
+    (before, the 16-bit one encoded a white image)."""
+    gradient8 = np.tile(np.linspace(0, 255, 40).round().astype(np.uint8), (40, 1))
+    gradient16 = gradient8.astype(np.uint16) * 257
+    datasets = {
+        bits: Dataset.from_dict({"prompt": ["a red cat", "a blue dog"], "image": [png_bytes(Image.fromarray(a))] * 2})
+        for bits, a in ((8, gradient8), (16, gradient16))
+    }
+    # a uint8 array column: `datasets` hands it back as nested lists of Python ints (int64 once an array again)
+    datasets["array"] = Dataset.from_dict({"prompt": ["a red cat", "a blue dog"], "image": [gradient8] * 2})
+    latents = {
+        bits: torch.tensor(np.asarray(make_trainer(tmp_path / str(bits), data, peft_config=lora())
+                                      .train_dataset[0]["ddrl_ref_latents"]))
+        for bits, data in datasets.items()
+    }  # fmt: skip
+    torch.testing.assert_close(latents[16], latents[8], rtol=0, atol=0)
+    torch.testing.assert_close(latents["array"], latents[8], rtol=0, atol=0)
+
+
+def test_a_bad_array_is_refused_at_construction_naming_the_row(tmp_path, reference_dataset):
+    images = [np.asarray(im, dtype=np.float32) / 255 for im in reference_dataset["image"]]
+    images[4] = images[4] * 255  # one row in 0..255
+    data = Dataset.from_dict({"prompt": reference_dataset["prompt"], "image": images})
+    with pytest.raises(ValueError, match=r"Row 4 of the training dataset, column 'image': a float image with values "
+                                         r".*divide 0\.\.255 data by 255"):
+        make_trainer(tmp_path, data, peft_config=lora())
+
+
+def test_small_images_follow_the_same_upscaling_rule_as_videos(tmp_path, caplog):
+    """Upscaling is reported (one warning per dataset), and refused above max_reference_upscale (2 by default), as
+    for reference videos (tests/test_video_data.py)."""
+    rng = np.random.default_rng(0)
+
+    def dataset(*sizes):
+        images = [Image.fromarray(rng.integers(0, 255, (s, s, 3), dtype=np.uint8)) for s in sizes]
+        return Dataset.from_dict({"prompt": ["a red cat", "a blue dog", "a green bird"][: len(sizes)], "image": images})
+
+    with pytest.raises(ValueError, match=r"Row 1 of the training dataset, column 'image': it is 2x2 px, which would "
+                                         r"be upscaled 16.00x to resolution=32 \(more than max_reference_upscale=2\)"):
+        make_trainer(tmp_path, dataset(40, 2), peft_config=lora())
+    with caplog.at_level(logging.WARNING):
+        make_trainer(tmp_path, dataset(40, 20, 24), peft_config=lora())
+    warning = next(r.getMessage() for r in caplog.records if "upscaled" in r.getMessage())
+    assert "2 of 3 training reference images are smaller than resolution=32 and were upscaled (up to 1.60x, row 1)" in warning
+    with pytest.raises(ValueError, match=r"Row 1 .* upscaled 1.60x .*more than max_reference_upscale=1\)"):
+        make_trainer(tmp_path, dataset(40, 20), peft_config=lora(), max_reference_upscale=1.0)
+
+
+@pytest.mark.parametrize(
+    "prompts, message",
+    [
+        (["a red cat", None, "a green bird"], r"Row 1 of the training dataset: column 'prompt' holds None, not a "
+                                              r"non-empty prompt \(1 such row\(s\) in all"),
+        (["a red cat", "a blue dog", ""], r"Row 2 .* holds '', not a non-empty prompt"),
+        (["   ", "a blue dog", "\t"], r"Row 0 .* holds '   '.*\(2 such row\(s\) in all, e.g. \[0, 2\]\).*dataset.filter"),
+        ([1, 2, 3], r"column 'prompt' holds int64 values \(row 0: 1\), not text"),
+    ],
+    ids=["none", "empty", "blank", "numbers"],
+)
+def test_bad_prompts_are_found_at_construction_before_any_encoding(tmp_path, reference_dataset, monkeypatch, prompts,
+                                                                    message):  # fmt: skip
+    def forbidden(*args, **kwargs):
+        raise AssertionError("reference images were encoded before the prompts were checked")
+
+    monkeypatch.setattr(trainer_module, "encode_reference_dataset", forbidden)
+    data = Dataset.from_dict({"prompt": prompts, "image": reference_dataset["image"][:3]})
+    with pytest.raises(ValueError, match=message):
+        make_trainer(tmp_path, data, peft_config=lora())
