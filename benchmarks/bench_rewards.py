@@ -2,7 +2,7 @@
 
 1. Overlap: a DDRL iteration with a deliberately slow reward (sleeps `--reward-seconds` per call, like a large reward
    model or a remote one) scored after the whole rollout vs scored chunk by chunk in the background while the next
-   chunk is rolled out (`async_rewards=True`). Both roll out one group per chunk, so they do identical work.
+   chunk is rolled out (`overlap_rewards=True`). Both roll out one group per chunk, so they do identical work.
 2. Reward service load: `--clients` concurrent `RemoteReward` clients × `--requests` requests each against a real
    `ddrl-trl serve-reward` on loopback; prints throughput and latency percentiles.
 
@@ -43,10 +43,10 @@ def overlap(args_ns) -> None:
         time.sleep(args_ns.reward_seconds)
         return images.float().flatten(1).mean(1).tolist()
 
-    def trainer(async_rewards: bool, out: str) -> DDRLTrainer:
+    def trainer(overlap_rewards: bool, out: str) -> DDRLTrainer:
         config = DDRLConfig(
             output_dir=out, num_generations=8, per_device_train_batch_size=32, num_inference_steps=args_ns.steps,
-            rollout_chunk_groups=1, async_rewards=async_rewards, report_to="none", log_sample_images_steps=0,
+            rollout_chunk_groups=1, overlap_rewards=overlap_rewards, report_to="none", log_sample_images_steps=0,
             save_strategy="no", use_cpu=not torch.cuda.is_available(), dataloader_pin_memory=False,
         )  # fmt: skip
         return DDRLTrainer(model=tiny_sd_pipeline(), reward_funcs=slow_reward, args=config, train_dataset=data,
@@ -70,8 +70,8 @@ def overlap(args_ns) -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"[overlap] 4 groups x 8 rollouts, {args_ns.steps} steps, reward sleeps {args_ns.reward_seconds} s per "
           f"group, repeats={args_ns.repeats} (medians)")  # fmt: skip
-    print(f"  rewards after the rollout (async_rewards=False)         {med['plain']:8.3f} s")
-    print(f"  rewards overlapped with the rollout (async_rewards=True) {med['overlapped']:8.3f} s")
+    print(f"  rewards after the rollout (overlap_rewards=False)         {med['plain']:8.3f} s")
+    print(f"  rewards overlapped with the rollout (overlap_rewards=True) {med['overlapped']:8.3f} s")
     print(f"  ratio overlapped / not = {med['overlapped'] / med['plain']:.3f}")
 
 

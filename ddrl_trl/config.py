@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import warnings
 from dataclasses import dataclass, field, fields
 
 from transformers import TrainingArguments
@@ -66,14 +67,22 @@ class DDRLConfig(TrainingArguments):
 
         reward_weights (`list[float]` or `None`, defaults to `None`):
             Weight of each reward function; `None` weighs all by 1. r = Σ_i w_i r_i.
-        async_rewards (`bool`, defaults to `False`):
+        overlap_rewards (`bool`, defaults to `False`):
             Score each finished chunk of groups in a background thread while the next chunk is rolled out, so a slow
             reward (a large model, a remote `RemoteReward`) overlaps generation instead of stalling it. Results are
-            identical to `async_rewards=False` with the same `rollout_chunk_groups`: only the timing changes.
+            identical to `overlap_rewards=False` with the same `rollout_chunk_groups`: only the timing changes. This
+            is not about `async def` reward functions, which always run concurrently with each other
+            (docs/rewards.md). Formerly `async_rewards`, which is still accepted, with a warning.
         rollout_chunk_groups (`int` or `None`, defaults to `None`):
             Groups rolled out together. `None` rolls out the whole batch at once (the most parallel rollout), or one
-            group at a time when `async_rewards` is on. Chunking changes how the seeded noise is drawn, not its
+            group at a time when `overlap_rewards` is on. Chunking changes how the seeded noise is drawn, not its
             distribution.
+        multi_objective_aggregation (`str`, defaults to `"sum_then_normalize"`):
+            How several reward functions combine, as TRL's `GRPOConfig`: `"sum_then_normalize"` sums the weighted
+            rewards, then normalises the sum (`scale_rewards`); `"normalize_then_sum"` first normalises each reward
+            within its group, then sums them with `reward_weights` and normalises the sum by the batch std, so that a
+            reward on a large scale (JPEG bytes) does not drown one on a small scale (a probability). With one reward
+            both are the same up to the final scale.
         reward_clip (`float` or `None`, defaults to `None`):
             Clip the combined reward to ±`reward_clip` before group normalisation (the reference code uses 5 on its
             rewards' scale). Off by default: common rewards live on other scales (aesthetic scores ~5–7, JPEG sizes in
@@ -170,8 +179,12 @@ class DDRLConfig(TrainingArguments):
     train_step_indices: list[int] | None = field(default=None, metadata={"help": "Explicit trained step indices."})
     # Rewards and advantages
     reward_weights: list[float] | None = field(default=None, metadata={"help": "Weights of the reward functions."})
-    async_rewards: bool = field(default=False, metadata={"help": "Score chunk k while chunk k+1 is rolled out."})
+    overlap_rewards: bool = field(default=False, metadata={"help": "Score chunk k while chunk k+1 is rolled out."})
+    async_rewards: bool | None = field(default=None, metadata={"help": "Deprecated name of overlap_rewards."})
     rollout_chunk_groups: int | None = field(default=None, metadata={"help": "Groups per rollout chunk; None = all."})
+    multi_objective_aggregation: str = field(
+        default="sum_then_normalize", metadata={"help": "'sum_then_normalize' or 'normalize_then_sum'."}
+    )
     reward_clip: float | None = field(default=None, metadata={"help": "Clip rewards to ±this; None = off."})
     scale_rewards: str = field(default="group", metadata={"help": "'group', 'batch' or 'none'."})
     exp_advantage: bool = field(default=False, metadata={"help": "λ-transform A ← −exp(−A)."})
@@ -214,6 +227,11 @@ class DDRLConfig(TrainingArguments):
 
     def __post_init__(self):
         self._check_numbers_are_finite()  # before anything compares them: every comparison with NaN is False
+        if self.async_rewards is not None:
+            warnings.warn("async_rewards is now called overlap_rewards (it overlaps scoring with the rollout; async "
+                          "def rewards always run concurrently): set overlap_rewards instead.", FutureWarning,
+                          stacklevel=3)  # fmt: skip
+            self.overlap_rewards, self.async_rewards = self.async_rewards, None
         super().__post_init__()
         if self.num_generations < 2:
             raise ValueError(
@@ -266,6 +284,11 @@ class DDRLConfig(TrainingArguments):
         for name in ("data_noise", "data_timesteps"):
             if getattr(self, name) not in _DATA_CHOICES:
                 raise ValueError(f"{name} must be one of {_DATA_CHOICES}, got {getattr(self, name)!r}.")
+        if self.multi_objective_aggregation not in ("sum_then_normalize", "normalize_then_sum"):
+            raise ValueError(
+                f"multi_objective_aggregation must be 'sum_then_normalize' or 'normalize_then_sum', got "
+                f"{self.multi_objective_aggregation!r}."
+            )
         if self.scale_rewards not in ("group", "batch", "none"):
             raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {self.scale_rewards!r}.")
         if self.data_beta < 0 or self.kl_beta < 0:
@@ -280,7 +303,7 @@ class DDRLConfig(TrainingArguments):
         for name in ("num_frames", "max_sequence_length", "rollout_chunk_groups"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer or None, got {getattr(self, name)}.")
-        self.trained_step_indices  # validates explicit indices
+        self.resolved_train_step_indices  # validates explicit indices
 
     def _check_numbers_are_finite(self) -> None:
         """Refuse NaN and ±inf in every number of the config (reward weights included), naming the field."""
@@ -295,15 +318,16 @@ class DDRLConfig(TrainingArguments):
                     )
 
     @property
-    def rollout_chunk_size(self) -> int | None:
-        """Groups per rollout chunk, as used: `rollout_chunk_groups`, or 1 with `async_rewards`, else None (all)."""
+    def resolved_rollout_chunk_groups(self) -> int | None:
+        """Groups per rollout chunk, as used: `rollout_chunk_groups`, or 1 with `overlap_rewards`, else None (all)."""
         if self.rollout_chunk_groups is not None:
             return self.rollout_chunk_groups
-        return 1 if self.async_rewards else None
+        return 1 if self.overlap_rewards else None
 
     @property
-    def trained_step_indices(self) -> list[int]:
-        """The denoising-step indices that get a loss and a backward pass, sorted."""
+    def resolved_train_step_indices(self) -> list[int]:
+        """The denoising-step indices that get a loss and a backward pass, sorted: `train_step_indices` if given, else
+        every `train_step_stride`-th step but the last."""
         last_trainable = self.num_inference_steps - 2
         if self.train_step_indices is not None:
             indices = sorted(set(int(i) for i in self.train_step_indices))

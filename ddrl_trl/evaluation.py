@@ -1,80 +1,63 @@
-"""How `DDRLTrainer` measures the paper's reward-hacking signal: the diffusion loss of the model on held-out data,
-and its ratio to the base model's on the same seeded draws (> 1.10: hacking, arXiv 2512.04332 §5)."""
+"""The paper's reward-hacking signal: the diffusion loss of the model on held-out data, and its ratio to the base
+model's on the same seeded draws (> 1.10: hacking, arXiv 2512.04332 §5). `DDRLTrainer.evaluate()` delegates here."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import torch
 from datasets import Dataset
 
+from .adapters import PipelineAdapter
 from .core import diffusion_loss
-from .data import DDRLCollator, check_columns
+from .data import DDRLCollator
+from .reference import ReferencePolicy
 from .rollout import SeededNoise
 
 
-class HeldOutEvaluationMixin:
-    """`evaluate()` for `DDRLTrainer`, and the base model it compares with.
+class HeldOutEvaluator:
+    """Held-out diffusion loss of the trained denoiser and of the base model (`ReferencePolicy`), per dataset.
 
-    Needs, from the trainer: `adapter`, `sampler`, `is_lora`, `ref_denoiser`, `_base_eval_loss` (base losses by
-    dataset fingerprint) and `_encode`; from `Trainer`: `args`, `accelerator`, `state`, `log` and the callbacks.
+    The base model's loss is measured once per dataset (by fingerprint). With full fine-tuning and no frozen copy the
+    base is gone once training starts, so `measure_base` must run before: `DDRLTrainer.train` calls it, also when
+    resuming (the checkpoint's weights are loaded later, inside `Trainer.train`).
+
+    Args:
+        adapter, sampler: the model family's adapter and SDE sampler (its noising and training target).
+        reference: the base model.
+        args: the `DDRLConfig` (seed, `eval_noise_draws`, `per_device_eval_batch_size`, `prompt_column`).
+        accelerator: splits the samples across processes and gathers the sums.
+        autocast: the trainer's mixed-precision context for denoiser calls.
     """
 
-    @torch.no_grad()
-    def _base_prediction(self, latents, timesteps, cond) -> torch.Tensor:
-        """The base model's output: the adapter switched off (LoRA) or the frozen copy (full fine-tuning)."""
-        if self.ref_denoiser is not None:
-            return self.adapter.predict(latents, timesteps, cond, denoiser=self.ref_denoiser)
-        if not self.is_lora:
-            raise RuntimeError("The base model is not available: full fine-tuning keeps no copy unless kl_beta > 0.")
-        denoiser = self.adapter.denoiser
-        denoiser.disable_adapters()
-        try:
-            return self.adapter.predict(latents, timesteps, cond)
-        finally:
-            denoiser.enable_adapters()
+    def __init__(self, adapter: PipelineAdapter, sampler, reference: ReferencePolicy, args, accelerator,
+                 autocast: Callable[[], AbstractContextManager]):  # fmt: skip
+        self.adapter, self.sampler, self.reference = adapter, sampler, reference
+        self.args, self.accelerator, self.autocast = args, accelerator, autocast
+        self._base_losses: dict[str, float] = {}
 
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """Held-out diffusion loss and its ratio to the base model's (> 1.10: the paper's reward-hacking signal).
+    def measure_base(self, dataset: Dataset) -> None:
+        """Measure the base model's held-out loss on `dataset` if not known yet: through the reference policy when it
+        is available, else with the denoiser as it is now (which must still be the base)."""
+        if dataset._fingerprint not in self._base_losses:
+            self._base_losses[dataset._fingerprint] = self.loss(dataset, base=self.reference.available)
 
-        Each held-out sample's noise and timesteps are seeded by (`args.seed`, its index), identical for the model and
-        the base, so the ratio compares the two on the same draws; the samples are split across processes.
-        """
-        if eval_dataset is None:
-            eval_dataset = self.eval_dataset
-        elif "ddrl_ref_latents" not in eval_dataset.column_names:
-            check_columns(eval_dataset, self.args.prompt_column, self.args.image_column, "evaluation")
-            eval_dataset = self._encode(eval_dataset, self.args, "evaluation")
-        if eval_dataset is None:
-            raise ValueError("evaluate() needs an eval_dataset (held-out prompts with paired reference images).")
-        key = eval_dataset._fingerprint
-        if key not in self._base_eval_loss:
-            if not self.is_lora and self.ref_denoiser is None and self.state.global_step > 0:
+    def metrics(self, dataset: Dataset, prefix: str, training_started: bool) -> dict[str, float]:
+        """`{prefix}_diffusion_loss` and `{prefix}_diffusion_loss_ratio` (to the base model's) on `dataset`."""
+        if dataset._fingerprint not in self._base_losses:
+            if training_started and not self.reference.available:
                 raise RuntimeError(
                     "The base model's held-out loss was not measured before training; with full fine-tuning call "
                     "evaluate() (or pass eval_dataset to the trainer) before training starts."
                 )
-            has_base = self.is_lora or self.ref_denoiser is not None  # else the weights are still the base's
-            self._base_eval_loss[key] = self._held_out_loss(eval_dataset, base=has_base)
-        loss = self._held_out_loss(eval_dataset, base=False)
-        metrics = {
-            f"{metric_key_prefix}_diffusion_loss": loss,
-            f"{metric_key_prefix}_diffusion_loss_ratio": loss / self._base_eval_loss[key],
-        }
-        self.log(metrics)
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
-        return metrics
-
-    def train(self, *args, **kwargs):
-        """`Trainer.train`, after measuring the base model's held-out loss when nothing else could later (full
-        fine-tuning keeps no copy of the base). The denoiser still holds the base weights here, also when resuming:
-        `Trainer.train` loads the checkpoint afterwards."""
-        if self.eval_dataset is not None and not self.is_lora and self.ref_denoiser is None:
-            key = self.eval_dataset._fingerprint
-            if key not in self._base_eval_loss:
-                self._base_eval_loss[key] = self._held_out_loss(self.eval_dataset, base=False)
-        return super().train(*args, **kwargs)
+            self.measure_base(dataset)
+        loss = self.loss(dataset, base=False)
+        return {f"{prefix}_diffusion_loss": loss,
+                f"{prefix}_diffusion_loss_ratio": loss / self._base_losses[dataset._fingerprint]}  # fmt: skip
 
     @torch.no_grad()
-    def _held_out_loss(self, dataset: Dataset, base: bool) -> float:
+    def loss(self, dataset: Dataset, base: bool) -> float:
         """Mean diffusion loss over `dataset` × `eval_noise_draws`, the samples split across processes.
 
         Sample i's noise and timesteps come from generators seeded by (seed, i, draw), so the value does not depend on
@@ -82,7 +65,7 @@ class HeldOutEvaluationMixin:
         """
         args, sampler, device = self.args, self.sampler, self.accelerator.device
         noise_source = SeededNoise(args.seed, device, args.num_generations)
-        predict = self._base_prediction if base else self.adapter.predict
+        predict = self.reference.predict if base else self.adapter.predict
         collate = DDRLCollator(args.prompt_column)
         rows = range(self.accelerator.process_index, len(dataset), self.accelerator.num_processes)
         total = torch.zeros((), device=device)
@@ -90,7 +73,7 @@ class HeldOutEvaluationMixin:
             indices = rows[start : start + args.per_device_eval_batch_size]
             batch = collate([dataset[i] for i in indices])
             x0 = batch["ref_latents"].to(device)
-            with self.compute_loss_context_manager():
+            with self.autocast():
                 cond = self.adapter.encode_prompts(batch["prompts"])
                 for draw in range(args.eval_noise_draws):
                     noise = noise_source.draw_for(f"eval-noise{draw}", indices, tuple(x0.shape[1:]))

@@ -37,7 +37,8 @@ TRAJECTORY_SETTINGS = (
     "seed", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2",
     "max_grad_norm", "optim", "num_generations", "per_device_train_batch_size", "gradient_accumulation_steps",
     "num_inference_steps", "eta", "flow_noise_level", "resolution", "num_frames", "guidance_scale",
-    "trained_step_indices", "same_noise_within_group", "reward_weights", "reward_clip", "scale_rewards",
+    "resolved_train_step_indices", "same_noise_within_group", "reward_weights", "multi_objective_aggregation",
+    "reward_clip", "scale_rewards",
     "exp_advantage", "advantage_clip", "epsilon", "data_beta", "data_noise", "data_timesteps",
     "data_on_first_step_only", "kl_beta", "ema_decay", "bf16", "fp16",
 )  # fmt: skip

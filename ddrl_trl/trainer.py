@@ -1,46 +1,50 @@
 """`DDRLTrainer`: orchestrates one DDRL iteration — rollout → reward → advantage → loss → step.
 
-The math lives elsewhere (`core/`, `samplers/`), the model-family specifics in `adapters/`, the rewards in `rewards/`;
-this file wires them into `transformers.Trainer`, which keeps providing the optimiser, LR schedule, gradient clipping,
-accumulation, logging, callbacks, checkpoints and multi-device launch.
+The math lives elsewhere (`core`, `samplers`, `data_term.py`), the model-family specifics in `adapters`, the rewards
+in `rewards`; model preparation, the reference (base) policy, the held-out evaluation, saving and resuming each have a
+module of their own. This file wires them into `transformers.Trainer`, which keeps providing the optimiser, LR
+schedule, gradient clipping, accumulation, logging, callbacks, checkpoints and multi-device launch.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import os
-from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from datasets import Dataset
 from peft import LoraConfig
-from transformers import Trainer
-from trl.trainer.utils import disable_dropout_in_model
+from transformers import Trainer, TrainerState
 
-from .adapters import PipelineAdapter, concat_conditioning, get_adapter, repeat_conditioning
+from .adapters import PipelineAdapter, get_adapter, repeat_conditioning
 from .callbacks import HackingMonitorCallback
 from .config import DDRLConfig
 from .core import (
-    clipped_policy_loss, combine_rewards, diffusion_loss, group_advantages, group_reward_std, reverse_kl_loss,
+    aggregate_rewards, clipped_policy_loss, diffusion_loss, group_advantages, reverse_kl_loss,
 )  # fmt: skip
 from .data import DDRLCollator, RepeatSampler, check_columns, check_prompts, encode_reference_dataset
-from .evaluation import HeldOutEvaluationMixin
+from .data_term import DataTermBatch
+from .evaluation import HeldOutEvaluator
 from .guards import NonFiniteStepGuard
-from .rewards import compute_rewards, resolve_reward, reward_name
-from .saving import SavingMixin
 from .layout import GroupLayout
+from .metrics import TrainingMetrics
 from .model_card import write_model_card
+from .model_setup import frozen_dtype, prepare_for_training
+from .reference import ReferencePolicy
 from .resume import (
     check_output_dir_writable, check_same_run, data_signature, prepare_output_dir, resolve_checkpoint, run_info,
     verify_checkpoint,
 )  # fmt: skip
+from .rewards import compute_rewards, resolve_reward, reward_name
+from .rewards.calling import check_column_names
 from .rollout import Rollout, SeededNoise, rollout_and_score, stable_seed
-from .tracking import image_grid, log_image_grid, make_config_tracker_friendly
+from .saving import SavingMixin
+from .tracking import image_grid, log_image_grid
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +57,33 @@ def _load_pipeline(model: Any, dtype: torch.dtype):
     return DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
 
 
-class DDRLTrainer(SavingMixin, HeldOutEvaluationMixin, Trainer):
+@dataclass
+class RolloutBatch:
+    """What the loss of one micro-step needs: this process's rollouts, their advantages, and the conditioning and
+    paired references of their groups."""
+
+    rollout: Rollout
+    advantages: torch.Tensor  # (b,) float32, this process's rows
+    row_cond: dict  # conditioning per rollout row
+    prompt_cond: dict  # conditioning per local group (its prompt)
+    ref_latents: torch.Tensor  # (G, ...) the groups' paired x̃0
+    layout: GroupLayout
+    noise: SeededNoise
+
+
+@dataclass
+class StepTerms:
+    """The loss of one trained denoising step and its parts (for the metrics)."""
+
+    loss: torch.Tensor
+    policy: torch.Tensor
+    ratio: torch.Tensor
+    clipped: torch.Tensor
+    data: torch.Tensor | None = None
+    kl: torch.Tensor | None = None
+
+
+class DDRLTrainer(SavingMixin, Trainer):
     """Trainer for Data-regularized Diffusion Reinforcement Learning (DDRL, arXiv 2512.04332).
 
     Each optimiser step rolls out `num_generations` samples per prompt with the current policy (stochastic sampler,
@@ -92,7 +122,6 @@ class DDRLTrainer(SavingMixin, HeldOutEvaluationMixin, Trainer):
         args = args if args is not None else DDRLConfig(output_dir="ddrl-output")
         if not isinstance(args, DDRLConfig):
             raise TypeError(f"args must be a DDRLConfig, got {type(args).__name__}.")
-        frozen_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
 
         # ---- cheap checks first: nothing expensive happens before the inputs are known to be usable
         funcs = reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
@@ -111,6 +140,8 @@ class DDRLTrainer(SavingMixin, HeldOutEvaluationMixin, Trainer):
             raise ValueError("DDRLTrainer needs a train_dataset with prompts and their paired reference images.")
         check_columns(train_dataset, args.prompt_column, args.image_column, "training")
         check_prompts(train_dataset, args.prompt_column, "training")
+        check_column_names([c for c in train_dataset.column_names if c not in (args.prompt_column, args.image_column)],
+                           "training")  # fmt: skip
         if eval_dataset is not None:
             check_columns(eval_dataset, args.prompt_column, args.image_column, "evaluation")
             check_prompts(eval_dataset, args.prompt_column, "evaluation")
@@ -121,7 +152,8 @@ class DDRLTrainer(SavingMixin, HeldOutEvaluationMixin, Trainer):
         if any(isinstance(callback, HackingMonitorCallback) for callback in callbacks or []):
             HackingMonitorCallback.check_eval_data(eval_dataset)
 
-        pipeline = _load_pipeline(model, frozen_dtype)
+        # ---- the model: its family's adapter, prepared for training (model_setup.py), and the base it is compared with
+        pipeline = _load_pipeline(model, frozen_dtype(args))
         #: Hub id or path of the base pipeline, for the model card (None for a pipeline built in memory).
         in_memory = not isinstance(model, (str, os.PathLike))
         self.base_model_id = getattr(pipeline, "name_or_path", None) if in_memory else str(model)
@@ -130,52 +162,11 @@ class DDRLTrainer(SavingMixin, HeldOutEvaluationMixin, Trainer):
         self.resolution = self.adapter.resolution
         self.pipeline = pipeline
         self.latent_shape = self.adapter.latent_shape(self.resolution)
-
-        # ---- frozen parts: no grads, the training dtype, on the device
-        device = args.device
-        def place(module: torch.nn.Module) -> None:
-            module.to(device)
-            if module.dtype != frozen_dtype:  # cast only when needed: diffusers warns on every cast
-                module.to(dtype=frozen_dtype)
-
-        for module in self.adapter.frozen_modules():
-            module.requires_grad_(False).eval()
-            place(module)
-        denoiser = self.adapter.denoiser
-        self.is_lora = peft_config is not None
-        if self.is_lora:
-            peft_config = copy.deepcopy(peft_config)
-            if peft_config.target_modules is None:
-                peft_config.target_modules = list(self.adapter.default_lora_target_modules)
-            denoiser.requires_grad_(False)
-            place(denoiser)
-            with torch.random.fork_rng(devices=[]):  # the adapter's random init depends on args.seed alone
-                torch.manual_seed(args.seed)
-                denoiser.add_adapter(peft_config)
-            for param in denoiser.parameters():  # trainable LoRA weights stay float32 (master weights)
-                if param.requires_grad:
-                    param.data = param.data.float()
-        else:
-            # Full fine-tuning keeps float32 master weights (bf16/fp16 run through autocast), whatever dtype it loaded in.
-            denoiser.requires_grad_(True).to(device)
-            if denoiser.dtype != torch.float32:
-                denoiser.to(dtype=torch.float32)
-        if args.gradient_checkpointing or getattr(args, "activation_checkpointing", False):
-            # diffusers models name it differently from the `*_checkpointing_enable` that Trainer would call:
-            # switch it on here and keep Trainer out of it.
-            denoiser.enable_gradient_checkpointing()
-            args.gradient_checkpointing = False
-            if hasattr(args, "activation_checkpointing"):
-                args.activation_checkpointing = False
-        # Rollouts and the loss must see the same network for ratio = 1: no dropout anywhere (TRL's disable_dropout).
-        disable_dropout_in_model(denoiser)
-        make_config_tracker_friendly(denoiser)
-        self.ref_denoiser = None
-        if args.kl_beta > 0 and not self.is_lora:
-            self.ref_denoiser = copy.deepcopy(denoiser).requires_grad_(False).eval()
-
-        self.sampler = self.adapter.make_sampler(args, device)
-        self.trained_steps = args.trained_step_indices
+        self.is_lora = prepare_for_training(self.adapter, args, peft_config)
+        #: The base model, for the KL term and the held-out ratio (LoRA disabled, or a frozen copy when kl_beta > 0).
+        self.reference = ReferencePolicy(self.adapter, self.is_lora, keep_copy=args.kl_beta > 0)
+        self.sampler = self.adapter.make_sampler(args, args.device)
+        self.trained_steps = args.resolved_train_step_indices
 
         # ---- one-off work on the data: encode reference images, then check the rewards on real images
         with args.main_process_first(desc="encoding reference images"):
@@ -185,7 +176,7 @@ class DDRLTrainer(SavingMixin, HeldOutEvaluationMixin, Trainer):
         self._check_rewards_on(train_dataset, args)
 
         super().__init__(
-            model=denoiser,
+            model=self.adapter.denoiser,
             args=args,
             data_collator=DDRLCollator(args.prompt_column),
             train_dataset=train_dataset,
@@ -193,8 +184,10 @@ class DDRLTrainer(SavingMixin, HeldOutEvaluationMixin, Trainer):
             callbacks=callbacks,
             optimizers=optimizers,
         )
-        self._metrics: dict[str, list] = defaultdict(list)
-        self._base_eval_loss: dict[str, float] = {}
+        self.evaluator = HeldOutEvaluator(self.adapter, self.sampler, self.reference, args, self.accelerator,
+                                          self.compute_loss_context_manager)  # fmt: skip
+        #: DDRL's training metrics since the last log (docs/metrics.md).
+        self.metrics = TrainingMetrics()
         self._micro_step = 0
         #: The last logged rollout grid `(image, prompts, step)`, shown in the model card.
         self.last_samples = None
@@ -209,7 +202,9 @@ class DDRLTrainer(SavingMixin, HeldOutEvaluationMixin, Trainer):
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
         """`Trainer.train`, after deciding, before any work, that the run may use `output_dir` and that the checkpoint
-        to resume (`True`: the newest in `output_dir`) is complete, readable and of this run (`resume.py`)."""
+        to resume (`True`: the newest in `output_dir`) is complete, readable and of this run (`resume.py`); and after
+        measuring the base model's held-out loss when nothing could later (full fine-tuning keeps no copy of the base;
+        the weights are still the base's here, also when resuming: `Trainer.train` loads the checkpoint later)."""
         prepare_output_dir(self.args, resume_from_checkpoint, self.is_world_process_zero())
         self.accelerator.wait_for_everyone()
         checkpoint = resolve_checkpoint(self.args.output_dir, resume_from_checkpoint)
@@ -217,8 +212,30 @@ class DDRLTrainer(SavingMixin, HeldOutEvaluationMixin, Trainer):
             verify_checkpoint(checkpoint, self.is_lora, self.adapter.denoiser_name, self.is_deepspeed_enabled,
                               self.args.process_index, self.args.world_size)  # fmt: skip
             check_same_run(checkpoint, run_info(self))
+        if self.eval_dataset is not None and not self.reference.available:
+            self.evaluator.measure_base(self.eval_dataset)
         return super().train(resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval,
                              **kwargs)  # fmt: skip
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Held-out diffusion loss and its ratio to the base model's (> 1.10: the paper's reward-hacking signal).
+
+        Each held-out sample's noise and timesteps are seeded by (`args.seed`, its index), identical for the model and
+        the base, so the ratio compares the two on the same draws; the samples are split across processes
+        (`evaluation.HeldOutEvaluator`). `eval_dataset` may be raw (prompts and paired images) or already encoded.
+        """
+        if eval_dataset is None:
+            eval_dataset = self.eval_dataset
+        elif "ddrl_ref_latents" not in eval_dataset.column_names:
+            check_columns(eval_dataset, self.args.prompt_column, self.args.image_column, "evaluation")
+            check_prompts(eval_dataset, self.args.prompt_column, "evaluation")
+            eval_dataset = self._encode(eval_dataset, self.args, "evaluation")
+        if eval_dataset is None:
+            raise ValueError("evaluate() needs an eval_dataset (held-out prompts with paired reference images).")
+        metrics = self.evaluator.metrics(eval_dataset, metric_key_prefix, training_started=self.state.global_step > 0)
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
 
     # ------------------------------------------------------------------------------------------------ data plumbing
     def _encode(self, dataset: Dataset, args: DDRLConfig, split: str) -> Dataset:
@@ -232,7 +249,7 @@ class DDRLTrainer(SavingMixin, HeldOutEvaluationMixin, Trainer):
         rows = [dataset[i] for i in range(min(2, len(dataset)))]
         batch = DDRLCollator(args.prompt_column)(rows)
         images = self.adapter.decode_latents(batch["ref_latents"].to(self.adapter.denoiser.device))
-        scores = compute_rewards(self.reward_funcs, images, batch["prompts"], batch["columns"])
+        scores = compute_rewards(self.reward_funcs, images, batch["prompts"], batch["columns"], TrainerState())
         for name, column in zip(self.reward_names, scores.unbind(dim=1)):
             if torch.isnan(column).all():
                 logger.warning("Reward %r gave no score (None/NaN) to any of %d reference samples: check that it suits "
@@ -248,8 +265,16 @@ class DDRLTrainer(SavingMixin, HeldOutEvaluationMixin, Trainer):
     # ------------------------------------------------------------------------------------------------ one iteration
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         """One DDRL iteration on this process's rows: rollout → reward → advantage → per-step loss/backward."""
-        args = self.args
         model.train()
+        batch = self._rollout_batch(model, inputs)
+        loss = self._policy_and_data_backward(model, batch)
+        self._micro_step += 1
+        return loss / self._accumulation_steps
+
+    def _rollout_batch(self, model, inputs: dict) -> RolloutBatch:
+        """Roll out this process's rows of the micro-batch with the current policy, score them, and turn the rewards
+        of the whole global batch into this process's advantages."""
+        args = self.args
         prompts: list[str] = inputs["prompts"]
         layout = GroupLayout(len(prompts), args.num_generations, self.accelerator.process_index,
                              self.accelerator.num_processes)  # fmt: skip
@@ -262,9 +287,10 @@ class DDRLTrainer(SavingMixin, HeldOutEvaluationMixin, Trainer):
 
         def score(images: torch.Tensor, rows: slice) -> torch.Tensor:
             chunk_columns = {name: values[rows] for name, values in columns.items()}
-            return compute_rewards(self.reward_funcs, images, prompts[rows], chunk_columns)
+            return compute_rewards(self.reward_funcs, images, prompts[rows], chunk_columns, self.state)
 
-        chunk_rows = args.rollout_chunk_size * args.num_generations if args.rollout_chunk_size else None
+        chunk_groups = args.resolved_rollout_chunk_groups
+        chunk_rows = chunk_groups * args.num_generations if chunk_groups else None
         with self.compute_loss_context_manager():
             prompt_cond = self.adapter.encode_prompts(unique_prompts)
             row_cond = repeat_conditioning(prompt_cond, layout.counts)
@@ -274,11 +300,8 @@ class DDRLTrainer(SavingMixin, HeldOutEvaluationMixin, Trainer):
             )  # fmt: skip
         advantages = self._advantages(per_func, layout)
         self._maybe_log_images(rollout.images, prompts)
-        ref_latents = inputs["ref_latents"][layout.first_local_rows]
-        loss = self._policy_and_data_backward(model, rollout, advantages, row_cond, prompt_cond, ref_latents, layout,
-                                              noise)  # fmt: skip
-        self._micro_step += 1
-        return loss / self._accumulation_steps
+        return RolloutBatch(rollout, advantages, row_cond, prompt_cond, inputs["ref_latents"][layout.first_local_rows],
+                            layout, noise)  # fmt: skip
 
     @property
     def _accumulation_steps(self) -> int:
@@ -291,9 +314,9 @@ class DDRLTrainer(SavingMixin, HeldOutEvaluationMixin, Trainer):
         return stable_seed(self.args.seed, self.state.global_step, micro)
 
     def _reward_executor(self) -> ThreadPoolExecutor | None:
-        """The one background thread that scores chunks with `async_rewards` (one, so reward functions never run
+        """The one background thread that scores chunks with `overlap_rewards` (one, so reward functions never run
         concurrently with themselves); None otherwise."""
-        if not self.args.async_rewards:
+        if not self.args.overlap_rewards:
             return None
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ddrl-reward")
@@ -304,110 +327,94 @@ class DDRLTrainer(SavingMixin, HeldOutEvaluationMixin, Trainer):
         whole global batch (gathered from every process: groups may span processes)."""
         args = self.args
         per_func = self.accelerator.gather(per_func.to(self.accelerator.device)).cpu()
-        rewards = combine_rewards(per_func, self.reward_weights)
+        combined = aggregate_rewards(per_func, self.reward_weights, args.num_generations,
+                                     args.multi_objective_aggregation, args.scale_rewards, args.reward_clip)  # fmt: skip
         advantages = group_advantages(
-            rewards, args.num_generations, scale_rewards=args.scale_rewards, reward_clip=args.reward_clip,
-            exp_transform=args.exp_advantage, advantage_clip=args.advantage_clip,
+            combined.rewards, args.num_generations, scale_rewards=combined.scale_rewards,
+            reward_clip=combined.reward_clip, exp_transform=args.exp_advantage, advantage_clip=args.advantage_clip,
         )  # fmt: skip
-        self._log_reward_statistics(per_func, rewards)
+        self.metrics.add_rewards(per_func, combined, self.reward_names, args.num_generations)
         return advantages[layout.local_slice].to(self.accelerator.device)
 
-    def _log_reward_statistics(self, per_func: torch.Tensor, rewards: torch.Tensor) -> None:
-        """`reward` (mean of the valid combined rewards), `reward_std` (the std the advantages were divided by, as
-        TRL logs it), and per function its mean and its count of invalid (None, NaN, ±inf) scores."""
+    def _policy_and_data_backward(self, model, batch: RolloutBatch) -> torch.Tensor:
+        """For each trained step j: one forward of [rollout states ; noised references], loss_j, one backward (so the
+        activations of one step at a time are alive). Returns the mean loss over trained steps, detached."""
         args = self.args
-        valid = torch.isfinite(rewards)
-        if valid.any():
-            self._metrics["reward"].append(rewards[valid].mean().item())
-        stds = group_reward_std(rewards, args.num_generations, args.scale_rewards, args.reward_clip)
-        self._metrics["reward_std"].append(stds.mean().item())
-        for name, column in zip(self.reward_names, per_func.unbind(dim=1)):
-            ok = torch.isfinite(column)
-            if ok.any():
-                self._metrics[f"rewards/{name}/mean"].append(column[ok].mean().item())
-            self._metrics[f"rewards/{name}/invalid"].append(float((~ok).sum()))
-
-    def _policy_and_data_backward(
-        self, model, rollout: Rollout, advantages, cond, prompt_cond, ref_latents, layout: GroupLayout,
-        noise: SeededNoise,
-    ) -> torch.Tensor:
-        """For each trained step j: one forward of [rollout states ; noised references], loss_j, one backward.
-
-        `ref_latents` holds one paired x̃0 per local group (`prompt_cond` its conditioning). Its data loss is weighted
-        by the group's share of this process's rows, so that with groups spanning processes the average over
-        processes is still the plain mean over groups.
-        """
-        args, sampler = self.args, self.sampler
-        batch, groups = rollout.states.shape[0], len(layout.groups)
-        ref_latents = ref_latents.to(rollout.states)
-        if args.data_noise == "rollout":  # the initial noise of the group's first rollout, wherever that row lives
-            first_rows = [g * args.num_generations for g in layout.groups]
-            data_noise = noise.initial(first_rows, tuple(ref_latents.shape[1:]))
-        else:
-            data_noise = noise.group_noise(layout.groups, tuple(ref_latents.shape[1:]))
-        data_weights = torch.tensor(layout.data_weights, device=rollout.states.device)
-        data_cond = concat_conditioning(cond, prompt_cond)
-        total = torch.zeros((), device=rollout.states.device)
-        num_trained = len(self.trained_steps)
-        # Under DeepSpeed, `accelerator.backward` also runs the engine's optimiser step whenever gradients sync: only
-        # the last trained step may be that boundary, or the policy would move between the steps of one rollout batch
-        # (ratio ≠ 1). The loss is already divided by the accumulation steps here, so DeepSpeed must not divide again.
-        sync_after_batch = self.accelerator.sync_gradients
-        backward_kwargs = {"scale_wrt_gas": False} if self.is_deepspeed_enabled else {}
+        data = None
+        if args.data_beta > 0:
+            data = DataTermBatch.build(args, batch.ref_latents, batch.row_cond, batch.prompt_cond, batch.layout,
+                                       batch.noise, like=batch.rollout.states)  # fmt: skip
+        num_trained, total = len(self.trained_steps), torch.zeros((), device=batch.rollout.states.device)
+        batch_syncs = self.accelerator.sync_gradients  # read once: each backward below sets it
         for position, step_index in enumerate(self.trained_steps):
-            with_data = args.data_beta > 0 and (not args.data_on_first_step_only or position == 0)
-            timestep = sampler.timesteps[step_index].expand(batch)
-            latents_in, timesteps_in, cond_in = rollout.states[:, step_index], timestep, cond
-            if with_data:
-                if args.data_timesteps == "random":
-                    data_t = torch.cat([sampler.sample_timesteps(1, noise.generator(f"data-t{position}", g))
-                                        for g in layout.groups])  # fmt: skip
-                else:
-                    data_t = sampler.timesteps[step_index].expand(groups)
-                noisy_ref = sampler.add_noise(ref_latents, data_noise, data_t)
-                latents_in = torch.cat([latents_in, noisy_ref])
-                timesteps_in = torch.cat([timestep, data_t])
-                cond_in = data_cond
             last = position == num_trained - 1
-            sync = contextlib.nullcontext() if last else self.accelerator.no_sync(model)
-            with sync:
+            with_data = data is not None and (not args.data_on_first_step_only or position == 0)
+            with self._gradient_sync(model, last, batch_syncs) as backward:
                 with self.compute_loss_context_manager():
-                    output = self.adapter.predict(latents_in, timesteps_in, cond_in, denoiser=model)
-                    log_prob, mean = sampler.log_prob(
-                        output[:batch], step_index, rollout.states[:, step_index], rollout.states[:, step_index + 1]
-                    )
-                    policy_loss, ratio, clipped = clipped_policy_loss(
-                        log_prob, rollout.log_probs[:, step_index], advantages, args.epsilon
-                    )
-                    loss = policy_loss
-                    if with_data:
-                        target = sampler.training_target(ref_latents, data_noise, data_t)
-                        data_loss = diffusion_loss(output[batch:], target, data_weights)
-                        loss = loss + args.data_beta * data_loss
-                        self._metrics["loss/data"].append(data_loss.detach())
-                    if args.kl_beta > 0:
-                        ref_mean = self._reference_mean(rollout.states[:, step_index], timestep, cond, step_index)
-                        kl = reverse_kl_loss(mean, ref_mean, sampler.stds[step_index])
-                        loss = loss + args.kl_beta * kl
-                        self._metrics["loss/kl"].append(kl.detach())
-                self.nonfinite_guard.record_loss(loss)
-                if self.is_deepspeed_enabled and sync_after_batch and last:  # the engine steps in this backward
-                    self.nonfinite_guard.check_before_deepspeed_step(self.state.global_step + 1)
-                self.accelerator.gradient_state._set_sync_gradients(sync_after_batch and last)
-                self.accelerator.backward(loss / (num_trained * self._accumulation_steps), **backward_kwargs)
-            total = total + loss.detach() / num_trained
-            self._metrics["loss/policy"].append(policy_loss.detach())
-            self._metrics["ratio/mean"].append(ratio.mean())
-            self._metrics["clip_fraction"].append(clipped.float().mean())
+                    terms = self._step_terms(model, batch, position, step_index, data if with_data else None)
+                self.nonfinite_guard.record_loss(terms.loss)
+                backward(terms.loss / (num_trained * self._accumulation_steps))
+            total = total + terms.loss.detach() / num_trained
+            self.metrics.add_step(terms.data, terms.kl, terms.policy, terms.ratio, terms.clipped)
+        zero = torch.zeros((), device=total.device)  # every process logs every key, for the gather in `log`
         if args.kl_beta == 0:
-            self._metrics["loss/kl"].append(torch.zeros((), device=total.device))
+            self.metrics.add("loss/kl", zero)
         if args.data_beta == 0:
-            self._metrics["loss/data"].append(torch.zeros((), device=total.device))
+            self.metrics.add("loss/data", zero)
         return total
 
-    def _reference_mean(self, latents, timestep, cond, step_index) -> torch.Tensor:
-        output = self._base_prediction(latents, timestep, cond)
-        return self.sampler.step_mean(output, step_index, latents)
+    def _step_terms(self, model, batch: RolloutBatch, position: int, step_index: int,
+                    data: DataTermBatch | None) -> StepTerms:  # fmt: skip
+        """loss_j = L_pg + data_beta · L_data + kl_beta · L_kl at trained step `step_index` (the `position`-th), from
+        one denoiser forward over the rollout states and, with `data`, the noised references."""
+        args, sampler, states = self.args, self.sampler, batch.rollout.states
+        rows = states.shape[0]
+        timestep = sampler.timesteps[step_index].expand(rows)
+        latents, timesteps, cond = states[:, step_index], timestep, batch.row_cond
+        if data is not None:
+            data_t = data.timesteps(sampler, position, step_index)
+            latents = torch.cat([latents, sampler.add_noise(data.ref_latents, data.noise, data_t)])
+            timesteps, cond = torch.cat([timestep, data_t]), data.cond
+        output = self.adapter.predict(latents, timesteps, cond, denoiser=model)
+        log_prob, mean = sampler.log_prob(output[:rows], step_index, states[:, step_index], states[:, step_index + 1])
+        policy, ratio, clipped = clipped_policy_loss(log_prob, batch.rollout.log_probs[:, step_index],
+                                                     batch.advantages, args.epsilon)  # fmt: skip
+        terms = StepTerms(loss=policy, policy=policy, ratio=ratio, clipped=clipped)
+        if data is not None:
+            target = sampler.training_target(data.ref_latents, data.noise, data_t)
+            terms.data = diffusion_loss(output[rows:], target, data.weights)
+            terms.loss = terms.loss + args.data_beta * terms.data
+        if args.kl_beta > 0:
+            reference = self.reference.predict(states[:, step_index], timestep, batch.row_cond)
+            ref_mean = sampler.step_mean(reference, step_index, states[:, step_index])
+            terms.kl = reverse_kl_loss(mean, ref_mean, sampler.stds[step_index])
+            terms.loss = terms.loss + args.kl_beta * terms.kl
+        return terms
+
+    @contextlib.contextmanager
+    def _gradient_sync(self, model, last: bool, batch_syncs: bool) -> Iterator[Callable[[torch.Tensor], None]]:
+        """Around one trained step's forward and backward; yields its `backward(loss)`. The gradients of the trained
+        steps of a rollout batch are reduced (DDP) and applied (DeepSpeed) once, after the `last` step, and only if
+        the batch ends an accumulation window (`batch_syncs`).
+
+        DDP: every step but the last runs under `no_sync` (forward included: DDP prepares its reduction there).
+        DeepSpeed: `accelerator.backward` also runs the engine's optimiser step whenever gradients sync, so only the
+        last trained step may be that boundary, or the policy would move between the steps of one rollout batch
+        (ratio ≠ 1); the loss is already divided by the accumulation steps, so the engine must not divide it again
+        (`scale_wrt_gas=False`, as `Trainer` does); and since the update happens inside that backward, the
+        non-finite check runs just before it.
+        """
+        sync = batch_syncs and last
+        kwargs = {"scale_wrt_gas": False} if self.is_deepspeed_enabled else {}
+
+        def backward(loss: torch.Tensor) -> None:
+            if self.is_deepspeed_enabled and sync:
+                self.nonfinite_guard.check_before_deepspeed_step(self.state.global_step + 1)
+            self.accelerator.gradient_state._set_sync_gradients(sync)
+            self.accelerator.backward(loss, **kwargs)
+
+        with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+            yield backward
 
     def autocast_smart_context_manager(self, cache_enabled: bool | None = True):
         """bf16/fp16 autocast around the trainer's own denoiser calls (`compute_loss_context_manager` enters it).
@@ -442,21 +449,9 @@ class DDRLTrainer(SavingMixin, HeldOutEvaluationMixin, Trainer):
             log_image_grid(self.callback_handler.callbacks, grid, prompts[:n], self.state.global_step)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add the DDRL metrics (averaged since the last log, then over processes) to the Trainer's training logs.
-
-        Every process logs the same keys in the same order, so one gather averages them all: per-process losses are
-        means over equal row counts, so their average is the global batch's.
-        """
+        """Add the DDRL metrics (`metrics.TrainingMetrics`, averaged since the last log, then over processes) to the
+        Trainer's training logs."""
         if not any(key.startswith("eval_") for key in logs):
-            keys = [key for key, values in self._metrics.items() if values]
-            if keys:
-                device = self.accelerator.device
-                means = torch.stack([
-                    torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device) for v in self._metrics[key]]).mean()
-                    for key in keys
-                ])  # fmt: skip
-                means = self.accelerator.gather(means[None]).mean(dim=0)
-                logs.update(zip(keys, means.tolist()))
-            self._metrics.clear()
+            logs.update(self.metrics.drain(self.accelerator))
             logs["nonfinite_steps"] = float(self.nonfinite_guard.skipped_steps)
         super().log(logs, start_time)

@@ -47,7 +47,7 @@ def assert_reloads_to_trained_outputs(trainer, plain_pipeline, inputs) -> None:
     with torch.no_grad():
         trained = trainer.adapter.predict(*inputs)
         reloaded = reloaded_adapter.predict(*inputs)
-    base = trainer._base_prediction(*inputs)  # the LoRA switched off
+    base = trainer.reference.predict(*inputs)  # the LoRA switched off
     assert (trained - base).abs().max() > 1e-4  # the training did change the model
     torch.testing.assert_close(reloaded, trained, rtol=1e-5, atol=1e-6)
 
@@ -179,7 +179,8 @@ def test_kl_to_base_with_lora_starts_at_zero(tmp_path, reference_dataset):
 
 def test_kl_with_full_fine_tuning_keeps_a_frozen_copy(tmp_path, reference_dataset):
     trainer = make_trainer(tmp_path, reference_dataset, kl_beta=0.1, max_steps=2)
-    assert trainer.ref_denoiser is not None and not any(p.requires_grad for p in trainer.ref_denoiser.parameters())
+    frozen = trainer.reference.frozen_copy
+    assert frozen is not None and not any(p.requires_grad for p in frozen.parameters())
     trainer.train()
     assert trainer.state.log_history[1]["loss/kl"] > 0.0
 
@@ -268,7 +269,8 @@ def test_gradient_checkpointing_uses_the_diffusers_switch(tmp_path, reference_da
     trainer = make_trainer(tmp_path, reference_dataset, peft_config=lora(), max_steps=1, gradient_checkpointing=True)
     assert trainer.model.is_gradient_checkpointing
     trainer.train()
-    assert trainer.state.global_step == 1
+    assert trainer.state.global_step == 1 and trainer.model.is_gradient_checkpointing
+    assert trainer.args.gradient_checkpointing  # the user's arguments are left as given
 
 
 @pytest.mark.parametrize("use_lora", [True, False])

@@ -6,7 +6,7 @@ Everything here runs in float32 whatever the training dtype: advantages scale ev
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 
@@ -100,3 +100,45 @@ def group_advantages(
     if advantage_clip is not None:
         advantages = advantages.clamp(-advantage_clip, advantage_clip)
     return advantages
+
+
+class AggregatedRewards(NamedTuple):
+    """The `(B,)` reward the advantages are computed from, and the `scale_rewards` / `reward_clip` to compute them with."""
+
+    rewards: torch.Tensor
+    scale_rewards: str
+    reward_clip: float | None
+
+
+def aggregate_rewards(
+    rewards_per_func: torch.Tensor,
+    weights: torch.Tensor,
+    num_generations: int,
+    aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize",
+    scale_rewards: Literal["group", "batch", "none"] = "group",
+    reward_clip: float | None = None,
+) -> AggregatedRewards:
+    """Combine several reward functions into the one reward of each sample, as TRL's `multi_objective_aggregation`.
+
+    - `"sum_then_normalize"`: r = Σ_i w_i r_i (`combine_rewards`), then normalised as `scale_rewards` says. A reward on
+      a large scale (JPEG bytes) dominates one on a small scale (a probability) whatever the weights.
+    - `"normalize_then_sum"`: each reward is first normalised within its group, z_i = (r_i − mean_group) / (std_group
+      + ε) (after `reward_clip`), then r = Σ_i w_i z_i, normalised by the batch std (GDPO, as TRL; the authors' code
+      averages per-reward advantages alike): every reward counts by its weight, whatever its scale.
+
+    A sample is invalid (NaN) if any function gave it no valid score, in both modes.
+    """
+    if aggregation == "sum_then_normalize":
+        return AggregatedRewards(combine_rewards(rewards_per_func, weights), scale_rewards, reward_clip)
+    if aggregation != "normalize_then_sum":
+        raise ValueError(
+            f"multi_objective_aggregation must be 'sum_then_normalize' or 'normalize_then_sum', got {aggregation!r}."
+        )
+    per_func = rewards_per_func.float()
+    normalised = torch.stack([
+        group_advantages(column, num_generations, "group", reward_clip, exp_transform=False, advantage_clip=None)
+        for column in per_func.unbind(dim=1)
+    ], dim=1)  # fmt: skip
+    combined = (normalised * weights.to(normalised)).sum(dim=1)
+    combined[~torch.isfinite(per_func).all(dim=1)] = torch.nan
+    return AggregatedRewards(combined, "batch", None)

@@ -1,14 +1,18 @@
-"""Reward functions: how they are named, called and checked.
+"""Reward functions: how they are named, resolved from strings, called and checked.
 
-A reward function is any callable `f(images, prompts, **columns) -> list[float | None]`:
+A reward function is any callable returning one score per sample (docs/rewards.md has the contract, `calling.py`
+the calling rules), in TRL's keyword form or the positional one:
 
-- `images`: float tensor `(B, 3, H, W)` in [0, 1] on the training device (use `to_pil` for PIL images); for video
-  pipelines (Wan) it holds videos `(B, F, 3, H, W)`;
-- `prompts`: list of `B` prompts;
+    reward(prompts=..., completions=..., trainer_state=..., **columns)   # completions: the samples, as images
+    reward(images, prompts, **columns)
+
+- `images` / `completions`: float tensor `(B, 3, H, W)` in [0, 1] on the training device (use `to_pil` for PIL
+  images); for video pipelines (Wan) it holds videos `(B, F, 3, H, W)`;
+- `prompts`: list of `B` prompts; `trainer_state`: the trainer's `TrainerState`;
 - `**columns`: every other dataset column (except the reference image), one value per image.
 
-It returns one score per image; `None`, NaN or ±inf marks a sample it could not score (excluded, and counted in
-`rewards/<name>/invalid`).
+`async def` rewards run concurrently. A reward returns one score per image; `None`, NaN or ±inf marks a sample it
+could not score (excluded, and counted in `rewards/<name>/invalid`).
 
 A string names a reward (`resolve_reward`, forms listed in `REWARD_SPEC_HELP`): a built-in (`"brightness"`,
 `"jpeg_compressibility"`, `"jpeg_incompressibility"`), an import path (`"package.module:function"` or TRL's
@@ -20,17 +24,10 @@ code: take it only from configuration you trust. docs/rewards.md has the formula
 from __future__ import annotations
 
 import importlib
-import math
-import numbers
 import os
-from collections.abc import Callable, Sequence
-
-import numpy as np
-import torch
 
 from .builtin import BUILTIN_REWARDS, brightness, jpeg_compressibility, jpeg_incompressibility, to_pil
-
-RewardFunc = Callable[..., Sequence]
+from .calling import RESERVED_KEYWORDS, RewardFunc, compute_rewards, reward_name
 
 
 def __getattr__(name: str):
@@ -42,6 +39,7 @@ def __getattr__(name: str):
         return load_reward
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
+
 #: Every form a reward string may take, for `--help` texts and error messages.
 REWARD_SPEC_HELP = (
     f"a built-in name ({', '.join(sorted(BUILTIN_REWARDS))}); an import path 'package.module:function' or "
@@ -49,11 +47,6 @@ REWARD_SPEC_HELP = (
     f"you trust; a local folder of a reward model; or a Hub repo id 'owner/name' of one (CLIP/PickScore, LAION "
     f"aesthetic predictor, image classifier)"
 )
-
-
-def reward_name(func: RewardFunc) -> str:
-    """The name a reward function is logged under (`rewards/<name>/mean`)."""
-    return getattr(func, "__name__", None) or type(func).__name__
 
 
 def resolve_reward(spec: str | RewardFunc) -> RewardFunc:
@@ -100,63 +93,9 @@ def _import_reward(spec: str, module_name: str, attr: str) -> RewardFunc:
     return func
 
 
-def _as_score(value, func_name: str, index: int) -> float:
-    """One score as a float; NaN (invalid) for None, NaN and ±inf, which no advantage can be computed from."""
-    if value is None:
-        return math.nan
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(
-            f"Reward function {func_name!r} returned {value!r} ({type(value).__name__}) for image {index}; it must "
-            f"return one float (or None to skip the image) per image."
-        )
-    value = float(value)
-    return value if math.isfinite(value) else math.nan
-
-
-def compute_rewards(
-    funcs: Sequence[RewardFunc], images: torch.Tensor, prompts: list[str], columns: dict[str, list]
-) -> torch.Tensor:
-    """Call every reward function on the batch and check what it returns.
-
-    Returns:
-        `(B, F)` float32 CPU tensor of scores, NaN where a function returned None, NaN or ±inf.
-
-    Raises:
-        ValueError / TypeError naming the function, if it returns the wrong number of scores or a non-number.
-    """
-    batch = len(prompts)
-    scores = torch.empty(batch, len(funcs), dtype=torch.float32)
-    for f_idx, func in enumerate(funcs):
-        name = reward_name(func)
-        try:
-            output = func(images, prompts, **columns)
-        except Exception as err:
-            err.add_note(f"(raised by reward function {name!r} on a batch of {batch} samples)")  # keeps its type
-            raise
-        if isinstance(output, torch.Tensor):
-            output = output.detach().float().cpu().reshape(-1).tolist()
-        elif isinstance(output, np.ndarray):
-            output = output.reshape(-1).tolist()
-        if not isinstance(output, Sequence) or isinstance(output, (str, bytes)):
-            raise TypeError(
-                f"Reward function {name!r} returned a {type(output).__name__}; it must return a list of {batch} floats "
-                f"(one per image, None to skip one)."
-            )
-        if len(output) != batch:
-            raise ValueError(
-                f"Reward function {name!r} returned {len(output)} scores for {batch} images; it must return exactly "
-                f"one float (or None) per image."
-            )
-        scores[:, f_idx] = torch.tensor([_as_score(v, name, i) for i, v in enumerate(output)], dtype=torch.float32)
-    return scores.nan_to_num_(nan=math.nan, posinf=math.nan, neginf=math.nan)  # finite floats beyond float32 too
-
-
 __all__ = [
     "BUILTIN_REWARDS",
+    "RESERVED_KEYWORDS",
     "REWARD_SPEC_HELP",
     "RewardFunc",
     "brightness",

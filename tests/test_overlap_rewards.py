@@ -1,4 +1,4 @@
-"""Rewards scored in the background while the next chunk of groups is rolled out (`async_rewards`)."""
+"""Rewards scored in the background while the next chunk of groups is rolled out (`overlap_rewards`)."""
 
 import threading
 import time
@@ -9,7 +9,7 @@ from test_trainer import lora, make_trainer
 
 
 def test_async_scoring_overlaps_rollout_and_leaves_results_unchanged(tmp_path, reference_dataset):
-    def run(async_rewards, out):
+    def run(overlap_rewards, out):
         events = {"threads": set(), "overlapped": []}
         adapter = None  # set once the trainer exists (the reward is also called on reference images at construction)
 
@@ -23,7 +23,7 @@ def test_async_scoring_overlaps_rollout_and_leaves_results_unchanged(tmp_path, r
 
         trainer = make_trainer(tmp_path / out, reference_dataset, peft_config=lora(), reward=slow_reward,
                                per_device_train_batch_size=6, num_generations=2, max_steps=2,
-                               async_rewards=async_rewards, rollout_chunk_groups=1)  # fmt: skip
+                               overlap_rewards=overlap_rewards, rollout_chunk_groups=1)  # fmt: skip
         adapter, predict = trainer.adapter, trainer.adapter.predict
         adapter.calls = 0
 

@@ -1,0 +1,64 @@
+"""The data term of one rollout batch (docs/concepts.md): each group's paired reference sample x̃0, noised to the noise
+level of each trained step and batched into the denoiser forward that already carries the rollout states.
+
+    x̃_t = add_noise(x̃0, ε, t_j),   L_data = mean_g w_g · mean_d (f_θ(x̃_t, t_j, c_g) − target(x̃0, ε, t_j))²
+
+ε is the initial noise of the group's first rollout (`data_noise="rollout"`, the reference code's
+`use_rl_sigma_and_noise`) or fresh seeded noise (`"random"`); t_j is the trained step's timestep (`data_timesteps=
+"rollout"`) or a seeded random training timestep per group (`"random"`, the paper's formulation). w_g is the share of
+the group's rows this process holds, so that with groups spanning processes the average over processes is the plain
+mean over groups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .adapters import Conditioning, concat_conditioning
+from .layout import GroupLayout
+from .rollout import SeededNoise
+
+
+@dataclass
+class DataTermBatch:
+    """The reference side of the joint forward of one rollout batch.
+
+    Attributes:
+        ref_latents: `(G, ...)` x̃0, one per local group.
+        noise: `(G, ...)` its noise ε.
+        cond: the joint conditioning: the rollout rows', then the groups' prompts.
+        weights: `(G,)` the share of each group's rows held by this process.
+    """
+
+    ref_latents: torch.Tensor
+    noise: torch.Tensor
+    cond: Conditioning
+    weights: torch.Tensor
+    groups: list[int]
+    noise_source: SeededNoise
+    random_timesteps: bool
+
+    @classmethod
+    def build(cls, args, ref_latents: torch.Tensor, row_cond: Conditioning, prompt_cond: Conditioning,
+              layout: GroupLayout, noise: SeededNoise, like: torch.Tensor) -> DataTermBatch:  # fmt: skip
+        """The data term of a batch whose rollout states are `like` (for device and dtype)."""
+        ref_latents = ref_latents.to(like)
+        shape = tuple(ref_latents.shape[1:])
+        if args.data_noise == "rollout":  # the initial noise of the group's first rollout, wherever that row lives
+            data_noise = noise.initial([g * args.num_generations for g in layout.groups], shape)
+        else:
+            data_noise = noise.group_noise(layout.groups, shape)
+        return cls(
+            ref_latents=ref_latents, noise=data_noise, cond=concat_conditioning(row_cond, prompt_cond),
+            weights=torch.tensor(layout.data_weights, device=like.device), groups=layout.groups, noise_source=noise,
+            random_timesteps=args.data_timesteps == "random",
+        )  # fmt: skip
+
+    def timesteps(self, sampler, position: int, step_index: int) -> torch.Tensor:
+        """`(G,)` noise levels of the data term at the `position`-th trained step (denoising step `step_index`)."""
+        if self.random_timesteps:
+            return torch.cat([sampler.sample_timesteps(1, self.noise_source.generator(f"data-t{position}", g))
+                              for g in self.groups])  # fmt: skip
+        return sampler.timesteps[step_index].expand(len(self.groups))

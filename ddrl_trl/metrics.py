@@ -1,0 +1,69 @@
+"""The training metrics DDRL adds to the `Trainer`'s logs (docs/metrics.md): recorded during the steps, averaged
+since the last log, then over processes."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from .core import AggregatedRewards, group_reward_std
+
+
+class TrainingMetrics:
+    """Values recorded since the last log, per metric name; `drain` averages and clears them.
+
+    Values may be device tensors (losses, ratios): they are only moved to the host when logged, once for all metrics,
+    so recording adds no host-device round trip to a step.
+    """
+
+    def __init__(self):
+        self._values: dict[str, list] = defaultdict(list)
+
+    def add(self, name: str, value: torch.Tensor | float) -> None:
+        self._values[name].append(value)
+
+    def add_rewards(self, per_func: torch.Tensor, combined: AggregatedRewards, names: list[str],
+                    num_generations: int) -> None:  # fmt: skip
+        """`reward` (mean of the valid combined rewards), `reward_std` (the std the advantages were divided by, as
+        TRL logs it), and per function its mean and its count of invalid (None, NaN, ±inf) scores."""
+        rewards = combined.rewards
+        valid = torch.isfinite(rewards)
+        if valid.any():
+            self.add("reward", rewards[valid].mean().item())
+        stds = group_reward_std(rewards, num_generations, combined.scale_rewards, combined.reward_clip)
+        self.add("reward_std", stds.mean().item())
+        for name, column in zip(names, per_func.unbind(dim=1)):
+            ok = torch.isfinite(column)
+            if ok.any():
+                self.add(f"rewards/{name}/mean", column[ok].mean().item())
+            self.add(f"rewards/{name}/invalid", float((~ok).sum()))
+
+    def add_step(self, data: torch.Tensor | None, kl: torch.Tensor | None, policy: torch.Tensor, ratio: torch.Tensor,
+                 clipped: torch.Tensor) -> None:  # fmt: skip
+        """The loss terms of one trained step (`data`/`kl` None when that term is off at this step)."""
+        if data is not None:
+            self.add("loss/data", data.detach())
+        if kl is not None:
+            self.add("loss/kl", kl.detach())
+        self.add("loss/policy", policy.detach())
+        self.add("ratio/mean", ratio.mean())
+        self.add("clip_fraction", clipped.float().mean())
+
+    def drain(self, accelerator) -> dict[str, float]:
+        """Each metric's mean since the last call, averaged over processes; then forget them.
+
+        Every process records the same keys in the same order, so one gather averages them all: per-process losses
+        are means over equal row counts, so their average is the global batch's.
+        """
+        keys = [key for key, values in self._values.items() if values]
+        result = {}
+        if keys:
+            device = accelerator.device
+            means = torch.stack([
+                torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device) for v in self._values[key]]).mean()
+                for key in keys
+            ])  # fmt: skip
+            result = dict(zip(keys, accelerator.gather(means[None]).mean(dim=0).tolist()))
+        self._values.clear()
+        return result

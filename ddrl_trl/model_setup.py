@@ -1,0 +1,82 @@
+"""Getting a pipeline ready to train: frozen parts placed and cast, the denoiser given a LoRA or float32 master weights,
+gradient checkpointing wired to diffusers, dropout off. `DDRLTrainer` calls `prepare_for_training` once."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from peft import LoraConfig
+from trl.trainer.utils import disable_dropout_in_model
+
+from .adapters import PipelineAdapter
+from .tracking import make_config_tracker_friendly
+
+
+def frozen_dtype(args) -> torch.dtype:
+    """The dtype of everything that is not trained: bf16 / fp16 under mixed precision, else float32."""
+    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+
+
+def prepare_for_training(adapter: PipelineAdapter, args, peft_config: LoraConfig | None) -> bool:
+    """Prepare `adapter`'s pipeline for DDRL on `args.device`; returns whether a LoRA is trained.
+
+    - VAE and text encoders: frozen, eval mode, in the training dtype (`frozen_dtype`).
+    - LoRA (`peft_config`): the base denoiser frozen in that dtype, the adapter injected with a random init that
+      depends on `args.seed` alone (not on the global RNG state), its weights kept in float32 (master weights).
+      A `LoraConfig` without `target_modules` gets the family's default modules; the caller's config is not changed.
+    - Full fine-tuning: the whole denoiser trainable in float32 (bf16/fp16 run through autocast).
+    - Gradient checkpointing (`args.gradient_checkpointing`): switched on with diffusers' `enable_gradient_checkpointing`,
+      and the denoiser is given the `activation_checkpointing_enable` that `Trainer.train` calls, so the arguments
+      stay as the user gave them.
+    - Dropout off everywhere in the denoiser: rollouts and the loss must see the same network (ratio = 1).
+    """
+    dtype, device = frozen_dtype(args), args.device
+
+    def place(module: torch.nn.Module) -> None:
+        module.to(device)
+        if module.dtype != dtype:  # cast only when needed: diffusers warns on every cast
+            module.to(dtype=dtype)
+
+    for module in adapter.frozen_modules():
+        module.requires_grad_(False).eval()
+        place(module)
+    denoiser = adapter.denoiser
+    if peft_config is not None:
+        peft_config = copy.deepcopy(peft_config)
+        if peft_config.target_modules is None:
+            peft_config.target_modules = list(adapter.default_lora_target_modules)
+        denoiser.requires_grad_(False)
+        place(denoiser)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(args.seed)
+            denoiser.add_adapter(peft_config)
+        for param in denoiser.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+    else:
+        denoiser.requires_grad_(True).to(device)
+        if denoiser.dtype != torch.float32:
+            denoiser.to(dtype=torch.float32)
+    _offer_activation_checkpointing(denoiser)
+    if args.gradient_checkpointing:  # now, so evaluation before train() sees the same model; Trainer repeats it
+        denoiser.enable_gradient_checkpointing()
+    disable_dropout_in_model(denoiser)
+    make_config_tracker_friendly(denoiser)
+    return peft_config is not None
+
+
+def _offer_activation_checkpointing(denoiser: torch.nn.Module) -> None:
+    """Give a diffusers denoiser the `activation_checkpointing_enable` that transformers' `Trainer` calls."""
+    if hasattr(denoiser, "activation_checkpointing_enable"):
+        return
+
+    def activation_checkpointing_enable(activation_checkpointing_kwargs=None, every_n_layers=1, offload=False):
+        if every_n_layers != 1 or offload or activation_checkpointing_kwargs:
+            raise ValueError(
+                "diffusers denoisers checkpoint every block with their own settings: activation_checkpointing_kwargs "
+                "(every_n_layers, offload, ...) are not supported. Set gradient_checkpointing=True without them."
+            )
+        denoiser.enable_gradient_checkpointing()
+
+    denoiser.activation_checkpointing_enable = activation_checkpointing_enable

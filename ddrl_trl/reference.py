@@ -1,0 +1,50 @@
+"""The base model the trained one is compared with: by the reverse-KL term (`kl_beta`) and by the held-out
+diffusion-loss ratio (`evaluate()`, the hacking monitor)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from .adapters import Conditioning, PipelineAdapter
+
+
+class ReferencePolicy:
+    """The base denoiser's predictions, without a second copy when a LoRA is trained.
+
+    - LoRA: the trained denoiser with its adapter switched off for the forward.
+    - Full fine-tuning: a frozen copy of the denoiser taken now, before training, if `keep_copy` (the KL term needs
+      it at every step); without it the base model is gone once training starts (`available` is False), and the
+      held-out evaluation measures the base before training instead (`evaluation.HeldOutEvaluator`).
+
+    Args:
+        adapter: the model family's adapter (its `denoiser` is the trained network).
+        is_lora: whether the denoiser carries the trained LoRA.
+        keep_copy: with full fine-tuning, keep a frozen copy of the base denoiser in memory.
+    """
+
+    def __init__(self, adapter: PipelineAdapter, is_lora: bool, keep_copy: bool):
+        self.adapter, self.is_lora = adapter, is_lora
+        self.frozen_copy = None
+        if keep_copy and not is_lora:
+            self.frozen_copy = copy.deepcopy(adapter.denoiser).requires_grad_(False).eval()
+
+    @property
+    def available(self) -> bool:
+        """Whether the base model can still be run (always with LoRA; with full fine-tuning only from a copy)."""
+        return self.is_lora or self.frozen_copy is not None
+
+    @torch.no_grad()
+    def predict(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The base model's output for `latents` at `timesteps` (as `PipelineAdapter.predict`)."""
+        if self.frozen_copy is not None:
+            return self.adapter.predict(latents, timesteps, cond, denoiser=self.frozen_copy)
+        if not self.is_lora:
+            raise RuntimeError("The base model is not available: full fine-tuning keeps no copy unless kl_beta > 0.")
+        denoiser = self.adapter.denoiser
+        denoiser.disable_adapters()
+        try:
+            return self.adapter.predict(latents, timesteps, cond)
+        finally:
+            denoiser.enable_adapters()
