@@ -7,6 +7,7 @@ do not load every diffusers pipeline: `from ddrl_trl import DDRLTrainer` works a
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -29,9 +30,12 @@ __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    elif importlib.util.find_spec(f"{__name__}.{name}") is not None:  # a submodule: `ddrl_trl.rewards`, ...
+        value = importlib.import_module(f".{name}", __name__)
+    else:
         raise AttributeError(f"module 'ddrl_trl' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
     globals()[name] = value  # later lookups skip this function
     return value
 

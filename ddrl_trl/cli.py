@@ -17,8 +17,9 @@ def _serve_reward(args: argparse.Namespace) -> None:
         max_batch_samples=args.max_batch_samples,
         max_wait_ms=args.max_wait_ms,
         max_pending_jobs=args.max_pending_jobs,
+        max_pending_bytes=int(args.max_pending_mb * 2**20),
         result_ttl_s=args.result_ttl_s,
-        max_stored_results=args.max_stored_results,
+        max_stored_scores=args.max_stored_scores,
         batch_timeout_s=args.batch_timeout_s,
         max_stuck_batches=args.max_stuck_batches,
         max_connections=args.max_connections,
@@ -51,14 +52,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a request waits for company")
     serve.add_argument("--max-pending-jobs", type=int, default=256,
                        help="jobs waiting or being scored; past it, new requests get 503 with Retry-After")
+    serve.add_argument("--max-pending-mb", type=float, default=2048.0,
+                       help="pixels of jobs waiting or being scored (MiB); past it, new requests get 503")
     serve.add_argument("--result-ttl-s", type=float, default=600.0, help="how long finished scores can be polled")
-    serve.add_argument("--max-stored-results", type=int, default=100_000, help="finished results kept at most")
+    serve.add_argument("--max-stored-scores", type=int, default=2_000_000,
+                       help="scores of finished results kept for polling at most; the oldest results go first")
     serve.add_argument("--batch-timeout-s", type=float, default=600.0,
                        help="a reward call running longer fails its requests and counts as stuck")
     serve.add_argument("--max-stuck-batches", type=int, default=2,
-                       help="stuck reward calls after which new work is refused (503) and /health says stuck")
+                       help="stuck reward calls after which new work is refused (503) and /health says stuck; "
+                            "while fewer are stuck, /health says degraded")
     serve.add_argument("--max-connections", type=int, default=256,
-                       help="open connections at most; past it the longest-idle one is closed")
+                       help="open connections at most; past it the one that has sent nothing for longest is closed")
     serve.add_argument("--request-timeout-s", type=float, default=60.0,
                        help="a connection must deliver each whole request within this many seconds")
     serve.set_defaults(func=_serve_reward)

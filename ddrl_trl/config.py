@@ -8,6 +8,7 @@ import os
 import warnings
 from dataclasses import dataclass, field, fields
 
+import torch
 from transformers import TrainingArguments
 
 _DATA_CHOICES = ("rollout", "random")
@@ -227,6 +228,9 @@ class DDRLConfig(TrainingArguments):
 
     def __post_init__(self):
         self._check_numbers_are_finite()  # before anything compares them: every comparison with NaN is False
+        too_large = [w for w in self.reward_weights or [] if abs(w) > torch.finfo(torch.float32).max]
+        if too_large:
+            raise ValueError(f"reward_weights must fit in float32 (|w| ≤ 3.4e38), got {too_large}.")
         if self.async_rewards is not None:
             warnings.warn("async_rewards is now called overlap_rewards (it overlaps scoring with the rollout; async "
                           "def rewards always run concurrently): set overlap_rewards instead.", FutureWarning,

@@ -144,16 +144,12 @@ def array_to_image(value) -> Image.Image:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB of any PIL image: 16-bit and 32-bit modes by their values (`array_to_image`; PIL's own conversion
-    clips 16-bit values to 255, i.e. white), transparency composited over white."""
+    """8-bit RGB of any PIL image: 16-bit (`I;16*`, scaled from 0..65535) and 32-bit modes (`I`, `F`: read as int32 /
+    float32 arrays) by their values, through `array_to_image` (PIL's own conversion clips 16-bit values to 255, i.e.
+    white); transparency composited over white."""
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N"):
         return to_rgb(array_to_image(np.asarray(image).astype(np.uint16)))
-    if image.mode == "I":  # 32-bit integers: how PIL opens 16-bit PNG/TIFF data in some versions
-        array = np.asarray(image)
-        if array.min() < 0 or array.max() > 65535:
-            raise ReferenceSampleError(f"a 32-bit integer image with values {array.min()}..{array.max()}; convert it to 8 or 16 bits")
-        return to_rgb(array_to_image(array.astype(np.uint16)))
-    if image.mode == "F":
+    if image.mode in ("I", "F"):  # 32-bit integers or floats: read like an int32 / float32 array
         return to_rgb(array_to_image(np.asarray(image)))
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
@@ -244,7 +240,7 @@ def video_to_tensor(frames: list[Image.Image], resolution: int, num_frames: int,
     sizes = sorted({frame.size for frame in frames})
     if len(sizes) > 1:
         raise ReferenceSampleError(f"the video's frames differ in size ({sizes}); every frame must have the same size")
-    upscale_factor(*sizes[0], resolution, max_upscale)
+    upscale_factor(*sizes[0], resolution, max_upscale)  # refuses above max_upscale
     return torch.stack([resize_center_crop(frame, resolution) for frame in frames])
 
 
@@ -272,12 +268,11 @@ def encode_reference_dataset(
     upscaled: list[tuple[int, float]] = []  # (row, factor) of every upscaled sample
 
     def to_pixels(value) -> tuple[torch.Tensor, float]:
+        frames = load_video_frames(value) if num_frames else [load_image(value)]
+        factor = upscale_factor(*frames[0].size, resolution, max_upscale)
         if num_frames:
-            frames = load_video_frames(value)
-            return video_to_tensor(frames, resolution, num_frames, max_upscale), resolution / min(frames[0].size)
-        image = load_image(value)
-        factor = upscale_factor(*image.size, resolution, max_upscale)
-        return resize_center_crop(image, resolution), factor
+            return video_to_tensor(frames, resolution, num_frames, max_upscale), factor
+        return resize_center_crop(frames[0], resolution), factor
 
     def encode_batch(batch, indices):
         pixels = []

@@ -6,8 +6,12 @@ per optimiser step, that every loss since the last step and every gradient is fi
 gradients (the optimiser then leaves the weights and its own state as they were), warns, counts the step, and stops
 training with `NonFiniteTrainingError` after `max_consecutive_nonfinite_steps` skipped steps in a row.
 
-Under DeepSpeed the engine applies the update inside the last backward of a rollout batch, so there the check runs
-just before that backward, and a non-finite loss stops training at once (nothing is applied, no checkpoint written).
+- fp16 with a gradient scaler: overflowing gradients are the scaler's business (it skips those steps and lowers its
+  scale, routinely at the start of a run), so only non-finite losses count here.
+- DeepSpeed applies the update inside the last backward of a rollout batch: there a non-finite loss stops training
+  just before that backward. Non-finite gradients are skipped by DeepSpeed itself in ZeRO-1/2 (its overflow check,
+  with gradient clipping or bf16); ZeRO-3 in bf16/fp32 applies them, so after every step the weights are checked, and
+  the first non-finite one stops training before any save.
 """
 
 from __future__ import annotations
@@ -21,7 +25,15 @@ logger = logging.getLogger(__name__)
 
 
 class NonFiniteTrainingError(RuntimeError):
-    """Training produced non-finite losses or gradients too many steps in a row, or under DeepSpeed at all."""
+    """Training produced non-finite losses, gradients or weights that could not be skipped."""
+
+
+def all_finite(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """A device bool: every value of `tensors` finite (fused norms: a NaN or inf anywhere makes its norm non-finite)."""
+    tensors = [t for t in tensors if t.numel()]
+    if not tensors:
+        return torch.ones((), dtype=torch.bool, device=device)
+    return torch.isfinite(torch.stack(torch._foreach_norm([t.float() for t in tensors]))).all().to(device)
 
 
 class NonFiniteStepGuard(TrainerCallback):
@@ -44,27 +56,32 @@ class NonFiniteStepGuard(TrainerCallback):
         self.skipped_last_step = False
         self._losses_finite: torch.Tensor | None = None
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.skipped_steps, self.in_a_row, self.skipped_last_step, self._losses_finite = 0, 0, False, None
+
     def record_loss(self, loss: torch.Tensor) -> None:
         """Remember whether `loss` is finite, on the device (no host sync in the training loop)."""
         finite = torch.isfinite(loss.detach()).all()
         self._losses_finite = finite if self._losses_finite is None else self._losses_finite & finite
 
-    def _all_finite(self, check_gradients: bool) -> bool:
-        """True when every recorded loss (and gradient) on every process is finite; resets the recorded losses."""
+    def _agreed(self, local: torch.Tensor) -> bool:
+        """`local` (a device bool) on every process."""
+        return bool(self.trainer.accelerator.gather(local.float()[None]).min() > 0)
+
+    def _losses_ok(self) -> torch.Tensor:
         device = self.trainer.accelerator.device
-        checks = [torch.ones((), dtype=torch.bool, device=device)]
-        if self._losses_finite is not None:
-            checks.append(self._losses_finite.to(device))
-        if check_gradients:
-            checks += [torch.isfinite(p.grad).all() for p in self.trainer.trainable_parameters if p.grad is not None]
+        finite = self._losses_finite if self._losses_finite is not None else torch.ones((), dtype=torch.bool)
         self._losses_finite = None
-        local = torch.stack(checks).all().float()[None]
-        return bool(self.trainer.accelerator.gather(local).min() > 0)
+        return finite.to(device)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self.trainer.is_deepspeed_enabled:  # the engine has already stepped (see `check_before_deepspeed_step`)
             return
-        if self._all_finite(check_gradients=True):
+        finite = self._losses_ok()
+        if self.trainer.accelerator.scaler is None:  # with an fp16 scaler, overflowing gradients are its to skip
+            grads = [p.grad for p in self.trainer.trainable_parameters if p.grad is not None]
+            finite = finite & all_finite(grads, finite.device)
+        if self._agreed(finite):
             self.in_a_row, self.skipped_last_step = 0, False
             return
         for param in self.trainer.trainable_parameters:
@@ -85,9 +102,23 @@ class NonFiniteStepGuard(TrainerCallback):
     def check_before_deepspeed_step(self, step: int) -> None:
         """Under DeepSpeed, called just before the backward that makes the engine step: raise if any loss of the
         rollout batch was non-finite, before the update is applied."""
-        if not self._all_finite(check_gradients=False):
+        if not self._agreed(self._losses_ok()):
             raise NonFiniteTrainingError(
                 f"Step {step}: a non-finite (NaN or infinite) loss under DeepSpeed, whose engine applies the update "
                 f"inside backward, so the step cannot be skipped; training stops before applying it. Lower "
                 f"learning_rate, or check the rewards and reference data for extreme values."
             )
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.trainer.is_deepspeed_enabled and not self._agreed(weights_finite(self.trainer)):
+            raise NonFiniteTrainingError(
+                f"Step {state.global_step}: the weights became non-finite (NaN or infinite) under DeepSpeed, which "
+                f"applied non-finite gradients (ZeRO-3 in bf16/fp32 does not skip them). Training stops before they are "
+                f"saved; resume from the last checkpoint with a lower learning_rate."
+            )
+
+
+def weights_finite(trainer) -> torch.Tensor:
+    """A device bool: this process's trained weights (its shards, under DeepSpeed ZeRO-3) are all finite."""
+    tensors = [getattr(p, "ds_tensor", p).detach() for p in trainer.trainable_parameters]
+    return all_finite(tensors, trainer.accelerator.device)

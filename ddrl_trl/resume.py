@@ -92,6 +92,20 @@ def check_output_dir_free(args, resume_from_checkpoint) -> None:
         )
 
 
+def warn_if_output_dir_taken(args) -> None:
+    """At construction, before the reference data are encoded: say now that `train()` will refuse `output_dir`
+    unless the run resumes (`resume_from_checkpoint` is only known then) or `overwrite_output_dir` is set."""
+    if args.overwrite_output_dir or args.resume_from_checkpoint is not None:
+        return
+    found = saved_run_files(args.output_dir)
+    if found:
+        logger.warning(
+            "output_dir %r already holds another run's work (%s): train() will refuse to start a new run there. Call "
+            "train(resume_from_checkpoint=True) to continue that run, set overwrite_output_dir=True to start over, or "
+            "choose another output_dir.", args.output_dir, ", ".join(found[:6]),
+        )  # fmt: skip
+
+
 def prepare_output_dir(args, resume_from_checkpoint, is_main_process: bool) -> None:
     """`check_output_dir_free`, then, for a new run with `overwrite_output_dir`, delete the earlier run's checkpoints
     (on the main process), so that `resume_from_checkpoint=True` can never pick one of them later."""

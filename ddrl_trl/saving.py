@@ -28,7 +28,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .checkpointing import (
-    LORA_WEIGHTS_NAME, CheckpointError, NonFiniteWeightsError, atomic_directory_update, first_non_finite,
+    CheckpointError, NonFiniteWeightsError, atomic_directory_update, first_non_finite,
     load_full_denoiser, load_lora_into_denoiser,
 )  # fmt: skip
 from .resume import RUN_INFO_NAME, run_info
@@ -48,7 +48,8 @@ class _EMAUpdate(TrainerCallback):
         self.trainer = trainer
 
     def on_step_end(self, args, state, control, **kwargs):
-        if not self.trainer.nonfinite_guard.skipped_last_step:  # a skipped step changed nothing to average in
+        skipped = self.trainer.nonfinite_guard.skipped_last_step or self.trainer.accelerator.optimizer_step_was_skipped
+        if not skipped:  # a skipped step (non-finite, or an fp16 overflow) changed nothing to average in
             self.trainer.ema.step(self.trainer.trainable_parameters)
 
 
@@ -90,14 +91,6 @@ class SavingMixin:
                 self.ema.copy_to(self.trainable_parameters)
             try:
                 # Under FSDP / DeepSpeed, Trainer.save_model gathers the sharded weights into `state_dict` first.
-                named = state_dict.items() if state_dict is not None else self.adapter.denoiser.named_parameters()
-                bad = first_non_finite(named)
-                if bad is not None:
-                    raise NonFiniteWeightsError(
-                        f"Refusing to save to {output_dir}: the weight {bad!r} holds NaN or ±inf. Saved weights and "
-                        f"checkpoints are never overwritten with a diverged model; lower learning_rate and resume from "
-                        f"the last checkpoint."
-                    )
                 if self.is_lora:
                     lora = get_peft_model_state_dict(self.adapter.denoiser, state_dict=state_dict)
                     metadata = self.adapter.denoiser.peft_config["default"].to_dict()
@@ -112,6 +105,21 @@ class SavingMixin:
             torch.save(self.args, os.path.join(staging, "training_args.bin"))
             with open(os.path.join(staging, RUN_INFO_NAME), "w", encoding="utf-8") as file:
                 json.dump(run_info(self), file, indent=2)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """`Trainer.save_model` (also the checkpoints' and the hacking monitor's), refused on every process, before
+        anything is written, if any process holds a non-finite weight: a diverged model never replaces saved work."""
+        trainable = dict(self.adapter.denoiser.named_parameters())
+        bad = first_non_finite((n, getattr(p, "ds_tensor", p).detach()) for n, p in trainable.items() if p.requires_grad)
+        flag = torch.tensor([0.0 if bad is None else 1.0], device=self.accelerator.device)
+        if self.accelerator.gather(flag).max() > 0:
+            where = f"the weight {bad!r}" if bad is not None else "a weight on another process"
+            raise NonFiniteWeightsError(
+                f"Refusing to save to {output_dir or self.args.output_dir}: {where} holds NaN or ±inf. Saved weights "
+                f"and checkpoints are never overwritten with a diverged model; lower learning_rate and resume from the "
+                f"last checkpoint."
+            )
+        super().save_model(output_dir, _internal_call)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if self.is_lora:

@@ -38,7 +38,7 @@ from .model_setup import frozen_dtype, prepare_for_training
 from .reference import ReferencePolicy
 from .resume import (
     check_output_dir_writable, check_same_run, data_signature, prepare_output_dir, resolve_checkpoint, run_info,
-    verify_checkpoint,
+    verify_checkpoint, warn_if_output_dir_taken,
 )  # fmt: skip
 from .rewards import compute_rewards, resolve_reward, reward_name
 from .rewards.calling import check_column_names
@@ -147,6 +147,7 @@ class DDRLTrainer(SavingMixin, Trainer):
             check_prompts(eval_dataset, args.prompt_column, "evaluation")
         if args.should_save:
             check_output_dir_writable(args.output_dir)
+        warn_if_output_dir_taken(args)
         #: Which training data this run uses (`resume.data_signature`), recorded with every save.
         self.train_data_signature = data_signature(train_dataset, args.prompt_column)
         if any(isinstance(callback, HackingMonitorCallback) for callback in callbacks or []):

@@ -60,7 +60,7 @@ def nan_at_step(*args, **kwargs):
     loss, ratio, clipped = original_policy_loss(*args, **kwargs)
     rank_hit = cli.nan_rank in (-1, trainer.accelerator.process_index)
     if trainer.state.global_step + 1 == cli.nan_loss_at_step and rank_hit:
-        loss = loss * float("nan")
+        loss = loss + float("nan")  # the loss alone: its gradients stay finite (no NaN reaches DDP's all-reduce)
     return loss, ratio, clipped
 
 

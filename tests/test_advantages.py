@@ -95,3 +95,9 @@ def test_reward_std_is_the_one_the_advantages_divide_by():
     torch.testing.assert_close(
         group_advantages(rewards, 4, "batch", advantage_clip=None), (centred / (filled.std() + EPS)).reshape(-1)
     )
+
+
+def test_rewards_at_the_edge_of_float32_do_not_overflow_the_group_statistics():
+    adv = group_advantages(torch.tensor([3e38, 3e38, 1.0, 2.0]), num_generations=4, advantage_clip=None)
+    assert torch.isfinite(adv).all()
+    assert adv[0] > 0 and adv[0] == adv[1] and adv[2] < 0

@@ -160,12 +160,16 @@ def test_a_checkpoint_of_another_model_or_adapter_is_refused_and_changed_setting
 
 
 def test_a_new_run_never_overwrites_another_runs_work(tmp_path, reference_dataset, saved_runs, no_rollouts,
-                                                     monkeypatch):  # fmt: skip
+                                                     monkeypatch, caplog):  # fmt: skip
     out, _ = copy_run(saved_runs, "lora", tmp_path)
+    with caplog.at_level(logging.WARNING):
+        trainer = run(tmp_path, reference_dataset, lora())  # said at once, before any long work...
+    assert any("already holds another run's work" in r.getMessage() and "train() will refuse" in r.getMessage()
+               for r in caplog.records)  # fmt: skip
     with pytest.raises(ValueError, match=rf"output_dir '{re.escape(str(out))}' already holds another run's work "
                                          r"\(checkpoint-1, checkpoint-2\).*resume_from_checkpoint=True.*"
                                          r"overwrite_output_dir=True"):
-        run(tmp_path, reference_dataset, lora()).train()
+        trainer.train()  # ...and refused when the run starts (resume_from_checkpoint is only known here)
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-1", "checkpoint-2"]
     with pytest.raises(ValueError, match="holds no checkpoint-N folder to resume"):
         run(tmp_path / "empty", reference_dataset, lora()).train(resume_from_checkpoint=True)

@@ -165,8 +165,9 @@ def test_deepspeed_bf16_trains_on_policy_and_evaluates(tmp_path):
 
 
 def test_a_non_finite_loss_on_one_process_is_skipped_by_every_process(tmp_path):
-    """DDP: a NaN loss on rank 1 alone in step 1. The processes agree to skip that step, so the run ends with the
-    weights of one process whose whole step 1 was NaN and skipped; nothing is NaN."""
+    """DDP: a NaN loss on rank 1 alone in step 1, with finite gradients (so DDP's all-reduce does not spread it).
+    The processes agree to skip that step, so the run ends with the weights of one process whose step 1 was NaN and
+    skipped; without the agreement rank 0 would apply step 1 and the weights would differ."""
     single = launch(tmp_path / "one", ONE_PROCESS, 12, "--nan-loss-at-step", "1")
     double = launch(tmp_path / "two", DDP, 6, "--nan-loss-at-step", "1", "--nan-rank", "1")
     assert single["nonfinite_steps"] == double["nonfinite_steps"] == [1.0, 1.0, 1.0]  # steps 1, 2, and the summary

@@ -12,7 +12,7 @@ from datasets import Dataset
 from PIL import Image
 
 import ddrl_trl.trainer as trainer_module
-from ddrl_trl.data import load_image
+from ddrl_trl.data import ReferenceSampleError, load_image
 
 from test_trainer import lora, make_trainer
 
@@ -70,15 +70,15 @@ def test_arrays_of_every_dtype_keep_their_values(array, expected):
     ids=["float-0-255", "float-minus-one", "int-over-255", "nan", "five-channels"],
 )
 def test_ambiguous_arrays_are_refused_with_the_fix(array, message):
-    from ddrl_trl.data import ReferenceSampleError
-
     with pytest.raises(ReferenceSampleError, match=message):
         load_image(array)
 
 
 def test_pil_modes_transparency_and_orientation():
     assert (rgb(load_image(Image.fromarray(np.full((8, 8), 0.25, dtype=np.float32)))) == 64).all()  # mode F
-    assert (rgb(load_image(Image.fromarray(GREY_16.astype(np.int32)))) == 128).all()  # mode I, 16-bit values
+    assert (rgb(load_image(Image.fromarray(np.full((8, 8), 200, dtype=np.int32)))) == 200).all()  # mode I, 8-bit
+    with pytest.raises(ReferenceSampleError, match=r"integer \(int32\) image with values 32896\.\.32896.*uint16"):
+        load_image(Image.fromarray(GREY_16.astype(np.int32)))  # mode I with 16-bit values: ambiguous, refused
     transparent = Image.new("RGBA", (8, 8), (0, 0, 0, 0))  # fully transparent black: shows as the white page
     assert (rgb(load_image(transparent)) == 255).all()
     half = Image.new("LA", (8, 8), (0, 128))

@@ -56,6 +56,7 @@ def build(tmp_path, dataset, reward=brightness_reward, pipeline=None, **kw):
           for value in (float("nan"), float("inf"), float("-inf"))],
         (dict(reward_weights=[1.0, float("nan")]), "reward_weights must be a finite number"),
         (dict(reward_weights=[float("inf")]), "reward_weights must be a finite number"),
+        (dict(reward_weights=[1.0, 1e39]), r"reward_weights must fit in float32"),
     ],
 )
 def test_config_errors(tmp_path, kwargs, message):

@@ -1,7 +1,8 @@
 """Rewards → group-relative advantages (ddrl-algorithm.md §3, steps 3–4).
 
-Everything here runs in float32 whatever the training dtype: advantages scale every policy gradient, and bf16's
-8-bit mantissa would quantise small reward differences inside a group to zero.
+Everything here runs in float32 or wider whatever the training dtype: advantages scale every policy gradient, and
+bf16's 8-bit mantissa would quantise small reward differences inside a group to zero. Group statistics are taken in
+float64, so that no reward a float32 can hold overflows them.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def _filled_groups(rewards: torch.Tensor, num_generations: int, reward_clip: flo
             f"rewards must be a 1-D tensor whose length is a multiple of num_generations={num_generations}, "
             f"got shape {tuple(rewards.shape)}."
         )
-    grouped = rewards.float().view(-1, num_generations)
+    grouped = rewards.double().view(-1, num_generations)  # float64: float32-range rewards cannot overflow a sum
     valid = torch.isfinite(grouped)
     if reward_clip is not None:
         grouped = grouped.clamp(-reward_clip, reward_clip)
@@ -54,10 +55,10 @@ def group_reward_std(
     `group_advantages` uses them (clipped, invalid ones replaced by their group mean)."""
     grouped = _filled_groups(rewards, num_generations, reward_clip)
     if scale_rewards == "batch":
-        return grouped.std().expand(grouped.shape[0])
+        return grouped.std().expand(grouped.shape[0]).float()
     if scale_rewards not in ("group", "none"):
         raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale_rewards!r}.")
-    return grouped.std(dim=1)
+    return grouped.std(dim=1).float()
 
 
 def group_advantages(
@@ -87,14 +88,14 @@ def group_advantages(
         num_generations: group size N.
 
     Returns:
-        `(B,)` float32 advantages, always finite.
+        `(B,)` float32 advantages, finite for any finite float32 rewards.
     """
     grouped = _filled_groups(rewards, num_generations, reward_clip)
     centred = grouped - grouped.mean(dim=1, keepdim=True)
     if scale_rewards != "none":
         std = group_reward_std(rewards, num_generations, scale_rewards, reward_clip)
         centred = centred / (std[:, None] + std_eps)
-    advantages = centred.reshape(-1)
+    advantages = centred.reshape(-1).float()
     if exp_transform:
         advantages = -torch.exp(-advantages)
     if advantage_clip is not None:

@@ -66,15 +66,13 @@ def resolve_reward(spec: str | RewardFunc) -> RewardFunc:
     if ":" in spec:
         module_name, _, attr = spec.partition(":")
         return _import_reward(spec, module_name, attr)
-    from .hub import load_reward
+    if os.path.isdir(spec) or "/" in spec or os.sep in spec:  # a local folder, or a Hub id "owner/name"
+        from .hub import load_reward  # transformers' processors: imported only for reward models
 
-    if os.path.isdir(spec):
         return load_reward(spec)
-    if "." in spec and "/" not in spec and os.sep not in spec:
+    if "." in spec:  # TRL's "package.module.function"
         module_name, _, attr = spec.rpartition(".")
         return _import_reward(spec, module_name, attr)
-    if "/" in spec or os.sep in spec:
-        return load_reward(spec)
     raise ValueError(f"Unknown reward {spec!r}. Use a callable, or a string naming {REWARD_SPEC_HELP}.")
 
 

@@ -18,6 +18,7 @@ process, in a daemon thread, while the synchronous ones run in the calling threa
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import math
 import numbers
@@ -27,7 +28,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from trl.trainer.utils import is_async_callable, start_event_loop_in_daemon
 
 #: Keyword arguments every reward may take; a dataset column must not use these names.
 RESERVED_KEYWORDS = ("images", "prompts", "completions", "trainer_state")
@@ -82,6 +82,15 @@ def call_arguments(func: RewardFunc, images, prompts: list[str], columns: dict[s
     )
 
 
+def is_async_callable(func: Callable) -> bool:
+    """Whether calling `func` returns a coroutine: async functions, partials of them, and callables with an async
+    `__call__` (TRL's `is_async_callable` rule, kept here because importing `trl.trainer.utils` takes seconds, and the
+    reward server must start fast)."""
+    while isinstance(func, functools.partial):
+        func = func.func
+    return inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(getattr(func, "__call__", None))
+
+
 _loop_lock = threading.Lock()
 _loop: asyncio.AbstractEventLoop | None = None
 
@@ -91,6 +100,8 @@ def _event_loop() -> asyncio.AbstractEventLoop:
     global _loop
     with _loop_lock:
         if _loop is None:
+            from trl.trainer.utils import start_event_loop_in_daemon
+
             _, _loop, ready = start_event_loop_in_daemon(name="ddrl-reward-loop")
             ready.wait()
         return _loop

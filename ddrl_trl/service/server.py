@@ -4,9 +4,9 @@
         --token-file token.txt
 
 Endpoints (JSON):
-- `GET /health` → `{"status": "ok" | "stuck", "reward": name, "queued", "pending_jobs", "stored_results",
-  "held_bytes", "stuck_batches", "requests", "batches", "samples"}` (503 while stuck); no token needed, reveals
-  nothing but the reward's name and counters.
+- `GET /health` → `{"status": "ok" | "degraded" | "stuck", "reward": name, "queued", "pending_jobs",
+  "stored_results", "stored_scores", "held_bytes", "stuck_batches", "requests", "batches", "samples"}` (503 while
+  stuck); no token needed, reveals nothing but the reward's name and counters.
 - `POST /v1/score` (bearer token) with a `wire.ScoreRequest` → 202 `{"id": job_id, "status": "queued"}`.
 - `GET /v1/score/{job_id}` (bearer token) → `{"id", "status": "queued" | "running" | "done" | "error",
   "scores": [float | null] | null, "error": str | null}`; finished jobs are kept `result_ttl_s` seconds.
@@ -14,13 +14,15 @@ No other route is served (no `/docs`, no `/openapi.json`).
 
 Bounds, so that no client can exhaust the server (`ServerLimits`):
 - memory: a body over `max_request_bytes` → 413 before it is read in full; one holding more than `max_json_values`
-  JSON values → 413 before it is parsed (parsed JSON costs ~50× its bytes); more than `max_pending_jobs` unscored jobs
-  → 503 with Retry-After; a scored job keeps its scores only (its images are freed at once), expires after
-  `result_ttl_s` on a timer, and at most `max_stored_results` are kept;
-- time: a reward call running longer than `batch_timeout_s` fails its jobs with that error, and `/health` reports the
-  stuck call; past `max_stuck_batches` stuck calls new work is refused (503) rather than queued behind them;
-- connections: at most `max_connections` (past it the longest-idle one is closed), and a connection must deliver each
-  whole request within `request_timeout_s` of being opened or answered.
+  JSON values → 413 before it is parsed (parsed JSON costs ~50× its bytes); samples wait as uint8 pixels; more than
+  `max_pending_jobs` unscored jobs, or `max_pending_bytes` of their pixels → 503 with Retry-After; a scored job keeps
+  its scores only (its pixels are freed at once), expires after `result_ttl_s` on a timer, and at most
+  `max_stored_scores` scores are kept (the oldest results go first);
+- time: a reward call running longer than `batch_timeout_s` fails its jobs with that error and goes on in its own
+  daemon thread (a stuck call never blocks a restart); `/health` says "degraded" while calls are stuck, and "stuck"
+  (503) past `max_stuck_batches`, when new work is refused and queued work fails at once;
+- connections: at most `max_connections` (past it the one that has sent nothing for longest is closed), and a
+  connection must deliver each whole request within `request_timeout_s` of being opened or answered.
 A reward that raises fails its jobs; when several requests shared the failing call, each is scored alone again, so
 only the guilty request fails. The token is compared in constant time and never logged, nor are query strings.
 """
@@ -32,11 +34,11 @@ import hmac
 import logging
 import math
 import re
+import threading
 import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -48,16 +50,19 @@ from pydantic import ValidationError
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..rewards import compute_rewards, reward_name
-from .wire import PayloadError, ScoreRequest, check_lengths, check_token, decode_samples
+from .wire import PayloadError, ScoreRequest, check_lengths, check_token, decode_samples, to_unit_floats
 
 logger = logging.getLogger(__name__)
 
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+# A JSON string, or an unterminated one up to the end of the body. Every character has one way to match, and a match
+# never fails once started, so a scan is linear whatever the body (an unterminated string with many escaped quotes
+# made the plain pattern restart at every quote: quadratic).
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*\\?(?:"|\Z)', re.DOTALL)
 
 
 @dataclass
 class Job:
-    """One request's samples and, once scored, only its result (the samples are dropped)."""
+    """One request's samples (uint8 pixels) and, once scored, only its result (the samples are dropped)."""
 
     job_id: str
     samples: torch.Tensor | None
@@ -91,8 +96,9 @@ class ServerLimits:
     max_batch_samples: int = 64  # micro-batch size across requests
     max_wait_ms: float = 10.0  # how long the first queued job waits for company
     max_pending_jobs: int = 256  # jobs queued or being scored; past it, 503 with Retry-After
+    max_pending_bytes: int = 2 * 2**30  # their uint8 pixels; past it, 503 with Retry-After
     result_ttl_s: float = 600.0
-    max_stored_results: int = 100_000  # finished results kept for polling; the oldest go first
+    max_stored_scores: int = 2_000_000  # scores of finished results kept for polling (~64 MB); the oldest go first
     batch_timeout_s: float = 600.0  # a reward call running longer fails its jobs
     max_stuck_batches: int = 2  # reward calls still running past their limit; past it, new work is refused
     max_connections: int = 256
@@ -113,10 +119,10 @@ class _State:
     jobs: dict[str, Job] = field(default_factory=dict)
     finished: OrderedDict = field(default_factory=OrderedDict)  # job ids in the order they finished
     queue: asyncio.Queue | None = None
-    executor: ThreadPoolExecutor | None = None
-    stuck: set = field(default_factory=set)  # futures of reward calls running past batch_timeout_s
+    stuck: set = field(default_factory=set)  # reward calls still running past batch_timeout_s
     pending: int = 0
     held_bytes: int = 0
+    stored_scores: int = 0
     counters: dict[str, int] = field(default_factory=lambda: {"requests": 0, "batches": 0, "samples": 0})
 
 
@@ -134,18 +140,33 @@ def create_app(reward_fn: Callable, token: str, limits: ServerLimits | None = No
     state = _State()
     expected = f"Bearer {token}".encode()
 
-    def score_batch(samples: torch.Tensor, prompts: list[str], columns: dict[str, list]) -> list[float | None]:
+    def score_batch(pixels: torch.Tensor, prompts: list[str], columns: dict[str, list]) -> list[float | None]:
         """The reward on one concatenated batch (a worker thread); non-finite scores become None (invalid)."""
-        scores = compute_rewards([reward_fn], samples, prompts, columns)[:, 0].tolist()
+        scores = compute_rewards([reward_fn], to_unit_floats(pixels), prompts, columns)[:, 0].tolist()
         return [s if math.isfinite(s) else None for s in scores]
 
     async def call_reward(jobs: list[Job]) -> list[float | None]:
-        """Run the reward on `jobs` in the worker pool; `_RewardTimeout` past `batch_timeout_s` (the call then goes
-        on in its thread, counted as stuck until it returns, and its late result is dropped)."""
-        samples = torch.cat([job.samples for job in jobs])
+        """Run the reward on `jobs` in a daemon thread of its own; `_RewardTimeout` past `batch_timeout_s` (the call
+        then goes on in its thread, counted as stuck until it returns, and its late result is dropped)."""
+        pixels = torch.cat([job.samples for job in jobs])
         prompts = [p for job in jobs for p in job.prompts]
         columns = {key: [v for job in jobs for v in job.columns[key]] for key in jobs[0].columns}
-        future = asyncio.get_running_loop().run_in_executor(state.executor, score_batch, samples, prompts, columns)
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+
+        def settle(result, error) -> None:
+            if not future.done():
+                future.set_exception(error) if error is not None else future.set_result(result)
+
+        def work() -> None:
+            try:
+                result, error = score_batch(pixels, prompts, columns), None
+            except BaseException as err:  # noqa: BLE001 — handed to the event loop, which fails the jobs
+                result, error = None, err
+            loop.call_soon_threadsafe(settle, result, error)
+
+        # A daemon thread per call, not a pool: a call that never returns must not keep the process from exiting.
+        threading.Thread(target=work, name="ddrl-reward-call", daemon=True).start()
         try:
             return await asyncio.wait_for(asyncio.shield(future), limits.batch_timeout_s)
         except asyncio.TimeoutError:
@@ -154,15 +175,28 @@ def create_app(reward_fn: Callable, token: str, limits: ServerLimits | None = No
             raise _RewardTimeout from None
 
     def finish(job: Job, status: str, scores=None, error=None) -> None:
-        """Record a job's result, free its samples, and keep at most `max_stored_results` results."""
+        """Record a job's result, free its samples, and keep at most `max_stored_scores` scores of results."""
         state.pending -= 1
         state.held_bytes -= job.nbytes
         job.finish(status, scores, error)
         state.finished[job.job_id] = None
-        while len(state.finished) > limits.max_stored_results:
-            state.jobs.pop(state.finished.popitem(last=False)[0], None)
+        state.stored_scores += job.size
+        while state.stored_scores > limits.max_stored_scores:
+            forget_oldest_result()
+
+    def forget_oldest_result() -> None:
+        job = state.jobs.pop(state.finished.popitem(last=False)[0], None)
+        state.stored_scores -= job.size if job is not None else 0
+
+    def stuck() -> bool:
+        return len(state.stuck) >= limits.max_stuck_batches
 
     async def run_batch(jobs: list[Job]) -> None:
+        if stuck():  # calls that never return hold the reward: new ones would hang too
+            for job in jobs:
+                finish(job, "error", error=f"the reward is stuck ({len(state.stuck)} calls have run past "
+                                           f"batch_timeout_s={limits.batch_timeout_s:g} s); restart the server")
+            return
         for job in jobs:
             job.status = "running"
         try:
@@ -220,22 +254,18 @@ def create_app(reward_fn: Callable, token: str, limits: ServerLimits | None = No
             await asyncio.sleep(interval)
             cutoff = time.monotonic() - limits.result_ttl_s
             while state.finished:
-                job_id = next(iter(state.finished))
-                job = state.jobs.get(job_id)
+                job = state.jobs.get(next(iter(state.finished)))
                 if job is not None and job.finished_at >= cutoff:
                     break
-                state.finished.popitem(last=False)
-                state.jobs.pop(job_id, None)
+                forget_oldest_result()
 
     @asynccontextmanager
     async def lifespan(_app):
         state.queue = asyncio.Queue()
-        state.executor = ThreadPoolExecutor(max_workers=limits.max_stuck_batches + 1, thread_name_prefix="reward")
         tasks = [asyncio.create_task(batcher()), asyncio.create_task(expire_results())]
         yield
         for task in tasks:
             task.cancel()
-        state.executor.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title=f"ddrl-trl reward service: {name}", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)  # fmt: skip
@@ -246,12 +276,15 @@ def create_app(reward_fn: Callable, token: str, limits: ServerLimits | None = No
             raise HTTPException(401, "missing or invalid bearer token", headers={"WWW-Authenticate": "Bearer"})
 
     def refuse_if_busy() -> None:
-        if len(state.stuck) >= limits.max_stuck_batches:
+        if stuck():
             raise HTTPException(503, f"the reward is stuck: {len(state.stuck)} calls have run past batch_timeout_s="
                                      f"{limits.batch_timeout_s:g} s; restart the server", headers={"Retry-After": "30"})
         if state.pending >= limits.max_pending_jobs:
             raise HTTPException(503, f"{state.pending} jobs are waiting to be scored (max_pending_jobs="
                                      f"{limits.max_pending_jobs}); retry later", headers={"Retry-After": "1"})
+        if state.held_bytes >= limits.max_pending_bytes:
+            raise HTTPException(503, f"{state.held_bytes} bytes of samples are waiting to be scored (max_pending_bytes="
+                                     f"{limits.max_pending_bytes}); retry later", headers={"Retry-After": "1"})
 
     async def read_body(request: Request) -> bytes:
         declared = request.headers.get("content-length")
@@ -288,13 +321,13 @@ def create_app(reward_fn: Callable, token: str, limits: ServerLimits | None = No
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        stuck = len(state.stuck) >= limits.max_stuck_batches
+        status = "stuck" if stuck() else "degraded" if state.stuck else "ok"
         body = {
-            "status": "stuck" if stuck else "ok", "reward": name, "queued": state.queue.qsize(),
-            "pending_jobs": state.pending, "stored_results": len(state.finished), "held_bytes": state.held_bytes,
+            "status": status, "reward": name, "queued": state.queue.qsize(), "pending_jobs": state.pending,
+            "stored_results": len(state.finished), "stored_scores": state.stored_scores, "held_bytes": state.held_bytes,
             "stuck_batches": len(state.stuck), **state.counters,
         }  # fmt: skip
-        return JSONResponse(body, status_code=503 if stuck else 200)
+        return JSONResponse(body, status_code=503 if status == "stuck" else 200)
 
     @app.post("/v1/score", status_code=202)
     async def submit(request: Request) -> dict:
@@ -332,12 +365,17 @@ def guarded_protocol(limits: ServerLimits) -> type[H11Protocol]:
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
-            self._idle_since = self.loop.time()
-            if len(self.connections) > limits.max_connections:  # make room: close the longest-idle connection
-                idle = [c for c in self.connections if c is not self and c._waiting_for_request()]
-                victim = min(idle, key=lambda c: c._idle_since) if idle else self
+            self._quiet_since = self.loop.time()
+            if len(self.connections) > limits.max_connections:  # make room: close the one quiet for longest
+                idle = [c for c in self.connections
+                        if c is not self and not c.transport.is_closing() and c._waiting_for_request()]  # fmt: skip
+                victim = min(idle, key=lambda c: c._quiet_since) if idle else self
                 victim.transport.close()
             self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            self._quiet_since = self.loop.time()  # an upload in progress is not idle
+            super().data_received(data)
 
         def _waiting_for_request(self) -> bool:
             """No complete request of this connection is with the app: idle, or a request still arriving."""
@@ -356,7 +394,7 @@ def guarded_protocol(limits: ServerLimits) -> type[H11Protocol]:
         def on_response_complete(self) -> None:
             super().on_response_complete()
             if not self.transport.is_closing():
-                self._idle_since = self.loop.time()
+                self._quiet_since = self.loop.time()
                 self._arm()
 
         def connection_lost(self, exc) -> None:
@@ -400,7 +438,5 @@ def serve(reward: str, host: str, port: int, token_file: str, limits: ServerLimi
     reward_fn = resolve_reward(reward)
     logging.getLogger("uvicorn.access").addFilter(RedactQueryStrings())
     logger.info("serving reward %s on http://%s:%d (token from %s)", reward_name(reward_fn), host, port, token_file)
-    uvicorn.run(
-        create_app(reward_fn, token, limits), host=host, port=port, log_level="info", http=guarded_protocol(limits),
-        h11_max_incomplete_event_size=64 * 1024,  # request line and headers; bodies are bounded by the app
-    )  # fmt: skip
+    uvicorn.run(create_app(reward_fn, token, limits), host=host, port=port, log_level="info",
+                http=guarded_protocol(limits))  # fmt: skip

@@ -38,13 +38,13 @@ class ScoreRequest(BaseModel):
 
 def check_token(token: str, source: str) -> None:
     """Raise `ValueError` naming `source` unless `token` is usable in an `Authorization: Bearer` header: non-empty
-    visible ASCII, without spaces or line breaks (a token with an inner newline could never match)."""
+    printable ASCII on one line (a token with an inner line break or tab could never match)."""
     if not token:
         raise ValueError(f"{source} is empty: write a secret into it.")
-    if not all(33 <= ord(char) <= 126 for char in token):
+    if not all(32 <= ord(char) <= 126 for char in token):
         raise ValueError(
-            f"{source} holds a space, a line break or a non-ASCII character inside the token, which an HTTP header "
-            f"cannot carry, so no client could ever match it. Use one line of visible ASCII, e.g. "
+            f"{source} holds a line break, a tab, a control or a non-ASCII character inside the token, which an HTTP "
+            f"header cannot carry, so no client could ever match it. Use one line of printable ASCII, e.g. "
             f"`python -c \"import secrets; print(secrets.token_urlsafe(32))\"`."
         )
 
@@ -60,7 +60,8 @@ def encode_samples(samples: torch.Tensor) -> dict:
 
 
 def decode_samples(array: SampleArray) -> torch.Tensor:
-    """The `images` field → float32 `(B, ...)` in [0, 1]; `PayloadError` if the bytes do not match the shape."""
+    """The `images` field → its uint8 pixels `(B, ...)` (kept so until scored: 4× less memory than float32);
+    `PayloadError` if the bytes do not match the shape. `to_unit_floats` gives what rewards receive."""
     shape = array.shape
     if any(d <= 0 for d in shape) or shape[-3] != 3:
         raise PayloadError(f"images.shape must be [B, 3, H, W] or [B, F, 3, H, W] with positive sizes, got {shape}")
@@ -70,7 +71,12 @@ def decode_samples(array: SampleArray) -> torch.Tensor:
         raise PayloadError(f"images.data is not valid base64: {err}") from err
     if len(raw) != math.prod(shape):
         raise PayloadError(f"images.data holds {len(raw)} bytes but images.shape {shape} needs {math.prod(shape)}")
-    return torch.from_numpy(np.frombuffer(raw, dtype=np.uint8).reshape(shape).astype(np.float32) / 255.0)
+    return torch.from_numpy(np.frombuffer(raw, dtype=np.uint8).reshape(shape).copy())
+
+
+def to_unit_floats(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels → float32 in [0, 1], as rewards receive samples."""
+    return pixels.float() / 255.0
 
 
 def check_lengths(request: ScoreRequest, batch: int) -> None:
