@@ -99,9 +99,18 @@ class DDRLConfig(TrainingArguments):
 
         > Loss
 
+        num_iterations (`int`, defaults to `1`):
+            Optimiser steps on each rollout batch (GRPO's `num_iterations`, DDPO's inner epochs). 1 is on-policy: the
+            ratio is 1 up to numerics and `epsilon` never clips. With μ > 1 the same rollouts, their recorded
+            log-probs and advantages serve μ consecutive optimiser steps (the same prompts, the same data-term noise);
+            from the second one the policy has moved, the ratio leaves 1 and `epsilon` clips it. μ times fewer
+            rollouts per step; checkpoints taken between the iterations hold the rollout batch, so resuming there is
+            exact.
         epsilon (`float`, defaults to `1e-4`):
-            PPO clip range ε of the ratio. With one optimiser step per rollout batch the ratio is 1 up to numerics;
-            `ratio/mean` and `clip_fraction` are logged to show it.
+            PPO clip range ε of the ratio (the reference code's and DDPO's value). With `num_iterations=1` the ratio is
+            1 up to numerics; `ratio/mean` and `clip_fraction` are logged to show it. With more iterations ε decides
+            how far each sample may pull the policy from the rollout's: 1e-4 clips nearly every sample after the
+            first step, so raise it (e.g. 1e-3 to 1e-2) when reusing rollouts.
         data_beta (`float`, defaults to `0.3`):
             Weight of the data term (the diffusion loss on the paired reference samples), the forward-KL anchor of
             DDRL. The released configs use 0.01 with a log-prob that drops the Gaussian's 1/(2σ²); ours keeps it and
@@ -191,6 +200,7 @@ class DDRLConfig(TrainingArguments):
     exp_advantage: bool = field(default=False, metadata={"help": "λ-transform A ← −exp(−A)."})
     advantage_clip: float = field(default=5.0, metadata={"help": "Clamp advantages to ±this."})
     # Loss
+    num_iterations: int = field(default=1, metadata={"help": "Optimiser steps on each rollout batch."})
     epsilon: float = field(default=1e-4, metadata={"help": "PPO clip range of the ratio."})
     data_beta: float = field(default=0.3, metadata={"help": "Weight of the data (diffusion) term."})
     data_noise: str = field(default="rollout", metadata={"help": "'rollout' or 'random' noise for the data term."})
@@ -283,6 +293,8 @@ class DDRLConfig(TrainingArguments):
             raise ValueError(
                 f"max_consecutive_nonfinite_steps must be ≥ 1, got {self.max_consecutive_nonfinite_steps}."
             )
+        if self.num_iterations < 1:
+            raise ValueError(f"num_iterations must be ≥ 1 (optimiser steps per rollout batch), got {self.num_iterations}.")
         if self.train_step_stride < 1:
             raise ValueError(f"train_step_stride must be ≥ 1, got {self.train_step_stride}.")
         for name in ("data_noise", "data_timesteps"):

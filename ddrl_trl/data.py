@@ -323,10 +323,13 @@ class RepeatSampler(torch.utils.data.Sampler[int]):
     """Yields each dataset index `repeats` times in a row, in a seeded random order (a fresh one per epoch).
 
     With a batch size that is a multiple of `repeats`, every batch holds whole groups: prompt k at rows k·N … k·N+N−1.
+    With `iterations` > 1 (`DDRLConfig.num_iterations`), the rows of each optimiser step (`groups_per_step` groups)
+    are yielded `iterations` times in a row, so that every iteration over a rollout batch sees the same prompts.
     """
 
-    def __init__(self, num_rows: int, repeats: int, seed: int = 0, shuffle: bool = True):
-        self.num_rows, self.repeats, self.seed, self.shuffle = num_rows, repeats, seed, shuffle
+    def __init__(self, num_rows: int, repeats: int, seed: int = 0, iterations: int = 1, groups_per_step: int = 1):
+        self.num_rows, self.repeats, self.seed = num_rows, repeats, seed
+        self.iterations, self.groups_per_step = iterations, groups_per_step
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -334,16 +337,15 @@ class RepeatSampler(torch.utils.data.Sampler[int]):
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.num_rows, generator=generator).tolist()
-        else:
-            order = range(self.num_rows)
-        for index in order:
-            yield from [index] * self.repeats
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.num_rows, generator=generator).tolist()
+        for start in range(0, len(order), self.groups_per_step):
+            step_rows = [index for index in order[start : start + self.groups_per_step] for _ in range(self.repeats)]
+            for _ in range(self.iterations):
+                yield from step_rows
 
     def __len__(self) -> int:
-        return self.num_rows * self.repeats
+        return self.num_rows * self.repeats * self.iterations
 
 
 class DDRLCollator:

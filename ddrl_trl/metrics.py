@@ -3,6 +3,7 @@ since the last log, then over processes."""
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 
 import torch
@@ -19,6 +20,18 @@ class TrainingMetrics:
 
     def __init__(self):
         self._values: dict[str, list] = defaultdict(list)
+        self._images, self._clock = 0, time.perf_counter()
+
+    def restart_clock(self) -> None:
+        """Start timing the images/s window now (at `train()`)."""
+        self._images, self._clock = 0, time.perf_counter()
+
+    def add_rollout_times(self, times, rows: int) -> None:
+        """`time/rollout` and `time/reward` (what the trainer waited for rewards) of a micro-step that rolled out
+        `rows` samples on this process, counted for `images_per_second`."""
+        self.add("time/rollout", times.rollout)
+        self.add("time/reward", times.reward_wait)
+        self._images += rows
 
     def add(self, name: str, value: torch.Tensor | float) -> None:
         self._values[name].append(value)
@@ -51,11 +64,16 @@ class TrainingMetrics:
         self.add("clip_fraction", clipped.float().mean())
 
     def drain(self, accelerator) -> dict[str, float]:
-        """Each metric's mean since the last call, averaged over processes; then forget them.
+        """Each metric's mean since the last call, averaged over processes, and `images_per_second` (samples rolled
+        out by all processes over the wall-clock time since the last call); then forget them.
 
         Every process records the same keys in the same order, so one gather averages them all: per-process losses
         are means over equal row counts, so their average is the global batch's.
         """
+        now = time.perf_counter()
+        if self._images:
+            self.add("images_per_second", self._images / max(now - self._clock, 1e-9) * accelerator.num_processes)
+        self._images, self._clock = 0, now
         keys = [key for key, values in self._values.items() if values]
         result = {}
         if keys:

@@ -20,10 +20,12 @@ import re
 import shutil
 from typing import Any
 
+import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from .checkpointing import LORA_WEIGHTS_NAME, CheckpointError
 from .data import arrow_column
+from .rollout import SavedRollout
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +41,7 @@ TRAJECTORY_SETTINGS = (
     "num_inference_steps", "eta", "flow_noise_level", "resolution", "num_frames", "guidance_scale",
     "resolved_train_step_indices", "same_noise_within_group", "reward_weights", "multi_objective_aggregation",
     "reward_clip", "scale_rewards",
-    "exp_advantage", "advantage_clip", "epsilon", "data_beta", "data_noise", "data_timesteps",
+    "exp_advantage", "advantage_clip", "num_iterations", "epsilon", "data_beta", "data_noise", "data_timesteps",
     "data_on_first_step_only", "kl_beta", "ema_decay", "bf16", "fp16",
 )  # fmt: skip
 
@@ -137,10 +139,34 @@ def resolve_checkpoint(output_dir: str, resume_from_checkpoint: str | bool | Non
     return path
 
 
+def rollout_buffer_name(process_index: int) -> str:
+    """The file in which a checkpoint taken between the `num_iterations` of a rollout batch keeps one process's batch."""
+    return f"rollout_buffer_{process_index}.pt"
+
+
+def needs_rollout_buffer(global_step: int, num_iterations: int) -> bool:
+    """Whether the next step reuses a rollout batch (the checkpoint was taken between its iterations)."""
+    return num_iterations > 1 and global_step % num_iterations != 0
+
+
+def load_rollout_buffer(checkpoint: str, process_index: int, device) -> dict[int, SavedRollout]:
+    """This process's rollout batches saved in `checkpoint` (by micro-step), or {} if it holds none."""
+    path = os.path.join(checkpoint, rollout_buffer_name(process_index))
+    if not os.path.isfile(path):
+        return {}
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 — torch raises several types for a damaged archive
+        raise CheckpointError(f"{path} in checkpoint {checkpoint} is unreadable ({err}): the file is truncated or "
+                              f"corrupt. Resume from an earlier checkpoint-N.") from err  # fmt: skip
+    return {int(micro): SavedRollout.from_dict(values, device) for micro, values in saved.items()}
+
+
 def verify_checkpoint(checkpoint: str, lora: bool, denoiser_name: str, deepspeed: bool, process_index: int,
-                      world_size: int) -> None:  # fmt: skip
-    """Raise `CheckpointError` naming the file if `checkpoint` lacks, or cannot read, what an exact resume needs;
-    warn if this process's RNG state is missing (DDRL's own noise and data order are seeded without it)."""
+                      world_size: int, num_iterations: int = 1) -> None:  # fmt: skip
+    """Raise `CheckpointError` naming the file if `checkpoint` lacks, or cannot read, what an exact resume needs
+    (with `num_iterations` > 1, between the iterations of a rollout batch, that batch too); warn if this process's RNG
+    state is missing (DDRL's own noise and data order are seeded without it)."""
     state_file = os.path.join(checkpoint, TRAINER_STATE_NAME)
     state = _read_json(state_file, checkpoint)
     if not isinstance(state, dict) or not isinstance(state.get("global_step"), int) or state["global_step"] < 0:
@@ -156,6 +182,11 @@ def verify_checkpoint(checkpoint: str, lora: bool, denoiser_name: str, deepspeed
         )  # optimizer.pt, optimizer.bin, or FSDP's optimizer folder
         if not has_optimizer:
             needed["optimizer.pt"] = "the optimizer state"
+    if needs_rollout_buffer(state["global_step"], num_iterations):
+        needed[rollout_buffer_name(process_index)] = (
+            f"this process's rollout batch: the checkpoint is between the num_iterations={num_iterations} steps over "
+            f"one batch; resume with the number of processes that wrote it"
+        )
     missing = [f"{name} ({what})" for name, what in needed.items() if not os.path.exists(os.path.join(checkpoint, name))]
     if missing:
         raise CheckpointError(

@@ -9,6 +9,7 @@ and no two rows (on any process) share noise unless `same_noise_within_group` as
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -63,6 +64,13 @@ class SeededNoise:
         return self.draw_for("data", groups, shape)
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on an accelerator (for phase timings); nothing to wait for on the CPU."""
+    backend = getattr(torch, device.type, None)
+    if device.type != "cpu" and hasattr(backend, "synchronize"):
+        backend.synchronize(device)
+
+
 @dataclass
 class Rollout:
     """A batch of `B` trajectories x_T → x_0 (sampling order: index 0 is pure noise).
@@ -70,12 +78,13 @@ class Rollout:
     Attributes:
         states: `(B, T+1, *latent)` float32 states; `states[:, j]` is the input of step j, `states[:, j+1]` its output.
         log_probs: `(B, T)` float32 log p_old(x_{j+1} | x_j), mean over latent dimensions.
-        images: `(B, 3, H, W)` (or videos `(B, F, 3, H, W)`) float32 decoded samples in [0, 1].
+        images: `(B, 3, H, W)` (or videos `(B, F, 3, H, W)`) float32 decoded samples in [0, 1]; None for a batch
+            reused from an earlier iteration (`SavedRollout`).
     """
 
     states: torch.Tensor
     log_probs: torch.Tensor
-    images: torch.Tensor
+    images: torch.Tensor | None
 
     @property
     def initial_noise(self) -> torch.Tensor:
@@ -87,6 +96,37 @@ class Rollout:
         if len(parts) == 1:
             return parts[0]
         return cls(*(torch.cat([getattr(p, name) for p in parts]) for name in ("states", "log_probs", "images")))
+
+
+@dataclass
+class SavedRollout:
+    """What the later iterations over a rollout batch reuse (`DDRLConfig.num_iterations`), and what a checkpoint
+    taken between them holds: one process's rollout states, their log-probs under the rollout policy (the "old" ones
+    of the ratio) and their advantages, with the prompts and global rows they belong to."""
+
+    states: torch.Tensor
+    log_probs: torch.Tensor
+    advantages: torch.Tensor
+    prompts: list[str]
+    rows: list[int]
+
+    def to_dict(self) -> dict:
+        return {"states": self.states.cpu(), "log_probs": self.log_probs.cpu(), "advantages": self.advantages.cpu(),
+                "prompts": list(self.prompts), "rows": list(self.rows)}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, values: dict, device: torch.device) -> SavedRollout:
+        tensors = {k: values[k].to(device) for k in ("states", "log_probs", "advantages")}
+        return cls(**tensors, prompts=list(values["prompts"]), rows=[int(r) for r in values["rows"]])
+
+
+@dataclass
+class PhaseTimes:
+    """Seconds a micro-step spent rolling out, and waiting for rewards (all of scoring, or only what overlapping
+    with the rollout did not hide)."""
+
+    rollout: float = 0.0
+    reward_wait: float = 0.0
 
 
 @torch.no_grad()
@@ -130,21 +170,29 @@ def rollout_and_score(
     chunk_rows: int | None = None,
     executor: Executor | None = None,
     denoiser: torch.nn.Module | None = None,
-) -> tuple[Rollout, torch.Tensor]:
-    """Roll out global `rows` (per-row conditioning `cond`) and score the samples: returns `(rollout, scores)`.
+) -> tuple[Rollout, torch.Tensor, PhaseTimes]:
+    """Roll out global `rows` (per-row conditioning `cond`) and score the samples: returns `(rollout, scores, times)`.
 
     Rows are rolled out `chunk_rows` at a time (None: all at once). `score(samples, local_rows)` gets each chunk's
     samples and their slice of the local batch and returns `(rows, F)` scores. With an `executor`, each chunk is
     scored there while the next one is rolled out, so a slow reward overlaps generation; results do not depend on it.
+    The device is synchronised once per chunk, for the timings.
     """
     chunk = chunk_rows or len(rows)
-    parts, scores = [], []
+    parts, scores, times = [], [], PhaseTimes()
     for start in range(0, len(rows), chunk):
         local = slice(start, min(start + chunk, len(rows)))
+        began = time.perf_counter()
         part = generate_rollouts(adapter, sampler, select_conditioning(cond, local), latent_shape, noise, rows[local],
                                  denoiser=denoiser)  # fmt: skip
+        synchronize(part.states.device)
+        rolled = time.perf_counter()
         scores.append(executor.submit(score, part.images, local) if executor is not None else score(part.images, local))
+        times.rollout += rolled - began
+        times.reward_wait += time.perf_counter() - rolled
         parts.append(part)
     if executor is not None:
+        waiting = time.perf_counter()
         scores = [future.result() for future in scores]
-    return Rollout.concat(parts), torch.cat(scores)
+        times.reward_wait += time.perf_counter() - waiting
+    return Rollout.concat(parts), torch.cat(scores), times

@@ -7,7 +7,8 @@ half-written.
   (`atomic_directory_update`). Non-finite weights are never written.
 - With `ema_decay`, diffusers' `EMAModel` keeps an exponential moving average of the trained weights; checkpoints hold
   it (`ema_state.pt`) next to the raw weights, resume restores both, and the final `save_model` writes the EMA weights.
-- A whole checkpoint (weights, optimizer, scheduler, RNG states, trainer state with the data position) is written
+- A whole checkpoint (weights, optimizer, scheduler, RNG states, trainer state with the data position; between the
+  `num_iterations` steps over one rollout batch, each process's batch too) is written
   into a staging folder and renamed to `checkpoint-N` only when complete, so a run killed mid-save leaves the previous
   checkpoint as the newest one `resume_from_checkpoint=True` finds.
 - Resuming reads every file through a check that names the file and the checkpoint when it is damaged, and refuses
@@ -31,7 +32,7 @@ from .checkpointing import (
     CheckpointError, NonFiniteWeightsError, atomic_directory_update, first_non_finite,
     load_full_denoiser, load_lora_into_denoiser,
 )  # fmt: skip
-from .resume import RUN_INFO_NAME, run_info
+from .resume import RUN_INFO_NAME, needs_rollout_buffer, rollout_buffer_name, run_info
 
 logger = logging.getLogger(__name__)
 
@@ -188,6 +189,9 @@ class SavingMixin:
             super()._save_checkpoint(model, trial)
         finally:
             self._checkpoint_root = None
+        if needs_rollout_buffer(self.state.global_step, self.args.num_iterations):  # every process, its own batch
+            torch.save({micro: saved.to_dict() for micro, saved in self._rollout_buffer.items()},
+                       os.path.join(staging_root, name, rollout_buffer_name(self.args.process_index)))  # fmt: skip
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             staged, final = os.path.join(staging_root, name), os.path.join(run_dir, name)

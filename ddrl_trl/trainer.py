@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -38,11 +39,11 @@ from .model_setup import frozen_dtype, prepare_for_training
 from .reference import ReferencePolicy
 from .resume import (
     check_output_dir_writable, check_same_run, data_signature, prepare_output_dir, resolve_checkpoint, run_info,
-    verify_checkpoint, warn_if_output_dir_taken,
+    load_rollout_buffer, verify_checkpoint, warn_if_output_dir_taken,
 )  # fmt: skip
 from .rewards import compute_rewards, resolve_reward, reward_name
 from .rewards.calling import check_column_names
-from .rollout import Rollout, SeededNoise, rollout_and_score, stable_seed
+from .rollout import Rollout, SavedRollout, SeededNoise, rollout_and_score, stable_seed, synchronize
 from .saving import SavingMixin
 from .tracking import image_grid, log_image_grid
 
@@ -189,6 +190,8 @@ class DDRLTrainer(SavingMixin, Trainer):
                                           self.compute_loss_context_manager)  # fmt: skip
         #: DDRL's training metrics since the last log (docs/metrics.md).
         self.metrics = TrainingMetrics()
+        #: With `num_iterations` > 1: this process's rollout batches of the current optimiser step, by micro-step.
+        self._rollout_buffer: dict[int, SavedRollout] = {}
         self._micro_step = 0
         #: The last logged rollout grid `(image, prompts, step)`, shown in the model card.
         self.last_samples = None
@@ -211,10 +214,13 @@ class DDRLTrainer(SavingMixin, Trainer):
         checkpoint = resolve_checkpoint(self.args.output_dir, resume_from_checkpoint)
         if checkpoint is not None:
             verify_checkpoint(checkpoint, self.is_lora, self.adapter.denoiser_name, self.is_deepspeed_enabled,
-                              self.args.process_index, self.args.world_size)  # fmt: skip
+                              self.args.process_index, self.args.world_size, self.args.num_iterations)  # fmt: skip
             check_same_run(checkpoint, run_info(self))
         if self.eval_dataset is not None and not self.reference.available:
             self.evaluator.measure_base(self.eval_dataset)
+        self._rollout_buffer = {} if checkpoint is None else load_rollout_buffer(checkpoint, self.args.process_index,
+                                                                                 self.accelerator.device)  # fmt: skip
+        self.metrics.restart_clock()
         return super().train(resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval,
                              **kwargs)  # fmt: skip
 
@@ -257,24 +263,41 @@ class DDRLTrainer(SavingMixin, Trainer):
                                "this data; unscored samples get no advantage.", name, len(column))  # fmt: skip
 
     def _get_train_sampler(self, train_dataset=None):
+        args = self.args
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        return RepeatSampler(len(dataset), self.args.num_generations, seed=self.args.seed)
+        rows_per_step = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+        return RepeatSampler(len(dataset), args.num_generations, seed=args.seed, iterations=args.num_iterations,
+                             groups_per_step=rows_per_step // args.num_generations)  # fmt: skip
 
     def _remove_unused_columns(self, dataset, description=None):
         return dataset  # reward functions may use any column; the collator picks what the trainer needs
 
     # ------------------------------------------------------------------------------------------------ one iteration
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
-        """One DDRL iteration on this process's rows: rollout → reward → advantage → per-step loss/backward."""
+        """One DDRL iteration on this process's rows: rollout → reward → advantage → per-step loss/backward; with
+        `num_iterations` > 1, the later iterations over a rollout batch reuse it (`SavedRollout`)."""
         model.train()
-        batch = self._rollout_batch(model, inputs)
+        micro = self._micro_step % self.args.gradient_accumulation_steps
+        batch = self._rollout_batch(model, inputs, reuse=self._rollout_buffer.get(micro) if self._iteration else None)
+        if self.args.num_iterations > 1 and self._iteration == 0:
+            self._rollout_buffer[micro] = SavedRollout(batch.rollout.states, batch.rollout.log_probs,
+                                                       batch.advantages, list(inputs["prompts"]),
+                                                       list(batch.layout.global_rows))  # fmt: skip
+        began = time.perf_counter()
         loss = self._policy_and_data_backward(model, batch)
+        synchronize(loss.device)
+        self.metrics.add("time/train", time.perf_counter() - began)
         self._micro_step += 1
         return loss / self._accumulation_steps
 
-    def _rollout_batch(self, model, inputs: dict) -> RolloutBatch:
+    @property
+    def _iteration(self) -> int:
+        """Which of the `num_iterations` optimiser steps over the current rollout batch this is (0: a fresh one)."""
+        return self.state.global_step % self.args.num_iterations
+
+    def _rollout_batch(self, model, inputs: dict, reuse: SavedRollout | None = None) -> RolloutBatch:
         """Roll out this process's rows of the micro-batch with the current policy, score them, and turn the rewards
-        of the whole global batch into this process's advantages."""
+        of the whole global batch into this process's advantages; or, at a later iteration, `reuse` those."""
         args = self.args
         prompts: list[str] = inputs["prompts"]
         layout = GroupLayout(len(prompts), args.num_generations, self.accelerator.process_index,
@@ -284,6 +307,19 @@ class DDRLTrainer(SavingMixin, Trainer):
             raise RuntimeError("A batch does not hold groups of num_generations rows; use DDRLTrainer's sampler.")
         noise = SeededNoise(self._rollout_seed(), self.accelerator.device, args.num_generations,
                              args.same_noise_within_group)  # fmt: skip
+        ref_latents = inputs["ref_latents"][layout.first_local_rows]
+        if self._iteration:
+            if reuse is None or reuse.prompts != prompts or reuse.rows != list(layout.global_rows):
+                raise RuntimeError(
+                    f"Iteration {self._iteration} of num_iterations={args.num_iterations} has no rollout batch to "
+                    f"reuse for these prompts: DDRLTrainer's sampler repeats each step's prompts, and a checkpoint "
+                    f"between iterations holds the batch; resume from one written with the same number of processes."
+                )
+            with self.compute_loss_context_manager():
+                prompt_cond = self.adapter.encode_prompts(unique_prompts)
+            rollout = Rollout(states=reuse.states, log_probs=reuse.log_probs, images=None)
+            return RolloutBatch(rollout, reuse.advantages, repeat_conditioning(prompt_cond, layout.counts), prompt_cond,
+                                ref_latents, layout, noise)  # fmt: skip
         columns = inputs["columns"]
 
         def score(images: torch.Tensor, rows: slice) -> torch.Tensor:
@@ -295,14 +331,14 @@ class DDRLTrainer(SavingMixin, Trainer):
         with self.compute_loss_context_manager():
             prompt_cond = self.adapter.encode_prompts(unique_prompts)
             row_cond = repeat_conditioning(prompt_cond, layout.counts)
-            rollout, per_func = rollout_and_score(
+            rollout, per_func, times = rollout_and_score(
                 self.adapter, self.sampler, row_cond, self.latent_shape, noise, layout.global_rows, score,
                 chunk_rows=chunk_rows, executor=self._reward_executor(), denoiser=model,
             )  # fmt: skip
+        self.metrics.add_rollout_times(times, rows=len(prompts))
         advantages = self._advantages(per_func, layout)
         self._maybe_log_images(rollout.images, prompts)
-        return RolloutBatch(rollout, advantages, row_cond, prompt_cond, inputs["ref_latents"][layout.first_local_rows],
-                            layout, noise)  # fmt: skip
+        return RolloutBatch(rollout, advantages, row_cond, prompt_cond, ref_latents, layout, noise)
 
     @property
     def _accumulation_steps(self) -> int:
@@ -310,9 +346,10 @@ class DDRLTrainer(SavingMixin, Trainer):
         return getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
 
     def _rollout_seed(self) -> int:
-        """The micro-step's seed; rows and groups derive theirs from it with their global index (`SeededNoise`)."""
+        """The micro-step's seed, from the step that rolled its batch out (the first of its `num_iterations`): rows
+        and groups derive theirs from it with their global index (`SeededNoise`)."""
         micro = self._micro_step % self.args.gradient_accumulation_steps
-        return stable_seed(self.args.seed, self.state.global_step, micro)
+        return stable_seed(self.args.seed, self.state.global_step - self._iteration, micro)
 
     def _reward_executor(self) -> ThreadPoolExecutor | None:
         """The one background thread that scores chunks with `overlap_rewards` (one, so reward functions never run
@@ -440,6 +477,7 @@ class DDRLTrainer(SavingMixin, Trainer):
 
     # ------------------------------------------------------------------------------------------------ logging
     def _maybe_log_images(self, images: torch.Tensor, prompts: list[str]) -> None:
+        """Every `log_sample_images_steps` steps, a grid of rollout images to the trackers (and the model card)."""
         every = self.args.log_sample_images_steps
         if not every or self.state.global_step % every or self._micro_step % self.args.gradient_accumulation_steps:
             return

@@ -1,7 +1,7 @@
 """A tiny DDRL training for the multi-process tests:
 `accelerate launch [DDP or DeepSpeed flags] tests/ddp_train.py OUT PER_DEVICE_BATCH [--full] [--accumulation K]
 [--optim NAME] [--learning-rate LR] [--max-steps N] [--save-steps K] [--resume CHECKPOINT] [--bf16]
-[--nan-loss-at-step N [--nan-rank R]]`.
+[--nan-loss-at-step N [--nan-rank R]] [--num-iterations MU] [--epsilon EPS]`.
 
 Writes the trained weights (`OUT/pytorch_lora_weights.safetensors`, or `OUT/unet/` for full fine-tuning) and, from
 the main process, the logged metrics (rewards, data losses, ratios) and the rollout's initial noise of every process
@@ -35,6 +35,8 @@ parser.add_argument("--resume", default=None, help="checkpoint folder to resume 
 parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (launch with --mixed_precision bf16)")
 parser.add_argument("--nan-loss-at-step", type=int, default=0, help="make the policy loss NaN in that step (1-based)")
 parser.add_argument("--nan-rank", type=int, default=-1, help="only on that process (-1: on all)")
+parser.add_argument("--num-iterations", type=int, default=1, help="optimiser steps per rollout batch")
+parser.add_argument("--epsilon", type=float, default=1e-4, help="PPO clip range")
 cli = parser.parse_args()
 rng = np.random.default_rng(0)
 dataset = Dataset.from_dict({
@@ -47,9 +49,9 @@ original = trainer_module.rollout_and_score
 
 
 def recording(*args, **kwargs):
-    rollout, scores = original(*args, **kwargs)
+    rollout, *rest = original(*args, **kwargs)
     initial_noise.append(rollout.initial_noise)
-    return rollout, scores
+    return rollout, *rest
 
 
 trainer_module.rollout_and_score = recording
@@ -70,7 +72,8 @@ args = DDRLConfig(
     train_step_stride=1, max_steps=cli.max_steps, learning_rate=cli.learning_rate, warmup_steps=0, logging_steps=1,
     report_to="none", log_sample_images_steps=0, seed=0, dataloader_pin_memory=False, data_beta=0.5,
     save_strategy="steps" if cli.save_steps else "no", save_steps=cli.save_steps or 1,
-    gradient_accumulation_steps=cli.accumulation, optim=cli.optim, bf16=cli.bf16,
+    gradient_accumulation_steps=cli.accumulation, optim=cli.optim, bf16=cli.bf16, num_iterations=cli.num_iterations,
+    epsilon=cli.epsilon,
     use_cpu=True,  # on a machine without GPUs, transformers sets up gloo multi-process only when told it is on CPU
 )  # fmt: skip
 trainer = DDRLTrainer(

@@ -184,3 +184,18 @@ def test_deepspeed_stops_before_applying_a_non_finite_loss(tmp_path):
                     "--nan-loss-at-step", "2", expect_failure=True)  # fmt: skip
     assert "Step 2: a non-finite (NaN or infinite) loss under DeepSpeed" in failed.stderr
     assert (tmp_path / "checkpoint-1").is_dir() and not (tmp_path / "checkpoint-2").exists()
+
+
+def test_several_iterations_per_rollout_batch_match_one_process(tmp_path):
+    """num_iterations=2 with gradient accumulation 2: each process reuses its own rollout batches (one per micro-step)
+    at the second iteration, and the run gives one process's weights; the ratio leaves 1 at the second step only."""
+    options = ("--num-iterations", "2", "--accumulation", "2", "--epsilon", "0.05", "--optim", "sgd",
+               "--learning-rate", "0.5", "--max-steps", "2")  # fmt: skip  (SGD: see SHARDED_OPTIONS)
+    single = launch(tmp_path / "one", ONE_PROCESS, 12, *options)
+    double = launch(tmp_path / "two", DDP, 6, *options)
+    assert double["rewards"] == single["rewards"] and len(single["rewards"]) == 1  # one rollout batch, scored once
+    assert single["ratios"][0] == pytest.approx(1.0, abs=1e-5) and abs(single["ratios"][1] - 1) > 1e-5
+    assert double["ratios"] == pytest.approx(single["ratios"], abs=1e-5)
+    a, b = (load_file(tmp_path / name / "pytorch_lora_weights.safetensors") for name in ("one", "two"))
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6, msg=key)
