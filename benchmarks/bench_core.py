@@ -27,10 +27,10 @@ from peft import LoraConfig
 from PIL import Image
 
 from ddrl_trl import DDRLConfig, DDRLTrainer
-from ddrl_trl.rewards import brightness
 from ddrl_trl.adapters import repeat_conditioning
+from ddrl_trl.rewards import brightness
 from ddrl_trl.rollout import SeededNoise, generate_rollouts
-from ddrl_trl.tiny_pipelines import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline, tiny_wan_pipeline
+from ddrl_trl.testing import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline, tiny_wan_pipeline
 
 PROMPTS = ["a red cat", "a blue dog", "a green bird", "a small house"] * 2
 
@@ -48,13 +48,20 @@ class Family:
 
 FAMILIES = {
     "sd": Family(lambda: tiny_sd_pipeline(sample_size=16), 64, call={"guidance_scale": 1.0, "eta": 1.0}),
-    "sd3": Family(tiny_sd3_pipeline, 64, {"max_sequence_length": 16},
-                  {"guidance_scale": 1.0, "max_sequence_length": 16}),
-    "flux": Family(tiny_flux_pipeline, 128, {"max_sequence_length": 16},
-                   {"guidance_scale": 3.5, "max_sequence_length": 16}),
-    "wan": Family(tiny_wan_pipeline, 64, {"max_sequence_length": 16, "num_frames": 9, "image_column": "video"},
-                  {"guidance_scale": 1.0, "max_sequence_length": 16, "num_frames": 9}, num_frames=9),
-}  # fmt: skip
+    "sd3": Family(
+        tiny_sd3_pipeline, 64, {"max_sequence_length": 16}, {"guidance_scale": 1.0, "max_sequence_length": 16}
+    ),
+    "flux": Family(
+        tiny_flux_pipeline, 128, {"max_sequence_length": 16}, {"guidance_scale": 3.5, "max_sequence_length": 16}
+    ),
+    "wan": Family(
+        tiny_wan_pipeline,
+        64,
+        {"max_sequence_length": 16, "num_frames": 9},
+        {"guidance_scale": 1.0, "max_sequence_length": 16, "num_frames": 9},
+        num_frames=9,
+    ),
+}
 
 
 def sync(device):
@@ -85,13 +92,26 @@ def reference_data(family: Family) -> Dataset:
 
 def make_trainer(family: Family, data_beta: float, args_ns, output_dir: str) -> DDRLTrainer:
     config = DDRLConfig(
-        output_dir=output_dir, num_generations=8, per_device_train_batch_size=args_ns.batch,
-        num_inference_steps=args_ns.steps, data_beta=data_beta, report_to="none", log_sample_images_steps=0,
-        learning_rate=1e-4, warmup_steps=0, save_strategy="no", dataloader_pin_memory=False,
-        use_cpu=not torch.cuda.is_available(), resolution=family.resolution, **family.config,
-    )  # fmt: skip
+        output_dir=output_dir,
+        num_generations=8,
+        per_device_train_batch_size=args_ns.batch,
+        num_inference_steps=args_ns.steps,
+        data_beta=data_beta,
+        report_to="none",
+        log_sample_images_steps=0,
+        learning_rate=1e-4,
+        warmup_steps=0,
+        save_strategy="no",
+        dataloader_pin_memory=False,
+        use_cpu=not torch.cuda.is_available(),
+        resolution=family.resolution,
+        **family.config,
+    )
     return DDRLTrainer(
-        model=family.build(), reward_funcs=brightness, args=config, train_dataset=reference_data(family),
+        model=family.build(),
+        reward_funcs=brightness,
+        args=config,
+        train_dataset=reference_data(family),
         peft_config=LoraConfig(r=8, lora_alpha=8),
     )
 
@@ -123,8 +143,15 @@ def bench_family(name: str, args_ns) -> tuple[float, float]:
 
         def plain_call():
             with torch.no_grad():
-                pipe(prompts, num_inference_steps=args_ns.steps, output_type="pt", height=ddrl.resolution,
-                     width=ddrl.resolution, generator=torch.Generator(device=device).manual_seed(0), **family.call)
+                pipe(
+                    prompts,
+                    num_inference_steps=args_ns.steps,
+                    output_type="pt",
+                    height=ddrl.resolution,
+                    width=ddrl.resolution,
+                    generator=torch.Generator(device=device).manual_seed(0),
+                    **family.call,
+                )
 
         for fn in (lambda: iteration(ddrl), lambda: iteration(grpo), rollout, plain_call):  # warm-up
             fn()
@@ -136,8 +163,10 @@ def bench_family(name: str, args_ns) -> tuple[float, float]:
             times["pipeline"].append(timed(plain_call, device))
     med = {k: statistics.median(v) for k, v in times.items()}
     frames = f" x {family.num_frames} frames" if family.num_frames else ""
-    print(f"[{name}] {type(pipe).__name__} device={device} batch={args_ns.batch} steps={args_ns.steps} "
-          f"{ddrl.resolution}px{frames} repeats={args_ns.repeats} (medians)")  # fmt: skip
+    print(
+        f"[{name}] {type(pipe).__name__} device={device} batch={args_ns.batch} steps={args_ns.steps} "
+        f"{ddrl.resolution}px{frames} repeats={args_ns.repeats} (medians)"
+    )
     rows = [
         (f"DDRL iteration, data_beta={data_beta} (data batched into the forward)", med["ddrl"]),
         ("same iteration, data_beta=0 (plain GRPO)", med["grpo"]),

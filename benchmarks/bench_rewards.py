@@ -30,14 +30,18 @@ from PIL import Image
 
 from ddrl_trl import DDRLConfig, DDRLTrainer
 from ddrl_trl.service import RemoteReward
-from ddrl_trl.tiny_pipelines import tiny_sd_pipeline
+from ddrl_trl.testing import tiny_sd_pipeline
 
 
 def overlap(args_ns) -> None:
     rng = np.random.default_rng(0)
     prompts = ["a red cat", "a blue dog", "a green bird", "a small house"]
-    data = Dataset.from_dict({"prompt": prompts, "image": [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
-                                                           for _ in prompts]})  # fmt: skip
+    data = Dataset.from_dict(
+        {
+            "prompt": prompts,
+            "image": [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in prompts],
+        }
+    )
 
     def slow_reward(images, prompts, **_):
         time.sleep(args_ns.reward_seconds)
@@ -45,12 +49,25 @@ def overlap(args_ns) -> None:
 
     def trainer(overlap_rewards: bool, out: str) -> DDRLTrainer:
         config = DDRLConfig(
-            output_dir=out, num_generations=8, per_device_train_batch_size=32, num_inference_steps=args_ns.steps,
-            rollout_chunk_groups=1, overlap_rewards=overlap_rewards, report_to="none", log_sample_images_steps=0,
-            save_strategy="no", use_cpu=not torch.cuda.is_available(), dataloader_pin_memory=False,
-        )  # fmt: skip
-        return DDRLTrainer(model=tiny_sd_pipeline(), reward_funcs=slow_reward, args=config, train_dataset=data,
-                           peft_config=LoraConfig(r=8, lora_alpha=8))  # fmt: skip
+            output_dir=out,
+            num_generations=8,
+            per_device_train_batch_size=32,
+            num_inference_steps=args_ns.steps,
+            rollout_chunk_groups=1,
+            overlap_rewards=overlap_rewards,
+            report_to="none",
+            log_sample_images_steps=0,
+            save_strategy="no",
+            use_cpu=not torch.cuda.is_available(),
+            dataloader_pin_memory=False,
+        )
+        return DDRLTrainer(
+            model=tiny_sd_pipeline(),
+            reward_funcs=slow_reward,
+            args=config,
+            train_dataset=data,
+            peft_config=LoraConfig(r=8, lora_alpha=8),
+        )
 
     with tempfile.TemporaryDirectory() as tmp:
         plain, overlapped = trainer(False, tmp + "/a"), trainer(True, tmp + "/b")
@@ -68,8 +85,10 @@ def overlap(args_ns) -> None:
             times["plain"].append(iteration(plain))
             times["overlapped"].append(iteration(overlapped))
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"[overlap] 4 groups x 8 rollouts, {args_ns.steps} steps, reward sleeps {args_ns.reward_seconds} s per "
-          f"group, repeats={args_ns.repeats} (medians)")  # fmt: skip
+    print(
+        f"[overlap] 4 groups x 8 rollouts, {args_ns.steps} steps, reward sleeps {args_ns.reward_seconds} s per "
+        f"group, repeats={args_ns.repeats} (medians)"
+    )
     print(f"  rewards after the rollout (overlap_rewards=False)         {med['plain']:8.3f} s")
     print(f"  rewards overlapped with the rollout (overlap_rewards=True) {med['overlapped']:8.3f} s")
     print(f"  ratio overlapped / not = {med['overlapped'] / med['plain']:.3f}")
@@ -85,9 +104,21 @@ def load(args_ns) -> None:
         with open(token_file, "w") as f:
             f.write("bench-token")
         server = subprocess.Popen(
-            [sys.executable, "-m", "ddrl_trl.cli", "serve-reward", "--reward", "brightness", "--port", str(port),
-             "--token-file", token_file], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "ddrl_trl.cli",
+                "serve-reward",
+                "--reward",
+                "brightness",
+                "--port",
+                str(port),
+                "--token-file",
+                token_file,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             for _ in range(600):
                 try:
@@ -118,12 +149,18 @@ def load(args_ns) -> None:
         finally:
             server.kill()
     q = np.percentile(np.array(latencies) * 1000, [50, 90, 99])
-    print(f"[service] {args_ns.clients} clients x {args_ns.requests} requests of {args_ns.batch} images "
-          f"{args_ns.size}x{args_ns.size}, brightness reward on loopback")  # fmt: skip
-    print(f"  {len(latencies)} requests in {wall:.2f} s: {len(latencies) / wall:.1f} requests/s, "
-          f"{len(latencies) * args_ns.batch / wall:.0f} images/s")  # fmt: skip
-    print(f"  latency p50 {q[0]:.1f} ms, p90 {q[1]:.1f} ms, p99 {q[2]:.1f} ms; "
-          f"{health['batches']} reward calls for {health['requests']} requests (micro-batching)")  # fmt: skip
+    print(
+        f"[service] {args_ns.clients} clients x {args_ns.requests} requests of {args_ns.batch} images "
+        f"{args_ns.size}x{args_ns.size}, brightness reward on loopback"
+    )
+    print(
+        f"  {len(latencies)} requests in {wall:.2f} s: {len(latencies) / wall:.1f} requests/s, "
+        f"{len(latencies) * args_ns.batch / wall:.0f} images/s"
+    )
+    print(
+        f"  latency p50 {q[0]:.1f} ms, p90 {q[1]:.1f} ms, p99 {q[2]:.1f} ms; "
+        f"{health['batches']} reward calls for {health['requests']} requests (micro-batching)"
+    )
 
 
 def main():

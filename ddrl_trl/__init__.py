@@ -44,7 +44,7 @@ def __dir__() -> list[str]:
     return sorted([*globals(), *__all__])
 
 
-if TYPE_CHECKING:  # static analysers and IDEs see the names
+if TYPE_CHECKING:  # static analysers and IDEs see the names (re-exported through __all__)
     from .adapters import PipelineAdapter, get_adapter, register_adapter, supported_pipelines
     from .callbacks import HackingMonitorCallback
     from .config import DDRLConfig

@@ -40,7 +40,9 @@ class HackingMonitorCallback(TrainerCallback):
         last_good_dir: str | None = "last-good",
     ):
         if threshold <= 1.0:
-            raise ValueError(f"threshold must be > 1 (a ratio to the base model's loss; the paper uses 1.10), got {threshold}.")
+            raise ValueError(
+                f"threshold must be > 1 (a ratio to the base model's loss; the paper uses 1.10), got {threshold}."
+            )
         if eval_steps < 1:
             raise ValueError(f"eval_steps must be ≥ 1, got {eval_steps}.")
         self.threshold, self.eval_steps = threshold, eval_steps
@@ -55,7 +57,8 @@ class HackingMonitorCallback(TrainerCallback):
         """Raise, naming the fix, when there is no held-out data to measure the ratio on."""
         if eval_dataset is None:
             raise ValueError(
-                "HackingMonitorCallback needs held-out data: pass eval_dataset (prompts with paired reference samples) "
+                "HackingMonitorCallback needs held-out data: pass eval_dataset (prompts with paired reference "
+                "samples) "
                 "to DDRLTrainer."
             )
 
@@ -93,9 +96,13 @@ class HackingMonitorCallback(TrainerCallback):
         action = "Stopping training" if self.stop_training else "Training goes on (stop_training=False)"
         logger.warning(
             "Reward hacking suspected at step %d: the held-out diffusion loss is %.3f× the base model's (threshold "
-            "%.2f). %s; %s. Raise data_beta to hold the model to its data.", state.global_step, ratio, self.threshold,
-            action, where,
-        )  # fmt: skip
+            "%.2f). %s; %s. Raise data_beta to hold the model to its data.",
+            state.global_step,
+            ratio,
+            self.threshold,
+            action,
+            where,
+        )
         last_good = float(self.last_good_step) if self.last_good_step is not None else -1.0
         self.trainer.log({"hacking/detected": 1.0, "hacking/last_good_step": last_good})
         if self.stop_training:

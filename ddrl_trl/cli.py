@@ -1,10 +1,38 @@
-"""The `ddrl-trl` command: `ddrl-trl serve-reward ...` runs the reward service (the embedded demo is `ddrl-trl-demo`)."""
+"""The `ddrl-trl` command.
+
+    ddrl-trl train [--family sd|sd3|flux|wan] <TRL-style arguments>   # DDRL training (as examples/train_*.py)
+    ddrl-trl accelerate-config --name deepspeed_zero2                  # print a shipped accelerate config
+    ddrl-trl serve-reward --reward ... --token-file ...                # the HTTP reward service
+
+The embedded demo is `ddrl-trl-demo`. For several GPUs: `accelerate launch --config_file <config> -m ddrl_trl.cli
+train ...`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from importlib import resources
+
+#: The accelerate configs shipped with the package (`ddrl_trl/accelerate_configs/<name>.yaml`).
+ACCELERATE_CONFIGS = resources.files("ddrl_trl") / "accelerate_configs"
+
+
+def accelerate_config_names() -> list[str]:
+    return sorted(
+        entry.name.removesuffix(".yaml") for entry in ACCELERATE_CONFIGS.iterdir() if entry.name.endswith(".yaml")
+    )
+
+
+def _accelerate_config(args: argparse.Namespace) -> None:
+    names = accelerate_config_names()
+    if args.list or args.name is None:
+        print("\n".join(names))
+        return
+    if args.name not in names:
+        raise ValueError(f"No accelerate config {args.name!r}; the shipped ones are {', '.join(names)}.")
+    sys.stdout.write((ACCELERATE_CONFIGS / f"{args.name}.yaml").read_text(encoding="utf-8"))
 
 
 def _serve_reward(args: argparse.Namespace) -> None:
@@ -31,52 +59,111 @@ def _serve_reward(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .rewards import REWARD_SPEC_HELP
 
-    parser = argparse.ArgumentParser(prog="ddrl-trl", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="ddrl-trl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser(
+        "train",
+        add_help=False,
+        help="DDRL training with TRL-style arguments (`ddrl-trl train --help` lists them)",
+    )  # its arguments are parsed by ddrl_trl.scripts.train_command
+    config = commands.add_parser(
+        "accelerate-config",
+        help="print a shipped accelerate config (for `accelerate launch --config_file`)",
+        description="Print one of the accelerate configs shipped with ddrl-trl (DDP, FSDP, DeepSpeed ZeRO-2/3), to "
+        "save and edit: `ddrl-trl accelerate-config --name deepspeed_zero2 > zero2.yaml`.",
+    )
+    config.add_argument("--name", help="the config to print (see --list)")
+    config.add_argument("--list", action="store_true", help="list the shipped configs")
+    config.set_defaults(func=_accelerate_config)
     serve = commands.add_parser(
-        "serve-reward", help="serve a reward over HTTP for RemoteReward clients",
+        "serve-reward",
+        help="serve a reward over HTTP for RemoteReward clients",
         description="Serve a reward function over HTTP (submit → id → poll), micro-batching requests. --reward is "
-                    "code the server runs: an import path imports and executes that module, so pass only rewards "
-                    "from configuration you trust, never from a request or an untrusted file.",
-    )  # fmt: skip
+        "code the server runs: an import path imports and executes that module, so pass only rewards "
+        "from configuration you trust, never from a request or an untrusted file.",
+    )
     serve.add_argument("--reward", required=True, help=f"the reward to serve: {REWARD_SPEC_HELP}")
     serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (default loopback only)")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--token-file", required=True,
-                       help="file holding the bearer token clients must send (one line of visible ASCII)")
+    serve.add_argument(
+        "--token-file",
+        required=True,
+        help="file holding the bearer token clients must send (one line of visible ASCII)",
+    )
     serve.add_argument("--max-request-mb", type=float, default=64.0, help="largest request body accepted (MiB)")
-    serve.add_argument("--max-json-values", type=int, default=200_000,
-                       help="most JSON values (list items, keys) in one body: bounds the memory parsing it takes")
+    serve.add_argument(
+        "--max-json-values",
+        type=int,
+        default=200_000,
+        help="most JSON values (list items, keys) in one body: bounds the memory parsing it takes",
+    )
     serve.add_argument("--max-samples-per-request", type=int, default=1024)
     serve.add_argument("--max-batch-samples", type=int, default=64, help="micro-batch size across requests")
     serve.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a request waits for company")
-    serve.add_argument("--max-pending-jobs", type=int, default=256,
-                       help="jobs waiting or being scored; past it, new requests get 503 with Retry-After")
-    serve.add_argument("--max-pending-mb", type=float, default=2048.0,
-                       help="pixels of jobs waiting or being scored (MiB); past it, new requests get 503")
+    serve.add_argument(
+        "--max-pending-jobs",
+        type=int,
+        default=256,
+        help="jobs waiting or being scored; past it, new requests get 503 with Retry-After",
+    )
+    serve.add_argument(
+        "--max-pending-mb",
+        type=float,
+        default=2048.0,
+        help="pixels of jobs waiting or being scored (MiB); past it, new requests get 503",
+    )
     serve.add_argument("--result-ttl-s", type=float, default=600.0, help="how long finished scores can be polled")
-    serve.add_argument("--max-stored-scores", type=int, default=2_000_000,
-                       help="scores of finished results kept for polling at most; the oldest results go first")
-    serve.add_argument("--batch-timeout-s", type=float, default=600.0,
-                       help="a reward call running longer fails its requests and counts as stuck")
-    serve.add_argument("--max-stuck-batches", type=int, default=2,
-                       help="stuck reward calls after which new work is refused (503) and /health says stuck; "
-                            "while fewer are stuck, /health says degraded")
-    serve.add_argument("--max-connections", type=int, default=256,
-                       help="open connections at most; past it the one that has sent nothing for longest is closed")
-    serve.add_argument("--request-timeout-s", type=float, default=60.0,
-                       help="a connection must deliver each whole request within this many seconds")
+    serve.add_argument(
+        "--max-stored-scores",
+        type=int,
+        default=2_000_000,
+        help="scores of finished results kept for polling at most; the oldest results go first",
+    )
+    serve.add_argument(
+        "--batch-timeout-s",
+        type=float,
+        default=600.0,
+        help="a reward call running longer fails its requests and counts as stuck",
+    )
+    serve.add_argument(
+        "--max-stuck-batches",
+        type=int,
+        default=2,
+        help="stuck reward calls after which new work is refused (503) and /health says stuck; "
+        "while fewer are stuck, /health says degraded",
+    )
+    serve.add_argument(
+        "--max-connections",
+        type=int,
+        default=256,
+        help="open connections at most; past it the one that has sent nothing for longest is closed",
+    )
+    serve.add_argument(
+        "--request-timeout-s",
+        type=float,
+        default=60.0,
+        help="a connection must deliver each whole request within this many seconds",
+    )
     serve.set_defaults(func=_serve_reward)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    if argv[:1] == ["train"]:  # TRL-style arguments, parsed by TrlParser
+        from .scripts import train_command
+
+        command, run = "train", lambda: train_command(argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
+        command, run = args.command, lambda: args.func(args)
     try:
-        args.func(args)
+        run()
     except ValueError as err:  # bad input: one clear line, no traceback
-        print(f"ddrl-trl {args.command}: error: {err}", file=sys.stderr)
+        print(f"ddrl-trl {command}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import os
@@ -27,6 +28,13 @@ class DDRLConfig(TrainingArguments):
     multiple of `num_generations`.
 
     Parameters:
+        > Model
+
+        model_init_kwargs (`dict` or `None`, defaults to `None`):
+            Keyword arguments for `DiffusionPipeline.from_pretrained` when `model` is a Hub id or a folder, e.g.
+            `{"revision": "main", "variant": "fp16"}` (a JSON string on the command line, as in TRL). The dtype is
+            not one of them: the trainer loads the frozen parts in the training dtype (bf16/fp16/float32).
+
         > Rollouts
 
         num_generations (`int`, defaults to `8`):
@@ -134,9 +142,11 @@ class DDRLConfig(TrainingArguments):
 
         prompt_column (`str`, defaults to `"prompt"`):
             Dataset column with the text prompt.
-        image_column (`str`, defaults to `"image"`):
-            Dataset column with the paired reference image (PIL image, path, bytes or array). Images are resized and
-            centre-cropped to `resolution` and VAE-encoded once, before training.
+        reference_column (`str` or `None`, defaults to `None`):
+            Dataset column with each prompt's paired reference sample: an image (PIL image, path, bytes or array), or
+            for video pipelines a video (frames, an array or a file). `None`: the column named `"image"`, else the one
+            named `"video"`. Samples are resized and centre-cropped to `resolution` and VAE-encoded once, before
+            training. Formerly `image_column`, which is still accepted, with a warning.
         preprocess_batch_size (`int`, defaults to `16`):
             Batch size of that one-off VAE encoding.
         max_reference_upscale (`float`, defaults to `2.0`):
@@ -175,6 +185,10 @@ class DDRLConfig(TrainingArguments):
             Images in that grid.
     """
 
+    # Model
+    model_init_kwargs: dict | str | None = field(
+        default=None, metadata={"help": "Keyword arguments for DiffusionPipeline.from_pretrained (JSON)."}
+    )
     # Rollouts
     num_generations: int = field(default=8, metadata={"help": "Group size N: rollouts per prompt (≥ 2)."})
     num_inference_steps: int = field(default=20, metadata={"help": "Denoising steps T per rollout."})
@@ -205,11 +219,16 @@ class DDRLConfig(TrainingArguments):
     data_beta: float = field(default=0.3, metadata={"help": "Weight of the data (diffusion) term."})
     data_noise: str = field(default="rollout", metadata={"help": "'rollout' or 'random' noise for the data term."})
     data_timesteps: str = field(default="rollout", metadata={"help": "'rollout' or 'random' data noise level."})
-    data_on_first_step_only: bool = field(default=False, metadata={"help": "Data term at the first trained step only."})
+    data_on_first_step_only: bool = field(
+        default=False, metadata={"help": "Data term at the first trained step only."}
+    )
     kl_beta: float = field(default=0.0, metadata={"help": "Weight of the reverse KL to the base policy."})
     # Data
     prompt_column: str = field(default="prompt", metadata={"help": "Prompt column."})
-    image_column: str = field(default="image", metadata={"help": "Paired reference image column."})
+    reference_column: str | None = field(
+        default=None, metadata={"help": "Paired reference image/video column; None: 'image', else 'video'."}
+    )
+    image_column: str | None = field(default=None, metadata={"help": "Deprecated name of reference_column."})
     preprocess_batch_size: int = field(default=16, metadata={"help": "Batch size of the one-off VAE encoding."})
     max_reference_upscale: float = field(
         default=2.0, metadata={"help": "Largest upscaling factor of a reference sample to `resolution`."}
@@ -238,18 +257,44 @@ class DDRLConfig(TrainingArguments):
 
     def __post_init__(self):
         self._check_numbers_are_finite()  # before anything compares them: every comparison with NaN is False
+        if isinstance(self.model_init_kwargs, str):
+            try:
+                self.model_init_kwargs = json.loads(self.model_init_kwargs)
+            except json.JSONDecodeError as err:
+                raise ValueError(
+                    f"model_init_kwargs must be a JSON object, got {self.model_init_kwargs!r} ({err})."
+                ) from err
+        if self.model_init_kwargs is not None and not isinstance(self.model_init_kwargs, dict):
+            raise ValueError(f"model_init_kwargs must be a dict, got {type(self.model_init_kwargs).__name__}.")
+        if "torch_dtype" in (self.model_init_kwargs or {}) or "dtype" in (self.model_init_kwargs or {}):
+            raise ValueError(
+                "model_init_kwargs must not set the dtype: the trainer loads the frozen parts in the "
+                "training dtype; use bf16=True or fp16=True."
+            )
         too_large = [w for w in self.reward_weights or [] if abs(w) > torch.finfo(torch.float32).max]
         if too_large:
             raise ValueError(f"reward_weights must fit in float32 (|w| ≤ 3.4e38), got {too_large}.")
+        if self.image_column is not None:
+            warnings.warn(
+                "image_column is now called reference_column (it holds videos for video pipelines): set "
+                "reference_column instead.",
+                FutureWarning,
+                stacklevel=3,
+            )
+            self.reference_column, self.image_column = self.image_column, None
         if self.async_rewards is not None:
-            warnings.warn("async_rewards is now called overlap_rewards (it overlaps scoring with the rollout; async "
-                          "def rewards always run concurrently): set overlap_rewards instead.", FutureWarning,
-                          stacklevel=3)  # fmt: skip
+            warnings.warn(
+                "async_rewards is now called overlap_rewards (it overlaps scoring with the rollout; async "
+                "def rewards always run concurrently): set overlap_rewards instead.",
+                FutureWarning,
+                stacklevel=3,
+            )
             self.overlap_rewards, self.async_rewards = self.async_rewards, None
         super().__post_init__()
         if self.num_generations < 2:
             raise ValueError(
-                f"num_generations must be at least 2 (advantages are relative to the group), got {self.num_generations}."
+                "num_generations must be at least 2 (advantages are relative to the group), got "
+                f"{self.num_generations}."
             )
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         if launched > 1 and self.world_size == 1:
@@ -267,18 +312,24 @@ class DDRLConfig(TrainingArguments):
                 f"groups would be cut. E.g. set per_device_train_batch_size={suggestion}."
             )
         if self.num_inference_steps < 2:
-            raise ValueError(f"num_inference_steps must be ≥ 2 (the last step is never trained), got {self.num_inference_steps}.")
+            raise ValueError(
+                f"num_inference_steps must be ≥ 2 (the last step is never trained), got {self.num_inference_steps}."
+            )
         if not 0 < self.eta <= 1:
             raise ValueError(
                 f"eta must be in (0, 1]: > 0 so DDIM steps have a log-probability, ≤ 1 because above it DDIM's "
                 f"variance exceeds what the step allows (the sampler would stop being DDIM), got {self.eta}."
             )
         if self.flow_noise_level <= 0:
-            raise ValueError(f"flow_noise_level must be > 0 so sampler steps have a log-probability, got {self.flow_noise_level}.")
+            raise ValueError(
+                f"flow_noise_level must be > 0 so sampler steps have a log-probability, got {self.flow_noise_level}."
+            )
         if self.epsilon <= 0:
             raise ValueError(f"epsilon (the PPO clip range) must be > 0, got {self.epsilon}.")
         if self.advantage_clip <= 0:
-            raise ValueError(f"advantage_clip must be > 0 (advantages are clamped to ±advantage_clip), got {self.advantage_clip}.")
+            raise ValueError(
+                f"advantage_clip must be > 0 (advantages are clamped to ±advantage_clip), got {self.advantage_clip}."
+            )
         if self.reward_clip is not None and self.reward_clip <= 0:
             raise ValueError(
                 f"reward_clip must be > 0 (rewards are clipped to ±reward_clip) or None to turn clipping off, got "
@@ -294,7 +345,9 @@ class DDRLConfig(TrainingArguments):
                 f"max_consecutive_nonfinite_steps must be ≥ 1, got {self.max_consecutive_nonfinite_steps}."
             )
         if self.num_iterations < 1:
-            raise ValueError(f"num_iterations must be ≥ 1 (optimiser steps per rollout batch), got {self.num_iterations}.")
+            raise ValueError(
+                f"num_iterations must be ≥ 1 (optimiser steps per rollout batch), got {self.num_iterations}."
+            )
         if self.train_step_stride < 1:
             raise ValueError(f"train_step_stride must be ≥ 1, got {self.train_step_stride}.")
         for name in ("data_noise", "data_timesteps"):
@@ -319,7 +372,7 @@ class DDRLConfig(TrainingArguments):
         for name in ("num_frames", "max_sequence_length", "rollout_chunk_groups"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer or None, got {getattr(self, name)}.")
-        self.resolved_train_step_indices  # validates explicit indices
+        _ = self.resolved_train_step_indices  # raises on invalid explicit indices
 
     def _check_numbers_are_finite(self) -> None:
         """Refuse NaN and ±inf in every number of the config (reward weights included), naming the field."""

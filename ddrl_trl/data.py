@@ -31,19 +31,27 @@ logger = logging.getLogger(__name__)
 REF_LATENTS_COLUMN = "ddrl_ref_latents"
 
 
-def check_columns(dataset: Dataset, prompt_column: str, image_column: str, split: str) -> None:
-    """Fail early, naming the fix, when a dataset lacks the prompt or paired image column."""
-    missing = [c for c in (prompt_column, image_column) if c not in dataset.column_names]
+def reference_column_of(dataset: Dataset, configured: str | None) -> str:
+    """The column holding the paired reference samples: `configured`, else `"image"`, else `"video"` if present."""
+    if configured is not None:
+        return configured
+    return next((name for name in ("image", "video") if name in dataset.column_names), "image")
+
+
+def check_columns(dataset: Dataset, prompt_column: str, reference_column: str, split: str) -> None:
+    """Fail early, naming the fix, when a dataset lacks the prompt or paired reference column."""
+    missing = [c for c in (prompt_column, reference_column) if c not in dataset.column_names]
     if missing:
         hint = (
-            " DDRL needs a paired reference image per prompt for its data term; for prompt-only data, build one with "
+            " DDRL needs a paired reference sample per prompt for its data term; for prompt-only data, build one with "
             "ddrl_trl.build_synthetic_reference_dataset(pipeline, prompts)."
-            if image_column in missing
+            if reference_column in missing
             else ""
         )
         raise ValueError(
             f"The {split} dataset has no column {', '.join(repr(m) for m in missing)} (its columns: "
-            f"{dataset.column_names}). Rename your columns or set prompt_column / image_column in DDRLConfig.{hint}"
+            f"{dataset.column_names}). Rename your columns or set prompt_column / reference_column in "
+            f"DDRLConfig.{hint}"
         )
     if len(dataset) == 0:
         raise ValueError(f"The {split} dataset is empty.")
@@ -64,7 +72,8 @@ def check_prompts(dataset: Dataset, prompt_column: str, split: str) -> None:
     column = arrow_column(dataset, prompt_column)
     if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
         raise ValueError(
-            f"The {split} dataset's column {prompt_column!r} holds {column.type} values (row 0: {dataset[0][prompt_column]!r}), "
+            f"The {split} dataset's column {prompt_column!r} holds {column.type} values (row 0: "
+            f"{dataset[0][prompt_column]!r}), "
             f"not text: every prompt must be a non-empty string. Convert the column (e.g. dataset.map) or set "
             f"prompt_column to the column holding the prompts."
         )
@@ -74,7 +83,8 @@ def check_prompts(dataset: Dataset, prompt_column: str, split: str) -> None:
     if count:
         rows = np.flatnonzero(invalid.to_numpy(zero_copy_only=False))
         raise ValueError(
-            f"Row {rows[0]} of the {split} dataset: column {prompt_column!r} holds {dataset[int(rows[0])][prompt_column]!r}, "
+            f"Row {rows[0]} of the {split} dataset: column {prompt_column!r} holds "
+            f"{dataset[int(rows[0])][prompt_column]!r}, "
             f"not a non-empty prompt ({count} such row(s) in all, e.g. {rows[:5].tolist()}). Fix or drop those rows, "
             f"e.g. dataset.filter(lambda row: bool(row[{prompt_column!r}] and row[{prompt_column!r}].strip()))."
         )
@@ -139,7 +149,9 @@ def array_to_image(value) -> Image.Image:
             )
         array = np.round(np.clip(array, 0, 1) * 255).astype(np.uint8)
     elif array.dtype != np.uint8:
-        raise ReferenceSampleError(f"an array of dtype {array.dtype} is not an image; pass uint8, uint16 or floats in [0, 1]")
+        raise ReferenceSampleError(
+            f"an array of dtype {array.dtype} is not an image; pass uint8, uint16 or floats in [0, 1]"
+        )
     return Image.fromarray(np.ascontiguousarray(array))
 
 
@@ -198,7 +210,7 @@ def load_video_frames(value) -> list[Image.Image]:
             return [load_image(frame) for frame in load_video(os.fspath(value))]  # GIF frames come as palette images
         except ImportError as err:
             raise ImportError(
-                f"Reading video files needs imageio with its ffmpeg plugin: pip install \"ddrl-trl[video]\" ({err})."
+                f'Reading video files needs imageio with its ffmpeg plugin: pip install "ddrl-trl[video]" ({err}).'
             ) from err
     if isinstance(value, (np.ndarray, torch.Tensor)) and np.asarray(value).ndim == 4:
         return [load_image(frame) for frame in np.asarray(value)]
@@ -229,12 +241,15 @@ def _frames_from_bytes(data: bytes, name: str | None) -> list[Image.Image]:
     return [load_image(frame.copy()) for frame in ImageSequence.Iterator(image)]
 
 
-def video_to_tensor(frames: list[Image.Image], resolution: int, num_frames: int, max_upscale: float = 2.0) -> torch.Tensor:
+def video_to_tensor(
+    frames: list[Image.Image], resolution: int, num_frames: int, max_upscale: float = 2.0
+) -> torch.Tensor:
     """`(F, 3, R, R)` in [−1, 1] from `frames`, after checking they fit: exactly `num_frames` frames, one frame size,
     upscaled at most `max_upscale` times (`upscale_factor`, the same rule as images)."""
     if len(frames) != num_frames:
         raise ReferenceSampleError(
-            f"the video has {len(frames)} frames but num_frames={num_frames}: trim or resample the reference videos to "
+            f"the video has {len(frames)} frames but num_frames={num_frames}: trim or resample the reference videos "
+            "to "
             f"{num_frames} frames, or set num_frames in DDRLConfig to their length (4k + 1 for Wan)"
         )
     sizes = sorted({frame.size for frame in frames})
@@ -297,9 +312,7 @@ def encode_reference_dataset(
 
     from datasets.fingerprint import Hasher
 
-    fingerprint = Hasher.hash(
-        (dataset._fingerprint, REF_LATENTS_COLUMN, resolution, num_frames, column, id(encode))
-    )
+    fingerprint = Hasher.hash((dataset._fingerprint, REF_LATENTS_COLUMN, resolution, num_frames, column, id(encode)))
     encoded = dataset.map(
         encode_batch,
         batched=True,
@@ -314,8 +327,15 @@ def encode_reference_dataset(
         logger.warning(
             "%d of %d %s reference %ss are smaller than resolution=%d and were upscaled (up to %.2fx, row %d): "
             "upscaled references pull the model toward blur. Prefer references at least %d px on their short side.",
-            len(upscaled), len(dataset), split, kind, resolution, factor, row, resolution,
-        )  # fmt: skip
+            len(upscaled),
+            len(dataset),
+            split,
+            kind,
+            resolution,
+            factor,
+            row,
+            resolution,
+        )
     return encoded.remove_columns(column)
 
 
@@ -388,6 +408,8 @@ def build_synthetic_reference_dataset(
     device = getattr(pipeline, "device", torch.device("cpu"))
     for start in range(0, len(rows), batch_size):
         generator = torch.Generator(device=device).manual_seed(seed + start)
-        out = pipeline(list(rows[start : start + batch_size]), generator=generator, output_type="pil", **pipeline_kwargs)
+        out = pipeline(
+            list(rows[start : start + batch_size]), generator=generator, output_type="pil", **pipeline_kwargs
+        )
         images.extend(out.images)
     return Dataset.from_dict({"prompt": rows, "image": images}).cast_column("image", ImageFeature())

@@ -41,8 +41,16 @@ class DataTermBatch:
     random_timesteps: bool
 
     @classmethod
-    def build(cls, args, ref_latents: torch.Tensor, row_cond: Conditioning, prompt_cond: Conditioning,
-              layout: GroupLayout, noise: SeededNoise, like: torch.Tensor) -> DataTermBatch:  # fmt: skip
+    def build(
+        cls,
+        args,
+        ref_latents: torch.Tensor,
+        row_cond: Conditioning,
+        prompt_cond: Conditioning,
+        layout: GroupLayout,
+        noise: SeededNoise,
+        like: torch.Tensor,
+    ) -> DataTermBatch:
         """The data term of a batch whose rollout states are `like` (for device and dtype)."""
         ref_latents = ref_latents.to(like)
         shape = tuple(ref_latents.shape[1:])
@@ -51,14 +59,19 @@ class DataTermBatch:
         else:
             data_noise = noise.group_noise(layout.groups, shape)
         return cls(
-            ref_latents=ref_latents, noise=data_noise, cond=concat_conditioning(row_cond, prompt_cond),
-            weights=torch.tensor(layout.data_weights, device=like.device), groups=layout.groups, noise_source=noise,
+            ref_latents=ref_latents,
+            noise=data_noise,
+            cond=concat_conditioning(row_cond, prompt_cond),
+            weights=torch.tensor(layout.data_weights, device=like.device),
+            groups=layout.groups,
+            noise_source=noise,
             random_timesteps=args.data_timesteps == "random",
-        )  # fmt: skip
+        )
 
     def timesteps(self, sampler, position: int, step_index: int) -> torch.Tensor:
         """`(G,)` noise levels of the data term at the `position`-th trained step (denoising step `step_index`)."""
         if self.random_timesteps:
-            return torch.cat([sampler.sample_timesteps(1, self.noise_source.generator(f"data-t{position}", g))
-                              for g in self.groups])  # fmt: skip
+            return torch.cat(
+                [sampler.sample_timesteps(1, self.noise_source.generator(f"data-t{position}", g)) for g in self.groups]
+            )
         return sampler.timesteps[step_index].expand(len(self.groups))

@@ -31,8 +31,15 @@ class HeldOutEvaluator:
         autocast: the trainer's mixed-precision context for denoiser calls.
     """
 
-    def __init__(self, adapter: PipelineAdapter, sampler, reference: ReferencePolicy, args, accelerator,
-                 autocast: Callable[[], AbstractContextManager]):  # fmt: skip
+    def __init__(
+        self,
+        adapter: PipelineAdapter,
+        sampler,
+        reference: ReferencePolicy,
+        args,
+        accelerator,
+        autocast: Callable[[], AbstractContextManager],
+    ):
         self.adapter, self.sampler, self.reference = adapter, sampler, reference
         self.args, self.accelerator, self.autocast = args, accelerator, autocast
         self._base_losses: dict[str, float] = {}
@@ -53,8 +60,10 @@ class HeldOutEvaluator:
                 )
             self.measure_base(dataset)
         loss = self.loss(dataset, base=False)
-        return {f"{prefix}_diffusion_loss": loss,
-                f"{prefix}_diffusion_loss_ratio": loss / self._base_losses[dataset._fingerprint]}  # fmt: skip
+        return {
+            f"{prefix}_diffusion_loss": loss,
+            f"{prefix}_diffusion_loss_ratio": loss / self._base_losses[dataset._fingerprint],
+        }
 
     @torch.no_grad()
     def loss(self, dataset: Dataset, base: bool) -> float:
@@ -77,8 +86,9 @@ class HeldOutEvaluator:
                 cond = self.adapter.encode_prompts(batch["prompts"])
                 for draw in range(args.eval_noise_draws):
                     noise = noise_source.draw_for(f"eval-noise{draw}", indices, tuple(x0.shape[1:]))
-                    t = torch.cat([sampler.sample_timesteps(1, noise_source.generator(f"eval-t{draw}", i))
-                                   for i in indices])  # fmt: skip
+                    t = torch.cat(
+                        [sampler.sample_timesteps(1, noise_source.generator(f"eval-t{draw}", i)) for i in indices]
+                    )
                     output = predict(sampler.add_noise(x0, noise, t), t, cond)
                     total += diffusion_loss(output, sampler.training_target(x0, noise, t)) * len(indices)
         count = torch.tensor(float(len(rows) * args.eval_noise_draws), device=device)

@@ -29,7 +29,8 @@ class NonFiniteTrainingError(RuntimeError):
 
 
 def all_finite(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """A device bool: every value of `tensors` finite (fused norms: a NaN or inf anywhere makes its norm non-finite)."""
+    """A device bool: every value of `tensors` finite (fused norms: a NaN or inf anywhere makes its norm "
+    "non-finite)."""
     tensors = [t for t in tensors if t.numel()]
     if not tensors:
         return torch.ones((), dtype=torch.bool, device=device)
@@ -89,15 +90,20 @@ class NonFiniteStepGuard(TrainerCallback):
         self.skipped_steps, self.in_a_row, self.skipped_last_step = self.skipped_steps + 1, self.in_a_row + 1, True
         if self.in_a_row >= self.max_in_a_row:
             raise NonFiniteTrainingError(
-                f"{self.in_a_row} optimiser steps in a row (up to step {state.global_step + 1}) had non-finite (NaN or "
+                f"{self.in_a_row} optimiser steps in a row (up to step {state.global_step + 1}) had non-finite (NaN "
+                "or "
                 f"infinite) losses or gradients; all were skipped, and training stops so that a diverged run writes "
                 f"no more checkpoints. The weights are those of the last finite step. Lower learning_rate, check the "
                 f"rewards and reference data for extreme values, or train in float32 instead of fp16."
             )
         logger.warning(
-            "Step %d: non-finite (NaN or infinite) loss or gradients; the optimiser step is skipped (weights unchanged; "
-            "%d skipped in a row, training stops at %d).", state.global_step + 1, self.in_a_row, self.max_in_a_row,
-        )  # fmt: skip
+            "Step %d: non-finite (NaN or infinite) loss or gradients; the optimiser step is skipped (weights "
+            "unchanged; "
+            "%d skipped in a row, training stops at %d).",
+            state.global_step + 1,
+            self.in_a_row,
+            self.max_in_a_row,
+        )
 
     def check_before_deepspeed_step(self, step: int) -> None:
         """Under DeepSpeed, called just before the backward that makes the engine step: raise if any loss of the
@@ -113,7 +119,8 @@ class NonFiniteStepGuard(TrainerCallback):
         if self.trainer.is_deepspeed_enabled and not self._agreed(weights_finite(self.trainer)):
             raise NonFiniteTrainingError(
                 f"Step {state.global_step}: the weights became non-finite (NaN or infinite) under DeepSpeed, which "
-                f"applied non-finite gradients (ZeRO-3 in bf16/fp32 does not skip them). Training stops before they are "
+                "applied non-finite gradients (ZeRO-3 in bf16/fp32 does not skip them). Training stops before they "
+                "are "
                 f"saved; resume from the last checkpoint with a lower learning_rate."
             )
 

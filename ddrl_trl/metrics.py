@@ -36,8 +36,9 @@ class TrainingMetrics:
     def add(self, name: str, value: torch.Tensor | float) -> None:
         self._values[name].append(value)
 
-    def add_rewards(self, per_func: torch.Tensor, combined: AggregatedRewards, names: list[str],
-                    num_generations: int) -> None:  # fmt: skip
+    def add_rewards(
+        self, per_func: torch.Tensor, combined: AggregatedRewards, names: list[str], num_generations: int
+    ) -> None:
         """`reward` (mean of the valid combined rewards), `reward_std` (the std the advantages were divided by, as
         TRL logs it), and per function its mean and its count of invalid (None, NaN, ±inf) scores."""
         rewards = combined.rewards
@@ -52,8 +53,14 @@ class TrainingMetrics:
                 self.add(f"rewards/{name}/mean", column[ok].mean().item())
             self.add(f"rewards/{name}/invalid", float((~ok).sum()))
 
-    def add_step(self, data: torch.Tensor | None, kl: torch.Tensor | None, policy: torch.Tensor, ratio: torch.Tensor,
-                 clipped: torch.Tensor) -> None:  # fmt: skip
+    def add_step(
+        self,
+        data: torch.Tensor | None,
+        kl: torch.Tensor | None,
+        policy: torch.Tensor,
+        ratio: torch.Tensor,
+        clipped: torch.Tensor,
+    ) -> None:
         """The loss terms of one trained step (`data`/`kl` None when that term is off at this step)."""
         if data is not None:
             self.add("loss/data", data.detach())
@@ -78,10 +85,14 @@ class TrainingMetrics:
         result = {}
         if keys:
             device = accelerator.device
-            means = torch.stack([
-                torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device) for v in self._values[key]]).mean()
-                for key in keys
-            ])  # fmt: skip
+            means = torch.stack(
+                [
+                    torch.stack(
+                        [torch.as_tensor(v, dtype=torch.float32, device=device) for v in self._values[key]]
+                    ).mean()
+                    for key in keys
+                ]
+            )
             result = dict(zip(keys, accelerator.gather(means[None]).mean(dim=0).tolist()))
         self._values.clear()
         return result

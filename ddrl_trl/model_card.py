@@ -2,7 +2,8 @@
 training configuration, sample images, and the reward and diffusion-loss curves.
 
 The card is built on diffusers' training-card template and `populate_model_card` (so `library_name: diffusers` and
-the layout match cards from diffusers' own training scripts), with `huggingface_hub.ModelCard`. A README.md the user wrote in `output_dir` is
+the layout match cards from diffusers' own training scripts), with `huggingface_hub.ModelCard`. A README.md the user
+wrote in `output_dir` is
 never overwritten: only cards carrying `CARD_MARKER` are regenerated.
 """
 
@@ -26,17 +27,53 @@ CURVES = (
 )
 #: DDRLConfig fields shown in the card's configuration block.
 CONFIG_FIELDS = (
-    "num_generations", "num_inference_steps", "eta", "flow_noise_level", "resolution", "num_frames", "guidance_scale",
-    "train_step_stride", "train_step_indices", "reward_weights", "reward_clip", "scale_rewards", "advantage_clip",
-    "epsilon", "data_beta", "data_noise", "data_timesteps", "kl_beta", "ema_decay", "learning_rate",
-    "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps", "num_train_epochs", "lr_scheduler_type",
-    "warmup_steps", "weight_decay", "adam_beta2", "max_grad_norm", "bf16", "seed",
-)  # fmt: skip
+    "num_generations",
+    "num_inference_steps",
+    "eta",
+    "flow_noise_level",
+    "resolution",
+    "num_frames",
+    "guidance_scale",
+    "train_step_stride",
+    "train_step_indices",
+    "reward_weights",
+    "reward_clip",
+    "scale_rewards",
+    "advantage_clip",
+    "epsilon",
+    "data_beta",
+    "data_noise",
+    "data_timesteps",
+    "kl_beta",
+    "ema_decay",
+    "learning_rate",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "max_steps",
+    "num_train_epochs",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "weight_decay",
+    "adam_beta2",
+    "max_grad_norm",
+    "bf16",
+    "seed",
+)
 
 
-def write_model_card(trainer, tags: list[str] | None = None, license: str | None = None) -> str | None:
+def write_model_card(
+    trainer,
+    model_name: str | None = None,
+    dataset_name: str | None = None,
+    tags: list[str] | None = None,
+    license: str | None = None,
+) -> str | None:
     """Write `README.md` (and `samples.png`, `training_curves.png`) into `trainer.args.output_dir`; returns the card
-    path, or None when a README.md of the user's own is there (left untouched)."""
+    path, or None when a README.md of the user's own is there (left untouched).
+
+    `model_name` titles the card (default: the output folder's name); `dataset_name` (the reference data) goes into
+    the card's metadata and text; the tags are the trainer's `_tag_names`, the task, `lora` or `full-fine-tune`, and
+    `tags`."""
     output_dir = trainer.args.output_dir
     path = os.path.join(output_dir, "README.md")
     if os.path.isfile(path):
@@ -48,19 +85,26 @@ def write_model_card(trainer, tags: list[str] | None = None, license: str | None
     has_samples = _save_samples(trainer, os.path.join(output_dir, SAMPLES_FILE))
     has_curves = _save_curves(trainer.state.log_history, os.path.join(output_dir, CURVES_FILE))
     card = ModelCard.from_template(
-        card_data=ModelCardData(license=license, library_name="diffusers", inference=True,
-                                base_model=trainer.base_model_id),
+        card_data=ModelCardData(
+            license=license,
+            library_name="diffusers",
+            inference=True,
+            base_model=trainer.base_model_id,
+            datasets=[dataset_name] if dataset_name else None,
+        ),
         template_path=MODEL_CARD_TEMPLATE_PATH,
-        model_description=_description(trainer, has_samples, has_curves),
-    )  # fmt: skip
+        model_description=_description(trainer, has_samples, has_curves, model_name, dataset_name),
+    )
     kind = "text-to-video" if trainer.adapter.num_frames else "text-to-image"
-    family_tags = ["ddrl", "trl", "diffusers-training", kind, "lora" if trainer.is_lora else "full-fine-tune"]
+    family_tags = [*trainer._tag_names, kind, "lora" if trainer.is_lora else "full-fine-tune"]
     card = populate_model_card(card, tags=family_tags + [t for t in (tags or []) if t not in family_tags])
     card.save(path)
     return path
 
 
-def _description(trainer, has_samples: bool, has_curves: bool) -> str:
+def _description(
+    trainer, has_samples: bool, has_curves: bool, model_name: str | None, dataset_name: str | None
+) -> str:
     args, base = trainer.args, trainer.base_model_id or "<base model>"
     what = "LoRA adapter" if trainer.is_lora else f"fine-tuned `{trainer.adapter.denoiser_name}`"
     pipeline_class = type(trainer.pipeline).__name__
@@ -68,10 +112,12 @@ def _description(trainer, has_samples: bool, has_curves: bool) -> str:
         usage = f'pipe = {pipeline_class}.from_pretrained("{base}")\npipe.load_lora_weights("<this repo>")'
     else:
         denoiser_class = type(trainer.adapter.denoiser).__name__
-        usage = (f'{trainer.adapter.denoiser_name} = {denoiser_class}.from_pretrained("<this repo>", '
-                 f'subfolder="{trainer.adapter.denoiser_name}")\n'
-                 f'pipe = {pipeline_class}.from_pretrained("{base}", {trainer.adapter.denoiser_name}='
-                 f'{trainer.adapter.denoiser_name})')  # fmt: skip
+        usage = (
+            f'{trainer.adapter.denoiser_name} = {denoiser_class}.from_pretrained("<this repo>", '
+            f'subfolder="{trainer.adapter.denoiser_name}")\n'
+            f'pipe = {pipeline_class}.from_pretrained("{base}", {trainer.adapter.denoiser_name}='
+            f"{trainer.adapter.denoiser_name})"
+        )
     rewards = ", ".join(
         f"`{name}` (weight {weight:g})" for name, weight in zip(trainer.reward_names, trainer.reward_weights.tolist())
     )
@@ -79,13 +125,13 @@ def _description(trainer, has_samples: bool, has_curves: bool) -> str:
     step = trainer.state.global_step
     lines = [
         CARD_MARKER,
-        f"# {os.path.basename(os.path.abspath(args.output_dir))}",
+        f"# {model_name or os.path.basename(os.path.abspath(args.output_dir))}",
         "",
         f"A {what} for {_link(base)} post-trained for {step} steps with **DDRL** "
         f"(Data-regularized Diffusion Reinforcement Learning, [arXiv 2512.04332]({PAPER})) using "
         f"ddrl-trl: a clipped, group-relative policy gradient on the rewards "
-        f"below, anchored to reference data by the ordinary diffusion loss (data_beta = {args.data_beta:g}) so the "
-        f"reward is not hacked.",
+        f"below, anchored to reference data{f' ({_link(dataset_name)})' if dataset_name else ''} by the ordinary "
+        f"diffusion loss (data_beta = {args.data_beta:g}) so the reward is not hacked.",
         "",
         "## Use",
         "",
@@ -101,16 +147,27 @@ def _description(trainer, has_samples: bool, has_curves: bool) -> str:
     ]
     if has_samples:
         _, prompts, sample_step = trainer.last_samples
-        lines += ["", f"## Samples (rollouts at step {sample_step})", "", f"![samples]({SAMPLES_FILE})", "",
-                  "Prompts: " + " | ".join(prompts)]  # fmt: skip
+        lines += [
+            "",
+            f"## Samples (rollouts at step {sample_step})",
+            "",
+            f"![samples]({SAMPLES_FILE})",
+            "",
+            "Prompts: " + " | ".join(prompts),
+        ]
     curves = _curve_table(trainer.state.log_history)
     if curves:
         lines += ["", "## Reward and diffusion-loss curves", ""]
         if has_curves:
             lines += [f"![training curves]({CURVES_FILE})", ""]
         lines += curves
-    lines += ["", "## Citation", "", "```bibtex\n@misc{ddrl,\n  title={Data-regularized Diffusion Reinforcement Learning},"
-              "\n  eprint={2512.04332},\n  archivePrefix={arXiv}\n}\n```"]  # fmt: skip
+    lines += [
+        "",
+        "## Citation",
+        "",
+        "```bibtex\n@misc{ddrl,\n  title={Data-regularized Diffusion Reinforcement Learning},"
+        "\n  eprint={2512.04332},\n  archivePrefix={arXiv}\n}\n```",
+    ]
     return "\n".join(lines)
 
 

@@ -1,4 +1,5 @@
-"""Getting a pipeline ready to train: frozen parts placed and cast, the denoiser given a LoRA or float32 master weights,
+"""Getting a pipeline ready to train: frozen parts placed and cast, the denoiser given a LoRA or float32 master
+weights,
 gradient checkpointing wired to diffusers, dropout off. `DDRLTrainer` calls `prepare_for_training` once."""
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ def prepare_for_training(adapter: PipelineAdapter, args, peft_config: LoraConfig
       depends on `args.seed` alone (not on the global RNG state), its weights kept in float32 (master weights).
       A `LoraConfig` without `target_modules` gets the family's default modules; the caller's config is not changed.
     - Full fine-tuning: the whole denoiser trainable in float32 (bf16/fp16 run through autocast).
-    - Gradient checkpointing (`args.gradient_checkpointing`): switched on with diffusers' `enable_gradient_checkpointing`,
+    - Gradient checkpointing (`args.gradient_checkpointing`): switched on with diffusers'
+    `enable_gradient_checkpointing`,
       and the denoiser is given the `activation_checkpointing_enable` that `Trainer.train` calls, so the arguments
       stay as the user gave them.
     - Dropout off everywhere in the denoiser: rollouts and the loss must see the same network (ratio = 1).

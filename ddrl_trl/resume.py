@@ -7,7 +7,7 @@
   changed settings is allowed, with a warning naming each change (the result then differs from an uninterrupted run).
 - `verify_checkpoint` checks a checkpoint is complete and readable (trainer state, weights, optimizer, scheduler;
   RNG state, whose absence is reported) before `Trainer` starts loading it; damaged weight files are reported by
-  `checkpointing.py` as they load.
+  `weight_files.py` as they load.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from .checkpointing import LORA_WEIGHTS_NAME, CheckpointError
 from .data import arrow_column
 from .rollout import SavedRollout
+from .weight_files import LORA_WEIGHTS_NAME, CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -36,14 +36,43 @@ _CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-\d+$")
 
 #: Settings that shape a run's trajectory: resuming with another value is allowed but reported.
 TRAJECTORY_SETTINGS = (
-    "seed", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2",
-    "max_grad_norm", "optim", "num_generations", "per_device_train_batch_size", "gradient_accumulation_steps",
-    "num_inference_steps", "eta", "flow_noise_level", "resolution", "num_frames", "guidance_scale",
-    "resolved_train_step_indices", "same_noise_within_group", "reward_weights", "multi_objective_aggregation",
-    "reward_clip", "scale_rewards",
-    "exp_advantage", "advantage_clip", "num_iterations", "epsilon", "data_beta", "data_noise", "data_timesteps",
-    "data_on_first_step_only", "kl_beta", "ema_decay", "bf16", "fp16",
-)  # fmt: skip
+    "seed",
+    "learning_rate",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "max_grad_norm",
+    "optim",
+    "num_generations",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "num_inference_steps",
+    "eta",
+    "flow_noise_level",
+    "resolution",
+    "num_frames",
+    "guidance_scale",
+    "resolved_train_step_indices",
+    "same_noise_within_group",
+    "reward_weights",
+    "multi_objective_aggregation",
+    "reward_clip",
+    "scale_rewards",
+    "exp_advantage",
+    "advantage_clip",
+    "num_iterations",
+    "epsilon",
+    "data_beta",
+    "data_noise",
+    "data_timesteps",
+    "data_on_first_step_only",
+    "kl_beta",
+    "ema_decay",
+    "bf16",
+    "fp16",
+)
 
 
 def check_output_dir_writable(output_dir: str) -> None:
@@ -65,7 +94,9 @@ def checkpoint_folders(output_dir: str) -> list[str]:
     """The `checkpoint-N` folders in `output_dir`, by step."""
     if not os.path.isdir(output_dir):
         return []
-    names = [n for n in os.listdir(output_dir) if _CHECKPOINT_RE.match(n) and os.path.isdir(os.path.join(output_dir, n))]
+    names = [
+        n for n in os.listdir(output_dir) if _CHECKPOINT_RE.match(n) and os.path.isdir(os.path.join(output_dir, n))
+    ]
     return sorted(names, key=lambda n: int(n.rsplit("-", 1)[1]))
 
 
@@ -104,8 +135,10 @@ def warn_if_output_dir_taken(args) -> None:
         logger.warning(
             "output_dir %r already holds another run's work (%s): train() will refuse to start a new run there. Call "
             "train(resume_from_checkpoint=True) to continue that run, set overwrite_output_dir=True to start over, or "
-            "choose another output_dir.", args.output_dir, ", ".join(found[:6]),
-        )  # fmt: skip
+            "choose another output_dir.",
+            args.output_dir,
+            ", ".join(found[:6]),
+        )
 
 
 def prepare_output_dir(args, resume_from_checkpoint, is_main_process: bool) -> None:
@@ -117,8 +150,11 @@ def prepare_output_dir(args, resume_from_checkpoint, is_main_process: bool) -> N
         for name in old:
             shutil.rmtree(os.path.join(args.output_dir, name))
         if old:
-            logger.warning("overwrite_output_dir=True: deleted the earlier run's checkpoints in %s (%s).",
-                           args.output_dir, ", ".join(old))  # fmt: skip
+            logger.warning(
+                "overwrite_output_dir=True: deleted the earlier run's checkpoints in %s (%s).",
+                args.output_dir,
+                ", ".join(old),
+            )
 
 
 def resolve_checkpoint(output_dir: str, resume_from_checkpoint: str | bool | None) -> str | None:
@@ -140,7 +176,8 @@ def resolve_checkpoint(output_dir: str, resume_from_checkpoint: str | bool | Non
 
 
 def rollout_buffer_name(process_index: int) -> str:
-    """The file in which a checkpoint taken between the `num_iterations` of a rollout batch keeps one process's batch."""
+    """The file in which a checkpoint taken between the `num_iterations` of a rollout batch keeps one process's "
+    "batch."""
     return f"rollout_buffer_{process_index}.pt"
 
 
@@ -157,13 +194,22 @@ def load_rollout_buffer(checkpoint: str, process_index: int, device) -> dict[int
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 — torch raises several types for a damaged archive
-        raise CheckpointError(f"{path} in checkpoint {checkpoint} is unreadable ({err}): the file is truncated or "
-                              f"corrupt. Resume from an earlier checkpoint-N.") from err  # fmt: skip
+        raise CheckpointError(
+            f"{path} in checkpoint {checkpoint} is unreadable ({err}): the file is truncated or "
+            f"corrupt. Resume from an earlier checkpoint-N."
+        ) from err
     return {int(micro): SavedRollout.from_dict(values, device) for micro, values in saved.items()}
 
 
-def verify_checkpoint(checkpoint: str, lora: bool, denoiser_name: str, deepspeed: bool, process_index: int,
-                      world_size: int, num_iterations: int = 1) -> None:  # fmt: skip
+def verify_checkpoint(
+    checkpoint: str,
+    lora: bool,
+    denoiser_name: str,
+    deepspeed: bool,
+    process_index: int,
+    world_size: int,
+    num_iterations: int = 1,
+) -> None:
     """Raise `CheckpointError` naming the file if `checkpoint` lacks, or cannot read, what an exact resume needs
     (with `num_iterations` > 1, between the iterations of a rollout batch, that batch too); warn if this process's RNG
     state is missing (DDRL's own noise and data order are seeded without it)."""
@@ -187,24 +233,31 @@ def verify_checkpoint(checkpoint: str, lora: bool, denoiser_name: str, deepspeed
             f"this process's rollout batch: the checkpoint is between the num_iterations={num_iterations} steps over "
             f"one batch; resume with the number of processes that wrote it"
         )
-    missing = [f"{name} ({what})" for name, what in needed.items() if not os.path.exists(os.path.join(checkpoint, name))]
+    missing = [
+        f"{name} ({what})" for name, what in needed.items() if not os.path.exists(os.path.join(checkpoint, name))
+    ]
     if missing:
         raise CheckpointError(
             f"Checkpoint {checkpoint} is incomplete: it lacks {', '.join(missing)}, so resuming from it would not "
-            f"continue the run exactly. Resume from a complete checkpoint (an earlier checkpoint-N), or start a new run."
+            "continue the run exactly. Resume from a complete checkpoint (an earlier checkpoint-N), or start a new "
+            "run."
         )
     rng_name = f"rng_state_{process_index}.pth" if world_size > 1 else "rng_state.pth"
     if not os.path.isfile(os.path.join(checkpoint, rng_name)):
         logger.warning(
             "Checkpoint %s has no %s: the global random state is not restored. DDRL's rollout noise, data order and "
             "LoRA init are seeded without it and resume exactly; randomness drawn by your own code (e.g. a reward "
-            "function) will differ from an uninterrupted run.", checkpoint, rng_name,
-        )  # fmt: skip
+            "function) will differ from an uninterrupted run.",
+            checkpoint,
+            rng_name,
+        )
 
 
 def _read_json(path: str, checkpoint: str) -> Any:
     if not os.path.isfile(path):
-        raise CheckpointError(f"Checkpoint {checkpoint} has no {os.path.basename(path)}: it is not a complete checkpoint.")
+        raise CheckpointError(
+            f"Checkpoint {checkpoint} has no {os.path.basename(path)}: it is not a complete checkpoint."
+        )
     try:
         with open(path, encoding="utf-8") as file:
             return json.load(file)
@@ -231,12 +284,16 @@ def run_info(trainer) -> dict[str, Any]:
     if trainer.is_lora:
         config = denoiser.peft_config["default"]
         lora = {
-            "r": config.r, "lora_alpha": config.lora_alpha,
-            "target_modules": config.target_modules if isinstance(config.target_modules, str)
+            "r": config.r,
+            "lora_alpha": config.lora_alpha,
+            "target_modules": config.target_modules
+            if isinstance(config.target_modules, str)
             else sorted(config.target_modules),
-            "rank_pattern": dict(config.rank_pattern), "alpha_pattern": dict(config.alpha_pattern),
-            "use_rslora": config.use_rslora, "use_dora": config.use_dora,
-        }  # fmt: skip
+            "rank_pattern": dict(config.rank_pattern),
+            "alpha_pattern": dict(config.alpha_pattern),
+            "use_rslora": config.use_rslora,
+            "use_dora": config.use_dora,
+        }
     args = trainer.args
     settings = {name: getattr(args, name, None) for name in TRAJECTORY_SETTINGS}
     settings["world_size"] = args.world_size
@@ -258,15 +315,19 @@ def check_same_run(checkpoint: str, current: dict[str, Any]) -> None:
     """Refuse `checkpoint` if another model or adapter wrote it; warn about each changed setting."""
     path = os.path.join(checkpoint, RUN_INFO_NAME)
     if not os.path.isfile(path):
-        logger.warning("Checkpoint %s has no %s (written by an older version): it cannot be checked to belong to "
-                       "this run.", checkpoint, RUN_INFO_NAME)  # fmt: skip
+        logger.warning(
+            "Checkpoint %s has no %s (written by an older version): it cannot be checked to belong to this run.",
+            checkpoint,
+            RUN_INFO_NAME,
+        )
         return
     saved = _read_json(path, checkpoint)
     ours, theirs = current["identity"], saved.get("identity", {})
     different = [
         f"{key}: checkpoint {theirs.get(key)!r}, this run {ours[key]!r}"
         for key in ours
-        if not (key == "base_model" and (theirs.get(key) is None or ours[key] is None)) and theirs.get(key) != ours[key]
+        if not (key == "base_model" and (theirs.get(key) is None or ours[key] is None))
+        and theirs.get(key) != ours[key]
     ]
     if different:
         raise CheckpointError(
@@ -282,5 +343,8 @@ def check_same_run(checkpoint: str, current: dict[str, Any]) -> None:
     if saved.get("train_data") != current["train_data"]:
         changed.append(f"train_dataset ({saved.get('train_data')} → {current['train_data']})")
     if changed:
-        logger.warning("Resuming %s with changed settings: %s. The result will differ from an uninterrupted run.",
-                       checkpoint, "; ".join(changed))  # fmt: skip
+        logger.warning(
+            "Resuming %s with changed settings: %s. The result will differ from an uninterrupted run.",
+            checkpoint,
+            "; ".join(changed),
+        )

@@ -111,8 +111,13 @@ class SavedRollout:
     rows: list[int]
 
     def to_dict(self) -> dict:
-        return {"states": self.states.cpu(), "log_probs": self.log_probs.cpu(), "advantages": self.advantages.cpu(),
-                "prompts": list(self.prompts), "rows": list(self.rows)}  # fmt: skip
+        return {
+            "states": self.states.cpu(),
+            "log_probs": self.log_probs.cpu(),
+            "advantages": self.advantages.cpu(),
+            "prompts": list(self.prompts),
+            "rows": list(self.rows),
+        }
 
     @classmethod
     def from_dict(cls, values: dict, device: torch.device) -> SavedRollout:
@@ -183,11 +188,14 @@ def rollout_and_score(
     for start in range(0, len(rows), chunk):
         local = slice(start, min(start + chunk, len(rows)))
         began = time.perf_counter()
-        part = generate_rollouts(adapter, sampler, select_conditioning(cond, local), latent_shape, noise, rows[local],
-                                 denoiser=denoiser)  # fmt: skip
+        part = generate_rollouts(
+            adapter, sampler, select_conditioning(cond, local), latent_shape, noise, rows[local], denoiser=denoiser
+        )
         synchronize(part.states.device)
         rolled = time.perf_counter()
-        scores.append(executor.submit(score, part.images, local) if executor is not None else score(part.images, local))
+        scores.append(
+            executor.submit(score, part.images, local) if executor is not None else score(part.images, local)
+        )
         times.rollout += rolled - began
         times.reward_wait += time.perf_counter() - rolled
         parts.append(part)

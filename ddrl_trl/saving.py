@@ -28,11 +28,15 @@ from peft import get_peft_model_state_dict
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from .checkpointing import (
-    CheckpointError, NonFiniteWeightsError, atomic_directory_update, first_non_finite,
-    load_full_denoiser, load_lora_into_denoiser,
-)  # fmt: skip
 from .resume import RUN_INFO_NAME, needs_rollout_buffer, rollout_buffer_name, run_info
+from .weight_files import (
+    CheckpointError,
+    NonFiniteWeightsError,
+    atomic_directory_update,
+    first_non_finite,
+    load_full_denoiser,
+    load_lora_into_denoiser,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -111,13 +115,16 @@ class SavingMixin:
         """`Trainer.save_model` (also the checkpoints' and the hacking monitor's), refused on every process, before
         anything is written, if any process holds a non-finite weight: a diverged model never replaces saved work."""
         trainable = dict(self.adapter.denoiser.named_parameters())
-        bad = first_non_finite((n, getattr(p, "ds_tensor", p).detach()) for n, p in trainable.items() if p.requires_grad)
+        bad = first_non_finite(
+            (n, getattr(p, "ds_tensor", p).detach()) for n, p in trainable.items() if p.requires_grad
+        )
         flag = torch.tensor([0.0 if bad is None else 1.0], device=self.accelerator.device)
         if self.accelerator.gather(flag).max() > 0:
             where = f"the weight {bad!r}" if bad is not None else "a weight on another process"
             raise NonFiniteWeightsError(
                 f"Refusing to save to {output_dir or self.args.output_dir}: {where} holds NaN or ±inf. Saved weights "
-                f"and checkpoints are never overwritten with a diverged model; lower learning_rate and resume from the "
+                "and checkpoints are never overwritten with a diverged model; lower learning_rate and resume from "
+                "the "
                 f"last checkpoint."
             )
         super().save_model(output_dir, _internal_call)
@@ -144,7 +151,9 @@ class SavingMixin:
             return super()._load_optimizer_and_scheduler(checkpoint)
         bad = first_non_finite((n, p.detach()) for n, p in self.adapter.denoiser.named_parameters())
         if bad is not None:
-            raise CheckpointError(f"Checkpoint {checkpoint} holds non-finite weights ({bad!r}); resume from an earlier one.")
+            raise CheckpointError(
+                f"Checkpoint {checkpoint} holds non-finite weights ({bad!r}); resume from an earlier one."
+            )
         try:
             super()._load_optimizer_and_scheduler(checkpoint)
         except Exception as err:
@@ -152,13 +161,21 @@ class SavingMixin:
                 path = os.path.join(checkpoint, name)
                 if os.path.isfile(path):
                     _torch_load(path, checkpoint)  # raises CheckpointError naming the damaged file
-            raise CheckpointError(f"Cannot load the optimizer or scheduler state of checkpoint {checkpoint}: {err}") from err
-        tensors = ((f"state of parameter {i}", v) for i, state in enumerate(self.optimizer.state.values())
-                   for v in state.values() if isinstance(v, torch.Tensor))  # fmt: skip
+            raise CheckpointError(
+                f"Cannot load the optimizer or scheduler state of checkpoint {checkpoint}: {err}"
+            ) from err
+        tensors = (
+            (f"state of parameter {i}", v)
+            for i, state in enumerate(self.optimizer.state.values())
+            for v in state.values()
+            if isinstance(v, torch.Tensor)
+        )
         bad = first_non_finite(tensors)
         if bad is not None:
-            raise CheckpointError(f"The optimizer state in checkpoint {checkpoint} is non-finite ({bad}); resume from "
-                                  f"an earlier checkpoint.")  # fmt: skip
+            raise CheckpointError(
+                f"The optimizer state in checkpoint {checkpoint} is non-finite ({bad}); resume from "
+                f"an earlier checkpoint."
+            )
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
         try:
@@ -190,8 +207,10 @@ class SavingMixin:
         finally:
             self._checkpoint_root = None
         if needs_rollout_buffer(self.state.global_step, self.args.num_iterations):  # every process, its own batch
-            torch.save({micro: saved.to_dict() for micro, saved in self._rollout_buffer.items()},
-                       os.path.join(staging_root, name, rollout_buffer_name(self.args.process_index)))  # fmt: skip
+            torch.save(
+                {micro: saved.to_dict() for micro, saved in self._rollout_buffer.items()},
+                os.path.join(staging_root, name, rollout_buffer_name(self.args.process_index)),
+            )
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             staged, final = os.path.join(staging_root, name), os.path.join(run_dir, name)
@@ -202,8 +221,12 @@ class SavingMixin:
                 shutil.move(final, os.path.join(staging_root, "replaced"))
             os.replace(staged, final)
             shutil.rmtree(staging_root, ignore_errors=True)
-            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)  # fmt: skip
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
         self.accelerator.wait_for_everyone()
 
 
@@ -213,6 +236,7 @@ def _torch_load(path: str, checkpoint: str):
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 — torch raises several types for a damaged archive
         raise CheckpointError(
-            f"{path} in checkpoint {checkpoint} is unreadable ({err}): the file is truncated or corrupt. Resume from an "
+            f"{path} in checkpoint {checkpoint} is unreadable ({err}): the file is truncated or corrupt. Resume from "
+            "an "
             f"earlier checkpoint-N."
         ) from err

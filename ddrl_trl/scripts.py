@@ -1,23 +1,30 @@
-"""What every `examples/train_*.py` shares: TRL-style arguments, dataset loading and the train-and-save run.
+"""`ddrl-trl train` and `examples/train_*.py`: DDRL from the command line, the way TRL's `trl grpo` runs.
 
-A training script is then only its model family's defaults:
+    ddrl-trl train --family sd3 --dataset_name <paired prompt/image data> --reward_funcs <reward> --output_dir out
+    accelerate launch examples/train_sd3.py --config ddrl.yaml
 
-    from ddrl_trl.scripts import run_script
-    run_script(model_name_or_path="stabilityai/stable-diffusion-3.5-medium", resolution=512)
+`main` reads top to bottom as TRL's `scripts/grpo.py`: checks → data → `DDRLTrainer(...)` →
+`train(resume_from_checkpoint=...)` → `save_model` → `push_to_hub`. Arguments are parsed by `trl.TrlParser` from
+`ScriptArguments` (dataset), `DDRLConfig` (training), `ModelConfig` (model and LoRA) and `RewardArguments`, over the
+model family's defaults (`FAMILY_DEFAULTS`); a YAML `--config` overrides those and command-line flags override both.
 
-Arguments are parsed by `trl.TrlParser` from `ScriptArguments` (dataset), `DDRLConfig` (training), `ModelConfig`
-(model and LoRA) and `RewardArguments`; a YAML `--config` file overrides the script's defaults and command-line
-flags override both. `--reward_funcs` is required (there is no safe default reward); `--resume_from_checkpoint`
-takes a checkpoint folder, or `true` / `latest` for the newest one in `--output_dir`; a new run refuses an
-`--output_dir` holding another run's checkpoints (unless `--overwrite_output_dir`) before loading anything.
+- `--reward_funcs` is required (there is no safe default reward).
+- `--resume_from_checkpoint` takes a checkpoint folder, or `true` / `latest` for the newest one in `--output_dir`.
+- A new run refuses an `--output_dir` holding another run's work (unless `--overwrite_output_dir`), and every flag
+  that has no meaning for a diffusion pipeline (`--load_in_4bit`, `--dataset_streaming`, ...) is refused rather than
+  ignored — all before the model is loaded.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+import yaml
 from datasets import Dataset, load_dataset, load_from_disk
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
@@ -26,6 +33,73 @@ from .resume import check_output_dir_free, check_output_dir_writable
 from .rewards import REWARD_SPEC_HELP
 from .trainer import DDRLTrainer
 
+#: Each model family's defaults (over `DDRLConfig`'s and `ModelConfig`'s), as used by `examples/train_*.py` and
+#: `ddrl-trl train --family`. `sd` (SD 1.x / 2.x / XL) adds none: name the model and choose LoRA or not yourself.
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "sd": {},
+    "sd3": dict(
+        model_name_or_path="stabilityai/stable-diffusion-3.5-medium",
+        resolution=512,
+        num_inference_steps=20,
+        num_generations=8,
+        per_device_train_batch_size=8,
+        use_peft=True,
+        lora_r=32,
+        lora_alpha=64,
+        learning_rate=3e-4,
+        bf16=True,
+        gradient_checkpointing=True,
+    ),
+    "flux": dict(
+        model_name_or_path="black-forest-labs/FLUX.1-dev",
+        resolution=512,
+        num_inference_steps=20,
+        num_generations=8,
+        per_device_train_batch_size=8,
+        use_peft=True,
+        lora_r=32,
+        lora_alpha=64,
+        learning_rate=1e-4,
+        bf16=True,
+        gradient_checkpointing=True,
+        guidance_scale=3.5,
+    ),
+    "wan": dict(
+        model_name_or_path="Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+        resolution=480,
+        num_frames=33,
+        num_inference_steps=20,
+        num_generations=8,
+        per_device_train_batch_size=8,
+        use_peft=True,
+        lora_r=32,
+        lora_alpha=32,
+        learning_rate=1e-4,
+        bf16=True,
+        gradient_checkpointing=True,
+    ),
+}
+#: The family of each pipeline class, for `--family` inferred from `--model_name_or_path`.
+PIPELINE_FAMILIES = {
+    "StableDiffusionPipeline": "sd",
+    "StableDiffusionXLPipeline": "sd",
+    "StableDiffusion3Pipeline": "sd3",
+    "FluxPipeline": "flux",
+    "WanPipeline": "wan",
+}
+#: Flags of TRL's argument classes that mean nothing for a diffusion pipeline, with their only accepted value.
+UNSUPPORTED_FLAGS = {
+    "attn_implementation": None,
+    "load_in_8bit": False,
+    "load_in_4bit": False,
+    "use_bnb_nested_quant": False,
+    "bnb_4bit_quant_storage": None,
+    "lora_target_parameters": None,
+    "lora_modules_to_save": None,
+    "dataset_streaming": False,
+    "ignore_bias_buffers": False,
+}
+
 
 @dataclass
 class RewardArguments:
@@ -33,10 +107,46 @@ class RewardArguments:
 
     reward_funcs: list[str] | None = field(
         default=None,
-        metadata={"help": f"Required. One or more rewards, each {REWARD_SPEC_HELP}. Weigh several with "
-                          f"--reward_weights."},
+        metadata={
+            "help": f"Required. One or more rewards, each {REWARD_SPEC_HELP}. Weigh several with --reward_weights."
+        },
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
+
+
+def make_parser(family: str = "sd") -> TrlParser:
+    """The argument parser of the scripts, with `family`'s defaults (`FAMILY_DEFAULTS`)."""
+    if family not in FAMILY_DEFAULTS:
+        raise ValueError(f"Unknown model family {family!r}: use one of {sorted(FAMILY_DEFAULTS)}.")
+    parser = TrlParser((ScriptArguments, DDRLConfig, ModelConfig, RewardArguments))
+    parser.set_defaults(**FAMILY_DEFAULTS[family])
+    return parser
+
+
+def main(
+    script_args: ScriptArguments, training_args: DDRLConfig, model_args: ModelConfig, reward_args: RewardArguments
+) -> DDRLTrainer:
+    """Train with DDRL from parsed arguments, resume if asked, save, and push to the Hub if asked."""
+    resume = resume_argument(training_args.resume_from_checkpoint)
+    check_arguments(script_args, training_args, model_args, reward_args, resume)  # before loading anything
+    training_args.model_init_kwargs = {
+        "revision": model_args.model_revision,
+        **(training_args.model_init_kwargs or {}),
+    }
+    train_dataset, eval_dataset = load_data(script_args, reward_args.max_train_samples)
+    trainer = DDRLTrainer(
+        model=model_args.model_name_or_path,
+        reward_funcs=reward_args.reward_funcs,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset if training_args.eval_strategy != "no" else None,
+        peft_config=lora_config(model_args),
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(training_args.output_dir)
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    return trainer
 
 
 def resume_argument(value: str | bool | None) -> str | bool | None:
@@ -51,20 +161,55 @@ def resume_argument(value: str | bool | None) -> str | bool | None:
     return value
 
 
-def check_arguments(training_args: DDRLConfig, reward_args: RewardArguments, resume: str | bool | None) -> None:
-    """What can be checked before loading the model and data: a reward is named, and `output_dir` may be used."""
+def check_arguments(
+    script_args: ScriptArguments,
+    training_args: DDRLConfig,
+    model_args: ModelConfig,
+    reward_args: RewardArguments,
+    resume: str | bool | None,
+) -> None:
+    """What can be checked before loading the model and data: a reward is named, no flag would be ignored, and
+    `output_dir` may be used."""
     if not reward_args.reward_funcs:
         raise ValueError(
             f"--reward_funcs is required: name the reward(s) to train on, each {REWARD_SPEC_HELP}. There is no "
-            f"default: a reward chosen by accident is what RL optimises (the built-in 'brightness' trains toward white "
+            "default: a reward chosen by accident is what RL optimises (the built-in 'brightness' trains toward "
+            "white "
             f"images)."
+        )
+    if model_args.model_name_or_path is None:
+        raise ValueError("--model_name_or_path is required: a diffusers pipeline's Hub id or local folder.")
+    ignored = {
+        name: getattr(args, name)
+        for args in (script_args, model_args)
+        for name, accepted in UNSUPPORTED_FLAGS.items()
+        if hasattr(args, name) and getattr(args, name) != accepted
+    }
+    if ignored:
+        raise ValueError(
+            f"{', '.join(f'--{name} {value}' for name, value in ignored.items())}: not supported for diffusion "
+            f"pipelines (quantised loading, attention backends, extra LoRA modules, streamed datasets). Drop them."
+        )
+    if model_args.dtype not in (None, "auto", "float32"):
+        raise ValueError(
+            f"--dtype {model_args.dtype}: the trainer chooses dtypes itself (float32 trained weights, the frozen "
+            "parts "
+            f"in bf16/fp16 under --bf16 / --fp16). Use --bf16 or --fp16 instead."
         )
     if training_args.should_save:
         check_output_dir_writable(training_args.output_dir)
     check_output_dir_free(training_args, resume)
 
 
-def load_data(script_args: ScriptArguments) -> tuple[Dataset, Dataset | None]:
+def lora_config(model_args: ModelConfig):
+    """`trl.get_peft_config`, for a diffusers denoiser (no transformers task type), or None without `--use_peft`."""
+    config = get_peft_config(model_args)
+    if config is not None:
+        config.task_type = None
+    return config
+
+
+def load_data(script_args: ScriptArguments, max_train_samples: int | None = None) -> tuple[Dataset, Dataset | None]:
     """The train split and, if present, the test split of `--dataset_name`: a Hub id or a `save_to_disk` folder."""
     name = script_args.dataset_name
     if name is None:
@@ -74,41 +219,63 @@ def load_data(script_args: ScriptArguments) -> tuple[Dataset, Dataset | None]:
         or os.path.isfile(os.path.join(name, "dataset_dict.json"))
     )
     data = load_from_disk(name) if saved else load_dataset(name, script_args.dataset_config)
+    train, test = data, None
     if hasattr(data, "keys"):  # a DatasetDict
         train = data[script_args.dataset_train_split]
         test = data[script_args.dataset_test_split] if script_args.dataset_test_split in data else None
-        return train, test
-    return data, None
+    if max_train_samples is not None:
+        train = train.select(range(min(max_train_samples, len(train))))
+    return train, test
 
 
-def train(
-    script_args: ScriptArguments, training_args: DDRLConfig, model_args: ModelConfig, reward_args: RewardArguments
-) -> DDRLTrainer:
-    """Build the `DDRLTrainer` from parsed arguments, train (resuming with `--resume_from_checkpoint`), and save the
-    adapter (or denoiser) to `output_dir`."""
-    resume = resume_argument(training_args.resume_from_checkpoint)
-    check_arguments(training_args, reward_args, resume)
-    train_data, test_data = load_data(script_args)
-    if reward_args.max_train_samples is not None:
-        train_data = train_data.select(range(min(reward_args.max_train_samples, len(train_data))))
-    peft_config = get_peft_config(model_args)
-    if peft_config is not None:
-        peft_config.task_type = None  # a diffusers denoiser is not a transformers task model
-    trainer = DDRLTrainer(
-        model=model_args.model_name_or_path,
-        reward_funcs=reward_args.reward_funcs,
-        args=training_args,
-        train_dataset=train_data,
-        eval_dataset=test_data if training_args.eval_strategy != "no" else None,
-        peft_config=peft_config,
-    )
-    trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(training_args.output_dir)
-    return trainer
+def infer_family(model_name_or_path: str) -> str:
+    """The model family of a pipeline folder or Hub id, from its `model_index.json` (`PIPELINE_FAMILIES`)."""
+    if os.path.isdir(model_name_or_path):
+        path = os.path.join(model_name_or_path, "model_index.json")
+    else:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            path = hf_hub_download(model_name_or_path, "model_index.json")
+        except Exception as err:  # noqa: BLE001 — offline, unknown repo, no such file: all mean "cannot tell"
+            raise ValueError(
+                f"Cannot read {model_name_or_path}'s model_index.json to infer its family ({err}): pass "
+                f"--family ({', '.join(FAMILY_DEFAULTS)})."
+            ) from err
+    with open(path, encoding="utf-8") as file:
+        pipeline = json.load(file).get("_class_name")
+    if pipeline not in PIPELINE_FAMILIES:
+        raise ValueError(
+            f"{model_name_or_path} is a {pipeline}, which `ddrl-trl train` has no family for: pass "
+            f"--family ({', '.join(FAMILY_DEFAULTS)}) or use DDRLTrainer from Python."
+        )
+    return PIPELINE_FAMILIES[pipeline]
 
 
-def run_script(argv: list[str] | None = None, **defaults: Any) -> DDRLTrainer:
-    """Parse the command line (and `--config` YAML) over the script's `defaults`, then `train`."""
-    parser = TrlParser((ScriptArguments, DDRLConfig, ModelConfig, RewardArguments))
-    parser.set_defaults(**defaults)
-    return train(*parser.parse_args_and_config(args=argv))
+def train_command(argv: list[str]) -> DDRLTrainer:
+    """`ddrl-trl train [--family F] ...`: the family from `--family`, or from the pipeline `--model_name_or_path`
+    (on the command line or in `--config`) names; then `main` with that family's defaults."""
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--family", choices=sorted(FAMILY_DEFAULTS))
+    first.add_argument("--model_name_or_path")
+    first.add_argument("--config")
+    known, rest = first.parse_known_args(argv)
+    if any(arg in ("-h", "--help") for arg in rest):
+        make_parser(known.family or "sd").parse_args_and_config(args=["--help"])
+    rest = [*rest, *(["--config", known.config] if known.config else [])]
+    model = known.model_name_or_path
+    if model is None and known.config:
+        with open(known.config, encoding="utf-8") as file:
+            model = (yaml.safe_load(file) or {}).get("model_name_or_path")
+    family = known.family or (infer_family(model) if model else None)
+    if family is None:
+        raise ValueError(
+            f"Name the model: --model_name_or_path (its family is inferred), or --family "
+            f"({', '.join(sorted(FAMILY_DEFAULTS))}) for its default model."
+        )
+    argv = [*rest, *(["--model_name_or_path", model] if known.model_name_or_path else [])]
+    return main(*make_parser(family).parse_args_and_config(args=argv))
+
+
+if __name__ == "__main__":
+    train_command(sys.argv[1:])

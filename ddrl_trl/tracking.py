@@ -7,9 +7,9 @@ import math
 
 import numpy as np
 import torch
-from PIL import Image
 from diffusers.configuration_utils import FrozenDict
 from diffusers.utils import make_image_grid
+from PIL import Image
 from transformers.integrations import TensorBoardCallback
 
 from .rewards import to_pil

@@ -26,9 +26,20 @@ from .adapters import PipelineAdapter, get_adapter, repeat_conditioning
 from .callbacks import HackingMonitorCallback
 from .config import DDRLConfig
 from .core import (
-    aggregate_rewards, clipped_policy_loss, diffusion_loss, group_advantages, reverse_kl_loss,
-)  # fmt: skip
-from .data import DDRLCollator, RepeatSampler, check_columns, check_prompts, encode_reference_dataset
+    aggregate_rewards,
+    clipped_policy_loss,
+    diffusion_loss,
+    group_advantages,
+    reverse_kl_loss,
+)
+from .data import (
+    DDRLCollator,
+    RepeatSampler,
+    check_columns,
+    check_prompts,
+    encode_reference_dataset,
+    reference_column_of,
+)
 from .data_term import DataTermBatch
 from .evaluation import HeldOutEvaluator
 from .guards import NonFiniteStepGuard
@@ -38,9 +49,16 @@ from .model_card import write_model_card
 from .model_setup import frozen_dtype, prepare_for_training
 from .reference import ReferencePolicy
 from .resume import (
-    check_output_dir_writable, check_same_run, data_signature, prepare_output_dir, resolve_checkpoint, run_info,
-    load_rollout_buffer, verify_checkpoint, warn_if_output_dir_taken,
-)  # fmt: skip
+    check_output_dir_writable,
+    check_same_run,
+    data_signature,
+    load_rollout_buffer,
+    prepare_output_dir,
+    resolve_checkpoint,
+    run_info,
+    verify_checkpoint,
+    warn_if_output_dir_taken,
+)
 from .rewards import compute_rewards, resolve_reward, reward_name
 from .rewards.calling import check_column_names
 from .rollout import Rollout, SavedRollout, SeededNoise, rollout_and_score, stable_seed, synchronize
@@ -50,12 +68,12 @@ from .tracking import image_grid, log_image_grid
 logger = logging.getLogger(__name__)
 
 
-def _load_pipeline(model: Any, dtype: torch.dtype):
+def _load_pipeline(model: Any, dtype: torch.dtype, init_kwargs: dict | None):
     if not isinstance(model, (str, os.PathLike)):
         return model
     from diffusers import DiffusionPipeline
 
-    return DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
+    return DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, **(init_kwargs or {}))
 
 
 @dataclass
@@ -96,10 +114,14 @@ class DDRLTrainer(SavingMixin, Trainer):
     The data sample shares the denoiser forward of the rollout states (one forward and one backward per trained step).
 
     Args:
-        model: a diffusers pipeline, or a local path / Hub id loaded with `DiffusionPipeline.from_pretrained`.
-        reward_funcs: a reward callable `f(images, prompts, **columns) -> list[float | None]` (e.g. a
-            `RemoteReward`), a string — a built-in name, `"module:function"`, or a Hub id / local path of a reward
-            model (`load_reward`) — or a list of these, combined with `args.reward_weights` (docs/rewards.md).
+        model: a diffusers pipeline, or a local path / Hub id loaded with `DiffusionPipeline.from_pretrained` (with
+            `args.model_init_kwargs`).
+        reward_funcs: a reward callable, in TRL's form `f(prompts=..., completions=..., trainer_state=..., **columns)`
+            (completions: the images), sync or `async def`, or `f(images, prompts, **columns)`, returning one float
+            (or None) per sample (e.g. a `RemoteReward`); a string — a built-in name, an import path
+            (`"module:function"` or `"module.function"`), or a Hub id / local path of a reward model (`load_reward`);
+            or a list of these, combined with `args.reward_weights` and `args.multi_objective_aggregation`
+            (docs/rewards.md).
         args: a `DDRLConfig`.
         train_dataset: a `datasets.Dataset` with a prompt column and a paired reference image column.
         eval_dataset: held-out data of the same form, for `eval_diffusion_loss` and its ratio to the base model.
@@ -107,7 +129,8 @@ class DDRLTrainer(SavingMixin, Trainer):
         callbacks, optimizers: as for `transformers.Trainer`.
     """
 
-    _tag_names = ["ddrl", "diffusers", "trl"]
+    #: Tags of every model card this trainer writes (as TRL's trainers), before the task's and the user's.
+    _tag_names = ["ddrl", "trl", "diffusers-training"]
 
     def __init__(
         self,
@@ -139,12 +162,15 @@ class DDRLTrainer(SavingMixin, Trainer):
         self.reward_weights = torch.tensor(weights, dtype=torch.float32)
         if train_dataset is None:
             raise ValueError("DDRLTrainer needs a train_dataset with prompts and their paired reference images.")
-        check_columns(train_dataset, args.prompt_column, args.image_column, "training")
+        #: The dataset column with the paired reference samples (`reference_column`, else "image" or "video").
+        self.reference_column = reference_column_of(train_dataset, args.reference_column)
+        check_columns(train_dataset, args.prompt_column, self.reference_column, "training")
         check_prompts(train_dataset, args.prompt_column, "training")
-        check_column_names([c for c in train_dataset.column_names if c not in (args.prompt_column, args.image_column)],
-                           "training")  # fmt: skip
+        check_column_names(
+            [c for c in train_dataset.column_names if c not in (args.prompt_column, self.reference_column)], "training"
+        )
         if eval_dataset is not None:
-            check_columns(eval_dataset, args.prompt_column, args.image_column, "evaluation")
+            check_columns(eval_dataset, args.prompt_column, self.reference_column, "evaluation")
             check_prompts(eval_dataset, args.prompt_column, "evaluation")
         if args.should_save:
             check_output_dir_writable(args.output_dir)
@@ -154,8 +180,9 @@ class DDRLTrainer(SavingMixin, Trainer):
         if any(isinstance(callback, HackingMonitorCallback) for callback in callbacks or []):
             HackingMonitorCallback.check_eval_data(eval_dataset)
 
-        # ---- the model: its family's adapter, prepared for training (model_setup.py), and the base it is compared with
-        pipeline = _load_pipeline(model, frozen_dtype(args))
+        # ---- the model: its family's adapter, prepared for training (model_setup.py), and the base it is compared
+        # with
+        pipeline = _load_pipeline(model, frozen_dtype(args), args.model_init_kwargs)
         #: Hub id or path of the base pipeline, for the model card (None for a pipeline built in memory).
         in_memory = not isinstance(model, (str, os.PathLike))
         self.base_model_id = getattr(pipeline, "name_or_path", None) if in_memory else str(model)
@@ -186,8 +213,9 @@ class DDRLTrainer(SavingMixin, Trainer):
             callbacks=callbacks,
             optimizers=optimizers,
         )
-        self.evaluator = HeldOutEvaluator(self.adapter, self.sampler, self.reference, args, self.accelerator,
-                                          self.compute_loss_context_manager)  # fmt: skip
+        self.evaluator = HeldOutEvaluator(
+            self.adapter, self.sampler, self.reference, args, self.accelerator, self.compute_loss_context_manager
+        )
         #: DDRL's training metrics since the last log (docs/metrics.md).
         self.metrics = TrainingMetrics()
         #: With `num_iterations` > 1: this process's rollout batches of the current optimiser step, by micro-step.
@@ -213,16 +241,27 @@ class DDRLTrainer(SavingMixin, Trainer):
         self.accelerator.wait_for_everyone()
         checkpoint = resolve_checkpoint(self.args.output_dir, resume_from_checkpoint)
         if checkpoint is not None:
-            verify_checkpoint(checkpoint, self.is_lora, self.adapter.denoiser_name, self.is_deepspeed_enabled,
-                              self.args.process_index, self.args.world_size, self.args.num_iterations)  # fmt: skip
+            verify_checkpoint(
+                checkpoint,
+                self.is_lora,
+                self.adapter.denoiser_name,
+                self.is_deepspeed_enabled,
+                self.args.process_index,
+                self.args.world_size,
+                self.args.num_iterations,
+            )
             check_same_run(checkpoint, run_info(self))
         if self.eval_dataset is not None and not self.reference.available:
             self.evaluator.measure_base(self.eval_dataset)
-        self._rollout_buffer = {} if checkpoint is None else load_rollout_buffer(checkpoint, self.args.process_index,
-                                                                                 self.accelerator.device)  # fmt: skip
+        self._rollout_buffer = (
+            {}
+            if checkpoint is None
+            else load_rollout_buffer(checkpoint, self.args.process_index, self.accelerator.device)
+        )
         self.metrics.restart_clock()
-        return super().train(resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval,
-                             **kwargs)  # fmt: skip
+        return super().train(
+            resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
+        )
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Held-out diffusion loss and its ratio to the base model's (> 1.10: the paper's reward-hacking signal).
@@ -234,7 +273,7 @@ class DDRLTrainer(SavingMixin, Trainer):
         if eval_dataset is None:
             eval_dataset = self.eval_dataset
         elif "ddrl_ref_latents" not in eval_dataset.column_names:
-            check_columns(eval_dataset, self.args.prompt_column, self.args.image_column, "evaluation")
+            check_columns(eval_dataset, self.args.prompt_column, self.reference_column, "evaluation")
             check_prompts(eval_dataset, self.args.prompt_column, "evaluation")
             eval_dataset = self._encode(eval_dataset, self.args, "evaluation")
         if eval_dataset is None:
@@ -247,9 +286,15 @@ class DDRLTrainer(SavingMixin, Trainer):
     # ------------------------------------------------------------------------------------------------ data plumbing
     def _encode(self, dataset: Dataset, args: DDRLConfig, split: str) -> Dataset:
         return encode_reference_dataset(
-            dataset, self.adapter.encode_images, self.resolution, args.image_column, args.preprocess_batch_size, split,
-            num_frames=self.adapter.num_frames, max_upscale=args.max_reference_upscale,
-        )  # fmt: skip
+            dataset,
+            self.adapter.encode_images,
+            self.resolution,
+            self.reference_column,
+            args.preprocess_batch_size,
+            split,
+            num_frames=self.adapter.num_frames,
+            max_upscale=args.max_reference_upscale,
+        )
 
     def _check_rewards_on(self, dataset: Dataset, args: DDRLConfig) -> None:
         """Call every reward on two decoded reference images: a wrong length or type fails before any rollout."""
@@ -259,15 +304,24 @@ class DDRLTrainer(SavingMixin, Trainer):
         scores = compute_rewards(self.reward_funcs, images, batch["prompts"], batch["columns"], TrainerState())
         for name, column in zip(self.reward_names, scores.unbind(dim=1)):
             if torch.isnan(column).all():
-                logger.warning("Reward %r gave no score (None/NaN) to any of %d reference samples: check that it suits "
-                               "this data; unscored samples get no advantage.", name, len(column))  # fmt: skip
+                logger.warning(
+                    "Reward %r gave no score (None/NaN) to any of %d reference samples: check that it suits "
+                    "this data; unscored samples get no advantage.",
+                    name,
+                    len(column),
+                )
 
     def _get_train_sampler(self, train_dataset=None):
         args = self.args
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         rows_per_step = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
-        return RepeatSampler(len(dataset), args.num_generations, seed=args.seed, iterations=args.num_iterations,
-                             groups_per_step=rows_per_step // args.num_generations)  # fmt: skip
+        return RepeatSampler(
+            len(dataset),
+            args.num_generations,
+            seed=args.seed,
+            iterations=args.num_iterations,
+            groups_per_step=rows_per_step // args.num_generations,
+        )
 
     def _remove_unused_columns(self, dataset, description=None):
         return dataset  # reward functions may use any column; the collator picks what the trainer needs
@@ -280,9 +334,13 @@ class DDRLTrainer(SavingMixin, Trainer):
         micro = self._micro_step % self.args.gradient_accumulation_steps
         batch = self._rollout_batch(model, inputs, reuse=self._rollout_buffer.get(micro) if self._iteration else None)
         if self.args.num_iterations > 1 and self._iteration == 0:
-            self._rollout_buffer[micro] = SavedRollout(batch.rollout.states, batch.rollout.log_probs,
-                                                       batch.advantages, list(inputs["prompts"]),
-                                                       list(batch.layout.global_rows))  # fmt: skip
+            self._rollout_buffer[micro] = SavedRollout(
+                batch.rollout.states,
+                batch.rollout.log_probs,
+                batch.advantages,
+                list(inputs["prompts"]),
+                list(batch.layout.global_rows),
+            )
         began = time.perf_counter()
         loss = self._policy_and_data_backward(model, batch)
         synchronize(loss.device)
@@ -300,13 +358,15 @@ class DDRLTrainer(SavingMixin, Trainer):
         of the whole global batch into this process's advantages; or, at a later iteration, `reuse` those."""
         args = self.args
         prompts: list[str] = inputs["prompts"]
-        layout = GroupLayout(len(prompts), args.num_generations, self.accelerator.process_index,
-                             self.accelerator.num_processes)  # fmt: skip
+        layout = GroupLayout(
+            len(prompts), args.num_generations, self.accelerator.process_index, self.accelerator.num_processes
+        )
         unique_prompts = [prompts[i] for i in layout.first_local_rows]
         if prompts != [p for p, count in zip(unique_prompts, layout.counts) for _ in range(count)]:
             raise RuntimeError("A batch does not hold groups of num_generations rows; use DDRLTrainer's sampler.")
-        noise = SeededNoise(self._rollout_seed(), self.accelerator.device, args.num_generations,
-                             args.same_noise_within_group)  # fmt: skip
+        noise = SeededNoise(
+            self._rollout_seed(), self.accelerator.device, args.num_generations, args.same_noise_within_group
+        )
         ref_latents = inputs["ref_latents"][layout.first_local_rows]
         if self._iteration:
             if reuse is None or reuse.prompts != prompts or reuse.rows != list(layout.global_rows):
@@ -318,8 +378,15 @@ class DDRLTrainer(SavingMixin, Trainer):
             with self.compute_loss_context_manager():
                 prompt_cond = self.adapter.encode_prompts(unique_prompts)
             rollout = Rollout(states=reuse.states, log_probs=reuse.log_probs, images=None)
-            return RolloutBatch(rollout, reuse.advantages, repeat_conditioning(prompt_cond, layout.counts), prompt_cond,
-                                ref_latents, layout, noise)  # fmt: skip
+            return RolloutBatch(
+                rollout,
+                reuse.advantages,
+                repeat_conditioning(prompt_cond, layout.counts),
+                prompt_cond,
+                ref_latents,
+                layout,
+                noise,
+            )
         columns = inputs["columns"]
 
         def score(images: torch.Tensor, rows: slice) -> torch.Tensor:
@@ -332,9 +399,17 @@ class DDRLTrainer(SavingMixin, Trainer):
             prompt_cond = self.adapter.encode_prompts(unique_prompts)
             row_cond = repeat_conditioning(prompt_cond, layout.counts)
             rollout, per_func, times = rollout_and_score(
-                self.adapter, self.sampler, row_cond, self.latent_shape, noise, layout.global_rows, score,
-                chunk_rows=chunk_rows, executor=self._reward_executor(), denoiser=model,
-            )  # fmt: skip
+                self.adapter,
+                self.sampler,
+                row_cond,
+                self.latent_shape,
+                noise,
+                layout.global_rows,
+                score,
+                chunk_rows=chunk_rows,
+                executor=self._reward_executor(),
+                denoiser=model,
+            )
         self.metrics.add_rollout_times(times, rows=len(prompts))
         advantages = self._advantages(per_func, layout)
         self._maybe_log_images(rollout.images, prompts)
@@ -365,12 +440,22 @@ class DDRLTrainer(SavingMixin, Trainer):
         whole global batch (gathered from every process: groups may span processes)."""
         args = self.args
         per_func = self.accelerator.gather(per_func.to(self.accelerator.device)).cpu()
-        combined = aggregate_rewards(per_func, self.reward_weights, args.num_generations,
-                                     args.multi_objective_aggregation, args.scale_rewards, args.reward_clip)  # fmt: skip
+        combined = aggregate_rewards(
+            per_func,
+            self.reward_weights,
+            args.num_generations,
+            args.multi_objective_aggregation,
+            args.scale_rewards,
+            args.reward_clip,
+        )
         advantages = group_advantages(
-            combined.rewards, args.num_generations, scale_rewards=combined.scale_rewards,
-            reward_clip=combined.reward_clip, exp_transform=args.exp_advantage, advantage_clip=args.advantage_clip,
-        )  # fmt: skip
+            combined.rewards,
+            args.num_generations,
+            scale_rewards=combined.scale_rewards,
+            reward_clip=combined.reward_clip,
+            exp_transform=args.exp_advantage,
+            advantage_clip=args.advantage_clip,
+        )
         self.metrics.add_rewards(per_func, combined, self.reward_names, args.num_generations)
         return advantages[layout.local_slice].to(self.accelerator.device)
 
@@ -380,8 +465,15 @@ class DDRLTrainer(SavingMixin, Trainer):
         args = self.args
         data = None
         if args.data_beta > 0:
-            data = DataTermBatch.build(args, batch.ref_latents, batch.row_cond, batch.prompt_cond, batch.layout,
-                                       batch.noise, like=batch.rollout.states)  # fmt: skip
+            data = DataTermBatch.build(
+                args,
+                batch.ref_latents,
+                batch.row_cond,
+                batch.prompt_cond,
+                batch.layout,
+                batch.noise,
+                like=batch.rollout.states,
+            )
         num_trained, total = len(self.trained_steps), torch.zeros((), device=batch.rollout.states.device)
         batch_syncs = self.accelerator.sync_gradients  # read once: each backward below sets it
         for position, step_index in enumerate(self.trained_steps):
@@ -401,8 +493,9 @@ class DDRLTrainer(SavingMixin, Trainer):
             self.metrics.add("loss/data", zero)
         return total
 
-    def _step_terms(self, model, batch: RolloutBatch, position: int, step_index: int,
-                    data: DataTermBatch | None) -> StepTerms:  # fmt: skip
+    def _step_terms(
+        self, model, batch: RolloutBatch, position: int, step_index: int, data: DataTermBatch | None
+    ) -> StepTerms:
         """loss_j = L_pg + data_beta · L_data + kl_beta · L_kl at trained step `step_index` (the `position`-th), from
         one denoiser forward over the rollout states and, with `data`, the noised references."""
         args, sampler, states = self.args, self.sampler, batch.rollout.states
@@ -415,8 +508,9 @@ class DDRLTrainer(SavingMixin, Trainer):
             timesteps, cond = torch.cat([timestep, data_t]), data.cond
         output = self.adapter.predict(latents, timesteps, cond, denoiser=model)
         log_prob, mean = sampler.log_prob(output[:rows], step_index, states[:, step_index], states[:, step_index + 1])
-        policy, ratio, clipped = clipped_policy_loss(log_prob, batch.rollout.log_probs[:, step_index],
-                                                     batch.advantages, args.epsilon)  # fmt: skip
+        policy, ratio, clipped = clipped_policy_loss(
+            log_prob, batch.rollout.log_probs[:, step_index], batch.advantages, args.epsilon
+        )
         terms = StepTerms(loss=policy, policy=policy, ratio=ratio, clipped=clipped)
         if data is not None:
             target = sampler.training_target(data.ref_latents, data.noise, data_t)
@@ -468,12 +562,28 @@ class DDRLTrainer(SavingMixin, Trainer):
         return torch.autocast(self.accelerator.device.type, dtype=dtype, cache_enabled=cache_enabled)
 
     # ------------------------------------------------------------------------------------------------ publishing
-    def create_model_card(self, model_name=None, dataset_name=None, tags=None, license=None, **kwargs) -> None:
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        dataset_name: str | None = None,
+        tags: str | list[str] | None = None,
+        license: str | None = None,
+        **kwargs,
+    ) -> None:
         """Write the diffusers model card `push_to_hub()` uploads (README.md, samples.png, training_curves.png):
-        base model, paper, how to load the weights, rewards, configuration, samples and curves (`model_card.py`)."""
+        base model, paper, how to load the weights, rewards, configuration, samples and curves (`model_card.py`).
+
+        Args:
+            model_name: the card's title (`push_to_hub` passes the repo's name; default: the output folder's name).
+            dataset_name: the reference data's Hub id or name, in the card's metadata and text.
+            tags: tags added to the trainer's (`_tag_names`: ddrl, trl, diffusers-training) and the task's.
+            license: the license in the card's metadata.
+        """
+        if kwargs:
+            logger.warning("create_model_card: ignoring arguments it does not use: %s", ", ".join(sorted(kwargs)))
         if self.is_world_process_zero():
             tags = [tags] if isinstance(tags, str) else tags
-            write_model_card(self, tags=tags, license=license)
+            write_model_card(self, model_name=model_name, dataset_name=dataset_name, tags=tags, license=license)
 
     # ------------------------------------------------------------------------------------------------ logging
     def _maybe_log_images(self, images: torch.Tensor, prompts: list[str]) -> None:

@@ -7,13 +7,20 @@
         --output_dir sd15-ddrl --learning_rate 1e-4 --bf16 --report_to tensorboard
 
 or with a YAML file holding the same keys: `accelerate launch examples/train_sd.py --config ddrl.yaml`.
-`--dataset_name` may also be a folder written by `Dataset.save_to_disk`, `--model_name_or_path` a local pipeline folder.
+`--dataset_name` may also be a folder written by `Dataset.save_to_disk`, `--model_name_or_path` a local pipeline
+folder.
 `--reward_funcs` is required: built-in names, import paths (`package.module:function` or `package.module.function`),
 or reward models by Hub id or folder. Add `--resume_from_checkpoint true` to continue an interrupted run in
-`--output_dir`. See docs/examples.md.
+`--output_dir`, `--push_to_hub` to publish the adapter with a model card. `ddrl-trl train` (installed with the package)
+runs the same thing. See docs/examples.md.
+
+`main` (ddrl_trl/scripts.py) reads as TRL's `scripts/grpo.py`: check the arguments → load the data →
+`DDRLTrainer(model, reward_funcs, args, train_dataset, eval_dataset, peft_config)` →
+`train(resume_from_checkpoint=...)` → `save_model` → `push_to_hub`.
 """
 
-from ddrl_trl.scripts import run_script
+from ddrl_trl.scripts import main, make_parser
 
 if __name__ == "__main__":
-    run_script()
+    script_args, training_args, model_args, reward_args = make_parser(family="sd").parse_args_and_config()
+    main(script_args, training_args, model_args, reward_args)

@@ -36,7 +36,5 @@ def brightness_reward(images, prompts, **kwargs):
 def reference_videos():
     """Prompts with paired 9-frame reference videos (lists of 20x24 frames, cropped to 16x16 in training)."""
     rng = np.random.default_rng(1)
-    videos = [
-        [Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)) for _ in range(9)] for _ in range(6)
-    ]
+    videos = [[Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)) for _ in range(9)] for _ in range(6)]
     return Dataset.from_dict({"prompt": PROMPTS * 2, "video": videos})

@@ -19,7 +19,7 @@ from PIL import Image
 
 import ddrl_trl.trainer as trainer_module
 from ddrl_trl import DDRLConfig, DDRLTrainer
-from ddrl_trl.tiny_pipelines import tiny_sd_pipeline
+from ddrl_trl.testing import tiny_sd_pipeline
 
 torch.set_num_threads(1)
 parser = argparse.ArgumentParser()
@@ -39,10 +39,12 @@ parser.add_argument("--num-iterations", type=int, default=1, help="optimiser ste
 parser.add_argument("--epsilon", type=float, default=1e-4, help="PPO clip range")
 cli = parser.parse_args()
 rng = np.random.default_rng(0)
-dataset = Dataset.from_dict({
-    "prompt": ["a red cat", "a blue dog", "a green bird", "a white house", "a black car", "a small tree"],
-    "image": [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(6)],
-})  # fmt: skip
+dataset = Dataset.from_dict(
+    {
+        "prompt": ["a red cat", "a blue dog", "a green bird", "a white house", "a black car", "a small tree"],
+        "image": [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(6)],
+    }
+)
 
 initial_noise = []
 original = trainer_module.rollout_and_score
@@ -68,29 +70,59 @@ def nan_at_step(*args, **kwargs):
 
 trainer_module.clipped_policy_loss = nan_at_step
 args = DDRLConfig(
-    output_dir=cli.out, num_generations=4, per_device_train_batch_size=cli.per_device, num_inference_steps=4,
-    train_step_stride=1, max_steps=cli.max_steps, learning_rate=cli.learning_rate, warmup_steps=0, logging_steps=1,
-    report_to="none", log_sample_images_steps=0, seed=0, dataloader_pin_memory=False, data_beta=0.5,
-    save_strategy="steps" if cli.save_steps else "no", save_steps=cli.save_steps or 1,
-    gradient_accumulation_steps=cli.accumulation, optim=cli.optim, bf16=cli.bf16, num_iterations=cli.num_iterations,
+    output_dir=cli.out,
+    num_generations=4,
+    per_device_train_batch_size=cli.per_device,
+    num_inference_steps=4,
+    train_step_stride=1,
+    max_steps=cli.max_steps,
+    learning_rate=cli.learning_rate,
+    warmup_steps=0,
+    logging_steps=1,
+    report_to="none",
+    log_sample_images_steps=0,
+    seed=0,
+    dataloader_pin_memory=False,
+    data_beta=0.5,
+    save_strategy="steps" if cli.save_steps else "no",
+    save_steps=cli.save_steps or 1,
+    gradient_accumulation_steps=cli.accumulation,
+    optim=cli.optim,
+    bf16=cli.bf16,
+    num_iterations=cli.num_iterations,
     epsilon=cli.epsilon,
     use_cpu=True,  # on a machine without GPUs, transformers sets up gloo multi-process only when told it is on CPU
-)  # fmt: skip
+)
 trainer = DDRLTrainer(
-    model=tiny_sd_pipeline(), reward_funcs="brightness", args=args, train_dataset=dataset, eval_dataset=dataset,
+    model=tiny_sd_pipeline(),
+    reward_funcs="brightness",
+    args=args,
+    train_dataset=dataset,
+    eval_dataset=dataset,
     peft_config=LoraConfig(r=4, lora_alpha=16, init_lora_weights="gaussian") if not cli.full else None,
-)  # fmt: skip
+)
 trainer.train(resume_from_checkpoint=cli.resume)
 trainer.save_model()
 evaluation = trainer.evaluate()  # the held-out samples are split across processes
 noise = trainer.accelerator.gather(torch.stack(initial_noise).flatten(2).contiguous())  # (processes·steps, b, D)
 if trainer.accelerator.is_main_process:
-    logged = {key: [h[key] for h in trainer.state.log_history if key in h]
-              for key in ("reward", "loss/data", "ratio/mean", "clip_fraction", "nonfinite_steps")}  # fmt: skip
+    logged = {
+        key: [h[key] for h in trainer.state.log_history if key in h]
+        for key in ("reward", "loss/data", "ratio/mean", "clip_fraction", "nonfinite_steps")
+    }
     with open(f"{cli.out}/result.json", "w") as f:
-        json.dump({"rewards": logged["reward"], "data_losses": logged["loss/data"], "ratios": logged["ratio/mean"],
-                   "clip_fractions": logged["clip_fraction"], "nonfinite_steps": logged["nonfinite_steps"],
-                   "processes": trainer.accelerator.num_processes,
-                   "distributed_type": str(trainer.accelerator.distributed_type),
-                   "eval_loss": evaluation["eval_diffusion_loss"], "eval_ratio": evaluation["eval_diffusion_loss_ratio"],
-                   "initial_noise": noise.tolist()}, f)  # fmt: skip
+        json.dump(
+            {
+                "rewards": logged["reward"],
+                "data_losses": logged["loss/data"],
+                "ratios": logged["ratio/mean"],
+                "clip_fractions": logged["clip_fraction"],
+                "nonfinite_steps": logged["nonfinite_steps"],
+                "processes": trainer.accelerator.num_processes,
+                "distributed_type": str(trainer.accelerator.distributed_type),
+                "eval_loss": evaluation["eval_diffusion_loss"],
+                "eval_ratio": evaluation["eval_diffusion_loss_ratio"],
+                "initial_noise": noise.tolist(),
+            },
+            f,
+        )

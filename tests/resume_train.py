@@ -16,15 +16,17 @@ from PIL import Image
 from transformers import TrainerCallback
 
 from ddrl_trl import DDRLConfig, DDRLTrainer
-from ddrl_trl.tiny_pipelines import tiny_sd_pipeline
+from ddrl_trl.testing import tiny_sd_pipeline
 
 torch.set_num_threads(1)
 out, mode = sys.argv[1], sys.argv[2]
 rng = np.random.default_rng(0)
-dataset = Dataset.from_dict({
-    "prompt": ["a red cat", "a blue dog", "a green bird"],
-    "image": [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(3)],
-})  # fmt: skip
+dataset = Dataset.from_dict(
+    {
+        "prompt": ["a red cat", "a blue dog", "a green bird"],
+        "image": [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(3)],
+    }
+)
 
 
 class KillAfterSave(TrainerCallback):
@@ -34,16 +36,33 @@ class KillAfterSave(TrainerCallback):
 
 
 args = DDRLConfig(
-    output_dir=out, num_generations=2, per_device_train_batch_size=4, num_inference_steps=4, train_step_stride=1,
-    max_steps=6, learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=2, logging_steps=1, report_to="none",
-    log_sample_images_steps=0, save_strategy="steps", save_steps=3, seed=0, dataloader_pin_memory=False,
-    ema_decay=0.9, use_cpu=True,
-)  # fmt: skip
+    output_dir=out,
+    num_generations=2,
+    per_device_train_batch_size=4,
+    num_inference_steps=4,
+    train_step_stride=1,
+    max_steps=6,
+    learning_rate=1e-3,
+    lr_scheduler_type="cosine",
+    warmup_steps=2,
+    logging_steps=1,
+    report_to="none",
+    log_sample_images_steps=0,
+    save_strategy="steps",
+    save_steps=3,
+    seed=0,
+    dataloader_pin_memory=False,
+    ema_decay=0.9,
+    use_cpu=True,
+)
 trainer = DDRLTrainer(
-    model=tiny_sd_pipeline(), reward_funcs="brightness", args=args, train_dataset=dataset,
+    model=tiny_sd_pipeline(),
+    reward_funcs="brightness",
+    args=args,
+    train_dataset=dataset,
     peft_config=LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian"),
     callbacks=[KillAfterSave()] if mode == "kill-after-save" else None,
-)  # fmt: skip
+)
 if mode == "kill-mid-save":
     original = trainer._save_rng_state
 

@@ -51,7 +51,9 @@ def test_exp_transform_and_advantage_clip():
 
 def test_scale_none_and_batch():
     rewards = torch.tensor([0.0, 2.0, 10.0, 14.0])
-    torch.testing.assert_close(group_advantages(rewards, 2, scale_rewards="none", reward_clip=None), torch.tensor([-1.0, 1.0, -2.0, 2.0]))
+    torch.testing.assert_close(
+        group_advantages(rewards, 2, scale_rewards="none", reward_clip=None), torch.tensor([-1.0, 1.0, -2.0, 2.0])
+    )
     batch_std = torch.tensor([0.0, 2.0, 10.0, 14.0]).std().item()
     torch.testing.assert_close(
         group_advantages(rewards, 2, scale_rewards="batch", reward_clip=None, advantage_clip=None),

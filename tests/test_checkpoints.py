@@ -1,5 +1,6 @@
 """Resuming is exact or refused: a damaged, incomplete, non-finite or foreign checkpoint fails naming the file and the
-checkpoint before any rollout; a new run never overwrites another run's work; an unwritable output_dir fails at once."""
+checkpoint before any rollout; a new run never overwrites another run's work; an unwritable output_dir fails at
+once."""
 
 import json
 import logging
@@ -9,16 +10,15 @@ import shutil
 
 import pytest
 import torch
+from conftest import make_reference_dataset
 from peft import LoraConfig
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from test_trainer import lora, make_trainer
 
 import ddrl_trl.trainer as trainer_module
-from ddrl_trl.checkpointing import CheckpointError
-from ddrl_trl.tiny_pipelines import tiny_sdxl_pipeline
-
-from conftest import make_reference_dataset
-from test_trainer import lora, make_trainer
+from ddrl_trl.testing import tiny_sdxl_pipeline
+from ddrl_trl.weight_files import CheckpointError
 
 
 def run(tmp_path, reference_dataset, peft_config=None, **kw):
@@ -66,11 +66,18 @@ def truncate(path):
 
 @pytest.mark.parametrize(
     "kind, name",
-    [("lora", "pytorch_lora_weights.safetensors"), ("lora", "optimizer.pt"), ("lora", "scheduler.pt"),
-     ("lora", "trainer_state.json"), ("lora", "rng_state.pth"), ("full", "unet/diffusion_pytorch_model.safetensors")],
-)  # fmt: skip
-def test_a_truncated_file_fails_resume_naming_the_file_and_the_checkpoint(tmp_path, reference_dataset, saved_runs,
-                                                                          kind, name, no_rollouts):  # fmt: skip
+    [
+        ("lora", "pytorch_lora_weights.safetensors"),
+        ("lora", "optimizer.pt"),
+        ("lora", "scheduler.pt"),
+        ("lora", "trainer_state.json"),
+        ("lora", "rng_state.pth"),
+        ("full", "unet/diffusion_pytorch_model.safetensors"),
+    ],
+)
+def test_a_truncated_file_fails_resume_naming_the_file_and_the_checkpoint(
+    tmp_path, reference_dataset, saved_runs, kind, name, no_rollouts
+):
     out, _ = copy_run(saved_runs, kind, tmp_path)
     damaged = out / "checkpoint-2" / name
     truncate(damaged)
@@ -84,9 +91,13 @@ def test_a_truncated_file_fails_resume_naming_the_file_and_the_checkpoint(tmp_pa
 
 @pytest.mark.parametrize(
     "name, what",
-    [("scheduler.pt", "the learning-rate schedule"), ("optimizer.pt", "the optimizer state"),
-     ("pytorch_lora_weights.safetensors", "the trained weights"), ("trainer_state.json", None)],
-)  # fmt: skip
+    [
+        ("scheduler.pt", "the learning-rate schedule"),
+        ("optimizer.pt", "the optimizer state"),
+        ("pytorch_lora_weights.safetensors", "the trained weights"),
+        ("trainer_state.json", None),
+    ],
+)
 def test_an_incomplete_checkpoint_is_refused(tmp_path, reference_dataset, saved_runs, name, what, no_rollouts):
     """transformers would skip a missing optimizer/scheduler pair silently and resume with fresh Adam moments."""
     out, _ = copy_run(saved_runs, "lora", tmp_path)
@@ -97,8 +108,9 @@ def test_an_incomplete_checkpoint_is_refused(tmp_path, reference_dataset, saved_
         trainer.train(resume_from_checkpoint=True)
 
 
-def test_a_missing_rng_state_is_reported_and_ddrl_still_resumes_exactly(tmp_path, reference_dataset, saved_runs,
-                                                                        caplog):  # fmt: skip
+def test_a_missing_rng_state_is_reported_and_ddrl_still_resumes_exactly(
+    tmp_path, reference_dataset, saved_runs, caplog
+):
     """DDRL's own randomness (rollout noise, data order, LoRA init) is seeded without the global RNG state, so
     resuming checkpoint-1 without it still gives the straight run's step-2 weights; the warning says what differs."""
     out, straight = copy_run(saved_runs, "lora", tmp_path)
@@ -106,14 +118,16 @@ def test_a_missing_rng_state_is_reported_and_ddrl_still_resumes_exactly(tmp_path
     trainer = run(tmp_path, reference_dataset, lora())
     with caplog.at_level(logging.WARNING):
         trainer.train(resume_from_checkpoint=str(out / "checkpoint-1"))
-    assert any("has no rng_state.pth: the global random state is not restored" in r.getMessage()
-               for r in caplog.records)  # fmt: skip
+    assert any(
+        "has no rng_state.pth: the global random state is not restored" in r.getMessage() for r in caplog.records
+    )
     for name, value in trained_weights(trainer).items():
         torch.testing.assert_close(value, straight[name], rtol=0, atol=0, msg=name)
 
 
-def test_non_finite_weights_or_optimizer_state_in_a_checkpoint_are_refused(tmp_path, reference_dataset, saved_runs,
-                                                                           no_rollouts):  # fmt: skip
+def test_non_finite_weights_or_optimizer_state_in_a_checkpoint_are_refused(
+    tmp_path, reference_dataset, saved_runs, no_rollouts
+):
     out, _ = copy_run(saved_runs, "lora", tmp_path)
     weights_file = out / "checkpoint-2" / "pytorch_lora_weights.safetensors"
     with safe_open(str(weights_file), framework="pt") as file:
@@ -122,7 +136,9 @@ def test_non_finite_weights_or_optimizer_state_in_a_checkpoint_are_refused(tmp_p
     key = sorted(tensors)[0]
     tensors[key][0, 0] = math.nan
     save_file(tensors, str(weights_file), metadata=metadata)
-    with pytest.raises(CheckpointError, match=rf"{re.escape(str(weights_file))} .* holds non-finite values .*{re.escape(key)}"):
+    with pytest.raises(
+        CheckpointError, match=rf"{re.escape(str(weights_file))} .* holds non-finite values .*{re.escape(key)}"
+    ):
         run(tmp_path, reference_dataset, lora()).train(resume_from_checkpoint=True)
 
     optimizer_file = out / "checkpoint-1" / "optimizer.pt"
@@ -137,16 +153,25 @@ def test_a_checkpoint_of_another_model_or_adapter_is_refused_and_changed_setting
     tmp_path, reference_dataset, saved_runs, no_rollouts, caplog, monkeypatch
 ):
     out, _ = copy_run(saved_runs, "lora", tmp_path)
-    with pytest.raises(CheckpointError, match=r"checkpoint-2 was written by another run \(lora: checkpoint .*'r': 4"
-                                              r".* this run .*'r': 8"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"checkpoint-2 was written by another run \(lora: checkpoint .*'r': 4"
+        r".* this run .*'r': 8",
+    ):
         run(tmp_path, reference_dataset, LoraConfig(r=8, lora_alpha=16)).train(resume_from_checkpoint=True)
-    with pytest.raises(CheckpointError, match=r"another run \(pipeline: checkpoint 'StableDiffusionPipeline', this "
-                                              r"run 'StableDiffusionXLPipeline'"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"another run \(pipeline: checkpoint 'StableDiffusionPipeline', this "
+        r"run 'StableDiffusionXLPipeline'",
+    ):
         run(tmp_path, reference_dataset, lora(), pipeline=tiny_sdxl_pipeline()).train(resume_from_checkpoint=True)
     # without the run record (an older checkpoint), the LoRA file's own config still catches a strength mismatch
     (out / "checkpoint-2" / "ddrl_run.json").unlink()
-    with pytest.raises(CheckpointError, match=r"holds a LoRA of another shape or strength .*lora_alpha: file 16, "
-                                              r"trainer 8"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"holds a LoRA of another shape or strength .*lora_alpha: file 16, "
+        r"trainer 8",
+    ):
         run(tmp_path, reference_dataset, LoraConfig(r=4, lora_alpha=8)).train(resume_from_checkpoint=True)
     # the same model with other settings resumes, saying what changed
     monkeypatch.undo()
@@ -159,16 +184,22 @@ def test_a_checkpoint_of_another_model_or_adapter_is_refused_and_changed_setting
     assert "learning_rate 0.01 → 0.02" in message and "differ from an uninterrupted run" in message
 
 
-def test_a_new_run_never_overwrites_another_runs_work(tmp_path, reference_dataset, saved_runs, no_rollouts,
-                                                     monkeypatch, caplog):  # fmt: skip
+def test_a_new_run_never_overwrites_another_runs_work(
+    tmp_path, reference_dataset, saved_runs, no_rollouts, monkeypatch, caplog
+):
     out, _ = copy_run(saved_runs, "lora", tmp_path)
     with caplog.at_level(logging.WARNING):
         trainer = run(tmp_path, reference_dataset, lora())  # said at once, before any long work...
-    assert any("already holds another run's work" in r.getMessage() and "train() will refuse" in r.getMessage()
-               for r in caplog.records)  # fmt: skip
-    with pytest.raises(ValueError, match=rf"output_dir '{re.escape(str(out))}' already holds another run's work "
-                                         r"\(checkpoint-1, checkpoint-2\).*resume_from_checkpoint=True.*"
-                                         r"overwrite_output_dir=True"):
+    assert any(
+        "already holds another run's work" in r.getMessage() and "train() will refuse" in r.getMessage()
+        for r in caplog.records
+    )
+    with pytest.raises(
+        ValueError,
+        match=rf"output_dir '{re.escape(str(out))}' already holds another run's work "
+        r"\(checkpoint-1, checkpoint-2\).*resume_from_checkpoint=True.*"
+        r"overwrite_output_dir=True",
+    ):
         trainer.train()  # ...and refused when the run starts (resume_from_checkpoint is only known here)
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-1", "checkpoint-2"]
     with pytest.raises(ValueError, match="holds no checkpoint-N folder to resume"):

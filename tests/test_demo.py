@@ -54,8 +54,22 @@ def test_build_script_trains_a_loadable_pipeline(tmp_path):
 
 
 def test_demo_comparison_runs_end_to_end(tmp_path, capsys):
-    code = demo.main(["--steps", "2", "--eval-every", "1", "--per-digit", "1", "--eval-size", "8",
-                      "--prompts-per-step", "1", "--output-dir", str(tmp_path)])
+    code = demo.main(
+        [
+            "--steps",
+            "2",
+            "--eval-every",
+            "1",
+            "--per-digit",
+            "1",
+            "--eval-size",
+            "8",
+            "--prompts-per-step",
+            "1",
+            "--output-dir",
+            str(tmp_path),
+        ]
+    )
     assert code in (0, 1)  # two steps are too few to hack; the verdict lines must still be printed
     out = capsys.readouterr().out
     assert "baseline (data_beta=0)" in out and "DDRL (data_beta=" in out

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ddrl_trl.tiny_pipelines import tiny_sd3_pipeline, tiny_sd_pipeline, tiny_wan_pipeline
+from ddrl_trl.testing import tiny_sd3_pipeline, tiny_sd_pipeline, tiny_wan_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,9 +18,20 @@ ROOT = Path(__file__).resolve().parents[1]
 def launch(script: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "examples" / script), *args,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(ROOT / "examples" / script),
+        *args,
+    ]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
@@ -37,9 +48,14 @@ def test_train_sd_example_with_yaml_and_cli_overrides(tmp_path, reference_datase
         "max_steps: 5\nreport_to: none\nwarmup_steps: 0\nlog_sample_images_steps: 0\n"
     )
     result = launch(
-        "train_sd.py", "--config", str(tmp_path / "ddrl.yaml"),
-        "--max_steps", "2", "--output_dir", str(tmp_path / "out"),  # CLI overrides the YAML
-    )  # fmt: skip
+        "train_sd.py",
+        "--config",
+        str(tmp_path / "ddrl.yaml"),
+        "--max_steps",
+        "2",
+        "--output_dir",
+        str(tmp_path / "out"),  # CLI overrides the YAML
+    )
     assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
     assert "2/2" in result.stderr  # max_steps from the command line won over the YAML's 5
     pipe = tiny_sd_pipeline()
@@ -57,13 +73,35 @@ def test_flow_family_examples_train_with_their_defaults(script, tmp_path, refere
     builder().save_pretrained(tmp_path / "pipe")
     dataset.save_to_disk(str(tmp_path / "data"))
     launch(
-        script, "--model_name_or_path", str(tmp_path / "pipe"), "--dataset_name", str(tmp_path / "data"), *size,
-        "--num_generations", "2", "--per_device_train_batch_size", "2", "--num_inference_steps", "3",
-        "--max_sequence_length", "16", "--lora_r", "4", "--max_steps", "2", "--report_to", "none",
-        "--reward_funcs", "ddrl_trl.rewards.builtin.brightness",  # TRL's dotted import form
-        "--log_sample_images_steps", "0", "--output_dir", str(tmp_path / "out"),
-        "--use_cpu", "true",  # transformers allows bf16 on CPU only when told it is on CPU
-    )  # fmt: skip
+        script,
+        "--model_name_or_path",
+        str(tmp_path / "pipe"),
+        "--dataset_name",
+        str(tmp_path / "data"),
+        *size,
+        "--num_generations",
+        "2",
+        "--per_device_train_batch_size",
+        "2",
+        "--num_inference_steps",
+        "3",
+        "--max_sequence_length",
+        "16",
+        "--lora_r",
+        "4",
+        "--max_steps",
+        "2",
+        "--report_to",
+        "none",
+        "--reward_funcs",
+        "ddrl_trl.rewards.builtin.brightness",  # TRL's dotted import form
+        "--log_sample_images_steps",
+        "0",
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--use_cpu",
+        "true",  # transformers allows bf16 on CPU only when told it is on CPU
+    )
     weights = load_file(tmp_path / "out" / "pytorch_lora_weights.safetensors")
     assert weights and all(k.startswith("transformer.") for k in weights)
     assert {v.dtype for v in weights.values()} == {torch.float32}  # bf16 training keeps float32 LoRA weights
@@ -73,29 +111,60 @@ def test_flow_family_examples_train_with_their_defaults(script, tmp_path, refere
 
 
 def test_reward_funcs_is_required_and_output_dir_is_checked_before_loading_anything(tmp_path):
-    """No default reward (the old default, brightness, trains toward white); both checks run before the model loads
-    (the model path here does not exist, and the error is not about it)."""
-    from ddrl_trl.scripts import run_script
+    """No default reward (the old default, brightness, trains toward white); these checks run before the model loads
+    (the model path here does not exist, and the errors are not about it)."""
+    from ddrl_trl.scripts import train_command
 
-    base = ["--model_name_or_path", str(tmp_path / "no-such-pipeline"), "--dataset_name", str(tmp_path / "no-data"),
-            "--report_to", "none"]  # fmt: skip
-    with pytest.raises(ValueError, match=r"--reward_funcs is required.*built-in name \(brightness.*'package\.module:"
-                                         r"function' or 'package\.module\.function'.*Hub repo id"):
-        run_script([*base, "--output_dir", str(tmp_path / "a")])
+    base = [
+        "--family",
+        "sd",
+        "--model_name_or_path",
+        str(tmp_path / "no-such-pipeline"),
+        "--dataset_name",
+        str(tmp_path / "no-data"),
+        "--report_to",
+        "none",
+    ]
+    with pytest.raises(
+        ValueError,
+        match=r"--reward_funcs is required.*built-in name \(brightness.*'package\.module:"
+        r"function' or 'package\.module\.function'.*Hub repo id",
+    ):
+        train_command([*base, "--output_dir", str(tmp_path / "a")])
     (tmp_path / "b" / "checkpoint-4").mkdir(parents=True)
-    with pytest.raises(ValueError, match=r"output_dir '.*/b' already holds another run's work \(checkpoint-4\).*"
-                                         r"--resume_from_checkpoint true.*--overwrite_output_dir"):
-        run_script([*base, "--output_dir", str(tmp_path / "b"), "--reward_funcs", "brightness"])
+    with pytest.raises(
+        ValueError,
+        match=r"output_dir '.*/b' already holds another run's work \(checkpoint-4\).*"
+        r"--resume_from_checkpoint true.*--overwrite_output_dir",
+    ):
+        train_command([*base, "--output_dir", str(tmp_path / "b"), "--reward_funcs", "brightness"])
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(ValueError, match=r"output_dir '.*/file/out' cannot be written"):
-        run_script([*base, "--output_dir", str(tmp_path / "file" / "out"), "--reward_funcs", "brightness"])
+        train_command([*base, "--output_dir", str(tmp_path / "file" / "out"), "--reward_funcs", "brightness"])
+    # flags TRL's argument classes parse that mean nothing for a diffusion pipeline: refused, never ignored
+    for flags, message in (
+        (["--load_in_4bit", "true"], "--load_in_4bit True: not supported for diffusion pipelines"),
+        (["--dataset_streaming", "true"], "--dataset_streaming True: not supported"),
+        (["--dtype", "bfloat16"], "--dtype bfloat16: the trainer chooses dtypes itself.*--bf16"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            train_command([*base, "--output_dir", str(tmp_path / "c"), "--reward_funcs", "brightness", *flags])
+    with pytest.raises(ValueError, match=r"Cannot read .*no-such-pipeline's model_index.json .*pass --family"):
+        train_command(base[2:] + ["--reward_funcs", "brightness", "--output_dir", str(tmp_path / "d")])
 
 
 def test_resume_argument_forms():
     from ddrl_trl.scripts import resume_argument
 
     assert [resume_argument(v) for v in (None, "true", "True", "latest", "false", "", "out/checkpoint-2")] == [
-        None, True, True, True, None, None, "out/checkpoint-2"]  # fmt: skip
+        None,
+        True,
+        True,
+        True,
+        None,
+        None,
+        "out/checkpoint-2",
+    ]
 
 
 def test_interrupted_scripted_run_resumes_through_the_script_to_identical_weights(tmp_path, reference_dataset):
@@ -103,23 +172,61 @@ def test_interrupted_scripted_run_resumes_through_the_script_to_identical_weight
     latest`, ends with the weights of the same run done in one go: the flag reaches `trainer.train`."""
     tiny_sd_pipeline().save_pretrained(tmp_path / "pipe")
     reference_dataset.save_to_disk(str(tmp_path / "data"))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}  # fmt: skip
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
 
     def command(out, *extra):
         return [
-            sys.executable, str(ROOT / "examples" / "train_sd.py"), "--model_name_or_path", str(tmp_path / "pipe"),
-            "--dataset_name", str(tmp_path / "data"), "--reward_funcs", "remote_rewards.brightness_until_flagged",
-            "--use_peft", "--lora_r", "4", "--lora_alpha", "16", "--num_generations", "2",
-            "--per_device_train_batch_size", "2", "--num_inference_steps", "3", "--max_steps", "4", "--save_steps", "2",
-            "--lr_scheduler_type", "cosine", "--warmup_steps", "1", "--learning_rate", "1e-2", "--report_to", "none",
-            "--log_sample_images_steps", "0", "--output_dir", str(out), *extra,
-        ]  # fmt: skip
+            sys.executable,
+            str(ROOT / "examples" / "train_sd.py"),
+            "--model_name_or_path",
+            str(tmp_path / "pipe"),
+            "--dataset_name",
+            str(tmp_path / "data"),
+            "--reward_funcs",
+            "remote_rewards.brightness_until_flagged",
+            "--use_peft",
+            "--lora_r",
+            "4",
+            "--lora_alpha",
+            "16",
+            "--num_generations",
+            "2",
+            "--per_device_train_batch_size",
+            "2",
+            "--num_inference_steps",
+            "3",
+            "--max_steps",
+            "4",
+            "--save_steps",
+            "2",
+            "--lr_scheduler_type",
+            "cosine",
+            "--warmup_steps",
+            "1",
+            "--learning_rate",
+            "1e-2",
+            "--report_to",
+            "none",
+            "--log_sample_images_steps",
+            "0",
+            "--output_dir",
+            str(out),
+            *extra,
+        ]
 
     subprocess.run(command(tmp_path / "straight"), env=env, check=True, capture_output=True, timeout=600)
     killed = tmp_path / "killed"
-    process = subprocess.Popen(command(killed), env={**env, "DDRL_TEST_HANG_WHEN": str(killed / "checkpoint-2")},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    process = subprocess.Popen(
+        command(killed),
+        env={**env, "DDRL_TEST_HANG_WHEN": str(killed / "checkpoint-2")},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 300
     while not (killed / "checkpoint-2").is_dir() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -128,8 +235,13 @@ def test_interrupted_scripted_run_resumes_through_the_script_to_identical_weight
     process.wait()
     assert not (killed / "pytorch_lora_weights.safetensors").exists() and not (killed / "checkpoint-4").exists()
     calls = tmp_path / "calls.log"
-    resumed = subprocess.run(command(killed, "--resume_from_checkpoint", "latest"),
-                             env={**env, "DDRL_TEST_CALL_LOG": str(calls)}, capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        command(killed, "--resume_from_checkpoint", "latest"),
+        env={**env, "DDRL_TEST_CALL_LOG": str(calls)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     # the construction check, then steps 3 and 4 only: a fresh run (the flag dropped) would roll out 4 steps
     assert calls.read_text().split() == ["2", "2", "2"]
@@ -141,10 +253,46 @@ def test_interrupted_scripted_run_resumes_through_the_script_to_identical_weight
 
 
 def test_script_help_lists_every_accepted_reward_form():
-    result = subprocess.run([sys.executable, str(ROOT / "examples" / "train_sd.py"), "--help"], capture_output=True,
-                            text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "train_sd.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     text = " ".join(result.stdout.split())
-    for form in ("--reward_funcs", "Required", "brightness, jpeg_compressibility, jpeg_incompressibility",
-                 "'package.module:function'", "'package.module.function'", "run", "local folder", "Hub repo id",
-                 "--resume_from_checkpoint", "--overwrite_output_dir"):
+    for form in (
+        "--reward_funcs",
+        "Required",
+        "brightness, jpeg_compressibility, jpeg_incompressibility",
+        "'package.module:function'",
+        "'package.module.function'",
+        "run",
+        "local folder",
+        "Hub repo id",
+        "--resume_from_checkpoint",
+        "--overwrite_output_dir",
+    ):
         assert form in text, form
+
+
+def test_accelerate_configs_are_package_data_and_printable():
+    from ddrl_trl.cli import ACCELERATE_CONFIGS, main
+
+    result = subprocess.run(
+        [sys.executable, "-m", "ddrl_trl.cli", "accelerate-config", "--name", "deepspeed_zero2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0 and result.stdout == (ACCELERATE_CONFIGS / "deepspeed_zero2.yaml").read_text()
+    listed = subprocess.run(
+        [sys.executable, "-m", "ddrl_trl.cli", "accelerate-config", "--list"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    ).stdout.split()
+    assert listed == ["deepspeed_zero2", "deepspeed_zero3", "fsdp", "multi_gpu"]
+    with pytest.raises(SystemExit) as exited:
+        main(["accelerate-config", "--name", "zero9"])
+    assert exited.value.code == 2

@@ -6,11 +6,10 @@ import errno
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_trainer import lora, make_trainer
 from transformers.trainer_utils import get_last_checkpoint
 
-from ddrl_trl.tiny_pipelines import tiny_sd_pipeline
-
-from test_trainer import lora, make_trainer
+from ddrl_trl.testing import tiny_sd_pipeline
 
 
 def checkpoint_trainer(tmp_path, dataset, **kw):

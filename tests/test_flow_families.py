@@ -8,14 +8,13 @@ guidance and timestep scaling all right), the data-term target of diffusers' tra
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+from test_trainer import lora, make_trainer
 
 import ddrl_trl.trainer as trainer_module
 from ddrl_trl import DDRLConfig
 from ddrl_trl.adapters import FluxAdapter, StableDiffusion3Adapter, WanAdapter, get_adapter
 from ddrl_trl.samplers import FlowSDESampler
-from ddrl_trl.tiny_pipelines import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_wan_pipeline
-
-from test_trainer import lora, make_args, make_trainer
+from ddrl_trl.testing import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_wan_pipeline
 
 PROMPTS = ["a red cat", "a blue dog"]
 
@@ -73,13 +72,16 @@ def pipeline_latents(name, pipe, adapter, x, **call):
 def test_noise_free_sampler_retraces_the_pipelines_own_trajectory(name):
     builder, call, config = FAMILIES[name]
     pipe = builder()
-    if name.startswith("wan"):  # Wan ships UniPC, a multistep solver; its Euler twin on the same shifted sigmas is comparable
+    if name.startswith(
+        "wan"
+    ):  # Wan ships UniPC, a multistep solver; its Euler twin on the same shifted sigmas is comparable
         pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=pipe.scheduler.config.flow_shift)
     adapter, args = configured_adapter(pipe, flow_noise_level=1e-9, **config)
     sampler = adapter.make_sampler(args, torch.device("cpu"))
     x = torch.randn(2, *adapter.latent_shape(adapter.resolution), generator=torch.Generator().manual_seed(0))
-    expected = pipeline_latents(name, pipe, adapter, x, num_inference_steps=5, max_sequence_length=16,
-                                output_type="latent", **call)  # fmt: skip
+    expected = pipeline_latents(
+        name, pipe, adapter, x, num_inference_steps=5, max_sequence_length=16, output_type="latent", **call
+    )
     cond = adapter.encode_prompts(PROMPTS)
     latents = x
     with torch.no_grad():
@@ -149,16 +151,16 @@ def test_data_term_matches_diffusers_flow_matching_training_recipe(name):
                 img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", torch.float32),
                 return_dict=False,
             )[0]
-            script = FluxPipeline._unpack_latents(script, h * adapter.vae_scale_factor, w * adapter.vae_scale_factor,
-                                                  adapter.vae_scale_factor)  # fmt: skip
+            script = FluxPipeline._unpack_latents(
+                script, h * adapter.vae_scale_factor, w * adapter.vae_scale_factor, adapter.vae_scale_factor
+            )
         else:
-            script = pipe.transformer(hidden_states=script_noisy, timestep=timesteps, return_dict=False,
-                                      **cond)[0]  # fmt: skip
+            script = pipe.transformer(hidden_states=script_noisy, timestep=timesteps, return_dict=False, **cond)[0]
     torch.testing.assert_close(ours, script)
 
 
 def _dataset(name, reference_dataset, reference_videos):
-    return (reference_videos, {"image_column": "video"}) if name.startswith("wan") else (reference_dataset, {})
+    return (reference_videos, {}) if name.startswith("wan") else (reference_dataset, {})  # "video": found by name
 
 
 @pytest.mark.parametrize("kind", ["lora", "lora-patterns", "full"])
@@ -174,9 +176,15 @@ def test_two_step_ddrl_training_changes_the_denoiser_and_reloads_in_diffusers(
     ratios = []
     record(monkeypatch, "clipped_policy_loss", ratios, index=1)
     trainer = make_trainer(
-        tmp_path, dataset, peft_config=lora(patterns=kind == "lora-patterns") if use_lora else None,
-        pipeline=builder(), max_steps=2, max_sequence_length=16, **config, **columns,
-    )  # fmt: skip
+        tmp_path,
+        dataset,
+        peft_config=lora(patterns=kind == "lora-patterns") if use_lora else None,
+        pipeline=builder(),
+        max_steps=2,
+        max_sequence_length=16,
+        **config,
+        **columns,
+    )
     assert isinstance(trainer.sampler, FlowSDESampler)
     trainer.train()
     assert torch.stack(ratios).sub(1).abs().max().item() < 1e-5
@@ -216,9 +224,18 @@ def test_bf16_with_gradient_checkpointing_keeps_float32_log_probs_and_lora(
     rollouts = []
     record(monkeypatch, "rollout_and_score", rollouts, index=0)
     trainer = make_trainer(
-        tmp_path, dataset, peft_config=lora(), pipeline=builder(), max_steps=1, bf16=True, use_cpu=True,
-        gradient_checkpointing=True, max_sequence_length=16, **config, **columns,
-    )  # fmt: skip
+        tmp_path,
+        dataset,
+        peft_config=lora(),
+        pipeline=builder(),
+        max_steps=1,
+        bf16=True,
+        use_cpu=True,
+        gradient_checkpointing=True,
+        max_sequence_length=16,
+        **config,
+        **columns,
+    )
     trainer.train()
     denoiser = trainer.adapter.denoiser
     assert denoiser.is_gradient_checkpointing
@@ -232,8 +249,16 @@ def test_bf16_with_gradient_checkpointing_keeps_float32_log_probs_and_lora(
 def test_held_out_loss_ratio_is_one_before_training(name, tmp_path, reference_dataset, reference_videos):
     builder, _, config = FAMILIES[name]
     dataset, columns = _dataset(name, reference_dataset, reference_videos)
-    trainer = make_trainer(tmp_path, dataset, peft_config=lora(), pipeline=builder(), eval_dataset=dataset,
-                           max_sequence_length=16, **config, **columns)  # fmt: skip
+    trainer = make_trainer(
+        tmp_path,
+        dataset,
+        peft_config=lora(),
+        pipeline=builder(),
+        eval_dataset=dataset,
+        max_sequence_length=16,
+        **config,
+        **columns,
+    )
     metrics = trainer.evaluate()
     assert metrics["eval_diffusion_loss"] > 0
     assert metrics["eval_diffusion_loss_ratio"] == 1.0  # LoRA B starts at zero: the model is the base

@@ -1,18 +1,16 @@
-"""HackingMonitorCallback: periodic held-out loss ratio, a warning past the threshold, optional stop, last good weights."""
+"""HackingMonitorCallback: periodic held-out loss ratio, a warning past the threshold, optional stop, last good "
+"weights."""
 
 import logging
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_trainer import assert_reloads_to_trained_outputs, lora, make_trainer
 
 import ddrl_trl.trainer as trainer_module
 from ddrl_trl import HackingMonitorCallback
-
-from ddrl_trl.tiny_pipelines import tiny_sd_pipeline
-
-from test_trainer import assert_reloads_to_trained_outputs, lora, make_trainer
-
+from ddrl_trl.testing import tiny_sd_pipeline
 
 THRESHOLD = 1.15
 
@@ -20,8 +18,16 @@ THRESHOLD = 1.15
 def hacking_trainer(tmp_path, reference_dataset, monitor, **kw):
     """Full fine-tuning with data_beta=0 and a large learning rate on brightness: the held-out loss ratio climbs past
     1.15 within a few steps (1.00, 1.04, 1.03, 1.10, 1.18, ... on this seed)."""
-    return make_trainer(tmp_path, reference_dataset, eval_dataset=reference_dataset, data_beta=0.0, learning_rate=1e-2,
-                        max_steps=8, callbacks=[monitor], **kw)  # fmt: skip
+    return make_trainer(
+        tmp_path,
+        reference_dataset,
+        eval_dataset=reference_dataset,
+        data_beta=0.0,
+        learning_rate=1e-2,
+        max_steps=8,
+        callbacks=[monitor],
+        **kw,
+    )
 
 
 def test_stops_at_the_first_hacked_evaluation_and_keeps_the_last_good_weights(tmp_path, reference_dataset, caplog):
@@ -80,8 +86,15 @@ def test_last_good_lora_reloads_in_plain_diffusers_at_its_trained_strength(tmp_p
     """The last good weights of a LoRA with alpha ≠ r and rank/alpha patterns carry their config: a plain
     `load_lora_weights` of `last-good/` gives the model as it was at that evaluation (here the last step)."""
     monitor = HackingMonitorCallback(threshold=100.0, eval_steps=1)
-    trainer = make_trainer(tmp_path, reference_dataset, peft_config=lora(patterns=True), eval_dataset=reference_dataset,
-                           learning_rate=1e-2, max_steps=2, callbacks=[monitor])  # fmt: skip
+    trainer = make_trainer(
+        tmp_path,
+        reference_dataset,
+        peft_config=lora(patterns=True),
+        eval_dataset=reference_dataset,
+        learning_rate=1e-2,
+        max_steps=2,
+        callbacks=[monitor],
+    )
     trainer.train()
     assert monitor.last_good_step == 2
     plain = tiny_sd_pipeline()

@@ -27,8 +27,8 @@ from transformers import (
 
 from ddrl_trl import load_reward
 from ddrl_trl.rewards import compute_rewards, resolve_reward
-from ddrl_trl.tiny_pipelines import build_word_tokenizer
-from ddrl_trl.tiny_pipelines.components import tiny_clip_text_config
+from ddrl_trl.testing import build_word_tokenizer
+from ddrl_trl.testing.components import tiny_clip_text_config
 
 PROMPTS = ["a red cat", "a blue dog", "a photo of a bird", "the green house"]
 LABELS = {0: "cat", 1: "dog", 2: "hot dog", 3: "tabby, tabby cat"}
@@ -223,7 +223,12 @@ def test_classifier_scores_the_label_the_prompt_names(tiny, caplog):
         reward(images[:1], ["a catalog"])
     assert math.isnan(scores[0]) and scores[1] == pytest.approx(probs[1, 0].item(), rel=1e-5)
     warnings = [r.getMessage() for r in caplog.records if "names none" in r.getMessage()]
-    assert len(warnings) == 1 and "'a catalog'" in warnings[0] and "'cat', 'dog'" in warnings[0] and "label=" in warnings[0]
+    assert (
+        len(warnings) == 1
+        and "'a catalog'" in warnings[0]
+        and "'cat', 'dog'" in warnings[0]
+        and "label=" in warnings[0]
+    )
 
     fixed = load_reward(vit_dir, label="Hot Dog")
     torch.testing.assert_close(torch.tensor(fixed(images, ["anything"] * 4)), probs[:, 2])
@@ -295,7 +300,9 @@ def test_strings_resolve_to_hub_ids_and_paths(tiny, tmp_path, monkeypatch):
     expected = _aesthetic_by_hand(tiny["clip"], tiny["processor"], images, mlp)
     torch.testing.assert_close(torch.tensor(aesthetic(images, PROMPTS)), expected, atol=1e-5, rtol=1e-4)
 
-    funcs = [resolve_reward(s) for s in ("openai/clip-vit-large-patch14", str(tiny["root"] / "tiny-vit"), "brightness")]
+    funcs = [
+        resolve_reward(s) for s in ("openai/clip-vit-large-patch14", str(tiny["root"] / "tiny-vit"), "brightness")
+    ]
     assert [f.__name__ for f in funcs] == ["clip-vit-large-patch14", "tiny-vit", "brightness"]
     scores = compute_rewards(funcs, images, ["a cat", "a dog", "a hot dog", "a tabby"], {})
     cos = _cos(tiny["clip"], tiny["processor"], images, ["a cat", "a dog", "a hot dog", "a tabby"])
@@ -322,13 +329,19 @@ def test_import_paths_in_both_forms_and_their_errors(tmp_path, monkeypatch):
 
     assert resolve_reward("ddrl_trl.rewards.builtin:brightness") is brightness
     assert resolve_reward("ddrl_trl.rewards.builtin.brightness") is brightness
-    with pytest.raises(ValueError, match=r"Cannot import reward 'no_such_pkg.rewards.fn': No module named 'no_such_pkg'.*"
-                                         r"'package\.module\.function'"):
+    with pytest.raises(
+        ValueError,
+        match=r"Cannot import reward 'no_such_pkg.rewards.fn': No module named 'no_such_pkg'.*"
+        r"'package\.module\.function'",
+    ):
         resolve_reward("no_such_pkg.rewards.fn")
     with pytest.raises(ValueError, match=r"Cannot import reward 'ddrl_trl.rewards.builtin.nope'"):
         resolve_reward("ddrl_trl.rewards.builtin.nope")
-    with pytest.raises(ValueError, match=r"Unknown reward 'aesthetic'.*built-in name \(brightness, .*'package\.module:"
-                                         r"function' or 'package\.module\.function'.*runs that code.*Hub repo id"):
+    with pytest.raises(
+        ValueError,
+        match=r"Unknown reward 'aesthetic'.*built-in name \(brightness, .*'package\.module:"
+        r"function' or 'package\.module\.function'.*runs that code.*Hub repo id",
+    ):
         resolve_reward("aesthetic")
     folder = tmp_path / "my.model.v1"
     folder.mkdir()

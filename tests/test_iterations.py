@@ -5,12 +5,11 @@ import os
 
 import pytest
 import torch
+from test_trainer import lora, make_trainer
 
 import ddrl_trl.trainer as trainer_module
-from ddrl_trl.checkpointing import CheckpointError
 from ddrl_trl.data import RepeatSampler
-
-from test_trainer import lora, make_trainer
+from ddrl_trl.weight_files import CheckpointError
 
 
 def lora_weights(trainer) -> dict[str, torch.Tensor]:
@@ -41,8 +40,9 @@ def test_rollouts_are_reused_and_the_clip_acts_from_the_second_iteration(tmp_pat
 
     monkeypatch.setattr(trainer_module, "rollout_and_score", counting_rollout)
     monkeypatch.setattr(trainer_module, "clipped_policy_loss", recording_loss)
-    trainer = make_trainer(tmp_path, reference_dataset, peft_config=lora(), num_iterations=2, max_steps=4,
-                           learning_rate=3e-2)  # fmt: skip
+    trainer = make_trainer(
+        tmp_path, reference_dataset, peft_config=lora(), num_iterations=2, max_steps=4, learning_rate=3e-2
+    )
     trainer.train()
     assert calls == [0, 2]  # one rollout per two optimiser steps
     deviation = {step: max((r - 1).abs().max().item() for s, r in ratios if s == step) for step in range(4)}
@@ -53,19 +53,30 @@ def test_rollouts_are_reused_and_the_clip_acts_from_the_second_iteration(tmp_pat
     # timings: every step trains; only the steps that rolled out report rollout, reward and throughput
     assert all(logs[s]["time/train"] > 0 for s in logs)
     assert {s for s in logs if "time/rollout" in logs[s]} == {1, 3}
-    assert all(logs[s]["time/rollout"] > 0 and logs[s]["time/reward"] >= 0 and logs[s]["images_per_second"] > 0
-               for s in (1, 3))  # fmt: skip
+    assert all(
+        logs[s]["time/rollout"] > 0 and logs[s]["time/reward"] >= 0 and logs[s]["images_per_second"] > 0
+        for s in (1, 3)
+    )
 
 
 def test_resuming_between_the_iterations_of_a_batch_is_exact(tmp_path, reference_dataset):
-    straight = make_trainer(tmp_path / "straight", reference_dataset, peft_config=lora(), num_iterations=2,
-                            max_steps=4, learning_rate=1e-2, save_strategy="steps", save_steps=1)  # fmt: skip
+    straight = make_trainer(
+        tmp_path / "straight",
+        reference_dataset,
+        peft_config=lora(),
+        num_iterations=2,
+        max_steps=4,
+        learning_rate=1e-2,
+        save_strategy="steps",
+        save_steps=1,
+    )
     straight.train()
     out = tmp_path / "straight" / "out"
     assert (out / "checkpoint-1" / "rollout_buffer_0.pt").is_file()  # between the two iterations of batch 1
     assert not (out / "checkpoint-2" / "rollout_buffer_0.pt").exists()  # the next step rolls out afresh
-    resumed = make_trainer(tmp_path / "resumed", reference_dataset, peft_config=lora(), num_iterations=2,
-                           max_steps=4, learning_rate=1e-2)  # fmt: skip
+    resumed = make_trainer(
+        tmp_path / "resumed", reference_dataset, peft_config=lora(), num_iterations=2, max_steps=4, learning_rate=1e-2
+    )
     resumed.train(resume_from_checkpoint=str(out / "checkpoint-1"))
     expected = lora_weights(straight)
     for name, value in lora_weights(resumed).items():
@@ -73,9 +84,12 @@ def test_resuming_between_the_iterations_of_a_batch_is_exact(tmp_path, reference
 
     os.remove(out / "checkpoint-3" / "rollout_buffer_0.pt")
     again = make_trainer(tmp_path / "again", reference_dataset, peft_config=lora(), num_iterations=2, max_steps=4)
-    with pytest.raises(CheckpointError, match=r"checkpoint-3 is incomplete: it lacks rollout_buffer_0.pt \(this "
-                                              r"process's rollout batch: the checkpoint is between the "
-                                              r"num_iterations=2 steps"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"checkpoint-3 is incomplete: it lacks rollout_buffer_0.pt \(this "
+        r"process's rollout batch: the checkpoint is between the "
+        r"num_iterations=2 steps",
+    ):
         again.train(resume_from_checkpoint=str(out / "checkpoint-3"))
 
 

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from ddrl_trl.layout import GroupLayout
-from ddrl_trl.tiny_pipelines import tiny_sd_pipeline
+from ddrl_trl.testing import tiny_sd_pipeline
 
 TESTS = Path(__file__).resolve().parent
 
@@ -39,18 +39,45 @@ DDP = ["--multi_gpu", "--num_processes", "2"]
 def deepspeed(stage: int) -> list[str]:
     """`accelerate launch` flags for DeepSpeed ZeRO-`stage` on 2 processes (DeepSpeed's CPU accelerator here)."""
     gathered_save = ["--zero3_save_16bit_model", "true"] if stage == 3 else []
-    return ["--use_deepspeed", "--zero_stage", str(stage), "--gradient_clipping", "1.0", *gathered_save,
-            "--num_processes", "2"]  # fmt: skip
+    return [
+        "--use_deepspeed",
+        "--zero_stage",
+        str(stage),
+        "--gradient_clipping",
+        "1.0",
+        *gathered_save,
+        "--num_processes",
+        "2",
+    ]
 
 
-def launch(out: Path, launcher: list[str], per_device: int, *options: str, mixed_precision: str = "no",
-           expect_failure: bool = False) -> dict | subprocess.CompletedProcess:  # fmt: skip
+def launch(
+    out: Path,
+    launcher: list[str],
+    per_device: int,
+    *options: str,
+    mixed_precision: str = "no",
+    expect_failure: bool = False,
+) -> dict | subprocess.CompletedProcess:
     """Run `tests/ddp_train.py` under `accelerate launch <launcher>`; return its `result.json` (or, with
     `expect_failure`, the failed process)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_machines", "1",
-           "--mixed_precision", mixed_precision, "--dynamo_backend", "no", str(TESTS / "ddp_train.py"), str(out),
-           str(per_device), *options]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        *launcher,
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        mixed_precision,
+        "--dynamo_backend",
+        "no",
+        str(TESTS / "ddp_train.py"),
+        str(out),
+        str(per_device),
+        *options,
+    ]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     if expect_failure:
         assert result.returncode != 0, "the run was expected to fail"
@@ -67,8 +94,9 @@ def test_two_processes_match_one_process(tmp_path):
     # rewards are gathered over both processes before advantages: the logged batch reward is the global one
     assert double["rewards"] == single["rewards"]
     # the data term on the group that spans both processes is weighted so the average over processes is the plain mean
-    torch.testing.assert_close(torch.tensor(double["data_losses"]), torch.tensor(single["data_losses"]), rtol=1e-5,
-                               atol=1e-7)
+    torch.testing.assert_close(
+        torch.tensor(double["data_losses"]), torch.tensor(single["data_losses"]), rtol=1e-5, atol=1e-7
+    )
     # evaluation splits the held-out samples across processes and gathers the sums: the same loss and ratio
     assert double["eval_loss"] == pytest.approx(single["eval_loss"], rel=1e-5)
     assert double["eval_ratio"] == pytest.approx(single["eval_ratio"], rel=1e-5) and single["eval_ratio"] != 1.0
@@ -78,8 +106,10 @@ def test_two_processes_match_one_process(tmp_path):
     steps = one.shape[0]
     torch.testing.assert_close(torch.cat([two[:steps], two[steps:]], dim=1), one)
     assert torch.unique(one.flatten(0, 1), dim=0).shape[0] == steps * 12
-    a, b = load_file(tmp_path / "one" / "pytorch_lora_weights.safetensors"), load_file(
-        tmp_path / "two" / "pytorch_lora_weights.safetensors")
+    a, b = (
+        load_file(tmp_path / "one" / "pytorch_lora_weights.safetensors"),
+        load_file(tmp_path / "two" / "pytorch_lora_weights.safetensors"),
+    )
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6, msg=key)
@@ -180,8 +210,19 @@ def test_a_non_finite_loss_on_one_process_is_skipped_by_every_process(tmp_path):
 def test_deepspeed_stops_before_applying_a_non_finite_loss(tmp_path):
     """The DeepSpeed engine steps inside the last backward of a batch, so a NaN loss cannot be skipped there: the run
     stops before that backward, and no checkpoint of the step is written."""
-    failed = launch(tmp_path, deepspeed(2), 6, "--full", "--max-steps", "3", "--save-steps", "1",
-                    "--nan-loss-at-step", "2", expect_failure=True)  # fmt: skip
+    failed = launch(
+        tmp_path,
+        deepspeed(2),
+        6,
+        "--full",
+        "--max-steps",
+        "3",
+        "--save-steps",
+        "1",
+        "--nan-loss-at-step",
+        "2",
+        expect_failure=True,
+    )
     assert "Step 2: a non-finite (NaN or infinite) loss under DeepSpeed" in failed.stderr
     assert (tmp_path / "checkpoint-1").is_dir() and not (tmp_path / "checkpoint-2").exists()
 
@@ -189,8 +230,20 @@ def test_deepspeed_stops_before_applying_a_non_finite_loss(tmp_path):
 def test_several_iterations_per_rollout_batch_match_one_process(tmp_path):
     """num_iterations=2 with gradient accumulation 2: each process reuses its own rollout batches (one per micro-step)
     at the second iteration, and the run gives one process's weights; the ratio leaves 1 at the second step only."""
-    options = ("--num-iterations", "2", "--accumulation", "2", "--epsilon", "0.05", "--optim", "sgd",
-               "--learning-rate", "0.5", "--max-steps", "2")  # fmt: skip  (SGD: see SHARDED_OPTIONS)
+    options = (
+        "--num-iterations",
+        "2",
+        "--accumulation",
+        "2",
+        "--epsilon",
+        "0.05",
+        "--optim",
+        "sgd",
+        "--learning-rate",
+        "0.5",
+        "--max-steps",
+        "2",
+    )  # SGD: see SHARDED_OPTIONS
     single = launch(tmp_path / "one", ONE_PROCESS, 12, *options)
     double = launch(tmp_path / "two", DDP, 6, *options)
     assert double["rewards"] == single["rewards"] and len(single["rewards"]) == 1  # one rollout batch, scored once

@@ -8,12 +8,11 @@ import os
 import numpy as np
 import pytest
 import torch
+from test_trainer import lora, make_trainer
 
 import ddrl_trl.trainer as trainer_module
-from ddrl_trl.checkpointing import NonFiniteWeightsError
 from ddrl_trl.guards import NonFiniteTrainingError
-
-from test_trainer import lora, make_trainer
+from ddrl_trl.weight_files import NonFiniteWeightsError
 
 
 def lora_weights(trainer) -> dict[str, torch.Tensor]:
@@ -38,8 +37,15 @@ def test_infinite_rewards_are_invalid_like_nan_and_the_logged_std_is_the_one_use
 
     weights, logs = {}, {}
     for bad in [(math.inf, -math.inf), (math.nan, math.nan)]:
-        trainer = make_trainer(tmp_path / str(bad[0]), reference_dataset, peft_config=lora(), reward=make_reward(bad),
-                               max_steps=2, learning_rate=1e-2, num_generations=4)  # fmt: skip
+        trainer = make_trainer(
+            tmp_path / str(bad[0]),
+            reference_dataset,
+            peft_config=lora(),
+            reward=make_reward(bad),
+            max_steps=2,
+            learning_rate=1e-2,
+            num_generations=4,
+        )
         trainer.train()
         weights[bad[0] == math.inf], logs[bad[0] == math.inf] = lora_weights(trainer), trainer.state.log_history
     for name, value in weights[True].items():
@@ -55,8 +61,9 @@ def test_infinite_rewards_are_invalid_like_nan_and_the_logged_std_is_the_one_use
         assert logged["reward"] == pytest.approx(np.mean([s for s in scores if math.isfinite(s)]), rel=1e-5)
 
 
-def test_a_step_with_a_non_finite_loss_is_skipped_counted_and_the_next_one_trains(tmp_path, reference_dataset,
-                                                                               monkeypatch, caplog):  # fmt: skip
+def test_a_step_with_a_non_finite_loss_is_skipped_counted_and_the_next_one_trains(
+    tmp_path, reference_dataset, monkeypatch, caplog
+):
     trainer = make_trainer(tmp_path, reference_dataset, peft_config=lora(), max_steps=2, learning_rate=1e-2)
     initial = lora_weights(trainer)
     original = trainer_module.clipped_policy_loss
@@ -78,20 +85,27 @@ def test_a_step_with_a_non_finite_loss_is_skipped_counted_and_the_next_one_train
         trainer.train()
     for name, value in after_step[1].items():  # step 1 was skipped: not a single weight moved, no optimizer state
         torch.testing.assert_close(value, initial[name], rtol=0, atol=0, msg=name)
-    assert not any(trainer.optimizer.state[p].get("step", 0) == 2 for p in trainer.model.parameters() if p.requires_grad)
+    assert not any(
+        trainer.optimizer.state[p].get("step", 0) == 2 for p in trainer.model.parameters() if p.requires_grad
+    )
     assert any(not torch.equal(after_step[2][n], initial[n]) for n in initial)  # step 2 trained
     assert all(torch.isfinite(v).all() for v in after_step[2].values())
     logged = [h for h in trainer.state.log_history if "nonfinite_steps" in h and "loss" in h]
     assert [h["nonfinite_steps"] for h in logged] == [1.0, 1.0]
-    assert any("Step 1: non-finite (NaN or infinite) loss or gradients; the optimiser step is skipped" in r.getMessage()
-               for r in caplog.records)  # fmt: skip
+    assert any(
+        "Step 1: non-finite (NaN or infinite) loss or gradients; the optimiser step is skipped" in r.getMessage()
+        for r in caplog.records
+    )
 
 
-def test_non_finite_gradients_in_a_row_stop_training_and_no_diverged_checkpoint_is_written(tmp_path, reference_dataset):
+def test_non_finite_gradients_in_a_row_stop_training_and_no_diverged_checkpoint_is_written(
+    tmp_path, reference_dataset
+):
     """Finite losses, NaN gradients (a hook poisons one LoRA weight's gradient): every step is skipped, the run stops
     after max_consecutive_nonfinite_steps=3 with an error, and the checkpoints written hold the untouched weights."""
-    trainer = make_trainer(tmp_path, reference_dataset, peft_config=lora(), max_steps=10, save_strategy="steps",
-                           save_steps=1)  # fmt: skip
+    trainer = make_trainer(
+        tmp_path, reference_dataset, peft_config=lora(), max_steps=10, save_strategy="steps", save_steps=1
+    )
     initial = lora_weights(trainer)
     param = next(p for p in trainer.model.parameters() if p.requires_grad)
     param.register_hook(lambda grad: grad * math.nan)
@@ -110,7 +124,9 @@ def test_non_finite_weights_are_never_saved_over_good_ones(tmp_path, reference_d
     before = saved.read_bytes()
     with torch.no_grad():
         next(p for p in trainer.model.parameters() if p.requires_grad)[0, 0] = math.inf
-    with pytest.raises(NonFiniteWeightsError, match=r"Refusing to save to .*/out: the weight .*lora.* holds NaN or ±inf"):
+    with pytest.raises(
+        NonFiniteWeightsError, match=r"Refusing to save to .*/out: the weight .*lora.* holds NaN or ±inf"
+    ):
         trainer.save_model()
     assert saved.read_bytes() == before
     assert not [p for p in os.listdir(tmp_path / "out") if p.startswith(".tmp")]

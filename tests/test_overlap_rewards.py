@@ -4,7 +4,6 @@ import threading
 import time
 
 import torch
-
 from test_trainer import lora, make_trainer
 
 
@@ -21,9 +20,17 @@ def test_async_scoring_overlaps_rollout_and_leaves_results_unchanged(tmp_path, r
                 events["overlapped"].append(adapter.calls > before)
             return images.float().flatten(1).mean(1).tolist()
 
-        trainer = make_trainer(tmp_path / out, reference_dataset, peft_config=lora(), reward=slow_reward,
-                               per_device_train_batch_size=6, num_generations=2, max_steps=2,
-                               overlap_rewards=overlap_rewards, rollout_chunk_groups=1)  # fmt: skip
+        trainer = make_trainer(
+            tmp_path / out,
+            reference_dataset,
+            peft_config=lora(),
+            reward=slow_reward,
+            per_device_train_batch_size=6,
+            num_generations=2,
+            max_steps=2,
+            overlap_rewards=overlap_rewards,
+            rollout_chunk_groups=1,
+        )
         adapter, predict = trainer.adapter, trainer.adapter.predict
         adapter.calls = 0
 
@@ -57,8 +64,15 @@ def test_chunked_rollout_is_reproducible_and_scores_every_row(tmp_path, referenc
         rows_seen.append((len(prompts), tuple(columns["label"])))
         return images.float().flatten(1).mean(1).tolist()
 
-    trainer = make_trainer(tmp_path, reference_dataset, peft_config=lora(), reward=reward, per_device_train_batch_size=6,
-                           max_steps=1, rollout_chunk_groups=2)  # fmt: skip
+    trainer = make_trainer(
+        tmp_path,
+        reference_dataset,
+        peft_config=lora(),
+        reward=reward,
+        per_device_train_batch_size=6,
+        max_steps=1,
+        rollout_chunk_groups=2,
+    )
     rows_seen.clear()  # drop the construction-time check on reference images
     trainer.train()
     # 3 groups of 2 in chunks of 2 groups: 4 rows then 2, each with its own rows' columns

@@ -1,17 +1,16 @@
-"""`trainer.push_to_hub()`: what would be uploaded (the Hub API is replaced by a recorder; the Hub cannot be reached)."""
+"""`trainer.push_to_hub()`: what would be uploaded (the Hub API is replaced by a recorder; the Hub cannot be "
+"reached)."""
 
 import shutil
 
 import pytest
 import torch
+import transformers.trainer
 import yaml
 from PIL import Image
-
-import transformers.trainer
-
-from ddrl_trl.tiny_pipelines import tiny_sd_pipeline
-
 from test_trainer import assert_reloads_to_trained_outputs, lora, make_trainer
+
+from ddrl_trl.testing import tiny_sd_pipeline
 
 
 class RecordingHubApi:
@@ -43,11 +42,22 @@ def front_matter(readme: str) -> dict:
 
 def test_push_uploads_diffusers_lora_and_a_complete_model_card(tmp_path, reference_dataset, hub):
     tiny_sd_pipeline().save_pretrained(tmp_path / "base")
-    trainer = make_trainer(tmp_path, reference_dataset, peft_config=lora(), pipeline=str(tmp_path / "base"),
-                           eval_dataset=reference_dataset, max_steps=3, eval_strategy="steps", eval_steps=1,
-                           log_sample_images_steps=1, num_sample_images=4, save_strategy="steps", save_steps=1)  # fmt: skip
+    trainer = make_trainer(
+        tmp_path,
+        reference_dataset,
+        peft_config=lora(),
+        pipeline=str(tmp_path / "base"),
+        eval_dataset=reference_dataset,
+        max_steps=3,
+        eval_strategy="steps",
+        eval_steps=1,
+        log_sample_images_steps=1,
+        num_sample_images=4,
+        save_strategy="steps",
+        save_steps=1,
+    )
     trainer.train()
-    trainer.push_to_hub(tags=["my-tag"])
+    trainer.push_to_hub(model_name="digits-ddrl-lora", dataset_name="someone/paired-digits", tags=["my-tag"])
     assert hub.calls == [("create_repo", "out"), ("upload_folder", "someone/out")]
     uploaded = hub.capture_dir
     names = {p.name for p in uploaded.iterdir()}
@@ -63,7 +73,12 @@ def test_push_uploads_diffusers_lora_and_a_complete_model_card(tmp_path, referen
     meta = front_matter(readme)
     assert meta["library_name"] == "diffusers"
     assert meta["base_model"] == str(tmp_path / "base")
-    assert {"ddrl", "trl", "lora", "text-to-image", "my-tag"} <= set(meta["tags"])
+    assert {"ddrl", "trl", "diffusers-training", "lora", "text-to-image", "my-tag"} <= set(meta["tags"])
+    assert meta["datasets"] == ["someone/paired-digits"]  # create_model_card's arguments reach the card
+    assert (
+        "\n# digits-ddrl-lora\n" in readme
+        and "[someone/paired-digits](https://huggingface.co/someone/paired-digits)" in readme
+    )
     assert "arxiv.org/abs/2512.04332" in readme
     assert '"data_beta": 0.3' in readme and '"num_generations": 2' in readme  # the training configuration
     assert "brightness_reward" in readme and "![samples](samples.png)" in readme

@@ -10,11 +10,10 @@ import pytest
 import torch
 from datasets import Dataset
 from PIL import Image
+from test_trainer import lora, make_trainer
 
 import ddrl_trl.trainer as trainer_module
 from ddrl_trl.data import ReferenceSampleError, load_image
-
-from test_trainer import lora, make_trainer
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -61,7 +60,10 @@ def test_arrays_of_every_dtype_keep_their_values(array, expected):
 @pytest.mark.parametrize(
     "array, message",
     [
-        (np.full((8, 8, 3), 100.0, dtype=np.float32), r"float image with values 100\.\.100: .*divide 0\.\.255 data by 255"),
+        (
+            np.full((8, 8, 3), 100.0, dtype=np.float32),
+            r"float image with values 100\.\.100: .*divide 0\.\.255 data by 255",
+        ),
         (np.full((8, 8, 3), -0.5, dtype=np.float32), r"float images must lie in \[0, 1\].*\(x \+ 1\) / 2"),
         (np.full((8, 8), 300, dtype=np.int64), r"integer \(int64\) image with values 300\.\.300.*uint16"),
         (np.full((8, 8, 3), np.nan, dtype=np.float32), "NaN or infinite"),
@@ -106,10 +108,13 @@ def test_a_16_bit_reference_trains_on_the_same_latents_as_its_8_bit_twin(tmp_pat
     # a uint8 array column: `datasets` hands it back as nested lists of Python ints (int64 once an array again)
     datasets["array"] = Dataset.from_dict({"prompt": ["a red cat", "a blue dog"], "image": [gradient8] * 2})
     latents = {
-        bits: torch.tensor(np.asarray(make_trainer(tmp_path / str(bits), data, peft_config=lora())
-                                      .train_dataset[0]["ddrl_ref_latents"]))
+        bits: torch.tensor(
+            np.asarray(
+                make_trainer(tmp_path / str(bits), data, peft_config=lora()).train_dataset[0]["ddrl_ref_latents"]
+            )
+        )
         for bits, data in datasets.items()
-    }  # fmt: skip
+    }
     torch.testing.assert_close(latents[16], latents[8], rtol=0, atol=0)
     torch.testing.assert_close(latents["array"], latents[8], rtol=0, atol=0)
 
@@ -118,8 +123,11 @@ def test_a_bad_array_is_refused_at_construction_naming_the_row(tmp_path, referen
     images = [np.asarray(im, dtype=np.float32) / 255 for im in reference_dataset["image"]]
     images[4] = images[4] * 255  # one row in 0..255
     data = Dataset.from_dict({"prompt": reference_dataset["prompt"], "image": images})
-    with pytest.raises(ValueError, match=r"Row 4 of the training dataset, column 'image': a float image with values "
-                                         r".*divide 0\.\.255 data by 255"):
+    with pytest.raises(
+        ValueError,
+        match=r"Row 4 of the training dataset, column 'image': a float image with values "
+        r".*divide 0\.\.255 data by 255",
+    ):
         make_trainer(tmp_path, data, peft_config=lora())
 
 
@@ -130,15 +138,23 @@ def test_small_images_follow_the_same_upscaling_rule_as_videos(tmp_path, caplog)
 
     def dataset(*sizes):
         images = [Image.fromarray(rng.integers(0, 255, (s, s, 3), dtype=np.uint8)) for s in sizes]
-        return Dataset.from_dict({"prompt": ["a red cat", "a blue dog", "a green bird"][: len(sizes)], "image": images})
+        return Dataset.from_dict(
+            {"prompt": ["a red cat", "a blue dog", "a green bird"][: len(sizes)], "image": images}
+        )
 
-    with pytest.raises(ValueError, match=r"Row 1 of the training dataset, column 'image': it is 2x2 px, which would "
-                                         r"be upscaled 16.00x to resolution=32 \(more than max_reference_upscale=2\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"Row 1 of the training dataset, column 'image': it is 2x2 px, which would "
+        r"be upscaled 16.00x to resolution=32 \(more than max_reference_upscale=2\)",
+    ):
         make_trainer(tmp_path, dataset(40, 2), peft_config=lora())
     with caplog.at_level(logging.WARNING):
         make_trainer(tmp_path, dataset(40, 20, 24), peft_config=lora())
     warning = next(r.getMessage() for r in caplog.records if "upscaled" in r.getMessage())
-    assert "2 of 3 training reference images are smaller than resolution=32 and were upscaled (up to 1.60x, row 1)" in warning
+    assert (
+        "2 of 3 training reference images are smaller than resolution=32 and were upscaled (up to 1.60x, row 1)"
+        in warning
+    )
     with pytest.raises(ValueError, match=r"Row 1 .* upscaled 1.60x .*more than max_reference_upscale=1\)"):
         make_trainer(tmp_path, dataset(40, 20), peft_config=lora(), max_reference_upscale=1.0)
 
@@ -146,16 +162,23 @@ def test_small_images_follow_the_same_upscaling_rule_as_videos(tmp_path, caplog)
 @pytest.mark.parametrize(
     "prompts, message",
     [
-        (["a red cat", None, "a green bird"], r"Row 1 of the training dataset: column 'prompt' holds None, not a "
-                                              r"non-empty prompt \(1 such row\(s\) in all"),
+        (
+            ["a red cat", None, "a green bird"],
+            r"Row 1 of the training dataset: column 'prompt' holds None, not a "
+            r"non-empty prompt \(1 such row\(s\) in all",
+        ),
         (["a red cat", "a blue dog", ""], r"Row 2 .* holds '', not a non-empty prompt"),
-        (["   ", "a blue dog", "\t"], r"Row 0 .* holds '   '.*\(2 such row\(s\) in all, e.g. \[0, 2\]\).*dataset.filter"),
+        (
+            ["   ", "a blue dog", "\t"],
+            r"Row 0 .* holds '   '.*\(2 such row\(s\) in all, e.g. \[0, 2\]\).*dataset.filter",
+        ),
         ([1, 2, 3], r"column 'prompt' holds int64 values \(row 0: 1\), not text"),
     ],
     ids=["none", "empty", "blank", "numbers"],
 )
-def test_bad_prompts_are_found_at_construction_before_any_encoding(tmp_path, reference_dataset, monkeypatch, prompts,
-                                                                    message):  # fmt: skip
+def test_bad_prompts_are_found_at_construction_before_any_encoding(
+    tmp_path, reference_dataset, monkeypatch, prompts, message
+):
     def forbidden(*args, **kwargs):
         raise AssertionError("reference images were encoded before the prompts were checked")
 

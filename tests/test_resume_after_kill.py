@@ -15,8 +15,9 @@ SCRIPT = Path(__file__).resolve().parent / "resume_train.py"
 
 def run(out: Path, mode: str) -> int:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, str(SCRIPT), str(out), mode], env=env, capture_output=True, text=True,
-                            timeout=600)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), str(out), mode], env=env, capture_output=True, text=True, timeout=600
+    )
     if result.returncode not in (0, -9):
         raise AssertionError(result.stderr[-4000:])
     return result.returncode

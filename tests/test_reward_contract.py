@@ -7,12 +7,11 @@ import math
 
 import pytest
 import torch
+from test_trainer import lora, make_trainer
 
 from ddrl_trl import DDRLConfig
 from ddrl_trl.core import aggregate_rewards, group_advantages
 from ddrl_trl.rewards import compute_rewards
-
-from test_trainer import lora, make_trainer
 
 
 def trained(trainer) -> dict[str, torch.Tensor]:
@@ -25,7 +24,8 @@ def brightness_of(samples: torch.Tensor) -> list[float]:
 
 
 def test_a_grpo_style_reward_trains_exactly_like_the_positional_form(tmp_path, reference_dataset):
-    """TRL calls `reward(prompts=..., completions=..., trainer_state=..., **columns)`: the same scores through that form
+    """TRL calls `reward(prompts=..., completions=..., trainer_state=..., **columns)`: the same scores through that
+    form
     give the same training, and the reward sees the trainer's state and the dataset's columns."""
     seen = []
 
@@ -100,8 +100,11 @@ def test_reward_errors_keep_their_type_and_name_the_function_sync_or_async():
     def unfit(samples):
         return [0.0, 0.0]
 
-    with pytest.raises(TypeError, match=r"Reward function 'unfit' takes \(samples\), which fits neither form: "
-                                        r"reward\(images, prompts, \*\*columns\) or, as TRL's rewards"):
+    with pytest.raises(
+        TypeError,
+        match=r"Reward function 'unfit' takes \(samples\), which fits neither form: "
+        r"reward\(images, prompts, \*\*columns\) or, as TRL's rewards",
+    ):
         compute_rewards([unfit], images, ["a", "b"], {})
 
     def two_named(images, prompts):  # no **kwargs: gets just what it names
@@ -112,8 +115,11 @@ def test_reward_errors_keep_their_type_and_name_the_function_sync_or_async():
 
 def test_a_dataset_column_named_like_a_reward_keyword_is_refused(tmp_path, reference_dataset):
     data = reference_dataset.rename_column("label", "trainer_state")
-    with pytest.raises(ValueError, match=r"column\(s\) \['trainer_state'\], named like the keywords every reward "
-                                         r"function receives .*rename_column"):
+    with pytest.raises(
+        ValueError,
+        match=r"column\(s\) \['trainer_state'\], named like the keywords every reward "
+        r"function receives .*rename_column",
+    ):
         make_trainer(tmp_path, data, peft_config=lora())
 
 
@@ -155,16 +161,35 @@ def test_normalize_then_sum_trains_and_logs_the_std_it_used(tmp_path, reference_
     def large(images, prompts, **kwargs):
         return [1e4 * (1 - v) for v in brightness_of(images)]
 
-    trainer = make_trainer(tmp_path, reference_dataset, peft_config=lora(), reward=[small, large],
-                           multi_objective_aggregation="normalize_then_sum", num_generations=4)  # fmt: skip
+    trainer = make_trainer(
+        tmp_path,
+        reference_dataset,
+        peft_config=lora(),
+        reward=[small, large],
+        multi_objective_aggregation="normalize_then_sum",
+        num_generations=4,
+    )
     trainer.train()
     assert all(math.isfinite(h["reward_std"]) for h in trainer.state.log_history if "reward_std" in h)
-    with pytest.raises(ValueError, match="multi_objective_aggregation must be 'sum_then_normalize' or "
-                                         "'normalize_then_sum', got 'average'"):
+    with pytest.raises(
+        ValueError,
+        match="multi_objective_aggregation must be 'sum_then_normalize' or 'normalize_then_sum', got 'average'",
+    ):
         DDRLConfig(output_dir=str(tmp_path), multi_objective_aggregation="average", report_to="none")
 
 
-def test_async_rewards_is_now_overlap_rewards(tmp_path):
+def test_renamed_options_are_still_accepted_with_a_warning(tmp_path):
     with pytest.warns(FutureWarning, match="async_rewards is now called overlap_rewards"):
         args = DDRLConfig(output_dir=str(tmp_path), async_rewards=True, report_to="none")
     assert args.overlap_rewards is True and args.resolved_rollout_chunk_groups == 1
+    with pytest.warns(FutureWarning, match="image_column is now called reference_column"):
+        args = DDRLConfig(output_dir=str(tmp_path), image_column="photo", report_to="none")
+    assert args.reference_column == "photo" and args.image_column is None
+
+
+def test_the_reference_column_is_found_by_name_or_given(tmp_path, reference_dataset):
+    renamed = reference_dataset.rename_column("image", "photo")
+    with pytest.raises(ValueError, match=r"no column 'image' .*set prompt_column / reference_column"):
+        make_trainer(tmp_path, renamed, peft_config=lora())
+    trainer = make_trainer(tmp_path, renamed, peft_config=lora(), reference_column="photo")
+    assert trainer.reference_column == "photo" and "ddrl_ref_latents" in trainer.train_dataset.column_names

@@ -13,14 +13,13 @@ from pathlib import Path
 import pytest
 import requests
 import torch
+from test_trainer import lora, make_trainer
 from transformers import TrainerCallback
 
 from ddrl_trl.rewards import brightness
 from ddrl_trl.service import RemoteReward
 from ddrl_trl.service.wire import encode_samples
-from ddrl_trl.tiny_pipelines import tiny_sd_pipeline
-
-from test_trainer import lora, make_trainer
+from ddrl_trl.testing import tiny_sd_pipeline
 
 TESTS = Path(__file__).resolve().parent
 TOKEN = "s3cret-token-for-tests-0123456789"
@@ -39,10 +38,24 @@ class RewardServer:
         self.token_file = tmp_path / "token.txt"
         self.token_file.write_text(TOKEN + "\n")
         self.log_path = tmp_path / f"server-{self.port}-{time.monotonic_ns()}.log"
-        env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-               "OMP_NUM_THREADS": "1"}  # fmt: skip
-        cmd = [sys.executable, "-m", "ddrl_trl.cli", "serve-reward", "--reward", reward, "--port", str(self.port),
-               "--token-file", str(self.token_file), *extra]  # fmt: skip
+        env = {
+            **os.environ,
+            "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+            "OMP_NUM_THREADS": "1",
+        }
+        cmd = [
+            sys.executable,
+            "-m",
+            "ddrl_trl.cli",
+            "serve-reward",
+            "--reward",
+            reward,
+            "--port",
+            str(self.port),
+            "--token-file",
+            str(self.token_file),
+            *extra,
+        ]
         self.log = open(self.log_path, "w")
         self.process = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 60
@@ -172,9 +185,20 @@ def test_columns_cross_the_wire_and_reward_errors_fail_the_job_not_the_server(se
 
 def test_bad_token_file_fails_before_loading_the_reward(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "ddrl_trl.cli", "serve-reward", "--reward", "no_such_module:f", "--token-file",
-         str(tmp_path / "missing.txt")], capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "ddrl_trl.cli",
+            "serve-reward",
+            "--reward",
+            "no_such_module:f",
+            "--token-file",
+            str(tmp_path / "missing.txt"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert "Cannot read the token file" in result.stderr and "token_urlsafe" in result.stderr
 
@@ -190,8 +214,15 @@ def test_training_with_a_remote_reward_fails_clearly_when_the_server_dies_and_ke
             if state.global_step == 2:
                 srv.kill()
 
-    trainer = make_trainer(tmp_path, reference_dataset, peft_config=lora(), reward=remote, max_steps=4,
-                           save_strategy="steps", save_steps=2)  # fmt: skip
+    trainer = make_trainer(
+        tmp_path,
+        reference_dataset,
+        peft_config=lora(),
+        reward=remote,
+        max_steps=4,
+        save_strategy="steps",
+        save_steps=2,
+    )
     trainer.add_callback(KillServerAfterStep2())
     start = time.monotonic()
     with pytest.raises(ConnectionError, match=rf"reward service at {srv.url} did not answer .* after 3 attempts"):
@@ -263,8 +294,15 @@ def test_scored_jobs_keep_their_scores_not_their_images_and_expire_on_a_timer(se
 
 
 def test_pending_jobs_and_their_bytes_are_capped_with_503_and_retry_after(server):
-    srv = server("remote_rewards:slow_brightness", "--max-pending-jobs", "2", "--max-batch-samples", "1",
-                 "--max-pending-mb", str(2048 / 2**20))  # fmt: skip
+    srv = server(
+        "remote_rewards:slow_brightness",
+        "--max-pending-jobs",
+        "2",
+        "--max-batch-samples",
+        "1",
+        "--max-pending-mb",
+        str(2048 / 2**20),
+    )
     images = torch.rand(1, 3, 16, 16)  # 768 bytes waiting (uint8: 4× less than the float32 it becomes)
     accepted = [submit(srv, images, ["x"]) for _ in range(2)]
     refused = submit(srv, images, ["x"])
@@ -315,8 +353,9 @@ def test_a_body_of_millions_of_tiny_json_values_is_refused_before_parsing(server
     payload = json.dumps(body)[:-1].encode() + b', "columns": {"x": [' + b"[]," * 6_000_000 + b"[]]}}"
     peak_before = srv.memory_mb("VmHWM")
     start = time.monotonic()
-    response = requests.post(srv.url + "/v1/score", data=payload, headers={**auth(), "Content-Type": "application/json"},
-                             timeout=60)  # fmt: skip
+    response = requests.post(
+        srv.url + "/v1/score", data=payload, headers={**auth(), "Content-Type": "application/json"}, timeout=60
+    )
     assert response.status_code == 413 and "JSON values, over the limit of 200000" in response.json()["detail"]
     assert time.monotonic() - start < 20
     assert srv.memory_mb("VmHWM") - peak_before < 150  # ~19 MiB body: a copy or two, not ~1 GB of lists
@@ -335,8 +374,11 @@ def test_a_hanging_reward_fails_its_batch_after_the_timeout_and_health_reports_i
     assert stuck.status_code == 503 and stuck.json()["status"] == "stuck" and stuck.json()["stuck_batches"] == 2
     refused = submit(srv, images, ["x", "y"])
     assert refused.status_code == 503 and "the reward is stuck: 2 calls have run past" in refused.json()["detail"]
-    with pytest.raises(ConnectionError, match=r"answered POST /v1/score with an error 1 times .*it said: HTTP 503: "
-                                              r"the reward is stuck"):
+    with pytest.raises(
+        ConnectionError,
+        match=r"answered POST /v1/score with an error 1 times .*it said: HTTP 503: "
+        r"the reward is stuck",
+    ):
         RemoteReward(srv.url, token=TOKEN, retries=0)(images, ["x", "y"])
     srv.process.send_signal(signal.SIGINT)  # "restart the server": Ctrl-C works though two calls still hang
     assert srv.process.wait(timeout=20) is not None
@@ -358,8 +400,10 @@ def test_idle_and_half_sent_connections_cannot_lock_clients_out(server):
     half_headers = socket.create_connection(("127.0.0.1", srv.port))
     half_headers.sendall(b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Le")
     half_body = socket.create_connection(("127.0.0.1", srv.port))
-    half_body.sendall(f"POST /v1/score HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
-                      f"Content-Length: 1000\r\n\r\n{{\"images\":".encode())  # fmt: skip
+    half_body.sendall(
+        f"POST /v1/score HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+        f'Content-Length: 1000\r\n\r\n{{"images":'.encode()
+    )
     for half in (half_headers, half_body):  # under the limit, nothing is evicted: the deadline closes them
         half.settimeout(10)
         assert half.recv(1024) == b""
@@ -405,10 +449,22 @@ def test_query_strings_are_not_logged_docs_are_not_served_and_a_bad_token_file_i
     token_file = tmp_path / "bad-token.txt"
     token_file.write_text("first-half\nsecond-half\n")
     result = subprocess.run(
-        [sys.executable, "-m", "ddrl_trl.cli", "serve-reward", "--reward", "brightness", "--token-file",
-         str(token_file)], capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "ddrl_trl.cli",
+            "serve-reward",
+            "--reward",
+            "brightness",
+            "--token-file",
+            str(token_file),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2 and "a line break" in result.stderr and "no client could ever match" in result.stderr
-    helped = subprocess.run([sys.executable, "-m", "ddrl_trl.cli", "serve-reward", "--help"], capture_output=True,
-                            text=True, timeout=120)  # fmt: skip
+    helped = subprocess.run(
+        [sys.executable, "-m", "ddrl_trl.cli", "serve-reward", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert "is code the server runs" in " ".join(helped.stdout.split())

@@ -4,26 +4,36 @@ import math
 import os
 
 import pytest
-from safetensors.torch import load_file
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from conftest import brightness_reward
+from diffusers import DDIMScheduler, UNet2DConditionModel
 from peft import LoraConfig
+from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 import ddrl_trl.trainer as trainer_module
 from ddrl_trl import DDRLConfig, DDRLTrainer
 from ddrl_trl.core import group_advantages
 from ddrl_trl.rollout import SeededNoise, generate_rollouts
-from ddrl_trl.tiny_pipelines import tiny_sd_pipeline, tiny_sdxl_pipeline
-
-from conftest import brightness_reward
+from ddrl_trl.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
 
 
 def make_args(tmp_path, **overrides):
     values = dict(
-        output_dir=str(tmp_path / "out"), num_generations=2, per_device_train_batch_size=4, num_inference_steps=4,
-        train_step_stride=1, max_steps=2, learning_rate=1e-3, warmup_steps=0, logging_steps=1, report_to="none",
-        log_sample_images_steps=0, save_strategy="no", seed=0, per_device_eval_batch_size=4,
+        output_dir=str(tmp_path / "out"),
+        num_generations=2,
+        per_device_train_batch_size=4,
+        num_inference_steps=4,
+        train_step_stride=1,
+        max_steps=2,
+        learning_rate=1e-3,
+        warmup_steps=0,
+        logging_steps=1,
+        report_to="none",
+        log_sample_images_steps=0,
+        save_strategy="no",
+        seed=0,
+        per_device_eval_batch_size=4,
         dataloader_pin_memory=False,
     )
     values.update(overrides)
@@ -52,8 +62,16 @@ def assert_reloads_to_trained_outputs(trainer, plain_pipeline, inputs) -> None:
     torch.testing.assert_close(reloaded, trained, rtol=1e-5, atol=1e-6)
 
 
-def make_trainer(tmp_path, dataset, peft_config=None, pipeline=None, reward=brightness_reward, eval_dataset=None,
-                 callbacks=None, **kw):  # fmt: skip
+def make_trainer(
+    tmp_path,
+    dataset,
+    peft_config=None,
+    pipeline=None,
+    reward=brightness_reward,
+    eval_dataset=None,
+    callbacks=None,
+    **kw,
+):
     return DDRLTrainer(
         model=pipeline if pipeline is not None else tiny_sd_pipeline(),
         reward_funcs=reward,
@@ -87,7 +105,9 @@ def test_on_policy_ratio_is_one_in_float32(tmp_path, reference_dataset, monkeypa
 def test_gradient_equals_grpo_plus_data_term_computed_separately(tmp_path, reference_dataset, data_beta):
     """data_beta=0 (and kl_beta=0) is plain GRPO; otherwise the gradient adds data_beta × ∇(diffusion loss on x̃0
     noised with the rollout's initial noise to each trained step's timestep), here computed in separate passes."""
-    trainer = make_trainer(tmp_path, reference_dataset, data_beta=data_beta, num_inference_steps=4, train_step_stride=2)
+    trainer = make_trainer(
+        tmp_path, reference_dataset, data_beta=data_beta, num_inference_steps=4, train_step_stride=2
+    )
     model, adapter, sampler = trainer.model, trainer.adapter, trainer.sampler
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     seed = trainer._rollout_seed()
@@ -125,8 +145,17 @@ def test_lora_training_logs_metrics_saves_and_reloads_in_plain_diffusers(tmp_pat
     assert before["eval_diffusion_loss_ratio"] == pytest.approx(1.0, abs=1e-6)
     trainer.train()
     logs = trainer.state.log_history[0]
-    for key in ["reward", "reward_std", "rewards/brightness_reward/mean", "loss/policy", "loss/data", "loss/kl",
-                "ratio/mean", "clip_fraction", "grad_norm"]:
+    for key in [
+        "reward",
+        "reward_std",
+        "rewards/brightness_reward/mean",
+        "loss/policy",
+        "loss/data",
+        "loss/kl",
+        "ratio/mean",
+        "clip_fraction",
+        "grad_norm",
+    ]:
         assert key in logs, key
     after = trainer.evaluate()
     assert after["eval_diffusion_loss"] != before["eval_diffusion_loss"]
@@ -187,8 +216,13 @@ def test_kl_with_full_fine_tuning_keeps_a_frozen_copy(tmp_path, reference_datase
 
 @pytest.mark.parametrize(
     "options",
-    [dict(data_noise="random"), dict(data_timesteps="random"), dict(data_on_first_step_only=True),
-     dict(same_noise_within_group=True), dict(exp_advantage=True, scale_rewards="batch")],
+    [
+        dict(data_noise="random"),
+        dict(data_timesteps="random"),
+        dict(data_on_first_step_only=True),
+        dict(same_noise_within_group=True),
+        dict(exp_advantage=True, scale_rewards="batch"),
+    ],
 )
 def test_data_term_and_rollout_options_train(tmp_path, reference_dataset, options):
     trainer = make_trainer(tmp_path, reference_dataset, peft_config=lora(), max_steps=1, **options)
@@ -197,14 +231,19 @@ def test_data_term_and_rollout_options_train(tmp_path, reference_dataset, option
 
 
 @pytest.mark.parametrize("patterns", [False, True], ids=["alpha-16-r-4", "rank-and-alpha-patterns"])
-@pytest.mark.parametrize("builder", [lambda: tiny_sd_pipeline(prediction_type="v_prediction"), tiny_sdxl_pipeline],
-                         ids=["sd-v-prediction", "sdxl"])  # fmt: skip
-def test_lora_of_any_shape_reloads_in_plain_diffusers_at_its_trained_strength(tmp_path, reference_dataset, builder,
-                                                                              patterns):  # fmt: skip
+@pytest.mark.parametrize(
+    "builder",
+    [lambda: tiny_sd_pipeline(prediction_type="v_prediction"), tiny_sdxl_pipeline],
+    ids=["sd-v-prediction", "sdxl"],
+)
+def test_lora_of_any_shape_reloads_in_plain_diffusers_at_its_trained_strength(
+    tmp_path, reference_dataset, builder, patterns
+):
     """Without the LoRA config in the file, `load_lora_weights` assumes alpha = r and no patterns: an r=4/alpha=16
     LoRA came back at a quarter of its strength."""
-    trainer = make_trainer(tmp_path, reference_dataset, peft_config=lora(patterns), pipeline=builder(), max_steps=1,
-                           learning_rate=1e-2)  # fmt: skip
+    trainer = make_trainer(
+        tmp_path, reference_dataset, peft_config=lora(patterns), pipeline=builder(), max_steps=1, learning_rate=1e-2
+    )
     trainer.train()
     trainer.save_model()
     plain = builder()
@@ -247,8 +286,14 @@ def test_dataset_columns_reach_rewards_and_callbacks_run(tmp_path, reference_dat
 
 def test_checkpoints_and_tensorboard_images(tmp_path, reference_dataset):
     trainer = make_trainer(
-        tmp_path, reference_dataset, peft_config=lora(), save_strategy="steps", save_steps=1, report_to="tensorboard",
-        log_sample_images_steps=1, num_sample_images=4,
+        tmp_path,
+        reference_dataset,
+        peft_config=lora(),
+        save_strategy="steps",
+        save_steps=1,
+        report_to="tensorboard",
+        log_sample_images_steps=1,
+        num_sample_images=4,
     )
     trainer.train()
     out = tmp_path / "out"
@@ -277,9 +322,16 @@ def test_gradient_checkpointing_uses_the_diffusers_switch(tmp_path, reference_da
 def test_resume_from_checkpoint_continues_like_an_uninterrupted_run(tmp_path, reference_dataset, use_lora):
     """Same weights, and the same held-out loss ratio to the base model: full fine-tuning keeps no base copy, so the
     base loss must be measured at the resumed train() as at the first (before Trainer loads the checkpoint)."""
+
     def run(name, **kw):
-        trainer = make_trainer(tmp_path / name, reference_dataset, peft_config=lora() if use_lora else None,
-                               eval_dataset=reference_dataset, max_steps=4, **kw)
+        trainer = make_trainer(
+            tmp_path / name,
+            reference_dataset,
+            peft_config=lora() if use_lora else None,
+            eval_dataset=reference_dataset,
+            max_steps=4,
+            **kw,
+        )
         return trainer
 
     straight = run("straight")
@@ -297,8 +349,15 @@ def test_resume_from_checkpoint_continues_like_an_uninterrupted_run(tmp_path, re
 
 
 def test_full_fine_tuning_keeps_float32_master_weights_and_lora_base_follows_bf16(tmp_path, reference_dataset):
-    full = make_trainer(tmp_path / "full", reference_dataset, pipeline=tiny_sd_pipeline().to(dtype=torch.bfloat16),
-                        eval_dataset=reference_dataset, bf16=True, use_cpu=True, max_steps=1)
+    full = make_trainer(
+        tmp_path / "full",
+        reference_dataset,
+        pipeline=tiny_sd_pipeline().to(dtype=torch.bfloat16),
+        eval_dataset=reference_dataset,
+        bf16=True,
+        use_cpu=True,
+        max_steps=1,
+    )
     assert {p.dtype for p in full.model.parameters()} == {torch.float32}
     assert full.pipeline.vae.dtype == torch.bfloat16
     # The base model's held-out loss is measured at train(), before accelerate's prepare(): the trainer's own autocast
@@ -315,7 +374,8 @@ def test_full_fine_tuning_keeps_float32_master_weights_and_lora_base_follows_bf1
 
 @pytest.mark.parametrize("use_lora", [True, False], ids=["lora", "full"])
 def test_saving_from_a_gathered_state_dict_matches_the_normal_save(tmp_path, reference_dataset, use_lora):
-    """Under FSDP / DeepSpeed ZeRO-3, Trainer.save_model hands `_save` the gathered weights: same files, same weights."""
+    """Under FSDP / DeepSpeed ZeRO-3, Trainer.save_model hands `_save` the gathered weights: same files, same "
+    "weights."""
     trainer = make_trainer(tmp_path, reference_dataset, peft_config=lora() if use_lora else None, max_steps=1)
     trainer.train()
     trainer._save(str(tmp_path / "normal"))
@@ -326,16 +386,21 @@ def test_saving_from_a_gathered_state_dict_matches_the_normal_save(tmp_path, ref
     assert all(torch.equal(normal[k], gathered[k]) for k in normal)
     if not use_lora:
         reloaded = UNet2DConditionModel.from_pretrained(str(tmp_path / "gathered" / "unet"))
-        assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), trainer.model.state_dict().values()))
+        assert all(
+            torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), trainer.model.state_dict().values())
+        )
 
 
-@pytest.mark.parametrize("name, kind", [("multi_gpu", "MULTI_GPU"), ("fsdp", "FSDP"), ("deepspeed_zero2", "DEEPSPEED"),
-                                        ("deepspeed_zero3", "DEEPSPEED")])  # fmt: skip
+@pytest.mark.parametrize(
+    "name, kind",
+    [("multi_gpu", "MULTI_GPU"), ("fsdp", "FSDP"), ("deepspeed_zero2", "DEEPSPEED"), ("deepspeed_zero3", "DEEPSPEED")],
+)
 def test_shipped_accelerate_configs_parse(name, kind):
     from accelerate.commands.config.config_args import load_config_from_file
 
-    config = load_config_from_file(os.path.join(os.path.dirname(__file__), "..", "examples", "accelerate_configs",
-                                                f"{name}.yaml"))  # fmt: skip
+    config = load_config_from_file(
+        os.path.join(os.path.dirname(__file__), "..", "ddrl_trl", "accelerate_configs", f"{name}.yaml")
+    )
     assert config.distributed_type.value == kind and config.num_processes == 8
 
 

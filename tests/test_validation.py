@@ -1,15 +1,14 @@
 """Bad input fails at construction, before any rollout, with a message that names the problem and the fix."""
 
 import pytest
+from conftest import brightness_reward
 from datasets import Dataset
 from peft import LoraConfig
 
 import ddrl_trl.trainer as trainer_module
 from ddrl_trl import DDRLConfig, DDRLTrainer, build_synthetic_reference_dataset, register_adapter
 from ddrl_trl.adapters import StableDiffusionAdapter, get_adapter
-from ddrl_trl.tiny_pipelines import tiny_sd_pipeline
-
-from conftest import brightness_reward
+from ddrl_trl.testing import tiny_sd_pipeline
 
 
 @pytest.fixture(autouse=True)
@@ -27,8 +26,13 @@ def args(tmp_path, **kw):
 
 
 def build(tmp_path, dataset, reward=brightness_reward, pipeline=None, **kw):
-    return DDRLTrainer(model=pipeline or tiny_sd_pipeline(), reward_funcs=reward, args=args(tmp_path, **kw),
-                       train_dataset=dataset, peft_config=LoraConfig(r=2))
+    return DDRLTrainer(
+        model=pipeline or tiny_sd_pipeline(),
+        reward_funcs=reward,
+        args=args(tmp_path, **kw),
+        train_dataset=dataset,
+        peft_config=LoraConfig(r=2),
+    )
 
 
 @pytest.mark.parametrize(
@@ -49,11 +53,23 @@ def build(tmp_path, dataset, reward=brightness_reward, pipeline=None, **kw):
         (dict(max_reference_upscale=0.5), "max_reference_upscale must be ≥ 1"),
         (dict(max_consecutive_nonfinite_steps=0), "max_consecutive_nonfinite_steps must be ≥ 1"),
         # NaN passes every comparison: each float field must be refused as non-finite, by name
-        *[(
-            {name: value}, f"{name} must be a finite number"
-        ) for name in ("eta", "data_beta", "epsilon", "kl_beta", "flow_noise_level", "learning_rate",
-                       "advantage_clip", "reward_clip", "ema_decay", "max_grad_norm", "guidance_scale")
-          for value in (float("nan"), float("inf"), float("-inf"))],
+        *[
+            ({name: value}, f"{name} must be a finite number")
+            for name in (
+                "eta",
+                "data_beta",
+                "epsilon",
+                "kl_beta",
+                "flow_noise_level",
+                "learning_rate",
+                "advantage_clip",
+                "reward_clip",
+                "ema_decay",
+                "max_grad_norm",
+                "guidance_scale",
+            )
+            for value in (float("nan"), float("inf"), float("-inf"))
+        ],
         (dict(reward_weights=[1.0, float("nan")]), "reward_weights must be a finite number"),
         (dict(reward_weights=[float("inf")]), "reward_weights must be a finite number"),
         (dict(reward_weights=[1.0, 1e39]), r"reward_weights must fit in float32"),
@@ -153,8 +169,10 @@ def test_multi_process_launch_that_would_train_alone_is_refused(tmp_path):
     import subprocess
     import sys
 
-    code = ("from ddrl_trl import DDRLConfig; DDRLConfig(output_dir=r'%s', num_generations=2, "
-            "per_device_train_batch_size=4, report_to='none')" % tmp_path)  # fmt: skip
+    code = (
+        "from ddrl_trl import DDRLConfig; DDRLConfig(output_dir=r'%s', num_generations=2, "
+        "per_device_train_batch_size=4, report_to='none')" % tmp_path
+    )
     env = {**os.environ, "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0

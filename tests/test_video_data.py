@@ -4,6 +4,7 @@ all raised at construction, before any rollout."""
 import numpy as np
 import pytest
 import torch
+from conftest import brightness_reward
 from datasets import Dataset
 from diffusers.utils import export_to_video
 from peft import LoraConfig
@@ -12,9 +13,7 @@ from PIL import Image
 import ddrl_trl.trainer as trainer_module
 from ddrl_trl import DDRLConfig, DDRLTrainer
 from ddrl_trl.data import load_video_frames, video_to_tensor
-from ddrl_trl.tiny_pipelines import tiny_wan_pipeline
-
-from conftest import brightness_reward
+from ddrl_trl.testing import tiny_wan_pipeline
 
 
 @pytest.fixture(autouse=True)
@@ -31,12 +30,25 @@ def frames(count, height=20, width=24, seed=0):
 
 
 def build(tmp_path, videos, pipeline=None, **kw):
-    values = dict(output_dir=str(tmp_path), num_generations=2, per_device_train_batch_size=4, report_to="none",
-                  resolution=16, num_frames=9, image_column="video", max_sequence_length=16)  # fmt: skip
+    values = dict(
+        output_dir=str(tmp_path),
+        num_generations=2,
+        per_device_train_batch_size=4,
+        report_to="none",
+        resolution=16,
+        num_frames=9,
+        reference_column="video",
+        max_sequence_length=16,
+    )
     values.update(kw)
     dataset = Dataset.from_dict({"prompt": ["a red cat", "a blue dog"][: len(videos)], "video": videos})
-    return DDRLTrainer(model=pipeline or tiny_wan_pipeline(), reward_funcs=brightness_reward,
-                       args=DDRLConfig(**values), train_dataset=dataset, peft_config=LoraConfig(r=2))  # fmt: skip
+    return DDRLTrainer(
+        model=pipeline or tiny_wan_pipeline(),
+        reward_funcs=brightness_reward,
+        args=DDRLConfig(**values),
+        train_dataset=dataset,
+        peft_config=LoraConfig(r=2),
+    )
 
 
 def test_frames_arrays_and_video_files_all_load_to_the_same_frame_count(tmp_path):
@@ -73,9 +85,15 @@ def test_video_file_column_trains_the_latents_of_its_frames(tmp_path):
 @pytest.mark.parametrize(
     "videos, message",
     [
-        ([frames(9), frames(12)], r"Row 1 of the training dataset, column 'video': the video has 12 frames but num_frames=9"),
-        ([frames(9, 6, 6), frames(9)], r"Row 0 .* 6x6 px, which would be upscaled 2.67x to resolution=16 \(more than "
-                                        r"max_reference_upscale=2\)"),
+        (
+            [frames(9), frames(12)],
+            r"Row 1 of the training dataset, column 'video': the video has 12 frames but num_frames=9",
+        ),
+        (
+            [frames(9, 6, 6), frames(9)],
+            r"Row 0 .* 6x6 px, which would be upscaled 2.67x to resolution=16 \(more than "
+            r"max_reference_upscale=2\)",
+        ),
         ([frames(4) + frames(5, 24, 24), frames(9)], r"Row 0 .*frames differ in size"),
         ([frames(1)[0], frames(1)[0]], r"Row 0 .*expected a video .* got a single image"),
     ],
@@ -111,5 +129,8 @@ def test_small_videos_are_upscaled_with_a_warning_like_images(tmp_path, caplog):
 
     with caplog.at_level(logging.WARNING):
         build(tmp_path, [frames(9, 12, 12), frames(9)])
-    assert any("1 of 2 training reference videos are smaller than resolution=16 and were upscaled (up to 1.33x, row 0)"
-               in r.getMessage() for r in caplog.records)  # fmt: skip
+    assert any(
+        "1 of 2 training reference videos are smaller than resolution=16 and were upscaled (up to 1.33x, row 0)"
+        in r.getMessage()
+        for r in caplog.records
+    )

@@ -20,7 +20,8 @@ _REGISTRY: dict[type, type[PipelineAdapter]] = {}
 
 
 def register_adapter(adapter_cls: type[PipelineAdapter], pipeline_cls: type | None = None) -> type[PipelineAdapter]:
-    """Make `DDRLTrainer` use `adapter_cls` for `pipeline_cls` (default: every class in `adapter_cls.pipeline_classes`).
+    """Make `DDRLTrainer` use `adapter_cls` for `pipeline_cls` (default: every class in
+    `adapter_cls.pipeline_classes`).
 
     Usable as a class decorator. A later registration for the same pipeline class wins, so users can override ours.
     """

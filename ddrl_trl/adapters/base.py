@@ -79,10 +79,6 @@ class PipelineAdapter(ABC):
         """The network DDRL trains."""
         return getattr(self.pipeline, self.denoiser_name)
 
-    @denoiser.setter
-    def denoiser(self, module: torch.nn.Module) -> None:
-        setattr(self.pipeline, self.denoiser_name, module)
-
     @property
     @abstractmethod
     def default_resolution(self) -> int:
@@ -106,7 +102,8 @@ class PipelineAdapter(ABC):
             raise ValueError(
                 f"resolution={resolution} is not supported by this pipeline: its VAE downsamples by "
                 f"{self.vae_scale_factor} and its denoiser by {self.denoiser_downsampling}, so the resolution must be "
-                f"a positive multiple of {multiple} (e.g. {lower} or {lower + multiple}). Set `resolution` in DDRLConfig."
+                f"a positive multiple of {multiple} (e.g. {lower} or {lower + multiple}). Set `resolution` in "
+                "DDRLConfig."
             )
 
     def latent_shape(self, resolution: int) -> tuple[int, ...]:

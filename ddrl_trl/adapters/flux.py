@@ -54,9 +54,11 @@ class FluxAdapter(PipelineAdapter):
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         embeds, pooled, _ = self.pipeline.encode_prompt(
-            prompt=prompts, prompt_2=None, device=self.denoiser.device,
+            prompt=prompts,
+            prompt_2=None,
+            device=self.denoiser.device,
             max_sequence_length=self.t5_sequence_length(self.pipeline.tokenizer_2),
-        )  # fmt: skip
+        )
         # The text ids are all zeros of shape (tokens, 3); `predict` rebuilds them, so conditioning stays batch-first.
         return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
 
@@ -79,10 +81,13 @@ class FluxAdapter(PipelineAdapter):
             img_ids=image_ids,
             return_dict=False,
         )[0]
-        return FluxPipeline._unpack_latents(output, height * self.vae_scale_factor, width * self.vae_scale_factor,
-                                            self.vae_scale_factor)  # fmt: skip
+        return FluxPipeline._unpack_latents(
+            output, height * self.vae_scale_factor, width * self.vae_scale_factor, self.vae_scale_factor
+        )
 
-    def _position_ids(self, height: int, width: int, text_tokens: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def _position_ids(
+        self, height: int, width: int, text_tokens: int, device, dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The image tokens' (0, row, column) ids and the text tokens' zero ids, built once per shape (the pipeline
         builds them once per call; `predict` runs every step)."""
         key = (height, width, text_tokens, device, dtype)
@@ -109,6 +114,10 @@ class FluxAdapter(PipelineAdapter):
         use_flow_sigmas = self.pipeline.scheduler.config.get("use_flow_sigmas", False)
         sigmas = None if use_flow_sigmas else np.linspace(1.0, 1 / steps, steps).tolist()
         return FlowSDESampler(
-            self.pipeline.scheduler, steps, config.flow_noise_level, device=device, mu=self.timestep_shift_mu(),
+            self.pipeline.scheduler,
+            steps,
+            config.flow_noise_level,
+            device=device,
+            mu=self.timestep_shift_mu(),
             sigmas=sigmas,
-        )  # fmt: skip
+        )

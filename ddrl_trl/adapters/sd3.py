@@ -34,8 +34,12 @@ class StableDiffusion3Adapter(PipelineAdapter):
         tokenizer = getattr(pipe, "tokenizer_3", None)
         max_length = self.t5_sequence_length(tokenizer) if tokenizer is not None else self.max_sequence_length
         embeds, _, pooled, _ = pipe.encode_prompt(
-            prompt=prompts, prompt_2=None, prompt_3=None, device=self.denoiser.device,
-            do_classifier_free_guidance=False, max_sequence_length=max_length,
+            prompt=prompts,
+            prompt_2=None,
+            prompt_3=None,
+            device=self.denoiser.device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=max_length,
         )
         return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
 

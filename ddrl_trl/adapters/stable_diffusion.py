@@ -45,7 +45,8 @@ class StableDiffusionAdapter(PipelineAdapter):
 
 
 class StableDiffusionXLAdapter(StableDiffusionAdapter):
-    """Adapter for `StableDiffusionXLPipeline`: two text encoders, pooled text embeddings and size micro-conditioning."""
+    """Adapter for `StableDiffusionXLPipeline`: two text encoders, pooled text embeddings and size "
+    "micro-conditioning."""
 
     pipeline_classes = (StableDiffusionXLPipeline,)
 

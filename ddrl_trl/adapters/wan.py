@@ -78,9 +78,11 @@ class WanAdapter(PipelineAdapter):
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         embeds, _ = self.pipeline.encode_prompt(
-            prompt=prompts, do_classifier_free_guidance=False, device=self.denoiser.device,
+            prompt=prompts,
+            do_classifier_free_guidance=False,
+            device=self.denoiser.device,
             max_sequence_length=self.t5_sequence_length(self.pipeline.tokenizer),
-        )  # fmt: skip
+        )
         return {"encoder_hidden_states": embeds}
 
     def predict(self, latents, timesteps, cond, denoiser=None) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Rewards → group-relative advantages (ddrl-algorithm.md §3, steps 3–4).
+"""Rewards → group-relative advantages (docs/concepts.md, "One iteration": reward and advantage).
 
 Everything here runs in float32 or wider whatever the training dtype: advantages scale every policy gradient, and
 bf16's 8-bit mantissa would quantise small reward differences inside a group to zero. Group statistics are taken in
@@ -73,7 +73,7 @@ def group_advantages(
     """Group-normalised advantages A_n = (r_n − mean_group) / (std_group + ε).
 
     The group mean approximates the log-partition Z and the group std the temperature β of the DDRL objective
-    (ddrl-algorithm.md §2). Steps, in order:
+    (docs/concepts.md; the paper's §3). Steps, in order:
 
     1. clip rewards to ±`reward_clip`;
     2. replace invalid (NaN, ±inf) rewards by the mean of the valid rewards of their group, so they get zero
@@ -104,7 +104,8 @@ def group_advantages(
 
 
 class AggregatedRewards(NamedTuple):
-    """The `(B,)` reward the advantages are computed from, and the `scale_rewards` / `reward_clip` to compute them with."""
+    """The `(B,)` reward the advantages are computed from, and the `scale_rewards` / `reward_clip` to compute them "
+    "with."""
 
     rewards: torch.Tensor
     scale_rewards: str
@@ -136,10 +137,13 @@ def aggregate_rewards(
             f"multi_objective_aggregation must be 'sum_then_normalize' or 'normalize_then_sum', got {aggregation!r}."
         )
     per_func = rewards_per_func.float()
-    normalised = torch.stack([
-        group_advantages(column, num_generations, "group", reward_clip, exp_transform=False, advantage_clip=None)
-        for column in per_func.unbind(dim=1)
-    ], dim=1)  # fmt: skip
+    normalised = torch.stack(
+        [
+            group_advantages(column, num_generations, "group", reward_clip, exp_transform=False, advantage_clip=None)
+            for column in per_func.unbind(dim=1)
+        ],
+        dim=1,
+    )
     combined = (normalised * weights.to(normalised)).sum(dim=1)
     combined[~torch.isfinite(per_func).all(dim=1)] = torch.nan
     return AggregatedRewards(combined, "batch", None)

@@ -1,4 +1,4 @@
-"""The terms of the DDRL loss at one trained denoising step (ddrl-algorithm.md §3, step 5).
+"""The terms of the DDRL loss at one trained denoising step (docs/concepts.md, "One iteration": loss).
 
     loss_j = L_pg + kl_beta · L_kl + data_beta · L_data
 
@@ -57,14 +57,16 @@ def clipped_policy_loss(
 def reverse_kl_loss(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor | float) -> torch.Tensor:
     """KL(p_θ ‖ p_ref) of two Gaussian steps with equal std, per dimension, averaged over samples and dimensions.
 
-        L_kl = mean_n mean_d (μ_θ − μ_ref)² / (2σ²)
+    L_kl = mean_n mean_d (μ_θ − μ_ref)² / (2σ²)
     """
     std = torch.as_tensor(std, dtype=torch.float32, device=mean.device)
     per_sample = _mean_over_sample_dims((mean.float() - ref_mean.float()) ** 2) / (2 * std**2)
     return per_sample.mean()
 
 
-def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+def diffusion_loss(
+    prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """The model family's denoising loss: mean_n w_n · mean_d (prediction − target)², in float32.
 
     With `weights=None` this is the unweighted MSE of diffusers' `train_text_to_image.py` (w_n = 1).

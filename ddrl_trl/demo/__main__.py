@@ -22,7 +22,14 @@ from peft import LoraConfig
 from transformers import TrainerCallback
 
 from .. import DDRLConfig, DDRLTrainer
-from .digits import DigitsEvaluator, digit_prompt, digits_dataset, evaluate_digits_pipeline, ink_reward, load_digits_pipeline
+from .digits import (
+    DigitsEvaluator,
+    digit_prompt,
+    digits_dataset,
+    evaluate_digits_pipeline,
+    ink_reward,
+    load_digits_pipeline,
+)
 
 HACKING_RATIO = 1.10
 
@@ -52,8 +59,14 @@ def _grid(pipe, path: Path, per_digit: int = 6, steps: int = 10) -> None:
     from diffusers.utils import make_image_grid
 
     prompts = [digit_prompt(d) for _ in range(per_digit) for d in range(10)]
-    images = pipe(prompts, num_inference_steps=steps, guidance_scale=1.0, eta=1.0, output_type="pil",
-                  generator=torch.Generator().manual_seed(1)).images
+    images = pipe(
+        prompts,
+        num_inference_steps=steps,
+        guidance_scale=1.0,
+        eta=1.0,
+        output_type="pil",
+        generator=torch.Generator().manual_seed(1),
+    ).images
     make_image_grid([im.resize((48, 48), 0) for im in images], rows=per_digit, cols=10).save(path)
 
 
@@ -61,19 +74,39 @@ def run_one(name: str, data_beta: float, opts, evaluator, train_ds, eval_ds) -> 
     """Train one run; return its evaluation history."""
     output_dir = Path(opts.output_dir) / name
     args = DDRLConfig(
-        output_dir=str(output_dir), seed=opts.seed, max_steps=opts.steps, learning_rate=opts.learning_rate,
-        warmup_steps=0, lr_scheduler_type="constant", data_beta=data_beta, num_generations=8,
+        output_dir=str(output_dir),
+        seed=opts.seed,
+        max_steps=opts.steps,
+        learning_rate=opts.learning_rate,
+        warmup_steps=0,
+        lr_scheduler_type="constant",
+        data_beta=data_beta,
+        num_generations=8,
         per_device_train_batch_size=8 * opts.prompts_per_step,
-        num_inference_steps=10, train_step_stride=2, eval_strategy="steps", eval_steps=opts.eval_every,
-        logging_steps=opts.eval_every, log_sample_images_steps=opts.eval_every, report_to=["tensorboard"],
-        save_strategy="no", per_device_eval_batch_size=120, eval_noise_draws=4, dataloader_pin_memory=False,
-        run_name=name, overwrite_output_dir=True,  # the demo regenerates its own output folder on every run
+        num_inference_steps=10,
+        train_step_stride=2,
+        eval_strategy="steps",
+        eval_steps=opts.eval_every,
+        logging_steps=opts.eval_every,
+        log_sample_images_steps=opts.eval_every,
+        report_to=["tensorboard"],
+        save_strategy="no",
+        per_device_eval_batch_size=120,
+        eval_noise_draws=4,
+        dataloader_pin_memory=False,
+        run_name=name,
+        overwrite_output_dir=True,  # the demo regenerates its own output folder on every run
     )
     trainer_ref: dict = {}
     probe = _DemoProbe(trainer_ref, evaluator, opts.per_digit)
     trainer = DDRLTrainer(
-        model=load_digits_pipeline(), reward_funcs=ink_reward, args=args, train_dataset=train_ds,
-        eval_dataset=eval_ds, peft_config=LoraConfig(r=8, lora_alpha=8), callbacks=[probe],
+        model=load_digits_pipeline(),
+        reward_funcs=ink_reward,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        peft_config=LoraConfig(r=8, lora_alpha=8),
+        callbacks=[probe],
     )
     trainer_ref["trainer"] = trainer
     print(f"\n=== {name}: data_beta={data_beta} ===", flush=True)
@@ -93,12 +126,20 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    panels = [("reward", "ink reward (trained on)"), ("diffusion_loss_ratio", "held-out diffusion loss / base"),
-              ("accuracy", "independent judge: accuracy")]
+    panels = [
+        ("reward", "ink reward (trained on)"),
+        ("diffusion_loss_ratio", "held-out diffusion loss / base"),
+        ("accuracy", "independent judge: accuracy"),
+    ]
     for ax, (key, title) in zip(axes, panels):
         for name, result in results.items():
             steps = [h["step"] for h in result["history"]]
-            ax.plot(steps, [h[key] for h in result["history"]], marker="o", label=f"{name} (data_beta={result['data_beta']})")
+            ax.plot(
+                steps,
+                [h[key] for h in result["history"]],
+                marker="o",
+                label=f"{name} (data_beta={result['data_beta']})",
+            )
         if key == "diffusion_loss_ratio":
             ax.axhline(HACKING_RATIO, color="red", linestyle="--", label="hacking threshold 1.10")
         ax.set_title(title)
@@ -143,18 +184,26 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'run':<10}{'step':>6}{'reward':>9}{'loss ratio':>12}{'judge acc.':>12}")
     for name, result in results.items():
         for h in result["history"]:
-            print(f"{name:<10}{h['step']:>6}{h['reward']:>9.4f}{h['diffusion_loss_ratio']:>12.3f}{h['accuracy']:>12.3f}")
+            print(
+                f"{name:<10}{h['step']:>6}{h['reward']:>9.4f}{h['diffusion_loss_ratio']:>12.3f}{h['accuracy']:>12.3f}"
+            )
     final = {name: result["history"][-1] for name, result in results.items()}
     hacked = final["baseline"]["diffusion_loss_ratio"] > HACKING_RATIO
     held = final["ddrl"]["diffusion_loss_ratio"] <= HACKING_RATIO and final["ddrl"]["reward"] > base["reward"]
-    print(f"\nbaseline (data_beta=0): loss ratio {final['baseline']['diffusion_loss_ratio']:.3f} "
-          f"({'HACKED' if hacked else 'not hacked'}), judge accuracy {base['accuracy']:.2f} → "
-          f"{final['baseline']['accuracy']:.2f}")
-    print(f"DDRL (data_beta={opts.data_beta}): reward {base['reward']:.4f} → {final['ddrl']['reward']:.4f}, loss ratio "
-          f"{final['ddrl']['diffusion_loss_ratio']:.3f} ({'held under' if held else 'NOT under'} {HACKING_RATIO}), "
-          f"judge accuracy {base['accuracy']:.2f} → {final['ddrl']['accuracy']:.2f}")
-    print(f"\nwrote {out / 'report.png'}, grid_before.png, grid_after_*.png, results.json in "
-          f"{time.perf_counter() - start:.0f}s")
+    print(
+        f"\nbaseline (data_beta=0): loss ratio {final['baseline']['diffusion_loss_ratio']:.3f} "
+        f"({'HACKED' if hacked else 'not hacked'}), judge accuracy {base['accuracy']:.2f} → "
+        f"{final['baseline']['accuracy']:.2f}"
+    )
+    print(
+        f"DDRL (data_beta={opts.data_beta}): reward {base['reward']:.4f} → {final['ddrl']['reward']:.4f}, loss ratio "
+        f"{final['ddrl']['diffusion_loss_ratio']:.3f} ({'held under' if held else 'NOT under'} {HACKING_RATIO}), "
+        f"judge accuracy {base['accuracy']:.2f} → {final['ddrl']['accuracy']:.2f}"
+    )
+    print(
+        f"\nwrote {out / 'report.png'}, grid_before.png, grid_after_*.png, results.json in "
+        f"{time.perf_counter() - start:.0f}s"
+    )
     return 0 if hacked and held else 1
 
 

@@ -33,12 +33,20 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
 from transformers import CLIPTextModel
 
-from ..tiny_pipelines import assemble_sd_pipeline, build_word_tokenizer, tiny_clip_text_config, tiny_unet
+from ..testing import assemble_sd_pipeline, build_word_tokenizer, tiny_clip_text_config, tiny_unet
 
 __all__ = [
-    "ASSET_DIR", "DIGIT_WORDS", "DigitsEvaluator", "build_digits_pipeline", "digit_prompt", "digits_dataset",
-    "evaluate_digits_pipeline", "ink_reward", "load_digits_pipeline", "prompt_label",
-]  # fmt: skip
+    "ASSET_DIR",
+    "DIGIT_WORDS",
+    "DigitsEvaluator",
+    "build_digits_pipeline",
+    "digit_prompt",
+    "digits_dataset",
+    "evaluate_digits_pipeline",
+    "ink_reward",
+    "load_digits_pipeline",
+    "prompt_label",
+]
 
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 IMAGE_SIZE = 16  # pixels; each 8×8 digit pixel becomes a 2×2 block
@@ -246,8 +254,13 @@ def build_digits_pipeline(
     torch.manual_seed(seed + 1)
     text_encoder = CLIPTextModel(tiny_clip_text_config(len(tokenizer), hidden_size=32)).eval().requires_grad_(False)
     with torch.no_grad():
-        ids = tokenizer([digit_prompt(d) for d in range(10)], padding="max_length", truncation=True,
-                        max_length=tokenizer.model_max_length, return_tensors="pt").input_ids  # fmt: skip
+        ids = tokenizer(
+            [digit_prompt(d) for d in range(10)],
+            padding="max_length",
+            truncation=True,
+            max_length=tokenizer.model_max_length,
+            return_tensors="pt",
+        ).input_ids
         class_embeds = text_encoder(ids).last_hidden_state  # (10, 16, 32): what the pipeline will feed the UNet
 
     # (b) Denoiser. ------------------------------------------------------------------------------------------------
@@ -381,12 +394,16 @@ def main(argv: list[str] | None = None) -> None:
     pipe = load_digits_pipeline(args.build or args.evaluate)
     evaluator = DigitsEvaluator()
     images8, labels = _split("test")
-    print(f"evaluator accuracy on real test digits: {evaluator.test_accuracy():.3f}, "
-          f"mean ink {np.mean(ink_reward(_to_pixels(images8), [])):.4f}")  # fmt: skip
+    print(
+        f"evaluator accuracy on real test digits: {evaluator.test_accuracy():.3f}, "
+        f"mean ink {np.mean(ink_reward(_to_pixels(images8), [])):.4f}"
+    )
     for steps in (10, 20):
         result = evaluate_digits_pipeline(pipe, evaluator, steps, per_digit=args.per_digit, seed=args.seed)
-        print(f"samples, DDIM eta=1, {steps} steps, guidance 1.0: accuracy {result['accuracy']:.3f}, "
-              f"mean ink {result['ink']:.4f}")  # fmt: skip
+        print(
+            f"samples, DDIM eta=1, {steps} steps, guidance 1.0: accuracy {result['accuracy']:.3f}, "
+            f"mean ink {result['ink']:.4f}"
+        )
 
 
 if __name__ == "__main__":

@@ -53,8 +53,9 @@ def check_column_names(column_names: Sequence[str], split: str) -> None:
         )
 
 
-def call_arguments(func: RewardFunc, images, prompts: list[str], columns: dict[str, list],
-                   trainer_state: Any = None) -> tuple[tuple, dict]:  # fmt: skip
+def call_arguments(
+    func: RewardFunc, images, prompts: list[str], columns: dict[str, list], trainer_state: Any = None
+) -> tuple[tuple, dict]:
     """`(args, kwargs)` to call `func` with, by the contract above; `TypeError` naming the forms if none fits."""
     offered = {"images": images, "prompts": prompts, "completions": images, "trainer_state": trainer_state, **columns}
     try:
@@ -64,10 +65,17 @@ def call_arguments(func: RewardFunc, images, prompts: list[str], columns: dict[s
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
     def accepted(values: dict) -> dict:
-        return values if takes_any else {k: v for k, v in values.items() if k in params and params[k].kind in _KEYWORD_KINDS}
+        return (
+            values
+            if takes_any
+            else {k: v for k, v in values.items() if k in params and params[k].kind in _KEYWORD_KINDS}
+        )
 
-    required = [n for n, p in params.items() if p.default is p.empty and p.kind in (*_POSITIONAL_KINDS,
-                                                                                      inspect.Parameter.KEYWORD_ONLY)]  # fmt: skip
+    required = [
+        n
+        for n, p in params.items()
+        if p.default is p.empty and p.kind in (*_POSITIONAL_KINDS, inspect.Parameter.KEYWORD_ONLY)
+    ]
     if all(n in offered and params[n].kind in _KEYWORD_KINDS for n in required):
         return (), accepted(offered)
     positional = [n for n, p in params.items() if p.kind in _POSITIONAL_KINDS]
@@ -88,7 +96,7 @@ def is_async_callable(func: Callable) -> bool:
     reward server must start fast)."""
     while isinstance(func, functools.partial):
         func = func.func
-    return inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(getattr(func, "__call__", None))
+    return inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(type(func).__call__)
 
 
 _loop_lock = threading.Lock()
@@ -132,7 +140,8 @@ def _scores(output, name: str, batch: int) -> list[float]:
         output = output.reshape(-1).tolist()
     if not isinstance(output, Sequence) or isinstance(output, (str, bytes)):
         raise TypeError(
-            f"Reward function {name!r} returned a {type(output).__name__}; it must return a list of {batch} floats (one "
+            f"Reward function {name!r} returned a {type(output).__name__}; it must return a list of {batch} floats "
+            "(one "
             f"per image, None to skip one)."
         )
     if len(output) != batch:
@@ -143,8 +152,13 @@ def _scores(output, name: str, batch: int) -> list[float]:
     return [_as_score(v, name, i) for i, v in enumerate(output)]
 
 
-def compute_rewards(funcs: Sequence[RewardFunc], images: torch.Tensor, prompts: list[str], columns: dict[str, list],
-                    trainer_state: Any = None) -> torch.Tensor:  # fmt: skip
+def compute_rewards(
+    funcs: Sequence[RewardFunc],
+    images: torch.Tensor,
+    prompts: list[str],
+    columns: dict[str, list],
+    trainer_state: Any = None,
+) -> torch.Tensor:
     """Call every reward function on the batch (async ones concurrently) and check what it returns.
 
     Returns:

@@ -149,7 +149,8 @@ def _check_remote_code(name_or_path: str, configs: dict[str, dict], trust_remote
     needing = [f for f, config in configs.items() if "auto_map" in config]
     if needing and not trust_remote_code:
         raise ValueError(
-            f"Reward {name_or_path!r} needs custom code from the repo ('auto_map' in {', '.join(needing)}), which runs "
+            f"Reward {name_or_path!r} needs custom code from the repo ('auto_map' in {', '.join(needing)}), which "
+            "runs "
             f"arbitrary Python. Read it, then pass trust_remote_code=True to load_reward (or write a reward callable)."
         )
 
@@ -346,10 +347,15 @@ class ClassifierReward(HubReward):
                 self._unlabeled.add(prompt)
                 examples = ", ".join(repr(v) for v in list(self.id2label.values())[:5])
                 logger.warning(
-                    "Reward %r: prompt %r names none of the classifier's %d labels (e.g. %s); its samples get no score "
+                    "Reward %r: prompt %r names none of the classifier's %d labels (e.g. %s); its samples get no "
+                    "score "
                     "(counted in rewards/%s/invalid). Pass label= to load_reward to score one fixed label.",
-                    self.__name__, prompt, len(self.id2label), examples, self.__name__,
-                )  # fmt: skip
+                    self.__name__,
+                    prompt,
+                    len(self.id2label),
+                    examples,
+                    self.__name__,
+                )
             return None
         return max(matches)[2]  # longest name; on a tie, the lowest id
 
@@ -417,7 +423,9 @@ def _build_aesthetic(folder, files, name, device, load_kwargs, clip_model=AESTHE
             f"The aesthetic MLP in {weights} takes {mlp.layers[0].in_features}-d embeddings, but clip_model="
             f"{clip_model!r} gives {width}-d ones; pass the CLIP it was trained on (default {AESTHETIC_CLIP!r})."
         )
-    image_processor = AutoImageProcessor.from_pretrained(clip_model, trust_remote_code=load_kwargs["trust_remote_code"])
+    image_processor = AutoImageProcessor.from_pretrained(
+        clip_model, trust_remote_code=load_kwargs["trust_remote_code"]
+    )
     return AestheticReward(name, clip, image_processor, mlp, device)
 
 

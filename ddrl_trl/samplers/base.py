@@ -9,7 +9,8 @@ from ..core.losses import gaussian_log_prob
 
 class GaussianStepSampler:
     """Base of the samplers: subclasses set `timesteps`, `stds`, `is_stochastic`, `num_train_timesteps` and define
-    `step_mean`, `sample_timesteps`, `add_noise` and `training_target`; taking and scoring a step is the same for all of them."""
+    `step_mean`, `sample_timesteps`, `add_noise` and `training_target`; taking and scoring a step is the same for all
+    of them."""
 
     stds: torch.Tensor
     is_stochastic: list[bool]

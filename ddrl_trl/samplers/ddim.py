@@ -40,7 +40,8 @@ class DDIMSDESampler(GaussianStepSampler):
             raise ValueError("Dynamic thresholding is not supported by the DDIM SDE sampler; set thresholding=False.")
         if scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(
-                f"prediction_type {scheduler.config.prediction_type!r} is not supported; use 'epsilon' or 'v_prediction'."
+                f"prediction_type {scheduler.config.prediction_type!r} is not supported; use 'epsilon' or "
+                "'v_prediction'."
             )
         scheduler.set_timesteps(num_inference_steps, device=device)
         self.scheduler = scheduler
@@ -55,7 +56,9 @@ class DDIMSDESampler(GaussianStepSampler):
         prev_timesteps = self.timesteps - self.num_train_timesteps // num_inference_steps
         final_alpha = torch.as_tensor(float(scheduler.final_alpha_cumprod), device=device, dtype=torch.float32)
         self.alpha_t = self.alphas_cumprod[self.timesteps]
-        self.alpha_prev = torch.where(prev_timesteps >= 0, self.alphas_cumprod[prev_timesteps.clamp(min=0)], final_alpha)
+        self.alpha_prev = torch.where(
+            prev_timesteps >= 0, self.alphas_cumprod[prev_timesteps.clamp(min=0)], final_alpha
+        )
         variance = (1 - self.alpha_prev) / (1 - self.alpha_t) * (1 - self.alpha_t / self.alpha_prev)
         #: `(T,)` float32 std σ_j of each step; 0 only where the step is deterministic (then never scored).
         self.stds = eta * variance.clamp(min=0).sqrt()

@@ -32,7 +32,7 @@ class RemoteReward:
         retries: retries of a failed HTTP request before giving up.
         backoff: the first retry's delay in seconds, doubled at each retry.
         poll_interval: the first delay between polls, growing ×1.5 up to 0.5 s.
-        name: the name logged as `rewards/<name>/...` (default: the server's reward name, else "remote").
+        name: the name logged as `rewards/<name>/...` (default: "remote"; name each one when several servers score).
     """
 
     def __init__(
@@ -75,8 +75,11 @@ class RemoteReward:
                         f"The reward service at {self.url} lost job {job_id} twice (it answered 404 for a job it had "
                         f"accepted): it is restarting repeatedly, or its result_ttl_s is shorter than scoring takes."
                     ) from None
-                logger.warning("reward service %s no longer knows job %s (restarted?); submitting the batch again",
-                               self.url, job_id)  # fmt: skip
+                logger.warning(
+                    "reward service %s no longer knows job %s (restarted?); submitting the batch again",
+                    self.url,
+                    job_id,
+                )
                 job_id, resubmitted = self._request("POST", "/v1/score", json=payload)["id"], True
                 continue
             if status["status"] == "done":
@@ -84,7 +87,9 @@ class RemoteReward:
             if status["status"] == "error":
                 raise RuntimeError(f"The reward service at {self.url} failed to score the batch: {status['error']}")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"The reward service at {self.url} did not finish job {job_id} in {self.timeout} s.")
+                raise TimeoutError(
+                    f"The reward service at {self.url} did not finish job {job_id} in {self.timeout} s."
+                )
             time.sleep(delay)
             delay = min(delay * 1.5, 0.5)
 
@@ -106,13 +111,15 @@ class RemoteReward:
                 if response.status_code == 404 and method == "GET":
                     raise _UnknownJob(detail)
                 if response.status_code not in _RETRYABLE_STATUS:
-                    raise ValueError(f"The reward service at {self.url} refused {method} {path} "
-                                     f"({response.status_code}): {detail}")  # fmt: skip
+                    raise ValueError(
+                        f"The reward service at {self.url} refused {method} {path} ({response.status_code}): {detail}"
+                    )
                 last, answered = f"HTTP {response.status_code}: {detail}", True
                 wait = max(delay, _retry_after(response))
             if attempt < self.retries:
-                logger.warning("reward service %s: %s; retry %d/%d in %.2f s", self.url, last, attempt + 1,
-                               self.retries, wait)  # fmt: skip
+                logger.warning(
+                    "reward service %s: %s; retry %d/%d in %.2f s", self.url, last, attempt + 1, self.retries, wait
+                )
                 time.sleep(wait)
                 delay *= 2
         elapsed = time.monotonic() - start

@@ -194,23 +194,36 @@ def create_app(reward_fn: Callable, token: str, limits: ServerLimits | None = No
     async def run_batch(jobs: list[Job]) -> None:
         if stuck():  # calls that never return hold the reward: new ones would hang too
             for job in jobs:
-                finish(job, "error", error=f"the reward is stuck ({len(state.stuck)} calls have run past "
-                                           f"batch_timeout_s={limits.batch_timeout_s:g} s); restart the server")
+                finish(
+                    job,
+                    "error",
+                    error=f"the reward is stuck ({len(state.stuck)} calls have run past "
+                    f"batch_timeout_s={limits.batch_timeout_s:g} s); restart the server",
+                )
             return
         for job in jobs:
             job.status = "running"
         try:
             scores = await call_reward(jobs)
         except _RewardTimeout:
-            logger.error("reward %s did not finish a batch of %d requests within %.0f s", name, len(jobs),
-                         limits.batch_timeout_s)  # fmt: skip
+            logger.error(
+                "reward %s did not finish a batch of %d requests within %.0f s",
+                name,
+                len(jobs),
+                limits.batch_timeout_s,
+            )
             for job in jobs:
-                finish(job, "error", error=f"the reward did not finish within batch_timeout_s={limits.batch_timeout_s:g} s")
+                finish(
+                    job,
+                    "error",
+                    error=f"the reward did not finish within batch_timeout_s={limits.batch_timeout_s:g} s",
+                )
             return
         except Exception as err:  # noqa: BLE001 — a failing reward fails its jobs, not the server
             if len(jobs) > 1:  # find the guilty request: score each one alone
-                logger.warning("reward %s failed on a batch of %d requests (%s); scoring them one by one", name,
-                               len(jobs), err)  # fmt: skip
+                logger.warning(
+                    "reward %s failed on a batch of %d requests (%s); scoring them one by one", name, len(jobs), err
+                )
                 for job in jobs:
                     await run_batch([job])
                 return
@@ -227,7 +240,8 @@ def create_app(reward_fn: Callable, token: str, limits: ServerLimits | None = No
     async def batcher() -> None:
         """Take the first queued job, gather more for up to `max_wait_ms` or `max_batch_samples`, score them."""
         loop = asyncio.get_running_loop()
-        # A get() that timed out is kept for the next round, never cancelled: cancelling a finished get would drop a job.
+        # A get() that timed out is kept for the next round, never cancelled: cancelling a finished get would drop a
+        # job.
         pending = None
         while True:
             batch = [await (pending or state.queue.get())]
@@ -267,8 +281,9 @@ def create_app(reward_fn: Callable, token: str, limits: ServerLimits | None = No
         for task in tasks:
             task.cancel()
 
-    app = FastAPI(title=f"ddrl-trl reward service: {name}", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)  # fmt: skip
+    app = FastAPI(
+        title=f"ddrl-trl reward service: {name}", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+    )
 
     def authorize(request: Request) -> None:
         given = request.headers.get("authorization", "").encode()
@@ -277,14 +292,26 @@ def create_app(reward_fn: Callable, token: str, limits: ServerLimits | None = No
 
     def refuse_if_busy() -> None:
         if stuck():
-            raise HTTPException(503, f"the reward is stuck: {len(state.stuck)} calls have run past batch_timeout_s="
-                                     f"{limits.batch_timeout_s:g} s; restart the server", headers={"Retry-After": "30"})
+            raise HTTPException(
+                503,
+                f"the reward is stuck: {len(state.stuck)} calls have run past batch_timeout_s="
+                f"{limits.batch_timeout_s:g} s; restart the server",
+                headers={"Retry-After": "30"},
+            )
         if state.pending >= limits.max_pending_jobs:
-            raise HTTPException(503, f"{state.pending} jobs are waiting to be scored (max_pending_jobs="
-                                     f"{limits.max_pending_jobs}); retry later", headers={"Retry-After": "1"})
+            raise HTTPException(
+                503,
+                f"{state.pending} jobs are waiting to be scored (max_pending_jobs="
+                f"{limits.max_pending_jobs}); retry later",
+                headers={"Retry-After": "1"},
+            )
         if state.held_bytes >= limits.max_pending_bytes:
-            raise HTTPException(503, f"{state.held_bytes} bytes of samples are waiting to be scored (max_pending_bytes="
-                                     f"{limits.max_pending_bytes}); retry later", headers={"Retry-After": "1"})
+            raise HTTPException(
+                503,
+                f"{state.held_bytes} bytes of samples are waiting to be scored (max_pending_bytes="
+                f"{limits.max_pending_bytes}); retry later",
+                headers={"Retry-After": "1"},
+            )
 
     async def read_body(request: Request) -> bytes:
         declared = request.headers.get("content-length")
@@ -301,8 +328,9 @@ def create_app(reward_fn: Callable, token: str, limits: ServerLimits | None = No
         """The request and its samples (run in a thread: big bodies take a moment); HTTPException if unfit."""
         values = count_json_values(body)
         if values > limits.max_json_values:
-            raise HTTPException(413, f"request body holds about {values} JSON values, over the limit of "
-                                     f"{limits.max_json_values}")  # fmt: skip
+            raise HTTPException(
+                413, f"request body holds about {values} JSON values, over the limit of {limits.max_json_values}"
+            )
         try:
             payload = ScoreRequest.model_validate_json(body)
         except ValidationError as err:
@@ -311,7 +339,9 @@ def create_app(reward_fn: Callable, token: str, limits: ServerLimits | None = No
             problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in err.errors()[:5])
             raise HTTPException(422, f"malformed score request: {problems}") from None
         if payload.images.shape[0] > limits.max_samples_per_request:
-            raise HTTPException(413, f"{payload.images.shape[0]} samples over the limit of {limits.max_samples_per_request}")
+            raise HTTPException(
+                413, f"{payload.images.shape[0]} samples over the limit of {limits.max_samples_per_request}"
+            )
         try:
             samples = decode_samples(payload.images)
             check_lengths(payload, samples.shape[0])
@@ -323,10 +353,16 @@ def create_app(reward_fn: Callable, token: str, limits: ServerLimits | None = No
     async def health() -> JSONResponse:
         status = "stuck" if stuck() else "degraded" if state.stuck else "ok"
         body = {
-            "status": status, "reward": name, "queued": state.queue.qsize(), "pending_jobs": state.pending,
-            "stored_results": len(state.finished), "stored_scores": state.stored_scores, "held_bytes": state.held_bytes,
-            "stuck_batches": len(state.stuck), **state.counters,
-        }  # fmt: skip
+            "status": status,
+            "reward": name,
+            "queued": state.queue.qsize(),
+            "pending_jobs": state.pending,
+            "stored_results": len(state.finished),
+            "stored_scores": state.stored_scores,
+            "held_bytes": state.held_bytes,
+            "stuck_batches": len(state.stuck),
+            **state.counters,
+        }
         return JSONResponse(body, status_code=503 if status == "stuck" else 200)
 
     @app.post("/v1/score", status_code=202)
@@ -350,7 +386,9 @@ def create_app(reward_fn: Callable, token: str, limits: ServerLimits | None = No
         authorize(request)
         job = state.jobs.get(job_id)
         if job is None:
-            raise HTTPException(404, f"no job {job_id!r} (unknown, or finished more than {limits.result_ttl_s:.0f} s ago)")
+            raise HTTPException(
+                404, f"no job {job_id!r} (unknown, or finished more than {limits.result_ttl_s:.0f} s ago)"
+            )
         return JSONResponse({"id": job_id, "status": job.status, "scores": job.scores, "error": job.error})
 
     return app
@@ -367,8 +405,11 @@ def guarded_protocol(limits: ServerLimits) -> type[H11Protocol]:
             super().connection_made(transport)
             self._quiet_since = self.loop.time()
             if len(self.connections) > limits.max_connections:  # make room: close the one quiet for longest
-                idle = [c for c in self.connections
-                        if c is not self and not c.transport.is_closing() and c._waiting_for_request()]  # fmt: skip
+                idle = [
+                    c
+                    for c in self.connections
+                    if c is not self and not c.transport.is_closing() and c._waiting_for_request()
+                ]
                 victim = min(idle, key=lambda c: c._quiet_since) if idle else self
                 victim.transport.close()
             self._arm()
@@ -421,8 +462,10 @@ def read_token_file(path: str) -> str:
         with open(path, encoding="utf-8") as file:
             token = file.read().strip()
     except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"Cannot read the token file {path!r} ({err}). Write a secret into it, e.g. "
-                         f"`python -c \"import secrets; print(secrets.token_urlsafe(32))\" > {path}`.") from err
+        raise ValueError(
+            f"Cannot read the token file {path!r} ({err}). Write a secret into it, e.g. "
+            f'`python -c "import secrets; print(secrets.token_urlsafe(32))" > {path}`.'
+        ) from err
     check_token(token, f"the token file {path!r}")
     return token
 
@@ -438,5 +481,6 @@ def serve(reward: str, host: str, port: int, token_file: str, limits: ServerLimi
     reward_fn = resolve_reward(reward)
     logging.getLogger("uvicorn.access").addFilter(RedactQueryStrings())
     logger.info("serving reward %s on http://%s:%d (token from %s)", reward_name(reward_fn), host, port, token_file)
-    uvicorn.run(create_app(reward_fn, token, limits), host=host, port=port, log_level="info",
-                http=guarded_protocol(limits))  # fmt: skip
+    uvicorn.run(
+        create_app(reward_fn, token, limits), host=host, port=port, log_level="info", http=guarded_protocol(limits)
+    )

@@ -45,7 +45,7 @@ def check_token(token: str, source: str) -> None:
         raise ValueError(
             f"{source} holds a line break, a tab, a control or a non-ASCII character inside the token, which an HTTP "
             f"header cannot carry, so no client could ever match it. Use one line of printable ASCII, e.g. "
-            f"`python -c \"import secrets; print(secrets.token_urlsafe(32))\"`."
+            f'`python -c "import secrets; print(secrets.token_urlsafe(32))"`.'
         )
 
 

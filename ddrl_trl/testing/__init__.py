@@ -1,8 +1,10 @@
-"""Tiny, randomly initialised diffusers pipelines built entirely from config (no Hub downloads).
+"""Test utilities: tiny, randomly initialised diffusers pipelines built entirely from config (no Hub downloads).
 
-They exist for tests, benchmarks and examples: every component is small enough that a full sampling call takes
-well under a second on a laptop CPU, and every construction is deterministic given a seed. The pieces that normally
-need a download, the tokenizers, are built in code (`components`).
+Not part of training: use them in your own tests of rewards, adapters or configs (`tiny_sd_pipeline()`,
+`tiny_sd3_pipeline()`, `tiny_flux_pipeline()`, `tiny_wan_pipeline()`, ...), as ddrl-trl's tests and benchmarks do.
+Every component is small enough that a full sampling call takes well under a second on a laptop CPU, and every
+construction is deterministic given a seed. The pieces that normally need a download, the tokenizers, are built in
+code (`components`); the embedded digits demo builds its base model from the same pieces.
 """
 
 from .components import (

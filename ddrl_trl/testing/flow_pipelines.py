@@ -115,9 +115,13 @@ def tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True) -> FluxPipel
     torch.manual_seed(seed + 3)
     text_encoder_2 = T5EncoderModel(tiny_t5_config(len(tokenizer_2), hidden)).eval()
     scheduler = FlowMatchEulerDiscreteScheduler(
-        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-        base_image_seq_len=256, max_image_seq_len=4096,
-    )  # fmt: skip
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
     pipe = FluxPipeline(
         scheduler=scheduler,
         vae=vae,

@@ -14,11 +14,47 @@ _EOW = "</w>"  # CLIP's BPE marks the last symbol of every word with this suffix
 
 #: Words that get whole-word tokens in the tiny pipelines' tokenizers (any other word is spelled out by bytes).
 DEFAULT_WORDS = [
-    "a", "an", "the", "of", "photo", "picture", "painting", "drawing", "handwritten", "digit",
-    "cat", "dog", "bird", "horse", "fish", "tree", "flower", "house", "car", "boat",
-    "red", "green", "blue", "yellow", "black", "white", "small", "big", "bright", "dark",
-    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
-]  # fmt: skip
+    "a",
+    "an",
+    "the",
+    "of",
+    "photo",
+    "picture",
+    "painting",
+    "drawing",
+    "handwritten",
+    "digit",
+    "cat",
+    "dog",
+    "bird",
+    "horse",
+    "fish",
+    "tree",
+    "flower",
+    "house",
+    "car",
+    "boat",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "black",
+    "white",
+    "small",
+    "big",
+    "bright",
+    "dark",
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+]
 
 
 def _apply_merges(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
@@ -115,8 +151,6 @@ def tiny_vae(latent_channels: int = 4) -> AutoencoderKL:
     )
 
 
-
-
 def build_t5_word_tokenizer(words: Iterable[str] = (), model_max_length: int = 16) -> T5Tokenizer:
     """An offline T5 (unigram) tokenizer holding every word of `words` as one piece; other words are spelled out by
     characters. Whole words score highest, so the unigram model prefers them to spelling a word out."""
@@ -130,6 +164,14 @@ def build_t5_word_tokenizer(words: Iterable[str] = (), model_max_length: int = 1
 def tiny_t5_config(vocab_size: int, d_model: int = 32) -> T5Config:
     """A 1-layer T5 encoder config (4 heads of 8) for `T5EncoderModel` or `UMT5EncoderModel`."""
     return T5Config(
-        vocab_size=vocab_size, d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=1, num_heads=4,
-        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-    )  # fmt: skip
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_kv=8,
+        d_ff=2 * d_model,
+        num_layers=1,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )

@@ -102,8 +102,11 @@ def load_lora_into_denoiser(denoiser: torch.nn.Module, checkpoint_dir: str, deno
     saved = lora_metadata(metadata, denoiser_name)
     if saved is not None:
         live = denoiser.peft_config["default"].to_dict()
-        different = [f"{k}: file {saved.get(k)!r}, trainer {live.get(k)!r}" for k in LORA_STRENGTH_FIELDS
-                     if k in saved and saved.get(k) != live.get(k)]  # fmt: skip
+        different = [
+            f"{k}: file {saved.get(k)!r}, trainer {live.get(k)!r}"
+            for k in LORA_STRENGTH_FIELDS
+            if k in saved and saved.get(k) != live.get(k)
+        ]
         if different:
             raise CheckpointError(
                 f"{path} holds a LoRA of another shape or strength than this trainer's peft_config "
