@@ -58,8 +58,7 @@ class HackingMonitorCallback(TrainerCallback):
         if eval_dataset is None:
             raise ValueError(
                 "HackingMonitorCallback needs held-out data: pass eval_dataset (prompts with paired reference "
-                "samples) "
-                "to DDRLTrainer."
+                "samples) to DDRLTrainer."
             )
 
     def bind(self, trainer) -> None:

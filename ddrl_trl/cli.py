@@ -15,6 +15,8 @@ import logging
 import sys
 from importlib import resources
 
+from .errors import UsageError
+
 #: The accelerate configs shipped with the package (`ddrl_trl/accelerate_configs/<name>.yaml`).
 ACCELERATE_CONFIGS = resources.files("ddrl_trl") / "accelerate_configs"
 
@@ -31,29 +33,35 @@ def _accelerate_config(args: argparse.Namespace) -> None:
         print("\n".join(names))
         return
     if args.name not in names:
-        raise ValueError(f"No accelerate config {args.name!r}; the shipped ones are {', '.join(names)}.")
+        raise UsageError(f"No accelerate config {args.name!r}; the shipped ones are {', '.join(names)}.")
     sys.stdout.write((ACCELERATE_CONFIGS / f"{args.name}.yaml").read_text(encoding="utf-8"))
 
 
 def _serve_reward(args: argparse.Namespace) -> None:
-    from .service.server import ServerLimits, serve
+    from .rewards import resolve_reward
+    from .service.server import ServerLimits, read_token_file, serve
 
-    limits = ServerLimits(
-        max_request_bytes=int(args.max_request_mb * 2**20),
-        max_json_values=args.max_json_values,
-        max_samples_per_request=args.max_samples_per_request,
-        max_batch_samples=args.max_batch_samples,
-        max_wait_ms=args.max_wait_ms,
-        max_pending_jobs=args.max_pending_jobs,
-        max_pending_bytes=int(args.max_pending_mb * 2**20),
-        result_ttl_s=args.result_ttl_s,
-        max_stored_scores=args.max_stored_scores,
-        batch_timeout_s=args.batch_timeout_s,
-        max_stuck_batches=args.max_stuck_batches,
-        max_connections=args.max_connections,
-        request_timeout_s=args.request_timeout_s,
-    )
-    serve(args.reward, args.host, args.port, args.token_file, limits)
+    try:
+        limits = ServerLimits(
+            max_request_bytes=int(args.max_request_mb * 2**20),
+            max_json_values=args.max_json_values,
+            max_samples_per_request=args.max_samples_per_request,
+            max_batch_samples=args.max_batch_samples,
+            max_wait_ms=args.max_wait_ms,
+            max_pending_jobs=args.max_pending_jobs,
+            max_pending_bytes=int(args.max_pending_mb * 2**20),
+            result_ttl_s=args.result_ttl_s,
+            max_stored_scores=args.max_stored_scores,
+            batch_timeout_s=args.batch_timeout_s,
+            max_stuck_batches=args.max_stuck_batches,
+            max_connections=args.max_connections,
+            request_timeout_s=args.request_timeout_s,
+        )
+        token = read_token_file(args.token_file)  # before loading a reward model: bad input fails fast
+        reward_fn = resolve_reward(args.reward)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    serve(reward_fn, token, args.host, args.port, limits)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -162,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
         command, run = args.command, lambda: args.func(args)
     try:
         run()
-    except ValueError as err:  # bad input: one clear line, no traceback
+    except UsageError as err:  # bad input, before any work: one clear line (errors during a run keep their traceback)
         print(f"ddrl-trl {command}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 

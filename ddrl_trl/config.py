@@ -283,6 +283,10 @@ class DDRLConfig(TrainingArguments):
             )
             self.reference_column, self.image_column = self.image_column, None
         if self.async_rewards is not None:
+            if self.overlap_rewards and not self.async_rewards:
+                raise ValueError(
+                    "overlap_rewards=True and async_rewards=False (its old name) disagree: set only overlap_rewards."
+                )
             warnings.warn(
                 "async_rewards is now called overlap_rewards (it overlaps scoring with the rollout; async "
                 "def rewards always run concurrently): set overlap_rewards instead.",
@@ -387,11 +391,29 @@ class DDRLConfig(TrainingArguments):
                     )
 
     @property
+    def groups_per_optimizer_step(self) -> int:
+        """Prompts (groups) per optimiser step, over all processes and accumulated micro-steps."""
+        rows = self.per_device_train_batch_size * self.world_size * self.gradient_accumulation_steps
+        return rows // self.num_generations
+
+    @property
     def resolved_rollout_chunk_groups(self) -> int | None:
         """Groups per rollout chunk, as used: `rollout_chunk_groups`, or 1 with `overlap_rewards`, else None (all)."""
         if self.rollout_chunk_groups is not None:
             return self.rollout_chunk_groups
         return 1 if self.overlap_rewards else None
+
+    @property
+    def rollout_chunk_size(self) -> int | None:
+        """Deprecated name of `resolved_rollout_chunk_groups` (it counts groups, not rows)."""
+        warnings.warn("rollout_chunk_size is now resolved_rollout_chunk_groups.", FutureWarning, stacklevel=2)
+        return self.resolved_rollout_chunk_groups
+
+    @property
+    def trained_step_indices(self) -> list[int]:
+        """Deprecated name of `resolved_train_step_indices`."""
+        warnings.warn("trained_step_indices is now resolved_train_step_indices.", FutureWarning, stacklevel=2)
+        return self.resolved_train_step_indices
 
     @property
     def resolved_train_step_indices(self) -> list[int]:

@@ -249,8 +249,7 @@ def video_to_tensor(
     if len(frames) != num_frames:
         raise ReferenceSampleError(
             f"the video has {len(frames)} frames but num_frames={num_frames}: trim or resample the reference videos "
-            "to "
-            f"{num_frames} frames, or set num_frames in DDRLConfig to their length (4k + 1 for Wan)"
+            f"to {num_frames} frames, or set num_frames in DDRLConfig to their length (4k + 1 for Wan)"
         )
     sizes = sorted({frame.size for frame in frames})
     if len(sizes) > 1:
@@ -344,7 +343,9 @@ class RepeatSampler(torch.utils.data.Sampler[int]):
 
     With a batch size that is a multiple of `repeats`, every batch holds whole groups: prompt k at rows k·N … k·N+N−1.
     With `iterations` > 1 (`DDRLConfig.num_iterations`), the rows of each optimiser step (`groups_per_step` groups)
-    are yielded `iterations` times in a row, so that every iteration over a rollout batch sees the same prompts.
+    are yielded `iterations` times in a row, so that every iteration over a rollout batch sees the same prompts; an
+    epoch's last prompts that cannot fill a whole step are then left out (as TRL's sampler does), since a partial step
+    would shift every later step against its iterations.
     """
 
     def __init__(self, num_rows: int, repeats: int, seed: int = 0, iterations: int = 1, groups_per_step: int = 1):
@@ -356,16 +357,23 @@ class RepeatSampler(torch.utils.data.Sampler[int]):
         """Called by the Trainer at each epoch, for a new, still reproducible order."""
         self.epoch = epoch
 
-    def __iter__(self) -> Iterator[int]:
+    def _steps(self) -> list[list[int]]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(self.num_rows, generator=generator).tolist()
-        for start in range(0, len(order), self.groups_per_step):
-            step_rows = [index for index in order[start : start + self.groups_per_step] for _ in range(self.repeats)]
+        steps = [order[start : start + self.groups_per_step] for start in range(0, len(order), self.groups_per_step)]
+        return [step for step in steps if len(step) == self.groups_per_step] if self.iterations > 1 else steps
+
+    def __iter__(self) -> Iterator[int]:
+        for step in self._steps():
+            rows = [index for index in step for _ in range(self.repeats)]
             for _ in range(self.iterations):
-                yield from step_rows
+                yield from rows
 
     def __len__(self) -> int:
-        return self.num_rows * self.repeats * self.iterations
+        prompts = (
+            self.num_rows if self.iterations == 1 else self.num_rows // self.groups_per_step * self.groups_per_step
+        )
+        return prompts * self.repeats * self.iterations
 
 
 class DDRLCollator:

@@ -29,8 +29,8 @@ class NonFiniteTrainingError(RuntimeError):
 
 
 def all_finite(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """A device bool: every value of `tensors` finite (fused norms: a NaN or inf anywhere makes its norm "
-    "non-finite)."""
+    """A device bool: every value of `tensors` finite (fused norms: a NaN or inf anywhere makes its norm
+    non-finite)."""
     tensors = [t for t in tensors if t.numel()]
     if not tensors:
         return torch.ones((), dtype=torch.bool, device=device)
@@ -91,15 +91,13 @@ class NonFiniteStepGuard(TrainerCallback):
         if self.in_a_row >= self.max_in_a_row:
             raise NonFiniteTrainingError(
                 f"{self.in_a_row} optimiser steps in a row (up to step {state.global_step + 1}) had non-finite (NaN "
-                "or "
-                f"infinite) losses or gradients; all were skipped, and training stops so that a diverged run writes "
-                f"no more checkpoints. The weights are those of the last finite step. Lower learning_rate, check the "
-                f"rewards and reference data for extreme values, or train in float32 instead of fp16."
+                "or infinite) losses or gradients; all were skipped, and training stops so that a diverged run "
+                "writes no more checkpoints. The weights are those of the last finite step. Lower learning_rate, "
+                "check the rewards and reference data for extreme values, or train in float32 instead of fp16."
             )
         logger.warning(
             "Step %d: non-finite (NaN or infinite) loss or gradients; the optimiser step is skipped (weights "
-            "unchanged; "
-            "%d skipped in a row, training stops at %d).",
+            "unchanged; %d skipped in a row, training stops at %d).",
             state.global_step + 1,
             self.in_a_row,
             self.max_in_a_row,
@@ -120,8 +118,7 @@ class NonFiniteStepGuard(TrainerCallback):
             raise NonFiniteTrainingError(
                 f"Step {state.global_step}: the weights became non-finite (NaN or infinite) under DeepSpeed, which "
                 "applied non-finite gradients (ZeRO-3 in bf16/fp32 does not skip them). Training stops before they "
-                "are "
-                f"saved; resume from the last checkpoint with a lower learning_rate."
+                "are saved; resume from the last checkpoint with a lower learning_rate."
             )
 
 

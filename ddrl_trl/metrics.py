@@ -3,12 +3,15 @@ since the last log, then over processes."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import defaultdict
 
 import torch
 
 from .core import AggregatedRewards, group_reward_std
+
+logger = logging.getLogger(__name__)
 
 
 class TrainingMetrics:
@@ -20,11 +23,29 @@ class TrainingMetrics:
 
     def __init__(self):
         self._values: dict[str, list] = defaultdict(list)
+        self._from_rewards: dict[str, list[float]] = defaultdict(list)
+        self._warned_log_extra = False
         self._images, self._clock = 0, time.perf_counter()
 
     def restart_clock(self) -> None:
         """Start timing the images/s window now (at `train()`)."""
         self._images, self._clock = 0, time.perf_counter()
+
+    def log_metric(self, name: str, value: float) -> None:
+        """The `log_metric` keyword rewards receive (as in TRL): `name` is logged as its mean since the last log on
+        the main process (rewards may log different names on different processes, so these are not gathered)."""
+        self._from_rewards[name].append(float(value))
+
+    def log_extra(self, column: str, values: list) -> None:
+        """The `log_extra` keyword rewards receive (as in TRL, where it adds a column to the completions table):
+        ddrl-trl keeps no completions table, so the values are not recorded; said once."""
+        if not self._warned_log_extra:
+            logger.info(
+                "A reward called log_extra(%r, ...): ddrl-trl keeps no completions table, so extra columns are "
+                "not recorded (log_metric is).",
+                column,
+            )
+            self._warned_log_extra = True
 
     def add_rollout_times(self, times, rows: int) -> None:
         """`time/rollout` and `time/reward` (what the trainer waited for rewards) of a micro-step that rolled out
@@ -39,13 +60,12 @@ class TrainingMetrics:
     def add_rewards(
         self, per_func: torch.Tensor, combined: AggregatedRewards, names: list[str], num_generations: int
     ) -> None:
-        """`reward` (mean of the valid combined rewards), `reward_std` (the std the advantages were divided by, as
-        TRL logs it), and per function its mean and its count of invalid (None, NaN, ±inf) scores."""
-        rewards = combined.rewards
-        valid = torch.isfinite(rewards)
+        """`reward` (mean of the valid weighted sums of the rewards), `reward_std` (the std the advantages were
+        divided by), as TRL logs them, and per function its mean and its count of invalid (None, NaN, ±inf) scores."""
+        valid = torch.isfinite(combined.weighted_sum)
         if valid.any():
-            self.add("reward", rewards[valid].mean().item())
-        stds = group_reward_std(rewards, num_generations, combined.scale_rewards, combined.reward_clip)
+            self.add("reward", combined.weighted_sum[valid].mean().item())
+        stds = group_reward_std(combined.rewards, num_generations, combined.scale_rewards, combined.reward_clip)
         self.add("reward_std", stds.mean().item())
         for name, column in zip(names, per_func.unbind(dim=1)):
             ok = torch.isfinite(column)
@@ -95,4 +115,7 @@ class TrainingMetrics:
             )
             result = dict(zip(keys, accelerator.gather(means[None]).mean(dim=0).tolist()))
         self._values.clear()
+        if accelerator.is_main_process:
+            result.update({name: sum(values) / len(values) for name, values in self._from_rewards.items() if values})
+        self._from_rewards.clear()
         return result

@@ -3,8 +3,7 @@ training configuration, sample images, and the reward and diffusion-loss curves.
 
 The card is built on diffusers' training-card template and `populate_model_card` (so `library_name: diffusers` and
 the layout match cards from diffusers' own training scripts), with `huggingface_hub.ModelCard`. A README.md the user
-wrote in `output_dir` is
-never overwritten: only cards carrying `CARD_MARKER` are regenerated.
+wrote in `output_dir` is never overwritten: only cards carrying `CARD_MARKER` are regenerated.
 """
 
 from __future__ import annotations
@@ -37,6 +36,7 @@ CONFIG_FIELDS = (
     "train_step_stride",
     "train_step_indices",
     "reward_weights",
+    "multi_objective_aggregation",
     "reward_clip",
     "scale_rewards",
     "advantage_clip",
@@ -58,6 +58,8 @@ CONFIG_FIELDS = (
     "max_grad_norm",
     "bf16",
     "seed",
+    "num_iterations",
+    "overlap_rewards",
 )
 
 

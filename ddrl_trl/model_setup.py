@@ -1,6 +1,5 @@
 """Getting a pipeline ready to train: frozen parts placed and cast, the denoiser given a LoRA or float32 master
-weights,
-gradient checkpointing wired to diffusers, dropout off. `DDRLTrainer` calls `prepare_for_training` once."""
+weights, gradient checkpointing wired to diffusers, dropout off. `DDRLTrainer` calls `prepare_for_training` once."""
 
 from __future__ import annotations
 
@@ -27,10 +26,9 @@ def prepare_for_training(adapter: PipelineAdapter, args, peft_config: LoraConfig
       depends on `args.seed` alone (not on the global RNG state), its weights kept in float32 (master weights).
       A `LoraConfig` without `target_modules` gets the family's default modules; the caller's config is not changed.
     - Full fine-tuning: the whole denoiser trainable in float32 (bf16/fp16 run through autocast).
-    - Gradient checkpointing (`args.gradient_checkpointing`): switched on with diffusers'
-    `enable_gradient_checkpointing`,
-      and the denoiser is given the `activation_checkpointing_enable` that `Trainer.train` calls, so the arguments
-      stay as the user gave them.
+    - Gradient checkpointing (`args.gradient_checkpointing`, with `gradient_checkpointing_kwargs`): switched on with
+      diffusers' `enable_gradient_checkpointing`, and the denoiser answers the `Trainer`'s own call to switch it on,
+      so the arguments stay as the user gave them.
     - Dropout off everywhere in the denoiser: rollouts and the loss must see the same network (ratio = 1).
     """
     dtype, device = frozen_dtype(args), args.device
@@ -60,25 +58,32 @@ def prepare_for_training(adapter: PipelineAdapter, args, peft_config: LoraConfig
         denoiser.requires_grad_(True).to(device)
         if denoiser.dtype != torch.float32:
             denoiser.to(dtype=torch.float32)
-    _offer_activation_checkpointing(denoiser)
-    if args.gradient_checkpointing:  # now, so evaluation before train() sees the same model; Trainer repeats it
-        denoiser.enable_gradient_checkpointing()
+    if args.gradient_checkpointing:  # now, so evaluation before train() sees the same model
+        _enable_checkpointing(denoiser, args)
     disable_dropout_in_model(denoiser)
     make_config_tracker_friendly(denoiser)
     return peft_config is not None
 
 
-def _offer_activation_checkpointing(denoiser: torch.nn.Module) -> None:
-    """Give a diffusers denoiser the `activation_checkpointing_enable` that transformers' `Trainer` calls."""
-    if hasattr(denoiser, "activation_checkpointing_enable"):
-        return
+def _enable_checkpointing(denoiser: torch.nn.Module, args) -> None:
+    """diffusers' gradient checkpointing with the `gradient_checkpointing_kwargs` of `torch.utils.checkpoint` (e.g.
+    `use_reentrant`; diffusers' own default is `use_reentrant=False`), and, for the `Trainer`'s own call, the method
+    it looks for (`activation_checkpointing_enable` in transformers 5, `gradient_checkpointing_enable` in 4)."""
+    kwargs = dict(getattr(args, "activation_checkpointing_kwargs", None) or args.gradient_checkpointing_kwargs or {})
+    unsupported = sorted(set(kwargs) & {"every_n_layers", "offload"})
+    if unsupported:
+        raise ValueError(
+            f"gradient_checkpointing_kwargs {unsupported} are not supported for diffusers denoisers, which checkpoint "
+            f"every block: drop them (arguments of torch.utils.checkpoint.checkpoint, like use_reentrant, are fine)."
+        )
+    kwargs.setdefault("use_reentrant", False)
 
-    def activation_checkpointing_enable(activation_checkpointing_kwargs=None, every_n_layers=1, offload=False):
-        if every_n_layers != 1 or offload or activation_checkpointing_kwargs:
-            raise ValueError(
-                "diffusers denoisers checkpoint every block with their own settings: activation_checkpointing_kwargs "
-                "(every_n_layers, offload, ...) are not supported. Set gradient_checkpointing=True without them."
-            )
-        denoiser.enable_gradient_checkpointing()
+    def checkpoint(module, *inputs):
+        return torch.utils.checkpoint.checkpoint(module.__call__, *inputs, **kwargs)
 
-    denoiser.activation_checkpointing_enable = activation_checkpointing_enable
+    denoiser.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint)
+
+    def enable_as_set(*_, **__) -> None:  # Trainer.train calls it again: already done, with the same settings
+        denoiser.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint)
+
+    denoiser.activation_checkpointing_enable = denoiser.gradient_checkpointing_enable = enable_as_set

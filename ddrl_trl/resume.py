@@ -20,12 +20,11 @@ import re
 import shutil
 from typing import Any
 
-import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from .data import arrow_column
 from .rollout import SavedRollout
-from .weight_files import LORA_WEIGHTS_NAME, CheckpointError
+from .weight_files import LORA_WEIGHTS_NAME, CheckpointError, load_checkpoint_file
 
 logger = logging.getLogger(__name__)
 
@@ -176,8 +175,8 @@ def resolve_checkpoint(output_dir: str, resume_from_checkpoint: str | bool | Non
 
 
 def rollout_buffer_name(process_index: int) -> str:
-    """The file in which a checkpoint taken between the `num_iterations` of a rollout batch keeps one process's "
-    "batch."""
+    """The file in which a checkpoint taken between the `num_iterations` of a rollout batch keeps one process's
+    batch."""
     return f"rollout_buffer_{process_index}.pt"
 
 
@@ -191,13 +190,7 @@ def load_rollout_buffer(checkpoint: str, process_index: int, device) -> dict[int
     path = os.path.join(checkpoint, rollout_buffer_name(process_index))
     if not os.path.isfile(path):
         return {}
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 — torch raises several types for a damaged archive
-        raise CheckpointError(
-            f"{path} in checkpoint {checkpoint} is unreadable ({err}): the file is truncated or "
-            f"corrupt. Resume from an earlier checkpoint-N."
-        ) from err
+    saved = load_checkpoint_file(path, checkpoint)
     return {int(micro): SavedRollout.from_dict(values, device) for micro, values in saved.items()}
 
 

@@ -1,7 +1,8 @@
 """On-policy group rollouts with the recorded states and float32 log-probs the policy term needs, and their scoring
 (optionally overlapped: chunk k is scored in the background while chunk k+1 is rolled out).
 
-All randomness of a micro-step is a pure function of (seed, global step, micro-step, global row): `SeededNoise`
+All randomness of a micro-step is a pure function of (seed, the optimiser step that rolled the batch out, micro-step
+within that step, global row): `SeededNoise`
 gives each row its own seeded streams, so a rollout does not depend on how rows are split across processes or chunks,
 and no two rows (on any process) share noise unless `same_noise_within_group` asks for it.
 """
@@ -28,8 +29,9 @@ def stable_seed(*parts: int | str) -> int:
 class SeededNoise:
     """Seeded noise drawn per row or group on `device` (no host round trip): each (kind, index) has its own stream.
 
-    For a micro-step's rollouts `seed` comes from (`DDRLConfig.seed`, global step, accumulation index), and rows are
-    global row indices; evaluation uses it with held-out sample indices.
+    For a micro-step's rollouts `seed` comes from (`DDRLConfig.seed`, the optimiser step that rolled the batch out —
+    the first of its `num_iterations` —, the micro-step's index within it), and rows are global row indices;
+    evaluation uses it with held-out sample indices.
 
     Args:
         seed: the base seed.

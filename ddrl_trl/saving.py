@@ -34,6 +34,7 @@ from .weight_files import (
     NonFiniteWeightsError,
     atomic_directory_update,
     first_non_finite,
+    load_checkpoint_file,
     load_full_denoiser,
     load_lora_into_denoiser,
 )
@@ -124,8 +125,7 @@ class SavingMixin:
             raise NonFiniteWeightsError(
                 f"Refusing to save to {output_dir or self.args.output_dir}: {where} holds NaN or ±inf. Saved weights "
                 "and checkpoints are never overwritten with a diverged model; lower learning_rate and resume from "
-                "the "
-                f"last checkpoint."
+                "the last checkpoint."
             )
         super().save_model(output_dir, _internal_call)
 
@@ -141,7 +141,7 @@ class SavingMixin:
                     f"{resume_from_checkpoint} has no {EMA_STATE_NAME}: it was written without ema_decay, so the EMA "
                     f"cannot be resumed. Resume with ema_decay=None, or start a new run."
                 )
-            self.ema.load_state_dict(_torch_load(path, resume_from_checkpoint))
+            self.ema.load_state_dict(load_checkpoint_file(path, resume_from_checkpoint))
             self.ema.to(device=self.trainable_parameters[0].device)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
@@ -160,7 +160,7 @@ class SavingMixin:
             for name in ("optimizer.pt", "scheduler.pt"):
                 path = os.path.join(checkpoint, name)
                 if os.path.isfile(path):
-                    _torch_load(path, checkpoint)  # raises CheckpointError naming the damaged file
+                    load_checkpoint_file(path, checkpoint)  # raises CheckpointError naming the damaged file
             raise CheckpointError(
                 f"Cannot load the optimizer or scheduler state of checkpoint {checkpoint}: {err}"
             ) from err
@@ -208,7 +208,7 @@ class SavingMixin:
             self._checkpoint_root = None
         if needs_rollout_buffer(self.state.global_step, self.args.num_iterations):  # every process, its own batch
             torch.save(
-                {micro: saved.to_dict() for micro, saved in self._rollout_buffer.items()},
+                {micro: saved.to_dict() for micro, saved in self.rollouts.buffer.items()},
                 os.path.join(staging_root, name, rollout_buffer_name(self.args.process_index)),
             )
         self.accelerator.wait_for_everyone()
@@ -228,15 +228,3 @@ class SavingMixin:
                 use_mtime=True,
             )
         self.accelerator.wait_for_everyone()
-
-
-def _torch_load(path: str, checkpoint: str):
-    """`torch.load(path)` of tensors only; `CheckpointError` naming the file if it is damaged."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 — torch raises several types for a damaged archive
-        raise CheckpointError(
-            f"{path} in checkpoint {checkpoint} is unreadable ({err}): the file is truncated or corrupt. Resume from "
-            "an "
-            f"earlier checkpoint-N."
-        ) from err

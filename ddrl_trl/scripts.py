@@ -28,7 +28,9 @@ import yaml
 from datasets import Dataset, load_dataset, load_from_disk
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
+from .adapters import adapter_class
 from .config import DDRLConfig
+from .errors import UsageError
 from .resume import check_output_dir_free, check_output_dir_writable
 from .rewards import REWARD_SPEC_HELP
 from .trainer import DDRLTrainer
@@ -79,14 +81,6 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         gradient_checkpointing=True,
     ),
 }
-#: The family of each pipeline class, for `--family` inferred from `--model_name_or_path`.
-PIPELINE_FAMILIES = {
-    "StableDiffusionPipeline": "sd",
-    "StableDiffusionXLPipeline": "sd",
-    "StableDiffusion3Pipeline": "sd3",
-    "FluxPipeline": "flux",
-    "WanPipeline": "wan",
-}
 #: Flags of TRL's argument classes that mean nothing for a diffusion pipeline, with their only accepted value.
 UNSUPPORTED_FLAGS = {
     "attn_implementation": None,
@@ -114,11 +108,11 @@ class RewardArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
 
 
-def make_parser(family: str = "sd") -> TrlParser:
+def make_parser(family: str = "sd", prog: str | None = None) -> TrlParser:
     """The argument parser of the scripts, with `family`'s defaults (`FAMILY_DEFAULTS`)."""
     if family not in FAMILY_DEFAULTS:
         raise ValueError(f"Unknown model family {family!r}: use one of {sorted(FAMILY_DEFAULTS)}.")
-    parser = TrlParser((ScriptArguments, DDRLConfig, ModelConfig, RewardArguments))
+    parser = TrlParser((ScriptArguments, DDRLConfig, ModelConfig, RewardArguments), prog=prog)
     parser.set_defaults(**FAMILY_DEFAULTS[family])
     return parser
 
@@ -174,8 +168,7 @@ def check_arguments(
         raise ValueError(
             f"--reward_funcs is required: name the reward(s) to train on, each {REWARD_SPEC_HELP}. There is no "
             "default: a reward chosen by accident is what RL optimises (the built-in 'brightness' trains toward "
-            "white "
-            f"images)."
+            "white images)."
         )
     if model_args.model_name_or_path is None:
         raise ValueError("--model_name_or_path is required: a diffusers pipeline's Hub id or local folder.")
@@ -193,8 +186,7 @@ def check_arguments(
     if model_args.dtype not in (None, "auto", "float32"):
         raise ValueError(
             f"--dtype {model_args.dtype}: the trainer chooses dtypes itself (float32 trained weights, the frozen "
-            "parts "
-            f"in bf16/fp16 under --bf16 / --fp16). Use --bf16 or --fp16 instead."
+            "parts in bf16/fp16 under --bf16 / --fp16). Use --bf16 or --fp16 instead."
         )
     if training_args.should_save:
         check_output_dir_writable(training_args.output_dir)
@@ -229,7 +221,8 @@ def load_data(script_args: ScriptArguments, max_train_samples: int | None = None
 
 
 def infer_family(model_name_or_path: str) -> str:
-    """The model family of a pipeline folder or Hub id, from its `model_index.json` (`PIPELINE_FAMILIES`)."""
+    """The model family of a pipeline folder or Hub id, from its `model_index.json` (the pipeline class's adapter's
+    `script_family`)."""
     if os.path.isdir(model_name_or_path):
         path = os.path.join(model_name_or_path, "model_index.json")
     else:
@@ -244,37 +237,57 @@ def infer_family(model_name_or_path: str) -> str:
             ) from err
     with open(path, encoding="utf-8") as file:
         pipeline = json.load(file).get("_class_name")
-    if pipeline not in PIPELINE_FAMILIES:
+    import diffusers
+
+    adapter = adapter_class(getattr(diffusers, pipeline, type(None)))
+    if adapter is None or adapter.script_family is None:
         raise ValueError(
             f"{model_name_or_path} is a {pipeline}, which `ddrl-trl train` has no family for: pass "
             f"--family ({', '.join(FAMILY_DEFAULTS)}) or use DDRLTrainer from Python."
         )
-    return PIPELINE_FAMILIES[pipeline]
+    return adapter.script_family
 
 
 def train_command(argv: list[str]) -> DDRLTrainer:
     """`ddrl-trl train [--family F] ...`: the family from `--family`, or from the pipeline `--model_name_or_path`
-    (on the command line or in `--config`) names; then `main` with that family's defaults."""
+    (on the command line or in `--config`) names; then `main` with that family's defaults. Bad arguments raise
+    `UsageError` before anything loads; errors during training keep their own type and traceback."""
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument("--family", choices=sorted(FAMILY_DEFAULTS))
     first.add_argument("--model_name_or_path")
     first.add_argument("--config")
     known, rest = first.parse_known_args(argv)
     if any(arg in ("-h", "--help") for arg in rest):
-        make_parser(known.family or "sd").parse_args_and_config(args=["--help"])
-    rest = [*rest, *(["--config", known.config] if known.config else [])]
-    model = known.model_name_or_path
-    if model is None and known.config:
-        with open(known.config, encoding="utf-8") as file:
-            model = (yaml.safe_load(file) or {}).get("model_name_or_path")
-    family = known.family or (infer_family(model) if model else None)
-    if family is None:
-        raise ValueError(
-            f"Name the model: --model_name_or_path (its family is inferred), or --family "
-            f"({', '.join(sorted(FAMILY_DEFAULTS))}) for its default model."
-        )
-    argv = [*rest, *(["--model_name_or_path", model] if known.model_name_or_path else [])]
-    return main(*make_parser(family).parse_args_and_config(args=argv))
+        print(TRAIN_HELP)
+        make_parser(known.family or "sd", prog="ddrl-trl train").parse_args_and_config(args=["--help"])
+    try:
+        model = known.model_name_or_path
+        if model is None and known.config:
+            with open(known.config, encoding="utf-8") as file:
+                model = (yaml.safe_load(file) or {}).get("model_name_or_path")
+        family = known.family or (infer_family(model) if model else None)
+        if family is None:
+            raise ValueError(
+                f"Name the model: --model_name_or_path (its family is inferred), or --family "
+                f"({', '.join(sorted(FAMILY_DEFAULTS))}) for its default model."
+            )
+        argv = [*rest, *(["--config", known.config] if known.config else [])]
+        argv += ["--model_name_or_path", known.model_name_or_path] if known.model_name_or_path else []
+        parsed = make_parser(family, prog="ddrl-trl train").parse_args_and_config(args=argv)
+        check_arguments(*parsed, resume_argument(parsed[1].resume_from_checkpoint))
+    except (ValueError, OSError) as err:
+        raise UsageError(str(err)) from err
+    return main(*parsed)
+
+
+TRAIN_HELP = f"""usage: ddrl-trl train [--family {{{",".join(sorted(FAMILY_DEFAULTS))}}}] <arguments below>
+
+DDRL training with TRL-style arguments, as examples/train_*.py.
+
+  --family {{{",".join(sorted(FAMILY_DEFAULTS))}}}
+                        the model family whose defaults apply (ddrl_trl.scripts.FAMILY_DEFAULTS); by default
+                        inferred from --model_name_or_path's model_index.json (here or in --config)
+"""
 
 
 if __name__ == "__main__":

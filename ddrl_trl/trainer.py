@@ -12,8 +12,8 @@ import contextlib
 import logging
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,14 +22,12 @@ from datasets import Dataset
 from peft import LoraConfig
 from transformers import Trainer, TrainerState
 
-from .adapters import PipelineAdapter, get_adapter, repeat_conditioning
+from .adapters import PipelineAdapter, get_adapter
 from .callbacks import HackingMonitorCallback
 from .config import DDRLConfig
 from .core import (
-    aggregate_rewards,
     clipped_policy_loss,
     diffusion_loss,
-    group_advantages,
     reverse_kl_loss,
 )
 from .data import (
@@ -43,7 +41,6 @@ from .data import (
 from .data_term import DataTermBatch
 from .evaluation import HeldOutEvaluator
 from .guards import NonFiniteStepGuard
-from .layout import GroupLayout
 from .metrics import TrainingMetrics
 from .model_card import write_model_card
 from .model_setup import frozen_dtype, prepare_for_training
@@ -61,7 +58,8 @@ from .resume import (
 )
 from .rewards import compute_rewards, resolve_reward, reward_name
 from .rewards.calling import check_column_names
-from .rollout import Rollout, SavedRollout, SeededNoise, rollout_and_score, stable_seed, synchronize
+from .rollout import synchronize
+from .rollout_batch import RolloutBatch, RolloutCollector
 from .saving import SavingMixin
 from .tracking import image_grid, log_image_grid
 
@@ -74,20 +72,6 @@ def _load_pipeline(model: Any, dtype: torch.dtype, init_kwargs: dict | None):
     from diffusers import DiffusionPipeline
 
     return DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, **(init_kwargs or {}))
-
-
-@dataclass
-class RolloutBatch:
-    """What the loss of one micro-step needs: this process's rollouts, their advantages, and the conditioning and
-    paired references of their groups."""
-
-    rollout: Rollout
-    advantages: torch.Tensor  # (b,) float32, this process's rows
-    row_cond: dict  # conditioning per rollout row
-    prompt_cond: dict  # conditioning per local group (its prompt)
-    ref_latents: torch.Tensor  # (G, ...) the groups' paired x̃0
-    layout: GroupLayout
-    noise: SeededNoise
 
 
 @dataclass
@@ -166,6 +150,12 @@ class DDRLTrainer(SavingMixin, Trainer):
         self.reference_column = reference_column_of(train_dataset, args.reference_column)
         check_columns(train_dataset, args.prompt_column, self.reference_column, "training")
         check_prompts(train_dataset, args.prompt_column, "training")
+        if args.num_iterations > 1 and len(train_dataset) < args.groups_per_optimizer_step:
+            raise ValueError(
+                f"num_iterations={args.num_iterations} reuses whole optimiser steps of "
+                f"{args.groups_per_optimizer_step} prompts, but the training dataset has {len(train_dataset)}: lower "
+                f"per_device_train_batch_size or gradient_accumulation_steps, or use more prompts."
+            )
         check_column_names(
             [c for c in train_dataset.column_names if c not in (args.prompt_column, self.reference_column)], "training"
         )
@@ -180,8 +170,7 @@ class DDRLTrainer(SavingMixin, Trainer):
         if any(isinstance(callback, HackingMonitorCallback) for callback in callbacks or []):
             HackingMonitorCallback.check_eval_data(eval_dataset)
 
-        # ---- the model: its family's adapter, prepared for training (model_setup.py), and the base it is compared
-        # with
+        # ---- the model: its family's adapter, prepared for training (model_setup.py), and the base to compare with
         pipeline = _load_pipeline(model, frozen_dtype(args), args.model_init_kwargs)
         #: Hub id or path of the base pipeline, for the model card (None for a pipeline built in memory).
         in_memory = not isinstance(model, (str, os.PathLike))
@@ -218,12 +207,22 @@ class DDRLTrainer(SavingMixin, Trainer):
         )
         #: DDRL's training metrics since the last log (docs/metrics.md).
         self.metrics = TrainingMetrics()
-        #: With `num_iterations` > 1: this process's rollout batches of the current optimiser step, by micro-step.
-        self._rollout_buffer: dict[int, SavedRollout] = {}
-        self._micro_step = 0
+        #: Makes each micro-step's rollout batch and keeps those later iterations reuse (`rollout_batch.py`).
+        self.rollouts = RolloutCollector(
+            self.adapter,
+            self.sampler,
+            self.latent_shape,
+            self.reward_funcs,
+            self.reward_names,
+            self.reward_weights,
+            args,
+            self.accelerator,
+            self.metrics,
+            self.compute_loss_context_manager,
+        )
+        self._micro_of_step = (-1, 0)  # (optimiser step, micro-steps done in it)
         #: The last logged rollout grid `(image, prompts, step)`, shown in the model card.
         self.last_samples = None
-        self._executor: ThreadPoolExecutor | None = None
         #: Skips optimiser steps with non-finite losses or gradients (`guards.py`); before the EMA's callback.
         self.nonfinite_guard = NonFiniteStepGuard(self, args.max_consecutive_nonfinite_steps)
         self.add_callback(self.nonfinite_guard)
@@ -253,15 +252,21 @@ class DDRLTrainer(SavingMixin, Trainer):
             check_same_run(checkpoint, run_info(self))
         if self.eval_dataset is not None and not self.reference.available:
             self.evaluator.measure_base(self.eval_dataset)
-        self._rollout_buffer = (
-            {}
-            if checkpoint is None
-            else load_rollout_buffer(checkpoint, self.args.process_index, self.accelerator.device)
-        )
+        self.rollouts.buffer = {}
+        if checkpoint is not None:  # between the iterations over a batch, the checkpoint holds it
+            self.rollouts.buffer = load_rollout_buffer(checkpoint, self.args.process_index, self.accelerator.device)
         self.metrics.restart_clock()
         return super().train(
             resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
         )
+
+    @property
+    def ref_denoiser(self) -> torch.nn.Module | None:
+        """Deprecated: the frozen copy of the base denoiser is `reference.frozen_copy` (None with LoRA)."""
+        warnings.warn(
+            "DDRLTrainer.ref_denoiser is now DDRLTrainer.reference.frozen_copy.", FutureWarning, stacklevel=2
+        )
+        return self.reference.frozen_copy
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Held-out diffusion loss and its ratio to the base model's (> 1.10: the paper's reward-hacking signal).
@@ -301,7 +306,9 @@ class DDRLTrainer(SavingMixin, Trainer):
         rows = [dataset[i] for i in range(min(2, len(dataset)))]
         batch = DDRLCollator(args.prompt_column)(rows)
         images = self.adapter.decode_latents(batch["ref_latents"].to(self.adapter.denoiser.device))
-        scores = compute_rewards(self.reward_funcs, images, batch["prompts"], batch["columns"], TrainerState())
+        scores = compute_rewards(
+            self.reward_funcs, images, batch["prompts"], batch["columns"], {"trainer_state": TrainerState()}
+        )
         for name, column in zip(self.reward_names, scores.unbind(dim=1)):
             if torch.isnan(column).all():
                 logger.warning(
@@ -314,13 +321,12 @@ class DDRLTrainer(SavingMixin, Trainer):
     def _get_train_sampler(self, train_dataset=None):
         args = self.args
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        rows_per_step = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
         return RepeatSampler(
             len(dataset),
             args.num_generations,
             seed=args.seed,
             iterations=args.num_iterations,
-            groups_per_step=rows_per_step // args.num_generations,
+            groups_per_step=args.groups_per_optimizer_step,
         )
 
     def _remove_unused_columns(self, dataset, description=None):
@@ -328,136 +334,26 @@ class DDRLTrainer(SavingMixin, Trainer):
 
     # ------------------------------------------------------------------------------------------------ one iteration
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
-        """One DDRL iteration on this process's rows: rollout → reward → advantage → per-step loss/backward; with
-        `num_iterations` > 1, the later iterations over a rollout batch reuse it (`SavedRollout`)."""
+        """One DDRL iteration on this process's rows: rollout → reward → advantage (`RolloutCollector`; with
+        `num_iterations` > 1 the later iterations over a batch reuse it) → per-step loss and backward."""
         model.train()
-        micro = self._micro_step % self.args.gradient_accumulation_steps
-        batch = self._rollout_batch(model, inputs, reuse=self._rollout_buffer.get(micro) if self._iteration else None)
-        if self.args.num_iterations > 1 and self._iteration == 0:
-            self._rollout_buffer[micro] = SavedRollout(
-                batch.rollout.states,
-                batch.rollout.log_probs,
-                batch.advantages,
-                list(inputs["prompts"]),
-                list(batch.layout.global_rows),
-            )
+        if self.state.global_step != self._micro_of_step[0]:  # a new optimiser step: its micro-steps count from 0
+            self._micro_of_step = (self.state.global_step, 0)
+        micro = self._micro_of_step[1]
+        batch = self.rollouts.batch(model, inputs, self.state.global_step, micro, self.state)
+        if batch.rollout.images is not None and micro == 0:
+            self._maybe_log_images(batch.rollout.images, inputs["prompts"])
         began = time.perf_counter()
         loss = self._policy_and_data_backward(model, batch)
         synchronize(loss.device)
         self.metrics.add("time/train", time.perf_counter() - began)
-        self._micro_step += 1
+        self._micro_of_step = (self.state.global_step, micro + 1)
         return loss / self._accumulation_steps
-
-    @property
-    def _iteration(self) -> int:
-        """Which of the `num_iterations` optimiser steps over the current rollout batch this is (0: a fresh one)."""
-        return self.state.global_step % self.args.num_iterations
-
-    def _rollout_batch(self, model, inputs: dict, reuse: SavedRollout | None = None) -> RolloutBatch:
-        """Roll out this process's rows of the micro-batch with the current policy, score them, and turn the rewards
-        of the whole global batch into this process's advantages; or, at a later iteration, `reuse` those."""
-        args = self.args
-        prompts: list[str] = inputs["prompts"]
-        layout = GroupLayout(
-            len(prompts), args.num_generations, self.accelerator.process_index, self.accelerator.num_processes
-        )
-        unique_prompts = [prompts[i] for i in layout.first_local_rows]
-        if prompts != [p for p, count in zip(unique_prompts, layout.counts) for _ in range(count)]:
-            raise RuntimeError("A batch does not hold groups of num_generations rows; use DDRLTrainer's sampler.")
-        noise = SeededNoise(
-            self._rollout_seed(), self.accelerator.device, args.num_generations, args.same_noise_within_group
-        )
-        ref_latents = inputs["ref_latents"][layout.first_local_rows]
-        if self._iteration:
-            if reuse is None or reuse.prompts != prompts or reuse.rows != list(layout.global_rows):
-                raise RuntimeError(
-                    f"Iteration {self._iteration} of num_iterations={args.num_iterations} has no rollout batch to "
-                    f"reuse for these prompts: DDRLTrainer's sampler repeats each step's prompts, and a checkpoint "
-                    f"between iterations holds the batch; resume from one written with the same number of processes."
-                )
-            with self.compute_loss_context_manager():
-                prompt_cond = self.adapter.encode_prompts(unique_prompts)
-            rollout = Rollout(states=reuse.states, log_probs=reuse.log_probs, images=None)
-            return RolloutBatch(
-                rollout,
-                reuse.advantages,
-                repeat_conditioning(prompt_cond, layout.counts),
-                prompt_cond,
-                ref_latents,
-                layout,
-                noise,
-            )
-        columns = inputs["columns"]
-
-        def score(images: torch.Tensor, rows: slice) -> torch.Tensor:
-            chunk_columns = {name: values[rows] for name, values in columns.items()}
-            return compute_rewards(self.reward_funcs, images, prompts[rows], chunk_columns, self.state)
-
-        chunk_groups = args.resolved_rollout_chunk_groups
-        chunk_rows = chunk_groups * args.num_generations if chunk_groups else None
-        with self.compute_loss_context_manager():
-            prompt_cond = self.adapter.encode_prompts(unique_prompts)
-            row_cond = repeat_conditioning(prompt_cond, layout.counts)
-            rollout, per_func, times = rollout_and_score(
-                self.adapter,
-                self.sampler,
-                row_cond,
-                self.latent_shape,
-                noise,
-                layout.global_rows,
-                score,
-                chunk_rows=chunk_rows,
-                executor=self._reward_executor(),
-                denoiser=model,
-            )
-        self.metrics.add_rollout_times(times, rows=len(prompts))
-        advantages = self._advantages(per_func, layout)
-        self._maybe_log_images(rollout.images, prompts)
-        return RolloutBatch(rollout, advantages, row_cond, prompt_cond, ref_latents, layout, noise)
 
     @property
     def _accumulation_steps(self) -> int:
         # Set by Trainer.train() (it may differ on the last, shorter accumulation window); args outside train().
         return getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
-
-    def _rollout_seed(self) -> int:
-        """The micro-step's seed, from the step that rolled its batch out (the first of its `num_iterations`): rows
-        and groups derive theirs from it with their global index (`SeededNoise`)."""
-        micro = self._micro_step % self.args.gradient_accumulation_steps
-        return stable_seed(self.args.seed, self.state.global_step - self._iteration, micro)
-
-    def _reward_executor(self) -> ThreadPoolExecutor | None:
-        """The one background thread that scores chunks with `overlap_rewards` (one, so reward functions never run
-        concurrently with themselves); None otherwise."""
-        if not self.args.overlap_rewards:
-            return None
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ddrl-reward")
-        return self._executor
-
-    def _advantages(self, per_func: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
-        """This process's rewards `(b, F)` → its float32 advantages on the device, computed on the rewards of the
-        whole global batch (gathered from every process: groups may span processes)."""
-        args = self.args
-        per_func = self.accelerator.gather(per_func.to(self.accelerator.device)).cpu()
-        combined = aggregate_rewards(
-            per_func,
-            self.reward_weights,
-            args.num_generations,
-            args.multi_objective_aggregation,
-            args.scale_rewards,
-            args.reward_clip,
-        )
-        advantages = group_advantages(
-            combined.rewards,
-            args.num_generations,
-            scale_rewards=combined.scale_rewards,
-            reward_clip=combined.reward_clip,
-            exp_transform=args.exp_advantage,
-            advantage_clip=args.advantage_clip,
-        )
-        self.metrics.add_rewards(per_func, combined, self.reward_names, args.num_generations)
-        return advantages[layout.local_slice].to(self.accelerator.device)
 
     def _policy_and_data_backward(self, model, batch: RolloutBatch) -> torch.Tensor:
         """For each trained step j: one forward of [rollout states ; noised references], loss_j, one backward (so the
@@ -589,7 +485,7 @@ class DDRLTrainer(SavingMixin, Trainer):
     def _maybe_log_images(self, images: torch.Tensor, prompts: list[str]) -> None:
         """Every `log_sample_images_steps` steps, a grid of rollout images to the trackers (and the model card)."""
         every = self.args.log_sample_images_steps
-        if not every or self.state.global_step % every or self._micro_step % self.args.gradient_accumulation_steps:
+        if not every or self.state.global_step % every:
             return
         if self.accelerator.is_main_process:
             n = self.args.num_sample_images

@@ -85,6 +85,17 @@ def _read_safetensors(path: str, checkpoint_dir: str) -> tuple[dict[str, torch.T
     return tensors, metadata
 
 
+def load_checkpoint_file(path: str, checkpoint_dir: str):
+    """`torch.load(path)` of tensors only (no pickled code); `CheckpointError` naming the file if it is damaged."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 — torch raises several types for a damaged archive
+        raise CheckpointError(
+            f"{path} in checkpoint {checkpoint_dir} is unreadable ({err}): the file is truncated or corrupt. Resume "
+            f"from an earlier checkpoint-N."
+        ) from err
+
+
 def lora_metadata(metadata: dict[str, str], denoiser_name: str) -> dict | None:
     """The LoRA config diffusers stored in a safetensors header for `denoiser_name` (keys without the prefix)."""
     if LORA_METADATA_KEY not in metadata:

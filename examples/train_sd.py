@@ -7,8 +7,7 @@
         --output_dir sd15-ddrl --learning_rate 1e-4 --bf16 --report_to tensorboard
 
 or with a YAML file holding the same keys: `accelerate launch examples/train_sd.py --config ddrl.yaml`.
-`--dataset_name` may also be a folder written by `Dataset.save_to_disk`, `--model_name_or_path` a local pipeline
-folder.
+`--dataset_name` may also be a folder written by `Dataset.save_to_disk`, `--model_name_or_path` a local folder.
 `--reward_funcs` is required: built-in names, import paths (`package.module:function` or `package.module.function`),
 or reward models by Hub id or folder. Add `--resume_from_checkpoint true` to continue an interrupted run in
 `--output_dir`, `--push_to_hub` to publish the adapter with a model card. `ddrl-trl train` (installed with the package)

@@ -17,6 +17,7 @@ from datasets import Dataset
 from peft import LoraConfig
 from PIL import Image
 
+import ddrl_trl.rollout_batch as rollout_batch
 import ddrl_trl.trainer as trainer_module
 from ddrl_trl import DDRLConfig, DDRLTrainer
 from ddrl_trl.testing import tiny_sd_pipeline
@@ -47,7 +48,7 @@ dataset = Dataset.from_dict(
 )
 
 initial_noise = []
-original = trainer_module.rollout_and_score
+original = rollout_batch.rollout_and_score
 
 
 def recording(*args, **kwargs):
@@ -56,7 +57,7 @@ def recording(*args, **kwargs):
     return rollout, *rest
 
 
-trainer_module.rollout_and_score = recording
+rollout_batch.rollout_and_score = recording
 original_policy_loss = trainer_module.clipped_policy_loss
 
 

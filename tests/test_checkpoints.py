@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from test_trainer import lora, make_trainer
 
+import ddrl_trl.rollout_batch as rollout_batch
 import ddrl_trl.trainer as trainer_module
 from ddrl_trl.testing import tiny_sdxl_pipeline
 from ddrl_trl.weight_files import CheckpointError
@@ -49,7 +50,7 @@ def no_rollouts(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("a rollout started before the checkpoint was checked")
 
-    monkeypatch.setattr(trainer_module, "rollout_and_score", forbidden)
+    monkeypatch.setattr(rollout_batch, "rollout_and_score", forbidden)
 
 
 def copy_run(saved_runs, kind, tmp_path):

@@ -296,3 +296,21 @@ def test_accelerate_configs_are_package_data_and_printable():
     with pytest.raises(SystemExit) as exited:
         main(["accelerate-config", "--name", "zero9"])
     assert exited.value.code == 2
+
+
+def test_ddrl_trl_train_explains_family_infers_it_and_keeps_tracebacks_of_runs(tmp_path, capsys):
+    from ddrl_trl.cli import main
+    from ddrl_trl.scripts import infer_family
+
+    tiny_sd3_pipeline().save_pretrained(tmp_path / "sd3")
+    assert infer_family(str(tmp_path / "sd3")) == "sd3"
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    shown = capsys.readouterr().out
+    assert "--family {flux,sd,sd3,wan}" in shown and "usage: ddrl-trl train" in shown and "--reward_funcs" in shown
+    # the model named in --config decides the family (here a folder with no model_index.json: said in one line)
+    (tmp_path / "run.yaml").write_text(f"model_name_or_path: {tmp_path / 'nothing'}\n")
+    with pytest.raises(SystemExit) as exited:
+        main(["train", "--config", str(tmp_path / "run.yaml"), "--reward_funcs", "brightness"])
+    assert exited.value.code == 2
+    assert "ddrl-trl train: error: Cannot read" in capsys.readouterr().err

@@ -10,6 +10,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 from test_trainer import lora, make_trainer
 
+import ddrl_trl.rollout_batch as rollout_batch
 import ddrl_trl.trainer as trainer_module
 from ddrl_trl import DDRLConfig
 from ddrl_trl.adapters import FluxAdapter, StableDiffusion3Adapter, WanAdapter, get_adapter
@@ -37,16 +38,16 @@ FAMILIES = {
 }
 
 
-def record(monkeypatch, name, sink, index):
-    """Wrap `trainer_module.<name>` so every call also appends element `index` of its result to `sink`."""
-    original = getattr(trainer_module, name)
+def record(monkeypatch, name, sink, index, module=trainer_module):
+    """Wrap `module.<name>` so every call also appends element `index` of its result to `sink`."""
+    original = getattr(module, name)
 
     def recording(*args, **kwargs):
         out = original(*args, **kwargs)
         sink.append(out[index])
         return out
 
-    monkeypatch.setattr(trainer_module, name, recording)
+    monkeypatch.setattr(module, name, recording)
 
 
 def configured_adapter(pipe, **config):
@@ -222,7 +223,7 @@ def test_bf16_with_gradient_checkpointing_keeps_float32_log_probs_and_lora(
     builder, _, config = FAMILIES[name]
     dataset, columns = _dataset(name, reference_dataset, reference_videos)
     rollouts = []
-    record(monkeypatch, "rollout_and_score", rollouts, index=0)
+    record(monkeypatch, "rollout_and_score", rollouts, index=0, module=rollout_batch)
     trainer = make_trainer(
         tmp_path,
         dataset,

@@ -1,5 +1,5 @@
-"""HackingMonitorCallback: periodic held-out loss ratio, a warning past the threshold, optional stop, last good "
-"weights."""
+"""HackingMonitorCallback: periodic held-out loss ratio, a warning past the threshold, optional stop, last good
+weights."""
 
 import logging
 

@@ -1,5 +1,5 @@
-"""`trainer.push_to_hub()`: what would be uploaded (the Hub API is replaced by a recorder; the Hub cannot be "
-"reached)."""
+"""`trainer.push_to_hub()`: what would be uploaded (the Hub API is replaced by a recorder; the Hub cannot be
+reached)."""
 
 import shutil
 

@@ -25,8 +25,7 @@ def brightness_of(samples: torch.Tensor) -> list[float]:
 
 def test_a_grpo_style_reward_trains_exactly_like_the_positional_form(tmp_path, reference_dataset):
     """TRL calls `reward(prompts=..., completions=..., trainer_state=..., **columns)`: the same scores through that
-    form
-    give the same training, and the reward sees the trainer's state and the dataset's columns."""
+    form give the same training, and the reward sees the trainer's state and the dataset's columns."""
     seen = []
 
     def grpo_reward(prompts, completions, trainer_state, label, **kwargs):
@@ -161,16 +160,29 @@ def test_normalize_then_sum_trains_and_logs_the_std_it_used(tmp_path, reference_
     def large(images, prompts, **kwargs):
         return [1e4 * (1 - v) for v in brightness_of(images)]
 
+    scored = []
+
+    def recording_large(images, prompts, **kwargs):
+        scores = large(images, prompts)
+        scored.append((brightness_of(images), scores))
+        return scores
+
     trainer = make_trainer(
         tmp_path,
         reference_dataset,
         peft_config=lora(),
-        reward=[small, large],
+        reward=[small, recording_large],
         multi_objective_aggregation="normalize_then_sum",
         num_generations=4,
     )
     trainer.train()
-    assert all(math.isfinite(h["reward_std"]) for h in trainer.state.log_history if "reward_std" in h)
+    logs = [h for h in trainer.state.log_history if "reward_std" in h]
+    for (small_scores, large_scores), log in zip(scored[1:], logs):  # scored[0]: the construction check
+        per_func = torch.tensor([small_scores, large_scores]).T
+        z = (per_func - per_func.mean(0)) / (per_func.std(0) + 1e-4)  # one group of 4: each reward normalised
+        combined = z.sum(1)
+        assert log["reward_std"] == pytest.approx(combined.std().item(), rel=1e-4)  # the batch std it divided by
+        assert log["reward"] == pytest.approx(per_func.sum(1).mean().item(), rel=1e-5)  # the raw weighted sum
     with pytest.raises(
         ValueError,
         match="multi_objective_aggregation must be 'sum_then_normalize' or 'normalize_then_sum', got 'average'",
@@ -185,6 +197,10 @@ def test_renamed_options_are_still_accepted_with_a_warning(tmp_path):
     with pytest.warns(FutureWarning, match="image_column is now called reference_column"):
         args = DDRLConfig(output_dir=str(tmp_path), image_column="photo", report_to="none")
     assert args.reference_column == "photo" and args.image_column is None
+    with pytest.raises(ValueError, match="overlap_rewards=True and async_rewards=False"):
+        DDRLConfig(output_dir=str(tmp_path), async_rewards=False, overlap_rewards=True, report_to="none")
+    with pytest.warns(FutureWarning, match="trained_step_indices is now resolved_train_step_indices"):
+        assert args.trained_step_indices == args.resolved_train_step_indices
 
 
 def test_the_reference_column_is_found_by_name_or_given(tmp_path, reference_dataset):
@@ -193,3 +209,48 @@ def test_the_reference_column_is_found_by_name_or_given(tmp_path, reference_data
         make_trainer(tmp_path, renamed, peft_config=lora())
     trainer = make_trainer(tmp_path, renamed, peft_config=lora(), reference_column="photo")
     assert trainer.reference_column == "photo" and "ddrl_ref_latents" in trainer.train_dataset.column_names
+
+
+class BrightnessModule(torch.nn.Module):
+    """A reward model written as an nn.Module, today's positional form: `forward(images, prompts)`."""
+
+    def forward(self, images, prompts):
+        return images.float().flatten(1).mean(1)
+
+
+def wrapped(func):
+    """A decorator without functools.wraps: the wrapper only shows `(*args, **kwargs)`."""
+
+    def wrapper(*args, **kwargs):
+        return func(*args, **kwargs)
+
+    return wrapper
+
+
+@pytest.mark.parametrize(
+    "reward",
+    [
+        BrightnessModule(),
+        wrapped(lambda images, prompts, **columns: brightness_of(images)),
+        lambda imgs, texts, label: [v + 0 * float(x) for v, x in zip(brightness_of(imgs), label)],
+        lambda imgs, texts, *, label, trainer_state: brightness_of(imgs),
+    ],
+    ids=["nn-module", "args-kwargs-wrapper", "positional-with-a-column", "positional-with-keyword-only"],
+)
+def test_every_shape_of_the_positional_form_still_works(reward):
+    images = torch.rand(3, 3, 8, 8)
+    scores = compute_rewards([reward], images, ["a", "b", "c"], {"label": [1, 2, 3]}, {"trainer_state": object()})
+    torch.testing.assert_close(scores[:, 0], torch.tensor(brightness_of(images)))
+
+
+def test_rewards_can_log_metrics_as_in_trl(tmp_path, reference_dataset):
+    def reward(prompts, completions, log_metric, log_extra, **kwargs):
+        scores = brightness_of(completions)
+        log_metric("brightest", max(scores))
+        log_extra("note", ["x"] * len(scores))  # no completions table here: accepted, not recorded
+        return scores
+
+    trainer = make_trainer(tmp_path, reference_dataset, peft_config=lora(), reward=reward)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert all(0 < h["brightest"] <= 1 and h["brightest"] >= h["reward"] for h in logs)

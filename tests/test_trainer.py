@@ -14,7 +14,7 @@ from transformers import TrainerCallback
 import ddrl_trl.trainer as trainer_module
 from ddrl_trl import DDRLConfig, DDRLTrainer
 from ddrl_trl.core import group_advantages
-from ddrl_trl.rollout import SeededNoise, generate_rollouts
+from ddrl_trl.rollout import SeededNoise, generate_rollouts, stable_seed
 from ddrl_trl.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
 
 
@@ -110,7 +110,7 @@ def test_gradient_equals_grpo_plus_data_term_computed_separately(tmp_path, refer
     )
     model, adapter, sampler = trainer.model, trainer.adapter, trainer.sampler
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
-    seed = trainer._rollout_seed()
+    seed = stable_seed(trainer.args.seed, 0, 0)  # (seed, optimiser step 0, micro-step 0)
     trainer.training_step(model, batch)
     got = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
@@ -316,6 +316,26 @@ def test_gradient_checkpointing_uses_the_diffusers_switch(tmp_path, reference_da
     trainer.train()
     assert trainer.state.global_step == 1 and trainer.model.is_gradient_checkpointing
     assert trainer.args.gradient_checkpointing  # the user's arguments are left as given
+    # torch.utils.checkpoint's own arguments pass through (TRL users set use_reentrant); layer selection cannot
+    kwargs = {"use_reentrant": False}
+    trainer = make_trainer(
+        tmp_path / "kw",
+        reference_dataset,
+        peft_config=lora(),
+        max_steps=1,
+        gradient_checkpointing=True,
+        gradient_checkpointing_kwargs=kwargs,
+    )
+    trainer.train()
+    assert trainer.state.global_step == 1 and trainer.model.is_gradient_checkpointing
+    with pytest.raises(ValueError, match=r"gradient_checkpointing_kwargs \['every_n_layers'\] are not supported"):
+        make_trainer(
+            tmp_path / "bad",
+            reference_dataset,
+            peft_config=lora(),
+            gradient_checkpointing=True,
+            gradient_checkpointing_kwargs={"every_n_layers": 2},
+        )
 
 
 @pytest.mark.parametrize("use_lora", [True, False])
@@ -374,8 +394,8 @@ def test_full_fine_tuning_keeps_float32_master_weights_and_lora_base_follows_bf1
 
 @pytest.mark.parametrize("use_lora", [True, False], ids=["lora", "full"])
 def test_saving_from_a_gathered_state_dict_matches_the_normal_save(tmp_path, reference_dataset, use_lora):
-    """Under FSDP / DeepSpeed ZeRO-3, Trainer.save_model hands `_save` the gathered weights: same files, same "
-    "weights."""
+    """Under FSDP / DeepSpeed ZeRO-3, Trainer.save_model hands `_save` the gathered weights: same files, same
+    weights."""
     trainer = make_trainer(tmp_path, reference_dataset, peft_config=lora() if use_lora else None, max_steps=1)
     trainer.train()
     trainer._save(str(tmp_path / "normal"))

@@ -5,7 +5,7 @@ from conftest import brightness_reward
 from datasets import Dataset
 from peft import LoraConfig
 
-import ddrl_trl.trainer as trainer_module
+import ddrl_trl.rollout_batch as rollout_batch
 from ddrl_trl import DDRLConfig, DDRLTrainer, build_synthetic_reference_dataset, register_adapter
 from ddrl_trl.adapters import StableDiffusionAdapter, get_adapter
 from ddrl_trl.testing import tiny_sd_pipeline
@@ -16,7 +16,7 @@ def no_rollouts(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("a rollout started before the input was checked")
 
-    monkeypatch.setattr(trainer_module, "rollout_and_score", forbidden)
+    monkeypatch.setattr(rollout_batch, "rollout_and_score", forbidden)
 
 
 def args(tmp_path, **kw):

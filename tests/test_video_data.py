@@ -10,7 +10,7 @@ from diffusers.utils import export_to_video
 from peft import LoraConfig
 from PIL import Image
 
-import ddrl_trl.trainer as trainer_module
+import ddrl_trl.rollout_batch as rollout_batch
 from ddrl_trl import DDRLConfig, DDRLTrainer
 from ddrl_trl.data import load_video_frames, video_to_tensor
 from ddrl_trl.testing import tiny_wan_pipeline
@@ -21,7 +21,7 @@ def no_rollouts(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("a rollout started before the input was checked")
 
-    monkeypatch.setattr(trainer_module, "rollout_and_score", forbidden)
+    monkeypatch.setattr(rollout_batch, "rollout_and_score", forbidden)
 
 
 def frames(count, height=20, width=24, seed=0):

@@ -38,11 +38,16 @@ def supported_pipelines() -> list[str]:
     return sorted(cls.__name__ for cls in _REGISTRY)
 
 
+def adapter_class(pipeline_cls: type) -> type[PipelineAdapter] | None:
+    """The adapter class registered for `pipeline_cls` or its nearest registered base class, or None."""
+    return next((_REGISTRY[cls] for cls in pipeline_cls.__mro__ if cls in _REGISTRY), None)
+
+
 def get_adapter(pipeline: Any) -> PipelineAdapter:
     """The adapter registered for `pipeline`'s class or its nearest registered base class."""
-    for cls in type(pipeline).__mro__:
-        if cls in _REGISTRY:
-            return _REGISTRY[cls](pipeline)
+    found = adapter_class(type(pipeline))
+    if found is not None:
+        return found(pipeline)
     raise ValueError(
         f"DDRLTrainer has no adapter for {type(pipeline).__name__}. Supported pipelines: "
         f"{', '.join(supported_pipelines())}. For another pipeline, subclass ddrl_trl.adapters.PipelineAdapter and "
@@ -64,6 +69,7 @@ __all__ = [
     "StableDiffusionAdapter",
     "StableDiffusionXLAdapter",
     "WanAdapter",
+    "adapter_class",
     "concat_conditioning",
     "get_adapter",
     "register_adapter",

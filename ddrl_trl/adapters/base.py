@@ -41,12 +41,15 @@ class PipelineAdapter(ABC):
 
     Attributes:
         pipeline_classes: the diffusers pipeline classes (and their subclasses) this adapter serves.
+        script_family: the `ddrl-trl train --family` for these pipelines (`scripts.FAMILY_DEFAULTS`).
         denoiser_name: the pipeline attribute holding the trained network (`"unet"`, `"transformer"`).
         default_lora_target_modules: modules a `LoraConfig` without `target_modules` is applied to.
         frozen_module_names: pipeline attributes that are used but never trained (absent ones are skipped).
     """
 
     pipeline_classes: tuple[type, ...] = ()
+    #: The `ddrl-trl train --family` whose defaults suit this family (None: none of the shipped ones).
+    script_family: str | None = None
     denoiser_name: str = "unet"
     default_lora_target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     frozen_module_names: tuple[str, ...] = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")

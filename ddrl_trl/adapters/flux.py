@@ -27,6 +27,7 @@ class FluxAdapter(PipelineAdapter):
     """Adapter for `FluxPipeline` (FLUX.1-dev, FLUX.1-schnell) and its subclasses."""
 
     pipeline_classes = (FluxPipeline,)
+    script_family = "flux"
     denoiser_name = "transformer"
     default_max_sequence_length = 512
 

@@ -18,6 +18,7 @@ class StableDiffusion3Adapter(PipelineAdapter):
     """Adapter for `StableDiffusion3Pipeline` (SD3, SD3.5) and its subclasses."""
 
     pipeline_classes = (StableDiffusion3Pipeline,)
+    script_family = "sd3"
     denoiser_name = "transformer"
 
     @property

@@ -17,6 +17,7 @@ class StableDiffusionAdapter(PipelineAdapter):
     """Adapter for `StableDiffusionPipeline` (SD 1.x and 2.x, ε- and v-prediction) and its subclasses."""
 
     pipeline_classes = (StableDiffusionPipeline,)
+    script_family = "sd"
     denoiser_name = "unet"
 
     @property
@@ -45,8 +46,8 @@ class StableDiffusionAdapter(PipelineAdapter):
 
 
 class StableDiffusionXLAdapter(StableDiffusionAdapter):
-    """Adapter for `StableDiffusionXLPipeline`: two text encoders, pooled text embeddings and size "
-    "micro-conditioning."""
+    """Adapter for `StableDiffusionXLPipeline`: two text encoders, pooled text embeddings and size
+    micro-conditioning."""
 
     pipeline_classes = (StableDiffusionXLPipeline,)
 

@@ -24,6 +24,7 @@ class WanAdapter(PipelineAdapter):
     """Adapter for `WanPipeline` (text-to-video) with one transformer (Wan 2.1, Wan 2.2 TI2V-5B)."""
 
     pipeline_classes = (WanPipeline,)
+    script_family = "wan"
     denoiser_name = "transformer"
     frozen_module_names = ("vae", "text_encoder")
     default_max_sequence_length = 512  # WanPipeline.__call__'s default

@@ -104,12 +104,13 @@ def group_advantages(
 
 
 class AggregatedRewards(NamedTuple):
-    """The `(B,)` reward the advantages are computed from, and the `scale_rewards` / `reward_clip` to compute them "
-    "with."""
+    """The `(B,)` reward the advantages are computed from, the `scale_rewards` / `reward_clip` to compute them with,
+    and the weighted sum of the raw rewards (what is logged as `reward`, in either aggregation, as TRL logs it)."""
 
     rewards: torch.Tensor
     scale_rewards: str
     reward_clip: float | None
+    weighted_sum: torch.Tensor
 
 
 def aggregate_rewards(
@@ -130,8 +131,9 @@ def aggregate_rewards(
 
     A sample is invalid (NaN) if any function gave it no valid score, in both modes.
     """
+    weighted_sum = combine_rewards(rewards_per_func, weights)
     if aggregation == "sum_then_normalize":
-        return AggregatedRewards(combine_rewards(rewards_per_func, weights), scale_rewards, reward_clip)
+        return AggregatedRewards(weighted_sum, scale_rewards, reward_clip, weighted_sum)
     if aggregation != "normalize_then_sum":
         raise ValueError(
             f"multi_objective_aggregation must be 'sum_then_normalize' or 'normalize_then_sum', got {aggregation!r}."
@@ -146,4 +148,4 @@ def aggregate_rewards(
     )
     combined = (normalised * weights.to(normalised)).sum(dim=1)
     combined[~torch.isfinite(per_func).all(dim=1)] = torch.nan
-    return AggregatedRewards(combined, "batch", None)
+    return AggregatedRewards(combined, "batch", None, weighted_sum)

@@ -5,7 +5,8 @@ A reward function is called with keywords, TRL's `GRPOTrainer` way, when its sig
     reward(images=..., prompts=..., completions=..., trainer_state=..., **columns)
 
 `completions` is the same samples as `images` (the name TRL's text rewards use), `trainer_state` the trainer's
-`transformers.TrainerState` (for rewards that change with training progress), `columns` every other dataset column.
+`transformers.TrainerState` (for rewards that change with training progress), `columns` every other dataset column;
+`log_metric(name, value)` and `log_extra(column, values)` are there too, as TRL passes them.
 A function receives the keywords it names, or all of them if it takes `**kwargs`. A function whose first two
 parameters have other names (`def reward(imgs, texts, **kwargs)`) is called positionally, `reward(images, prompts,
 trainer_state=..., **columns)`, as before.
@@ -29,12 +30,16 @@ from typing import Any
 import numpy as np
 import torch
 
-#: Keyword arguments every reward may take; a dataset column must not use these names.
-RESERVED_KEYWORDS = ("images", "prompts", "completions", "trainer_state")
+#: The samples, under both names rewards use for them.
+SAMPLE_KEYWORDS = ("images", "prompts", "completions")
+#: Keyword arguments every reward may take (TRL's GRPOTrainer passes the last three too); a dataset column must not
+#: use these names.
+RESERVED_KEYWORDS = (*SAMPLE_KEYWORDS, "trainer_state", "log_metric", "log_extra")
 
 RewardFunc = Callable[..., Sequence]
 
-_KEYWORD_KINDS = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+_KEYWORD_ONLY = inspect.Parameter.KEYWORD_ONLY
+_KEYWORD_KINDS = (inspect.Parameter.POSITIONAL_OR_KEYWORD, _KEYWORD_ONLY)
 _POSITIONAL_KINDS = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
@@ -53,38 +58,50 @@ def check_column_names(column_names: Sequence[str], split: str) -> None:
         )
 
 
+def _ignore(*args, **kwargs) -> None:
+    """`log_metric` / `log_extra` where nothing records them (outside a trainer)."""
+
+
 def call_arguments(
-    func: RewardFunc, images, prompts: list[str], columns: dict[str, list], trainer_state: Any = None
+    func: RewardFunc, images, prompts: list[str], columns: dict[str, list], context: dict[str, Any] | None = None
 ) -> tuple[tuple, dict]:
-    """`(args, kwargs)` to call `func` with, by the contract above; `TypeError` naming the forms if none fits."""
-    offered = {"images": images, "prompts": prompts, "completions": images, "trainer_state": trainer_state, **columns}
+    """`(args, kwargs)` to call `func` with, by the contract above; `TypeError` naming the forms if none fits.
+
+    `context` holds the keywords from the trainer (`trainer_state`, `log_metric`, `log_extra`); missing ones are
+    None (the state) or do nothing (the loggers).
+    """
+    context = {"trainer_state": None, "log_metric": _ignore, "log_extra": _ignore, **(context or {})}
+    offered = {"images": images, "prompts": prompts, "completions": images, **context, **columns}
+    target = func.forward if isinstance(func, torch.nn.Module) else func  # a module's __call__ hides its forward's
     try:
-        params = inspect.signature(func).parameters
-    except (TypeError, ValueError):  # a callable without a signature (C extension): give it every keyword
-        return (), offered
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        params = inspect.signature(target).parameters
+    except (TypeError, ValueError):  # a callable without a signature (C extension): the positional form
+        return (images, prompts), {k: v for k, v in offered.items() if k not in SAMPLE_KEYWORDS}
+    kinds = {name: p.kind for name, p in params.items()}
+    takes_any = inspect.Parameter.VAR_KEYWORD in kinds.values()
+    takes_args = inspect.Parameter.VAR_POSITIONAL in kinds.values()
+    required = [n for n, p in params.items() if p.default is p.empty and p.kind in (*_POSITIONAL_KINDS, _KEYWORD_ONLY)]
+    positional = [n for n, kind in kinds.items() if kind in _POSITIONAL_KINDS]
 
     def accepted(values: dict) -> dict:
-        return (
-            values
-            if takes_any
-            else {k: v for k, v in values.items() if k in params and params[k].kind in _KEYWORD_KINDS}
-        )
+        return values if takes_any else {k: v for k, v in values.items() if kinds.get(k) in _KEYWORD_KINDS}
 
-    required = [
-        n
-        for n, p in params.items()
-        if p.default is p.empty and p.kind in (*_POSITIONAL_KINDS, inspect.Parameter.KEYWORD_ONLY)
-    ]
-    if all(n in offered and params[n].kind in _KEYWORD_KINDS for n in required):
+    # TRL's keyword form: every required parameter is one of the keywords. A bare `(*args, **kwargs)` wrapper (a
+    # decorator without functools.wraps) names none, and keeps the positional form it always had.
+    names_samples = any(name in kinds for name in SAMPLE_KEYWORDS)
+    if all(n in offered and kinds[n] in _KEYWORD_KINDS for n in required) and (names_samples or not takes_args):
         return (), accepted(offered)
-    positional = [n for n, p in params.items() if p.kind in _POSITIONAL_KINDS]
-    var_positional = any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params.values())
-    if (len(positional) >= 2 or var_positional) and all(n in positional[:2] for n in required):
-        rest = {k: v for k, v in offered.items() if k not in ("images", "prompts", "completions", *positional[:2])}
+    # The positional form `reward(images, prompts, **columns)`, whatever its first two parameters are called; any
+    # other required parameter must be a column or a context keyword.
+    slots = positional[:2]
+    others_offered = all(
+        n in slots or (n not in SAMPLE_KEYWORDS and n in offered and kinds[n] in _KEYWORD_KINDS) for n in required
+    )
+    if (len(slots) == 2 or takes_args) and others_offered:
+        rest = {k: v for k, v in offered.items() if k not in (*SAMPLE_KEYWORDS, *slots)}
         return (images, prompts), accepted(rest)
     raise TypeError(
-        f"Reward function {reward_name(func)!r} takes {inspect.signature(func)}, which fits neither form: "
+        f"Reward function {reward_name(func)!r} takes {inspect.signature(target)}, which fits neither form: "
         f"reward(images, prompts, **columns) or, as TRL's rewards, reward(prompts=..., completions=..., "
         f"trainer_state=..., **kwargs) with completions holding the images (docs/rewards.md)."
     )
@@ -104,14 +121,20 @@ _loop: asyncio.AbstractEventLoop | None = None
 
 
 def _event_loop() -> asyncio.AbstractEventLoop:
-    """The process's event loop for async rewards, running in a daemon thread (started on first use)."""
+    """The process's event loop for async rewards, running forever in a daemon thread (started on first use)."""
     global _loop
     with _loop_lock:
         if _loop is None:
-            from trl.trainer.utils import start_event_loop_in_daemon
+            loop, ready = asyncio.new_event_loop(), threading.Event()
 
-            _, _loop, ready = start_event_loop_in_daemon(name="ddrl-reward-loop")
+            def run() -> None:
+                asyncio.set_event_loop(loop)
+                ready.set()
+                loop.run_forever()
+
+            threading.Thread(target=run, name="ddrl-reward-loop", daemon=True).start()
             ready.wait()
+            _loop = loop
         return _loop
 
 
@@ -141,8 +164,7 @@ def _scores(output, name: str, batch: int) -> list[float]:
     if not isinstance(output, Sequence) or isinstance(output, (str, bytes)):
         raise TypeError(
             f"Reward function {name!r} returned a {type(output).__name__}; it must return a list of {batch} floats "
-            "(one "
-            f"per image, None to skip one)."
+            "(one per image, None to skip one)."
         )
     if len(output) != batch:
         raise ValueError(
@@ -157,7 +179,7 @@ def compute_rewards(
     images: torch.Tensor,
     prompts: list[str],
     columns: dict[str, list],
-    trainer_state: Any = None,
+    context: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """Call every reward function on the batch (async ones concurrently) and check what it returns.
 
@@ -169,7 +191,7 @@ def compute_rewards(
         reward's own exception, with its type, noted with the function's name.
     """
     batch = len(prompts)
-    calls = [(reward_name(f), f, call_arguments(f, images, prompts, columns, trainer_state)) for f in funcs]
+    calls = [(reward_name(f), f, call_arguments(f, images, prompts, columns, context)) for f in funcs]
 
     def note(err: Exception, name: str) -> None:
         err.add_note(f"(raised by reward function {name!r} on a batch of {batch} samples)")  # keeps its type

@@ -150,8 +150,8 @@ def _check_remote_code(name_or_path: str, configs: dict[str, dict], trust_remote
     if needing and not trust_remote_code:
         raise ValueError(
             f"Reward {name_or_path!r} needs custom code from the repo ('auto_map' in {', '.join(needing)}), which "
-            "runs "
-            f"arbitrary Python. Read it, then pass trust_remote_code=True to load_reward (or write a reward callable)."
+            "runs arbitrary Python. Read it, then pass trust_remote_code=True to load_reward (or write a reward "
+            "callable)."
         )
 
 
@@ -348,8 +348,7 @@ class ClassifierReward(HubReward):
                 examples = ", ".join(repr(v) for v in list(self.id2label.values())[:5])
                 logger.warning(
                     "Reward %r: prompt %r names none of the classifier's %d labels (e.g. %s); its samples get no "
-                    "score "
-                    "(counted in rewards/%s/invalid). Pass label= to load_reward to score one fixed label.",
+                    "score (counted in rewards/%s/invalid). Pass label= to load_reward to score one fixed label.",
                     self.__name__,
                     prompt,
                     len(self.id2label),

@@ -53,8 +53,8 @@ class FlowSDESampler(GaussianStepSampler):
         num_inference_steps: T.
         noise_level: a > 0 in σ_t = a √(t/(1−t)) (Flow-GRPO uses 0.7).
         device: where the schedule tensors live.
-        mu: the resolution-dependent shift for schedulers with `use_dynamic_shifting` (FLUX), as the pipeline computes
-        it.
+        mu: the resolution-dependent shift for schedulers with `use_dynamic_shifting` (FLUX), as the pipeline
+            computes it.
         sigmas: the unshifted base sigmas the pipeline passes to `set_timesteps` (FLUX: linspace(1, 1/T, T)); None
             uses the scheduler's default spacing (SD3, Wan).
     """

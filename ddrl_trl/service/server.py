@@ -240,8 +240,7 @@ def create_app(reward_fn: Callable, token: str, limits: ServerLimits | None = No
     async def batcher() -> None:
         """Take the first queued job, gather more for up to `max_wait_ms` or `max_batch_samples`, score them."""
         loop = asyncio.get_running_loop()
-        # A get() that timed out is kept for the next round, never cancelled: cancelling a finished get would drop a
-        # job.
+        # A get() that timed out is kept for the next round, never cancelled (cancelling a finished get drops a job).
         pending = None
         while True:
             batch = [await (pending or state.queue.get())]
@@ -470,17 +469,14 @@ def read_token_file(path: str) -> str:
     return token
 
 
-def serve(reward: str, host: str, port: int, token_file: str, limits: ServerLimits | None = None) -> None:
-    """Load `reward` (any `reward_funcs` string) and serve it with uvicorn until interrupted."""
+def serve(reward_fn: Callable, token: str, host: str, port: int, limits: ServerLimits | None = None) -> None:
+    """Serve `reward_fn` behind bearer `token` with uvicorn until interrupted (`ddrl-trl serve-reward` reads the token
+    file and resolves the reward first, so that bad input fails before anything starts)."""
     import uvicorn
 
-    from ..rewards import resolve_reward
-
     limits = limits or ServerLimits()
-    token = read_token_file(token_file)  # before loading a model: bad input fails fast
-    reward_fn = resolve_reward(reward)
     logging.getLogger("uvicorn.access").addFilter(RedactQueryStrings())
-    logger.info("serving reward %s on http://%s:%d (token from %s)", reward_name(reward_fn), host, port, token_file)
+    logger.info("serving reward %s on http://%s:%d", reward_name(reward_fn), host, port)
     uvicorn.run(
         create_app(reward_fn, token, limits), host=host, port=port, log_level="info", http=guarded_protocol(limits)
     )

@@ -62,8 +62,8 @@ def tiny_unet(sample_size: int, norm_num_groups: int = 32) -> UNet2DConditionMod
 
 
 def sd_ddim_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
-    """Stable Diffusion's scaled-linear β schedule in a `DDIMScheduler` (`steps_offset=1` avoids a deprecation "
-    "warning)."""
+    """Stable Diffusion's scaled-linear β schedule in a `DDIMScheduler` (`steps_offset=1` avoids a deprecation
+    warning)."""
     return DDIMScheduler(
         beta_schedule="scaled_linear",
         beta_start=0.00085,
