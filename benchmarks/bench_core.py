@@ -6,9 +6,13 @@ both):
 1. a DDRL iteration (rollout + rewards + per-step forward/backward with the data term batched into the rollout's
    denoiser forward) vs the same iteration with data_beta=0 — target ≤ 1.15×;
 2. a rollout that records states and float32 log-probs vs a plain `pipeline(...)` call with the same steps, batch and
-   no classifier-free guidance (the pipeline's own shipped scheduler) — target ≤ 1.05×.
+   classifier-free guidance (the pipeline's own shipped scheduler) — target ≤ 1.05×.
+
+`--cfg-scale w` (> 1) measures both with classifier-free guided rollouts (both branches in one forward; FLUX: true
+CFG) against the pipeline called with the same guidance (`PipelineAdapter.pipeline_call_kwargs`).
 
     python benchmarks/bench_core.py [--family sd|sd3|flux|wan|all] [--repeats 7] [--steps 20] [--batch 16]
+        [--cfg-scale 1.0]
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from PIL import Image
 
 from ddrl_trl import DDRLConfig, DDRLTrainer
 from ddrl_trl.adapters import repeat_conditioning
+from ddrl_trl.guidance import UnconditionalPrompts
 from ddrl_trl.rewards import brightness
 from ddrl_trl.rollout import SeededNoise, generate_rollouts
 from ddrl_trl.testing import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline, tiny_wan_pipeline
@@ -42,24 +47,16 @@ class Family:
     build: callable
     resolution: int
     config: dict = field(default_factory=dict)  # DDRLConfig overrides
-    call: dict = field(default_factory=dict)  # plain pipeline-call kwargs (no CFG)
+    call: dict = field(default_factory=dict)  # plain pipeline-call kwargs beyond `pipeline_call_kwargs`
     num_frames: int | None = None
 
 
 FAMILIES = {
-    "sd": Family(lambda: tiny_sd_pipeline(sample_size=16), 64, call={"guidance_scale": 1.0, "eta": 1.0}),
-    "sd3": Family(
-        tiny_sd3_pipeline, 64, {"max_sequence_length": 16}, {"guidance_scale": 1.0, "max_sequence_length": 16}
-    ),
-    "flux": Family(
-        tiny_flux_pipeline, 128, {"max_sequence_length": 16}, {"guidance_scale": 3.5, "max_sequence_length": 16}
-    ),
+    "sd": Family(lambda: tiny_sd_pipeline(sample_size=16), 64, call={"eta": 1.0}),
+    "sd3": Family(tiny_sd3_pipeline, 64, {"max_sequence_length": 16}, {"max_sequence_length": 16}),
+    "flux": Family(tiny_flux_pipeline, 128, {"max_sequence_length": 16}, {"max_sequence_length": 16}),
     "wan": Family(
-        tiny_wan_pipeline,
-        64,
-        {"max_sequence_length": 16, "num_frames": 9},
-        {"guidance_scale": 1.0, "max_sequence_length": 16, "num_frames": 9},
-        num_frames=9,
+        tiny_wan_pipeline, 64, {"max_sequence_length": 16, "num_frames": 9}, {"max_sequence_length": 16}, num_frames=9
     ),
 }
 
@@ -105,6 +102,7 @@ def make_trainer(family: Family, data_beta: float, args_ns, output_dir: str) -> 
         dataloader_pin_memory=False,
         use_cpu=not torch.cuda.is_available(),
         resolution=family.resolution,
+        cfg_scale=args_ns.cfg_scale,
         **family.config,
     )
     return DDRLTrainer(
@@ -131,11 +129,24 @@ def bench_family(name: str, args_ns) -> tuple[float, float]:
             trainer.training_step(trainer.model, batch)
             trainer.model.zero_grad(set_to_none=True)
 
-        def rollout():
+        guided = ddrl.args.cfg_scale > 1
+        unconditional = UnconditionalPrompts(ddrl.adapter, ddrl.args.negative_prompt, None)
+
+        def rollout():  # what a training step's rollout does: encode the prompts (and negatives), then sample
             with torch.no_grad():
                 cond = repeat_conditioning(ddrl.adapter.encode_prompts(unique), ddrl.args.num_generations)
+                uncond = unconditional.for_rows({}, range(len(prompts))) if guided else None
                 noise = SeededNoise(0, device, ddrl.args.num_generations)
-                generate_rollouts(ddrl.adapter, ddrl.sampler, cond, ddrl.latent_shape, noise, range(len(prompts)))
+                generate_rollouts(
+                    ddrl.adapter,
+                    ddrl.sampler,
+                    cond,
+                    ddrl.latent_shape,
+                    noise,
+                    range(len(prompts)),
+                    uncond=uncond,
+                    cfg_scale=ddrl.args.cfg_scale,
+                )
 
         pipe = ddrl.pipeline
         if name == "sd":  # the stochastic DDIM the rollout uses, so both do the same work
@@ -145,11 +156,9 @@ def bench_family(name: str, args_ns) -> tuple[float, float]:
             with torch.no_grad():
                 pipe(
                     prompts,
-                    num_inference_steps=args_ns.steps,
                     output_type="pt",
-                    height=ddrl.resolution,
-                    width=ddrl.resolution,
                     generator=torch.Generator(device=device).manual_seed(0),
+                    **ddrl.adapter.pipeline_call_kwargs(ddrl.args, len(prompts)),
                     **family.call,
                 )
 
@@ -165,13 +174,13 @@ def bench_family(name: str, args_ns) -> tuple[float, float]:
     frames = f" x {family.num_frames} frames" if family.num_frames else ""
     print(
         f"[{name}] {type(pipe).__name__} device={device} batch={args_ns.batch} steps={args_ns.steps} "
-        f"{ddrl.resolution}px{frames} repeats={args_ns.repeats} (medians)"
+        f"{ddrl.resolution}px{frames} cfg_scale={args_ns.cfg_scale} repeats={args_ns.repeats} (medians)"
     )
     rows = [
         (f"DDRL iteration, data_beta={data_beta} (data batched into the forward)", med["ddrl"]),
         ("same iteration, data_beta=0 (plain GRPO)", med["grpo"]),
         ("rollout recording states + float32 log-probs", med["rollout"]),
-        ("plain pipeline(...) call, same steps and batch, no CFG", med["pipeline"]),
+        (f"plain pipeline(...) call, same steps, batch and guidance {args_ns.cfg_scale}", med["pipeline"]),
     ]
     for label, seconds in rows:
         print(f"  {label:<64}{seconds:>8.3f} s")
@@ -188,6 +197,7 @@ def main():
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 gives steadier timings)")
+    parser.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance of rollouts (1 = off)")
     args_ns = parser.parse_args()
     if args_ns.threads:
         torch.set_num_threads(args_ns.threads)

@@ -56,10 +56,28 @@ class DDRLConfig(TrainingArguments):
             Frames per video for video pipelines (Wan); `None` uses the pipeline's default (Wan: 81). Wan's VAE
             compresses time 4×, so it must be 4k + 1; reference videos must have exactly this many frames. Ignored by
             image pipelines.
+        cfg_scale (`float`, defaults to `1.0`):
+            Classifier-free guidance scale w of the rollouts: the policy samples with ε_∅ + w (ε_c − ε_∅), its
+            log-probabilities are those of the guided step, and training back-propagates through both branches (in
+            the one denoiser forward per trained step). `1.0` turns guidance off, as the paper's runs (one branch,
+            half the denoiser work); set the value you sample the model with (SD 1.5 7.5, SD3.5 Flow-GRPO 4.5, Wan 5)
+            when the rewards should judge guided images. Must be ≥ 1. The pipeline argument it matches is
+            `guidance_scale` for SD/SDXL/SD3/Wan and `true_cfg_scale` for FLUX (docs/concepts.md).
+        negative_prompt (`str` or `None`, defaults to `None`):
+            The prompt of the unconditional branch, for every row. `None`: what the pipeline uses without one (the
+            empty prompt; SDXL base: zero embeddings).
+        negative_prompt_column (`str` or `None`, defaults to `None`):
+            Dataset column holding each row's negative prompt instead (not with `negative_prompt`).
+        data_prompt_dropout (`float` or `None`, defaults to `None`):
+            Probability that a data-term sample is trained with the unconditional (negative) conditioning instead of
+            its prompt, drawn per sample and trained step from the run's seed (exact across processes and resumes).
+            Under guidance the policy also depends on the unconditional model; this anchors it to the reference data
+            as the prompt's term anchors the conditional one. `None`: 0.2 when `cfg_scale` > 1 (the authors' code's
+            text dropout), else 0. In [0, 1).
         guidance_scale (`float`, defaults to `3.5`):
             The value fed to a guidance-distilled denoiser's guidance embedding (FLUX.1-dev, the pipeline's default),
-            in rollouts and in the data term alike. This is not classifier-free guidance, which DDRL rollouts never
-            use (one denoiser forward per step). Ignored by models without a guidance embedding.
+            in rollouts and in the data term alike, on both branches under `cfg_scale`. This is not classifier-free
+            guidance (it costs no second branch). Ignored by models without a guidance embedding.
         max_sequence_length (`int` or `None`, defaults to `None`):
             Prompt tokens fed to the T5 encoder of SD3 / FLUX / Wan; `None` uses the pipeline's default (SD3 256,
             FLUX 512, Wan 512). Always capped by the tokenizer's `model_max_length`.
@@ -196,6 +214,12 @@ class DDRLConfig(TrainingArguments):
     flow_noise_level: float = field(default=0.7, metadata={"help": "Rectified-flow SDE noise level a > 0."})
     resolution: int | None = field(default=None, metadata={"help": "Pixel resolution; None = denoiser's native."})
     num_frames: int | None = field(default=None, metadata={"help": "Video frames (4k+1 for Wan); None = default."})
+    cfg_scale: float = field(default=1.0, metadata={"help": "Classifier-free guidance scale of rollouts; 1 = off."})
+    negative_prompt: str | None = field(default=None, metadata={"help": "Negative prompt of the guidance."})
+    negative_prompt_column: str | None = field(default=None, metadata={"help": "Column of per-row negative prompts."})
+    data_prompt_dropout: float | None = field(
+        default=None, metadata={"help": "Data-term prompt dropout; None = 0.2 under CFG, else 0."}
+    )
     guidance_scale: float = field(default=3.5, metadata={"help": "Distilled guidance embedding value (FLUX.1-dev)."})
     max_sequence_length: int | None = field(default=None, metadata={"help": "T5 prompt tokens; None = default."})
     same_noise_within_group: bool = field(default=False, metadata={"help": "Share initial noise within a group."})
@@ -328,6 +352,28 @@ class DDRLConfig(TrainingArguments):
             raise ValueError(
                 f"flow_noise_level must be > 0 so sampler steps have a log-probability, got {self.flow_noise_level}."
             )
+        if self.cfg_scale < 1:
+            raise ValueError(
+                f"cfg_scale must be ≥ 1 (1 turns classifier-free guidance off, as diffusers does for any scale ≤ 1), "
+                f"got {self.cfg_scale}."
+            )
+        if self.negative_prompt is not None and self.negative_prompt_column is not None:
+            raise ValueError(
+                "negative_prompt and negative_prompt_column are both set: give one negative prompt for every row, or "
+                "a column of them, not both."
+            )
+        if self.data_prompt_dropout is not None and not 0 <= self.data_prompt_dropout < 1:
+            raise ValueError(
+                f"data_prompt_dropout must be in [0, 1) (the share of data-term samples trained unconditionally) or "
+                f"None for the default, got {self.data_prompt_dropout}."
+            )
+        if (
+            self.negative_prompt is not None or self.negative_prompt_column is not None
+        ) and not self.uses_unconditional:
+            raise ValueError(
+                "A negative prompt is set but nothing uses it: it is the unconditional branch of classifier-free "
+                "guidance (set cfg_scale > 1) and of the data term's prompt dropout (data_prompt_dropout > 0)."
+            )
         if self.epsilon <= 0:
             raise ValueError(f"epsilon (the PPO clip range) must be > 0, got {self.epsilon}.")
         if self.advantage_clip <= 0:
@@ -395,6 +441,18 @@ class DDRLConfig(TrainingArguments):
         """Prompts (groups) per optimiser step, over all processes and accumulated micro-steps."""
         rows = self.per_device_train_batch_size * self.world_size * self.gradient_accumulation_steps
         return rows // self.num_generations
+
+    @property
+    def resolved_data_prompt_dropout(self) -> float:
+        """The data term's prompt dropout as used: `data_prompt_dropout`, or 0.2 under guidance and 0 without."""
+        if self.data_prompt_dropout is not None:
+            return self.data_prompt_dropout
+        return 0.2 if self.cfg_scale > 1 else 0.0
+
+    @property
+    def uses_unconditional(self) -> bool:
+        """Whether the unconditional conditioning is needed: by guided rollouts, or by the data term's dropout."""
+        return self.cfg_scale > 1 or (self.data_beta > 0 and self.resolved_data_prompt_dropout > 0)
 
     @property
     def resolved_rollout_chunk_groups(self) -> int | None:

@@ -67,27 +67,47 @@ def arrow_column(dataset: Dataset, name: str) -> pa.ChunkedArray:
     return column.column(0) if isinstance(column, pa.Table) else column
 
 
-def check_prompts(dataset: Dataset, prompt_column: str, split: str) -> None:
-    """Fail early, naming the first bad row, when a prompt is not a non-empty string (None, a number, blank)."""
+def check_prompts(
+    dataset: Dataset, prompt_column: str, split: str, allow_empty: bool = False, setting: str = "prompt_column"
+) -> None:
+    """Fail early, naming the first bad row, when a prompt is not a non-empty string (None, a number, blank).
+
+    `allow_empty`: an empty string is valid (a negative prompt); `setting`: the `DDRLConfig` field naming the column.
+    """
     column = arrow_column(dataset, prompt_column)
+    kind = "string" if allow_empty else "non-empty string"
     if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
         raise ValueError(
             f"The {split} dataset's column {prompt_column!r} holds {column.type} values (row 0: "
             f"{dataset[0][prompt_column]!r}), "
-            f"not text: every prompt must be a non-empty string. Convert the column (e.g. dataset.map) or set "
-            f"prompt_column to the column holding the prompts."
+            f"not text: every value must be a {kind}. Convert the column (e.g. dataset.map) or set "
+            f"{setting} to the column holding the prompts."
         )
-    blank = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(column)), 0)
-    invalid = pc.fill_null(pc.or_kleene(pc.is_null(column), blank), True)
+    invalid = pc.is_null(column)
+    if not allow_empty:
+        blank = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(column)), 0)
+        invalid = pc.or_kleene(invalid, blank)
+    invalid = pc.fill_null(invalid, True)
     count = pc.sum(invalid).as_py() or 0
     if count:
         rows = np.flatnonzero(invalid.to_numpy(zero_copy_only=False))
+        fix = f"bool(row[{prompt_column!r}] and row[{prompt_column!r}].strip())"
         raise ValueError(
             f"Row {rows[0]} of the {split} dataset: column {prompt_column!r} holds "
             f"{dataset[int(rows[0])][prompt_column]!r}, "
-            f"not a non-empty prompt ({count} such row(s) in all, e.g. {rows[:5].tolist()}). Fix or drop those rows, "
-            f"e.g. dataset.filter(lambda row: bool(row[{prompt_column!r}] and row[{prompt_column!r}].strip()))."
+            f"not a {kind} ({count} such row(s) in all, e.g. {rows[:5].tolist()}). Fix or drop those rows, "
+            f"e.g. dataset.filter(lambda row: {f'row[{prompt_column!r}] is not None' if allow_empty else fix})."
         )
+
+
+def check_negative_prompts(dataset: Dataset, column: str) -> None:
+    """Fail early when `negative_prompt_column` is missing or holds anything but strings (empty ones are valid)."""
+    if column not in dataset.column_names:
+        raise ValueError(
+            f"negative_prompt_column={column!r} is not a column of the training dataset (its columns: "
+            f"{dataset.column_names})."
+        )
+    check_prompts(dataset, column, "training", allow_empty=True, setting="negative_prompt_column")
 
 
 def load_image(value) -> Image.Image:
@@ -402,22 +422,35 @@ def build_synthetic_reference_dataset(
     images_per_prompt: int = 1,
     batch_size: int = 8,
     seed: int = 0,
+    config=None,
     **pipeline_kwargs,
 ) -> Dataset:
     """Pair prompt-only data with reference images made by the base pipeline itself (the paper's synthetic data).
 
-    Runs `pipeline(prompt, generator=..., **pipeline_kwargs)` (so its usual guidance and step count apply) with a
-    seeded generator per batch, and returns a `Dataset` with `prompt` and `image` (PIL) columns.
+    Runs `pipeline(prompts, generator=..., **pipeline_kwargs)` with a seeded generator per batch, and returns a
+    `Dataset` with `prompt` and `image` (PIL) columns.
+
+    Args:
+        config: the run's `DDRLConfig`: the references are then sampled as its rollouts are (steps, resolution,
+            classifier-free guidance `cfg_scale` and negative prompt; `PipelineAdapter.pipeline_call_kwargs`), so the
+            data anchors the model to images like the ones the rewards judge. Without it the pipeline's own defaults
+            apply (SD 1.5: 50 steps, guidance 7.5). `pipeline_kwargs` override either.
     """
     if not prompts:
         raise ValueError("build_synthetic_reference_dataset needs at least one prompt.")
     rows = [p for p in prompts for _ in range(images_per_prompt)]
     images: list[Image.Image] = []
     device = getattr(pipeline, "device", torch.device("cpu"))
+    adapter = None
+    if config is not None:
+        from .adapters import get_adapter
+
+        adapter = get_adapter(pipeline)
+        adapter.configure(config)
     for start in range(0, len(rows), batch_size):
         generator = torch.Generator(device=device).manual_seed(seed + start)
-        out = pipeline(
-            list(rows[start : start + batch_size]), generator=generator, output_type="pil", **pipeline_kwargs
-        )
+        batch = list(rows[start : start + batch_size])
+        kwargs = adapter.pipeline_call_kwargs(config, len(batch)) if adapter is not None else {}
+        out = pipeline(batch, generator=generator, output_type="pil", **{**kwargs, **pipeline_kwargs})
         images.extend(out.images)
     return Dataset.from_dict({"prompt": rows, "image": images}).cast_column("image", ImageFeature())

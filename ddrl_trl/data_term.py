@@ -8,6 +8,11 @@ level of each trained step and batched into the denoiser forward that already ca
 "rollout"`) or a seeded random training timestep per group (`"random"`, the paper's formulation). w_g is the share of
 the group's rows this process holds, so that with groups spanning processes the average over processes is the plain
 mean over groups.
+
+With prompt dropout p (`DDRLConfig.data_prompt_dropout`, on by default under classifier-free guidance) a group's
+sample is conditioned at a trained step on the unconditional (negative) conditioning instead of its prompt with
+probability p, drawn per (group, trained step) from the batch's seed: guided sampling also follows the unconditional
+model, and this anchors it to the data as the prompt's term anchors the conditional one.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .adapters import Conditioning, concat_conditioning
+from .adapters import Conditioning
+from .guidance import drop_conditioning
 from .layout import GroupLayout
 from .rollout import SeededNoise
 
@@ -28,28 +34,33 @@ class DataTermBatch:
     Attributes:
         ref_latents: `(G, ...)` x̃0, one per local group.
         noise: `(G, ...)` its noise ε.
-        cond: the joint conditioning: the rollout rows', then the groups' prompts.
+        prompt_cond: `(G, ...)` the groups' prompt conditioning.
         weights: `(G,)` the share of each group's rows held by this process.
+        groups: the global indices of the local groups (they seed the per-group draws).
+        prompt_uncond: `(G, ...)` the groups' unconditional conditioning, with prompt dropout.
+        prompt_dropout: the probability p of that dropout.
     """
 
     ref_latents: torch.Tensor
     noise: torch.Tensor
-    cond: Conditioning
+    prompt_cond: Conditioning
     weights: torch.Tensor
     groups: list[int]
     noise_source: SeededNoise
     random_timesteps: bool
+    prompt_uncond: Conditioning | None = None
+    prompt_dropout: float = 0.0
 
     @classmethod
     def build(
         cls,
         args,
         ref_latents: torch.Tensor,
-        row_cond: Conditioning,
         prompt_cond: Conditioning,
         layout: GroupLayout,
         noise: SeededNoise,
         like: torch.Tensor,
+        prompt_uncond: Conditioning | None = None,
     ) -> DataTermBatch:
         """The data term of a batch whose rollout states are `like` (for device and dtype)."""
         ref_latents = ref_latents.to(like)
@@ -61,12 +72,30 @@ class DataTermBatch:
         return cls(
             ref_latents=ref_latents,
             noise=data_noise,
-            cond=concat_conditioning(row_cond, prompt_cond),
+            prompt_cond=prompt_cond,
             weights=torch.tensor(layout.data_weights, device=like.device),
             groups=layout.groups,
             noise_source=noise,
             random_timesteps=args.data_timesteps == "random",
+            prompt_uncond=prompt_uncond,
+            prompt_dropout=args.resolved_data_prompt_dropout if prompt_uncond is not None else 0.0,
         )
+
+    def dropped(self, position: int) -> torch.Tensor:
+        """`(G,)` bool: which groups are trained unconditionally at the `position`-th trained step (u_g < p, with u_g
+        uniform from the group's own seeded stream, so it does not depend on the process layout)."""
+        device = self.ref_latents.device
+        draws = [
+            torch.rand(1, generator=self.noise_source.generator(f"data-drop{position}", g), device=device)
+            for g in self.groups
+        ]
+        return torch.cat(draws) < self.prompt_dropout
+
+    def cond(self, position: int) -> Conditioning:
+        """The data rows' conditioning at the `position`-th trained step: the prompts, some dropped (`dropped`)."""
+        if self.prompt_uncond is None or self.prompt_dropout == 0:
+            return self.prompt_cond
+        return drop_conditioning(self.prompt_cond, self.prompt_uncond, self.dropped(position))
 
     def timesteps(self, sampler, position: int, step_index: int) -> torch.Tensor:
         """`(G,)` noise levels of the data term at the `position`-th trained step (denoising step `step_index`)."""

@@ -32,6 +32,8 @@ CONFIG_FIELDS = (
     "flow_noise_level",
     "resolution",
     "num_frames",
+    "cfg_scale",
+    "negative_prompt",
     "guidance_scale",
     "train_step_stride",
     "train_step_indices",
@@ -44,6 +46,7 @@ CONFIG_FIELDS = (
     "data_beta",
     "data_noise",
     "data_timesteps",
+    "data_prompt_dropout",
     "kl_beta",
     "ema_decay",
     "learning_rate",
@@ -61,6 +64,19 @@ CONFIG_FIELDS = (
     "num_iterations",
     "overlap_rewards",
 )
+
+
+def _guidance_note(trainer) -> list[str]:
+    """Under guided rollouts, how to sample as the rewards judged during training (else nothing)."""
+    args = trainer.args
+    if args.cfg_scale == 1:
+        return []
+    negative = f" and the negative prompt {args.negative_prompt!r}" if args.negative_prompt is not None else ""
+    return [
+        f"Trained on rollouts with classifier-free guidance {args.cfg_scale:g}{negative}: sample it with "
+        f"`{trainer.adapter.cfg_call_argument}={args.cfg_scale:g}` to get the images the rewards were raised on.",
+        "",
+    ]
 
 
 def write_model_card(
@@ -124,6 +140,8 @@ def _description(
         f"`{name}` (weight {weight:g})" for name, weight in zip(trainer.reward_names, trainer.reward_weights.tolist())
     )
     config = {name: getattr(args, name) for name in CONFIG_FIELDS if hasattr(args, name)}
+    if "data_prompt_dropout" in config:
+        config["data_prompt_dropout"] = args.resolved_data_prompt_dropout  # as used, not None
     step = trainer.state.global_step
     lines = [
         CARD_MARKER,
@@ -141,6 +159,7 @@ def _description(
         + (f", {type(trainer.adapter.denoiser).__name__}" if not trainer.is_lora else "")
         + f"\n\n{usage}\n```",
         "",
+        *_guidance_note(trainer),
         "## Training",
         "",
         f"Rewards: {rewards}.",

@@ -8,6 +8,7 @@ import copy
 import torch
 
 from .adapters import Conditioning, PipelineAdapter
+from .guidance import predict_policy
 
 
 class ReferencePolicy:
@@ -36,15 +37,23 @@ class ReferencePolicy:
         return self.is_lora or self.frozen_copy is not None
 
     @torch.no_grad()
-    def predict(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """The base model's output for `latents` at `timesteps` (as `PipelineAdapter.predict`)."""
+    def predict(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond: Conditioning,
+        uncond: Conditioning | None = None,
+        cfg_scale: float = 1.0,
+    ) -> torch.Tensor:
+        """The base model's output for `latents` at `timesteps` (as `PipelineAdapter.predict`); guided by
+        `cfg_scale` with `uncond`, as the policy (`guidance.predict_policy`)."""
         if self.frozen_copy is not None:
-            return self.adapter.predict(latents, timesteps, cond, denoiser=self.frozen_copy)
+            return predict_policy(self.adapter, latents, timesteps, cond, uncond, cfg_scale, None, self.frozen_copy)[0]
         if not self.is_lora:
             raise RuntimeError("The base model is not available: full fine-tuning keeps no copy unless kl_beta > 0.")
         denoiser = self.adapter.denoiser
         denoiser.disable_adapters()
         try:
-            return self.adapter.predict(latents, timesteps, cond)
+            return predict_policy(self.adapter, latents, timesteps, cond, uncond, cfg_scale)[0]
         finally:
             denoiser.enable_adapters()

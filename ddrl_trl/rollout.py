@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .adapters import Conditioning, PipelineAdapter, select_conditioning
+from .guidance import predict_policy
 
 
 def stable_seed(*parts: int | str) -> int:
@@ -145,11 +146,14 @@ def generate_rollouts(
     noise: SeededNoise,
     rows: Sequence[int],
     denoiser: torch.nn.Module | None = None,
+    uncond: Conditioning | None = None,
+    cfg_scale: float = 1.0,
 ) -> Rollout:
     """Roll out one sample per global row in `rows`, with per-row conditioning `cond` (one row each).
 
-    Classifier-free guidance is off (DDRL's rollouts sample the policy itself). Row r's step noise comes from its own
-    generator, so the result for a row does not depend on which other rows share the batch.
+    With `uncond` (per row) and `cfg_scale` > 1 the policy is the classifier-free-guided sampler, both branches in
+    one forward per step (`guidance.predict_policy`). Row r's step noise comes from its own generator, so the result
+    for a row does not depend on which other rows share the batch.
     """
     batch = len(rows)
     # All steps' noise of a row in one draw from its own generator: one call per row, not one per row and step.
@@ -158,7 +162,9 @@ def generate_rollouts(
     latents = noise.initial(rows, latent_shape)
     states, log_probs = [latents], []
     for step_index, timestep in enumerate(sampler.timesteps):
-        model_output = adapter.predict(latents, timestep.expand(batch), cond, denoiser=denoiser)
+        model_output, _ = predict_policy(
+            adapter, latents, timestep.expand(batch), cond, uncond, cfg_scale, denoiser=denoiser
+        )
         latents, log_prob = sampler.step(model_output, step_index, latents, step_noise[step_index])
         states.append(latents)
         log_probs.append(log_prob)
@@ -177,8 +183,11 @@ def rollout_and_score(
     chunk_rows: int | None = None,
     executor: Executor | None = None,
     denoiser: torch.nn.Module | None = None,
+    uncond: Conditioning | None = None,
+    cfg_scale: float = 1.0,
 ) -> tuple[Rollout, torch.Tensor, PhaseTimes]:
-    """Roll out global `rows` (per-row conditioning `cond`) and score the samples: returns `(rollout, scores, times)`.
+    """Roll out global `rows` (per-row conditioning `cond`, and `uncond` under guidance `cfg_scale`, as
+    `generate_rollouts`) and score the samples: returns `(rollout, scores, times)`.
 
     Rows are rolled out `chunk_rows` at a time (None: all at once). `score(samples, local_rows)` gets each chunk's
     samples and their slice of the local batch and returns `(rows, F)` scores. With an `executor`, each chunk is
@@ -191,7 +200,15 @@ def rollout_and_score(
         local = slice(start, min(start + chunk, len(rows)))
         began = time.perf_counter()
         part = generate_rollouts(
-            adapter, sampler, select_conditioning(cond, local), latent_shape, noise, rows[local], denoiser=denoiser
+            adapter,
+            sampler,
+            select_conditioning(cond, local),
+            latent_shape,
+            noise,
+            rows[local],
+            denoiser=denoiser,
+            uncond=select_conditioning(uncond, local) if uncond is not None else None,
+            cfg_scale=cfg_scale,
         )
         synchronize(part.states.device)
         rolled = time.perf_counter()

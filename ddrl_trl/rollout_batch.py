@@ -14,6 +14,7 @@ from transformers import TrainerState
 
 from .adapters import Conditioning, PipelineAdapter, repeat_conditioning
 from .core import aggregate_rewards, group_advantages
+from .guidance import UnconditionalPrompts
 from .layout import GroupLayout
 from .metrics import TrainingMetrics
 from .rewards import compute_rewards
@@ -32,6 +33,8 @@ class RolloutBatch:
     ref_latents: torch.Tensor  # (G, ...) the groups' paired x̃0
     layout: GroupLayout
     noise: SeededNoise
+    prompt_uncond: Conditioning | None = None  # unconditional conditioning per local group (`uses_unconditional`)
+    row_uncond: Conditioning | None = None  # ... per rollout row, for guided rollouts (`cfg_scale` > 1)
 
 
 class RolloutCollector:
@@ -66,6 +69,8 @@ class RolloutCollector:
         #: This process's rollout batches of the current optimiser step, by micro-step (`num_iterations` > 1).
         self.buffer: dict[int, SavedRollout] = {}
         self._executor: ThreadPoolExecutor | None = None
+        #: The unconditional branch's conditioning (guided rollouts, the data term's prompt dropout).
+        self.unconditional = UnconditionalPrompts(adapter, args.negative_prompt, args.negative_prompt_column)
 
     def batch(self, model, inputs: dict, global_step: int, micro: int, trainer_state: TrainerState) -> RolloutBatch:
         """The batch of micro-step `micro` of optimiser step `global_step`: a fresh rollout at the first of its
@@ -84,13 +89,17 @@ class RolloutCollector:
         noise = SeededNoise(seed, self.accelerator.device, args.num_generations, args.same_noise_within_group)
         with self.autocast():
             prompt_cond = self.adapter.encode_prompts(unique_prompts)
+            prompt_uncond = None
+            if args.uses_unconditional:
+                prompt_uncond = self.unconditional.for_rows(inputs["columns"], layout.first_local_rows)
         row_cond = repeat_conditioning(prompt_cond, layout.counts)
+        row_uncond = repeat_conditioning(prompt_uncond, layout.counts) if args.cfg_scale > 1 else None
         ref_latents = inputs["ref_latents"][layout.first_local_rows]
         if iteration:
             rollout, advantages = self._reused(micro, iteration, prompts, layout)
         else:
             rollout, advantages = self._fresh(
-                model, row_cond, noise, layout, prompts, inputs["columns"], trainer_state
+                model, row_cond, row_uncond, noise, layout, prompts, inputs["columns"], trainer_state
             )
             if args.num_iterations > 1:
                 self.buffer[micro] = SavedRollout(
@@ -98,12 +107,15 @@ class RolloutCollector:
                 )
         if iteration == args.num_iterations - 1:
             self.buffer.pop(micro, None)  # its last use: free the memory before the next rollout
-        return RolloutBatch(rollout, advantages, row_cond, prompt_cond, ref_latents, layout, noise)
+        return RolloutBatch(
+            rollout, advantages, row_cond, prompt_cond, ref_latents, layout, noise, prompt_uncond, row_uncond
+        )
 
     def _fresh(
         self,
         model,
         row_cond: Conditioning,
+        row_uncond: Conditioning | None,
         noise: SeededNoise,
         layout: GroupLayout,
         prompts: list[str],
@@ -136,6 +148,8 @@ class RolloutCollector:
                 chunk_rows=chunk_groups * args.num_generations if chunk_groups else None,
                 executor=self._reward_executor(),
                 denoiser=model,
+                uncond=row_uncond,
+                cfg_scale=args.cfg_scale,
             )
         self.metrics.add_rollout_times(times, rows=len(prompts))
         per_func = self.accelerator.gather(per_func.to(self.accelerator.device)).cpu()  # groups may span processes

@@ -34,6 +34,7 @@ from .data import (
     DDRLCollator,
     RepeatSampler,
     check_columns,
+    check_negative_prompts,
     check_prompts,
     encode_reference_dataset,
     reference_column_of,
@@ -41,6 +42,7 @@ from .data import (
 from .data_term import DataTermBatch
 from .evaluation import HeldOutEvaluator
 from .guards import NonFiniteStepGuard
+from .guidance import ExtraRows, predict_policy
 from .metrics import TrainingMetrics
 from .model_card import write_model_card
 from .model_setup import frozen_dtype, prepare_for_training
@@ -150,6 +152,8 @@ class DDRLTrainer(SavingMixin, Trainer):
         self.reference_column = reference_column_of(train_dataset, args.reference_column)
         check_columns(train_dataset, args.prompt_column, self.reference_column, "training")
         check_prompts(train_dataset, args.prompt_column, "training")
+        if args.negative_prompt_column is not None:
+            check_negative_prompts(train_dataset, args.negative_prompt_column)
         if args.num_iterations > 1 and len(train_dataset) < args.groups_per_optimizer_step:
             raise ValueError(
                 f"num_iterations={args.num_iterations} reuses whole optimiser steps of "
@@ -364,11 +368,11 @@ class DDRLTrainer(SavingMixin, Trainer):
             data = DataTermBatch.build(
                 args,
                 batch.ref_latents,
-                batch.row_cond,
                 batch.prompt_cond,
                 batch.layout,
                 batch.noise,
                 like=batch.rollout.states,
+                prompt_uncond=batch.prompt_uncond,
             )
         num_trained, total = len(self.trained_steps), torch.zeros((), device=batch.rollout.states.device)
         batch_syncs = self.accelerator.sync_gradients  # read once: each backward below sets it
@@ -393,27 +397,30 @@ class DDRLTrainer(SavingMixin, Trainer):
         self, model, batch: RolloutBatch, position: int, step_index: int, data: DataTermBatch | None
     ) -> StepTerms:
         """loss_j = L_pg + data_beta · L_data + kl_beta · L_kl at trained step `step_index` (the `position`-th), from
-        one denoiser forward over the rollout states and, with `data`, the noised references."""
+        one denoiser forward over the rollout states (both guidance branches under `cfg_scale`) and, with `data`, the
+        noised references (`guidance.predict_policy`)."""
         args, sampler, states = self.args, self.sampler, batch.rollout.states
-        rows = states.shape[0]
-        timestep = sampler.timesteps[step_index].expand(rows)
-        latents, timesteps, cond = states[:, step_index], timestep, batch.row_cond
+        timestep = sampler.timesteps[step_index].expand(states.shape[0])
+        uncond = batch.row_uncond  # None without guidance
+        extra = None
         if data is not None:
             data_t = data.timesteps(sampler, position, step_index)
-            latents = torch.cat([latents, sampler.add_noise(data.ref_latents, data.noise, data_t)])
-            timesteps, cond = torch.cat([timestep, data_t]), data.cond
-        output = self.adapter.predict(latents, timesteps, cond, denoiser=model)
-        log_prob, mean = sampler.log_prob(output[:rows], step_index, states[:, step_index], states[:, step_index + 1])
+            noised = sampler.add_noise(data.ref_latents, data.noise, data_t)
+            extra = ExtraRows(noised, data_t, data.cond(position))
+        output, data_output = predict_policy(
+            self.adapter, states[:, step_index], timestep, batch.row_cond, uncond, args.cfg_scale, extra, model
+        )
+        log_prob, mean = sampler.log_prob(output, step_index, states[:, step_index], states[:, step_index + 1])
         policy, ratio, clipped = clipped_policy_loss(
             log_prob, batch.rollout.log_probs[:, step_index], batch.advantages, args.epsilon
         )
         terms = StepTerms(loss=policy, policy=policy, ratio=ratio, clipped=clipped)
         if data is not None:
             target = sampler.training_target(data.ref_latents, data.noise, data_t)
-            terms.data = diffusion_loss(output[rows:], target, data.weights)
+            terms.data = diffusion_loss(data_output, target, data.weights)
             terms.loss = terms.loss + args.data_beta * terms.data
         if args.kl_beta > 0:
-            reference = self.reference.predict(states[:, step_index], timestep, batch.row_cond)
+            reference = self.reference.predict(states[:, step_index], timestep, batch.row_cond, uncond, args.cfg_scale)
             ref_mean = sampler.step_mean(reference, step_index, states[:, step_index])
             terms.kl = reverse_kl_loss(mean, ref_mean, sampler.stds[step_index])
             terms.loss = terms.loss + args.kl_beta * terms.kl

@@ -38,6 +38,8 @@ parser.add_argument("--nan-loss-at-step", type=int, default=0, help="make the po
 parser.add_argument("--nan-rank", type=int, default=-1, help="only on that process (-1: on all)")
 parser.add_argument("--num-iterations", type=int, default=1, help="optimiser steps per rollout batch")
 parser.add_argument("--epsilon", type=float, default=1e-4, help="PPO clip range")
+parser.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance of rollouts")
+parser.add_argument("--prompt-dropout", type=float, default=None, help="the data term's data_prompt_dropout")
 cli = parser.parse_args()
 rng = np.random.default_rng(0)
 dataset = Dataset.from_dict(
@@ -92,6 +94,8 @@ args = DDRLConfig(
     bf16=cli.bf16,
     num_iterations=cli.num_iterations,
     epsilon=cli.epsilon,
+    cfg_scale=cli.cfg_scale,
+    data_prompt_dropout=cli.prompt_dropout,
     use_cpu=True,  # on a machine without GPUs, transformers sets up gloo multi-process only when told it is on CPU
 )
 trainer = DDRLTrainer(

@@ -45,7 +45,7 @@ def test_train_sd_example_with_yaml_and_cli_overrides(tmp_path, reference_datase
         f"dataset_name: {tmp_path / 'data'}\n"
         "reward_funcs: [brightness]\nuse_peft: true\nlora_r: 4\nlora_alpha: 4\n"
         "num_generations: 2\nper_device_train_batch_size: 2\nnum_inference_steps: 3\n"
-        "max_steps: 5\nreport_to: none\nwarmup_steps: 0\nlog_sample_images_steps: 0\n"
+        "max_steps: 5\nreport_to: none\nwarmup_steps: 0\nlog_sample_images_steps: 0\ncfg_scale: 3.0\n"
     )
     result = launch(
         "train_sd.py",
@@ -55,9 +55,15 @@ def test_train_sd_example_with_yaml_and_cli_overrides(tmp_path, reference_datase
         "2",
         "--output_dir",
         str(tmp_path / "out"),  # CLI overrides the YAML
+        "--negative_prompt",
+        "a blurry photo",
+        "--data_prompt_dropout",
+        "0.3",
     )
     assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
     assert "2/2" in result.stderr  # max_steps from the command line won over the YAML's 5
+    used = torch.load(tmp_path / "out" / "training_args.bin", weights_only=False)  # what the trainer ran with
+    assert (used.cfg_scale, used.negative_prompt, used.data_prompt_dropout) == (3.0, "a blurry photo", 0.3)
     pipe = tiny_sd_pipeline()
     pipe.load_lora_weights(str(tmp_path / "out"))
 

@@ -170,8 +170,10 @@ def test_two_step_ddrl_training_changes_the_denoiser_and_reloads_in_diffusers(
     name, kind, tmp_path, reference_dataset, reference_videos, monkeypatch
 ):
     """LoRAs with alpha ≠ r, and with per-module rank/alpha patterns, reload through plain `load_lora_weights` at
-    their trained strength; full fine-tunes through `from_pretrained`."""
+    their trained strength; full fine-tunes through `from_pretrained`. The patterned LoRA and the full fine-tune
+    train with classifier-free guided rollouts (FLUX: true CFG), on-policy as the unguided LoRA."""
     builder, _, config = FAMILIES[name]
+    guidance = {} if kind == "lora" else {"cfg_scale": 2.0}
     dataset, columns = _dataset(name, reference_dataset, reference_videos)
     use_lora = kind != "full"
     ratios = []
@@ -185,6 +187,7 @@ def test_two_step_ddrl_training_changes_the_denoiser_and_reloads_in_diffusers(
         max_sequence_length=16,
         **config,
         **columns,
+        **guidance,
     )
     assert isinstance(trainer.sampler, FlowSDESampler)
     trainer.train()

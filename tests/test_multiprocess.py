@@ -229,8 +229,14 @@ def test_deepspeed_stops_before_applying_a_non_finite_loss(tmp_path):
 
 def test_several_iterations_per_rollout_batch_match_one_process(tmp_path):
     """num_iterations=2 with gradient accumulation 2: each process reuses its own rollout batches (one per micro-step)
-    at the second iteration, and the run gives one process's weights; the ratio leaves 1 at the second step only."""
+    at the second iteration, and the run gives one process's weights; the ratio leaves 1 at the second step only.
+    With guided rollouts and the data term's prompt dropout, whose draw for the group spanning both processes must
+    agree on both."""
     options = (
+        "--cfg-scale",
+        "2",
+        "--prompt-dropout",
+        "0.5",
         "--num-iterations",
         "2",
         "--accumulation",

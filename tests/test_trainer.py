@@ -176,8 +176,13 @@ def test_lora_training_logs_metrics_saves_and_reloads_in_plain_diffusers(tmp_pat
     assert (reloaded - base).abs().max() > 1e-6  # the adapter did change the model
 
 
-def test_full_fine_tuning_saves_denoiser_in_diffusers_format(tmp_path, reference_dataset):
-    trainer = make_trainer(tmp_path, reference_dataset, max_steps=1, eval_dataset=reference_dataset)
+@pytest.mark.parametrize("builder", [tiny_sd_pipeline, tiny_sdxl_pipeline], ids=["sd", "sdxl"])
+def test_full_fine_tuning_with_guided_rollouts_saves_denoiser_in_diffusers_format(
+    tmp_path, reference_dataset, builder
+):
+    trainer = make_trainer(
+        tmp_path, reference_dataset, pipeline=builder(), max_steps=1, eval_dataset=reference_dataset, cfg_scale=3.0
+    )
     trainer.train()
     assert trainer.evaluate()["eval_diffusion_loss_ratio"] != 1.0
     trainer.save_model()
@@ -240,9 +245,15 @@ def test_lora_of_any_shape_reloads_in_plain_diffusers_at_its_trained_strength(
     tmp_path, reference_dataset, builder, patterns
 ):
     """Without the LoRA config in the file, `load_lora_weights` assumes alpha = r and no patterns: an r=4/alpha=16
-    LoRA came back at a quarter of its strength."""
+    LoRA came back at a quarter of its strength. The patterned LoRAs train with guided rollouts."""
     trainer = make_trainer(
-        tmp_path, reference_dataset, peft_config=lora(patterns), pipeline=builder(), max_steps=1, learning_rate=1e-2
+        tmp_path,
+        reference_dataset,
+        peft_config=lora(patterns),
+        pipeline=builder(),
+        max_steps=1,
+        learning_rate=1e-2,
+        cfg_scale=3.0 if patterns else 1.0,
     )
     trainer.train()
     trainer.save_model()
@@ -341,7 +352,8 @@ def test_gradient_checkpointing_uses_the_diffusers_switch(tmp_path, reference_da
 @pytest.mark.parametrize("use_lora", [True, False])
 def test_resume_from_checkpoint_continues_like_an_uninterrupted_run(tmp_path, reference_dataset, use_lora):
     """Same weights, and the same held-out loss ratio to the base model: full fine-tuning keeps no base copy, so the
-    base loss must be measured at the resumed train() as at the first (before Trainer loads the checkpoint)."""
+    base loss must be measured at the resumed train() as at the first (before Trainer loads the checkpoint). The
+    LoRA runs roll out with guidance and the data term's prompt dropout, whose draws must repeat after resuming."""
 
     def run(name, **kw):
         trainer = make_trainer(
@@ -350,6 +362,8 @@ def test_resume_from_checkpoint_continues_like_an_uninterrupted_run(tmp_path, re
             peft_config=lora() if use_lora else None,
             eval_dataset=reference_dataset,
             max_steps=4,
+            cfg_scale=2.0 if use_lora else 1.0,
+            data_prompt_dropout=0.5 if use_lora else None,
             **kw,
         )
         return trainer

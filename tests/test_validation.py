@@ -1,6 +1,7 @@
 """Bad input fails at construction, before any rollout, with a message that names the problem and the fix."""
 
 import pytest
+import torch
 from conftest import brightness_reward
 from datasets import Dataset
 from peft import LoraConfig
@@ -161,6 +162,30 @@ def test_synthetic_reference_dataset_is_paired_and_seeded():
     assert first[0]["image"].size == (32, 32)
     assert list(first[0]["image"].getdata()) == list(second[0]["image"].getdata())
     assert list(first[0]["image"].getdata()) != list(first[1]["image"].getdata())
+
+
+def test_synthetic_references_follow_the_runs_guidance(tmp_path):
+    """With the run's config, references are sampled as its guided rollouts are: the same as calling the pipeline
+    with that guidance scale, negative prompt and step count; not as the unguided pipeline."""
+    import numpy as np
+
+    pipe = tiny_sd_pipeline()
+    config = DDRLConfig(
+        output_dir=str(tmp_path), report_to="none", num_inference_steps=3, cfg_scale=5.0, negative_prompt="a blue dog"
+    )
+    prompts = ["a red cat", "a green bird"]
+    data = build_synthetic_reference_dataset(pipe, prompts, seed=7, config=config)
+
+    def direct(**kwargs):
+        out = pipe(
+            prompts, generator=torch.Generator().manual_seed(7), output_type="np", num_inference_steps=3, **kwargs
+        )
+        return (out.images * 255).round().astype(np.uint8)
+
+    guided = direct(guidance_scale=5.0, negative_prompt=["a blue dog"] * 2)
+    got = np.stack([np.asarray(image) for image in data["image"]])
+    assert np.abs(got.astype(int) - guided.astype(int)).max() <= 1  # PIL's and our rounding of the same floats
+    assert np.abs(got.astype(int) - direct(guidance_scale=1.0).astype(int)).max() > 10
 
 
 def test_multi_process_launch_that_would_train_alone_is_refused(tmp_path):

@@ -45,6 +45,9 @@ class PipelineAdapter(ABC):
         denoiser_name: the pipeline attribute holding the trained network (`"unet"`, `"transformer"`).
         default_lora_target_modules: modules a `LoraConfig` without `target_modules` is applied to.
         frozen_module_names: pipeline attributes that are used but never trained (absent ones are skipped).
+        supports_cfg: whether the denoiser has an unconditional branch for classifier-free guidance
+            (`DDRLConfig.cfg_scale`); a family without one refuses guidance in `configure`.
+        cfg_call_argument: the pipeline `__call__` argument that sets the classifier-free guidance scale.
     """
 
     pipeline_classes: tuple[type, ...] = ()
@@ -57,6 +60,8 @@ class PipelineAdapter(ABC):
     num_frames: int | None = None
     #: The pipeline's default T5 prompt length, for families with a T5 encoder.
     default_max_sequence_length: int = 256
+    supports_cfg: bool = True
+    cfg_call_argument: str = "guidance_scale"
 
     def __init__(self, pipeline: Any, resolution: int | None = None):
         self.pipeline = pipeline
@@ -72,6 +77,27 @@ class PipelineAdapter(ABC):
         self.validate_resolution(resolution)
         self.resolution = resolution
         self.max_sequence_length = config.max_sequence_length or self.default_max_sequence_length
+        if not self.supports_cfg and config.uses_unconditional:
+            raise ValueError(
+                f"{type(self.pipeline).__name__} has no unconditional branch, so it cannot be sampled with "
+                f"classifier-free guidance: set cfg_scale=1.0 and data_prompt_dropout=0 (got cfg_scale="
+                f"{config.cfg_scale}, data_prompt_dropout={config.resolved_data_prompt_dropout})."
+            )
+
+    def pipeline_call_kwargs(self, config, batch_size: int) -> dict:
+        """The arguments of a pipeline call on `batch_size` prompts (a list) that samples as the rollouts of `config`
+        do, noise aside: steps, size, classifier-free guidance and negative prompts (for
+        `build_synthetic_reference_dataset` and the benchmarks)."""
+        resolution = config.resolution or self.default_resolution
+        kwargs = {
+            "num_inference_steps": config.num_inference_steps,
+            "height": resolution,
+            "width": resolution,
+            self.cfg_call_argument: config.cfg_scale,
+        }
+        if config.cfg_scale != 1 and config.negative_prompt is not None:
+            kwargs["negative_prompt"] = [config.negative_prompt] * batch_size
+        return kwargs
 
     def t5_sequence_length(self, tokenizer) -> int:
         """`max_sequence_length` capped by the T5 tokenizer's `model_max_length`."""
@@ -121,7 +147,13 @@ class PipelineAdapter(ABC):
 
     @abstractmethod
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
-        """Conditioning for `prompts` without classifier-free guidance (DDRL rolls out with guidance off)."""
+        """Conditioning for `prompts`, one row each (the conditional branch)."""
+
+    def encode_unconditional(self, negative_prompts: list[str] | None, count: int) -> Conditioning:
+        """Conditioning of the unconditional branch of classifier-free guidance, `count` rows: the encoded
+        `negative_prompts`, or with None what the pipeline uses when given no negative prompt (the empty prompt;
+        overridden where a pipeline differs, e.g. SDXL's zeros). Tensors of the same shapes as `encode_prompts`'."""
+        return self.encode_prompts(negative_prompts if negative_prompts is not None else [""] * count)
 
     @abstractmethod
     def predict(

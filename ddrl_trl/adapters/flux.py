@@ -6,7 +6,9 @@ What is FLUX-specific, and lives only here:
   pipeline's own `_pack_latents` / `_unpack_latents`, as diffusers' `train_dreambooth_flux.py` does.
 - The transformer takes t / 1000 (it rescales internally), and, for guidance-distilled checkpoints (FLUX.1-dev,
   `guidance_embeds=True`), the guidance value `DDRLConfig.guidance_scale` in every forward, rollout and data term
-  alike, as in the training script. Classifier-free guidance is never used.
+  alike, as in the training script. That embedding is not classifier-free guidance: FLUX has no trained
+  unconditional branch, but `DDRLConfig.cfg_scale` > 1 gives diffusers' "true CFG" (`true_cfg_scale` with a
+  negative prompt, by default the empty one), both branches carrying the same guidance embedding.
 - The timestep shift depends on the image size: `mu = calculate_shift(image tokens, ...)` from the scheduler config,
   with the pipeline's base sigmas linspace(1, 1/T, T).
 The data term is diffusers' FLUX recipe: x_t = (1 − t) x0 + t ε, target ε − x0, unit weighting.
@@ -30,6 +32,7 @@ class FluxAdapter(PipelineAdapter):
     script_family = "flux"
     denoiser_name = "transformer"
     default_max_sequence_length = 512
+    cfg_call_argument = "true_cfg_scale"
 
     def __init__(self, pipeline, resolution: int | None = None):
         super().__init__(pipeline, resolution)
@@ -39,6 +42,15 @@ class FluxAdapter(PipelineAdapter):
     def configure(self, config) -> None:
         super().configure(config)
         self.guidance_scale = float(config.guidance_scale)
+
+    def pipeline_call_kwargs(self, config, batch_size: int) -> dict:
+        """As the base, with `guidance_scale` (the distilled embedding) and, under true CFG, the negative prompt
+        `FluxPipeline` needs to apply it (the empty one by default, as the rollouts)."""
+        kwargs = super().pipeline_call_kwargs(config, batch_size)
+        kwargs["guidance_scale"] = config.guidance_scale
+        if config.cfg_scale != 1:
+            kwargs.setdefault("negative_prompt", [""] * batch_size)
+        return kwargs
 
     @property
     def denoiser_downsampling(self) -> int:

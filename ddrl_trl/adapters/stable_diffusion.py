@@ -72,6 +72,14 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
             "time_ids": time_ids.repeat(len(prompts), 1),
         }
 
+    def encode_unconditional(self, negative_prompts: list[str] | None, count: int) -> Conditioning:
+        """As the pipeline: with no negative prompt and `force_zeros_for_empty_prompt` (SDXL base's setting), zero
+        text embeddings and pooled embeddings; otherwise the encoded negative prompts (or the empty prompt)."""
+        if negative_prompts is None and self.pipeline.config.get("force_zeros_for_empty_prompt", False):
+            cond = self.encode_prompts([""] * count)
+            return {k: v if k == "time_ids" else torch.zeros_like(v) for k, v in cond.items()}
+        return super().encode_unconditional(negative_prompts, count)
+
     def predict(self, latents, timesteps, cond, denoiser=None) -> torch.Tensor:
         denoiser = denoiser if denoiser is not None else self.denoiser
         return denoiser(

@@ -55,6 +55,9 @@ class WanAdapter(PipelineAdapter):
             )
         self.num_frames = num_frames
 
+    def pipeline_call_kwargs(self, config, batch_size: int) -> dict:
+        return {**super().pipeline_call_kwargs(config, batch_size), "num_frames": self.num_frames}
+
     @property
     def temporal_scale_factor(self) -> int:
         return int(self.pipeline.vae.config.scale_factor_temporal)

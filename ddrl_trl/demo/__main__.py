@@ -1,11 +1,12 @@
 """The embedded default: DDRL vs the same run without its data term, on a real digits model, in minutes on a CPU.
 
-    ddrl-trl-demo [--steps 100] [--output-dir ddrl-demo-output]      (or: python -m ddrl_trl.demo)
+    ddrl-trl-demo [--steps 100] [--cfg-scale 1.0] [--output-dir ddrl-demo-output]      (or: python -m ddrl_trl.demo)
 
 Both runs start from the shipped digits pipeline (`ddrl_trl.demo.digits`), train the same LoRA for the same steps
 with the same seed on the hackable ink reward, and differ only in `data_beta`. Every `--eval-every` steps each run
 reports its held-out diffusion loss against the base model (the paper's hacking signal, > 1.10 = hacking) and an
-independent judge's accuracy on fresh samples. The report: a table, `report.png` (curves of both runs), image grids
+independent judge's accuracy on fresh samples (sampled as the rollouts are: with `--cfg-scale` > 1, guided). The
+report: a table, `report.png` (curves of both runs), image grids
 before and after, `results.json`, and TensorBoard logs under each run's folder.
 """
 
@@ -43,7 +44,13 @@ class _DemoProbe(TrainerCallback):
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         trainer = self.trainer_ref["trainer"]
-        judged = evaluate_digits_pipeline(trainer.pipeline, self.evaluator, args.num_inference_steps, self.per_digit)
+        judged = evaluate_digits_pipeline(
+            trainer.pipeline,
+            self.evaluator,
+            args.num_inference_steps,
+            self.per_digit,
+            guidance_scale=args.cfg_scale,
+        )
         self.history.append(
             {
                 "step": state.global_step,
@@ -55,14 +62,14 @@ class _DemoProbe(TrainerCallback):
         )
 
 
-def _grid(pipe, path: Path, per_digit: int = 6, steps: int = 10) -> None:
+def _grid(pipe, path: Path, guidance_scale: float, per_digit: int = 6, steps: int = 10) -> None:
     from diffusers.utils import make_image_grid
 
     prompts = [digit_prompt(d) for _ in range(per_digit) for d in range(10)]
     images = pipe(
         prompts,
         num_inference_steps=steps,
-        guidance_scale=1.0,
+        guidance_scale=guidance_scale,
         eta=1.0,
         output_type="pil",
         generator=torch.Generator().manual_seed(1),
@@ -81,6 +88,7 @@ def run_one(name: str, data_beta: float, opts, evaluator, train_ds, eval_ds) -> 
         warmup_steps=0,
         lr_scheduler_type="constant",
         data_beta=data_beta,
+        cfg_scale=opts.cfg_scale,
         num_generations=8,
         per_device_train_batch_size=8 * opts.prompts_per_step,
         num_inference_steps=10,
@@ -109,13 +117,13 @@ def run_one(name: str, data_beta: float, opts, evaluator, train_ds, eval_ds) -> 
         callbacks=[probe],
     )
     trainer_ref["trainer"] = trainer
-    print(f"\n=== {name}: data_beta={data_beta} ===", flush=True)
+    print(f"\n=== {name}: data_beta={data_beta}, cfg_scale={opts.cfg_scale} ===", flush=True)
     trainer.evaluate()  # step 0: the base model
     trainer.train()
     if probe.history[-1]["step"] != trainer.state.global_step:
         trainer.evaluate()
     trainer.save_model()
-    _grid(trainer.pipeline, Path(opts.output_dir) / f"grid_after_{name}.png")
+    _grid(trainer.pipeline, Path(opts.output_dir) / f"grid_after_{name}.png", opts.cfg_scale)
     return {"data_beta": data_beta, "history": probe.history}
 
 
@@ -161,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-size", type=int, default=120, help="held-out digits for the diffusion loss")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", default="ddrl-demo-output")
+    parser.add_argument(
+        "--cfg-scale", type=float, default=1.0, help="classifier-free guidance of rollouts and samples"
+    )
     opts = parser.parse_args(argv)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -171,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     evaluator = DigitsEvaluator()
     train_ds = digits_dataset("train")
     eval_ds = digits_dataset("test").shuffle(seed=0).select(range(opts.eval_size))
-    _grid(load_digits_pipeline(), out / "grid_before.png")
+    _grid(load_digits_pipeline(), out / "grid_before.png", opts.cfg_scale)
     results = {
         "baseline": run_one("baseline", 0.0, opts, evaluator, train_ds, eval_ds),
         "ddrl": run_one("ddrl", opts.data_beta, opts, evaluator, train_ds, eval_ds),

@@ -1,0 +1,256 @@
+"""Classifier-free guidance in rollouts: the guided policy retraces each family's guided pipeline, its log-probs are
+exact (ratio 1), training's one joint forward equals separate passes, the data term's prompt dropout is seeded per
+group, and settings that cannot work are refused with the fix."""
+
+import pytest
+import torch
+from conftest import brightness_reward
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline
+from test_flow_families import record
+from test_trainer import lora, make_args, make_trainer
+
+from ddrl_trl import DDRLConfig, DDRLTrainer
+from ddrl_trl.adapters import StableDiffusionAdapter, get_adapter
+from ddrl_trl.core import group_advantages
+from ddrl_trl.data_term import DataTermBatch
+from ddrl_trl.guidance import UnconditionalPrompts, combine_guidance, predict_policy
+from ddrl_trl.layout import GroupLayout
+from ddrl_trl.rollout import SeededNoise, generate_rollouts, stable_seed
+from ddrl_trl.testing import (
+    tiny_flux_pipeline,
+    tiny_sd3_pipeline,
+    tiny_sd_pipeline,
+    tiny_sdxl_pipeline,
+    tiny_wan_pipeline,
+)
+
+PROMPTS = ["a red cat", "a blue dog"]
+T5 = {"max_sequence_length": 16}
+FAMILIES = {
+    # name: (builder, DDRLConfig kwargs, extra pipeline-call kwargs)
+    "sd": (tiny_sd_pipeline, {"eta": 1e-9}, {}),
+    "sdxl": (tiny_sdxl_pipeline, {"eta": 1e-9}, {}),
+    "sd3": (tiny_sd3_pipeline, {"flow_noise_level": 1e-9, "max_sequence_length": 16}, T5),
+    "flux": (tiny_flux_pipeline, {"flow_noise_level": 1e-9, "resolution": 32, "max_sequence_length": 16}, T5),
+    "wan": (
+        tiny_wan_pipeline,
+        {"flow_noise_level": 1e-9, "resolution": 16, "num_frames": 9, "max_sequence_length": 16},
+        T5,
+    ),
+}
+
+
+def test_guided_output_is_uncond_plus_scale_times_difference():
+    cond, uncond = torch.tensor([3.0, -1.0]), torch.tensor([1.0, 1.0])
+    torch.testing.assert_close(combine_guidance(cond, uncond, 4.0), torch.tensor([9.0, -7.0]))
+    assert combine_guidance(cond.bfloat16(), uncond.bfloat16(), 2.0).dtype == torch.float32
+
+
+@pytest.mark.parametrize("negative_prompt", [None, "a blurry photo"], ids=["default-negative", "negative-prompt"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_noise_free_guided_sampler_retraces_the_guided_pipeline(name, negative_prompt):
+    """With the noise level → 0 the guided policy's steps are the pipeline's own guided sampling, called with
+    `adapter.pipeline_call_kwargs` (SD/SDXL/SD3/Wan `guidance_scale`, FLUX `true_cfg_scale`; SDXL's zero
+    embeddings for no negative prompt)."""
+    builder, config, call = FAMILIES[name]
+    pipe = builder()
+    if name == "wan":  # Wan ships UniPC, a multistep solver; its Euler twin on the same shifted sigmas is comparable
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=pipe.scheduler.config.flow_shift)
+    args = DDRLConfig(
+        output_dir="unused", report_to="none", num_inference_steps=5, cfg_scale=3.0, negative_prompt=negative_prompt,
+        **config,
+    )  # fmt: skip
+    adapter = get_adapter(pipe)
+    adapter.configure(args)
+    sampler = adapter.make_sampler(args, torch.device("cpu"))
+    x = torch.randn(2, *adapter.latent_shape(adapter.resolution), generator=torch.Generator().manual_seed(0))
+
+    kwargs = {**adapter.pipeline_call_kwargs(args, len(PROMPTS)), **call, "output_type": "latent"}
+    assert kwargs[adapter.cfg_call_argument] == 3.0
+    if name == "flux":
+        size = adapter.resolution
+        packed = FluxPipeline._pack_latents(x, *x.shape)
+        out = pipe(PROMPTS, latents=packed, **kwargs).images
+        expected = FluxPipeline._unpack_latents(out, size, size, adapter.vae_scale_factor)
+    else:
+        out = pipe(PROMPTS, latents=x, **kwargs)
+        expected = out.frames if name == "wan" else out.images
+
+    cond = adapter.encode_prompts(PROMPTS)
+    uncond = UnconditionalPrompts(adapter, negative_prompt, None).for_rows({}, range(2))
+    latents = x
+    with torch.no_grad():
+        for j, t in enumerate(sampler.timesteps):
+            output, _ = predict_policy(adapter, latents, t.expand(2), cond, uncond, args.cfg_scale)
+            latents = sampler.step_mean(output, j, latents)
+    torch.testing.assert_close(latents, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_sdxl_unconditional_branch_is_zeros_without_a_negative_prompt():
+    adapter = get_adapter(tiny_sdxl_pipeline())
+    adapter.resolution = adapter.default_resolution
+    zeros = adapter.encode_unconditional(None, 2)
+    assert not zeros["encoder_hidden_states"].any() and not zeros["text_embeds"].any()
+    torch.testing.assert_close(zeros["time_ids"], adapter.encode_prompts(PROMPTS)["time_ids"])
+    empty = adapter.encode_unconditional(["", ""], 2)
+    assert empty["encoder_hidden_states"].abs().sum() > 0  # an explicit "" is encoded, as diffusers does
+
+
+def test_negative_prompt_column_reaches_the_unconditional_branch():
+    adapter = get_adapter(tiny_sd_pipeline())
+    columns = {"negative": ["a red cat", "", "a blue dog"]}
+    got = UnconditionalPrompts(adapter, None, "negative").for_rows(columns, [2, 0])
+    expected = adapter.encode_prompts(["a blue dog", "a red cat"])
+    torch.testing.assert_close(got, expected)
+    fixed = UnconditionalPrompts(adapter, "a blue dog", None).for_rows(columns, [0, 1, 2])
+    torch.testing.assert_close(fixed["encoder_hidden_states"], expected["encoder_hidden_states"][:1].expand(3, -1, -1))
+
+
+def test_on_policy_ratio_is_one_in_float32_under_guidance(tmp_path, reference_dataset, monkeypatch):
+    ratios = []
+    record(monkeypatch, "clipped_policy_loss", ratios, index=1)
+    trainer = make_trainer(
+        tmp_path, reference_dataset, peft_config=lora(), data_beta=0.1, cfg_scale=4.0, negative_prompt="a green bird"
+    )
+    trainer.train()
+    assert len(ratios) == 6  # 2 steps × steps 0, 1, 2 of 4
+    assert torch.stack(ratios).sub(1).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("data_beta", [0.0, 0.5])
+def test_guided_gradient_equals_separate_passes(tmp_path, reference_dataset, data_beta):
+    """The one joint forward per trained step ([states; states; noised references] with [prompts; negatives;
+    prompts or dropped]) gives the gradient of the same loss computed branch by branch in separate passes;
+    data_beta = 0 is plain guided GRPO."""
+    scale, negative, dropout = 3.0, "a green bird", 0.5
+    trainer = make_trainer(
+        tmp_path,
+        reference_dataset,
+        data_beta=data_beta,
+        num_inference_steps=4,
+        train_step_stride=2,
+        cfg_scale=scale,
+        negative_prompt=negative,
+        data_prompt_dropout=dropout,
+    )
+    model, adapter, sampler = trainer.model, trainer.adapter, trainer.sampler
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    seed = stable_seed(trainer.args.seed, 0, 0)
+    trainer.training_step(model, batch)
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+
+    def unet(x, t, embeds):
+        return model(x, t, encoder_hidden_states=embeds).sample
+
+    cond = adapter.encode_prompts(batch["prompts"][::2])["encoder_hidden_states"]
+    uncond = adapter.encode_prompts([negative, negative])["encoder_hidden_states"]
+    cond_rows, uncond_rows = cond.repeat_interleave(2, 0), uncond.repeat_interleave(2, 0)
+    noise_source = SeededNoise(seed, torch.device("cpu"), num_generations=2)
+    rollout = generate_rollouts(
+        adapter,
+        sampler,
+        {"encoder_hidden_states": cond_rows},
+        trainer.latent_shape,
+        noise_source,
+        range(4),
+        uncond={"encoder_hidden_states": uncond_rows},
+        cfg_scale=scale,
+    )
+    adv = group_advantages(torch.tensor(brightness_reward(rollout.images, batch["prompts"])), 2)
+    ref, noise = batch["ref_latents"][::2], rollout.states[::2, 0]
+    scheduler = DDIMScheduler.from_config(trainer.pipeline.scheduler.config)
+    steps, drops = [0, 2], []
+    total = 0.0
+    for position, j in enumerate(steps):
+        t, x = sampler.timesteps[j], rollout.states[:, j]
+        guided = unet(x, t, uncond_rows) + scale * (unet(x, t, cond_rows) - unet(x, t, uncond_rows))
+        log_prob, _ = sampler.log_prob(guided, j, x, rollout.states[:, j + 1])
+        total = total + (-(adv * torch.exp(log_prob - rollout.log_probs[:, j]))).mean() / len(steps)
+        if data_beta:
+            # group g is trained unconditionally when its seeded uniform draw falls below the dropout
+            u = [torch.rand(1, generator=noise_source.generator(f"data-drop{position}", g)).item() for g in (0, 1)]
+            drop = torch.tensor([v < dropout for v in u])
+            drops.extend(drop.tolist())
+            embeds = torch.where(drop.view(-1, 1, 1), uncond, cond)
+            pred = unet(scheduler.add_noise(ref, noise, t.expand(2)), t, embeds)
+            total = total + data_beta * torch.nn.functional.mse_loss(pred, noise) / len(steps)
+    total.backward()
+    if data_beta:
+        assert True in drops and False in drops  # this seed exercises both branches of the dropout
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(got[name], param.grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_prompt_dropout_draws_do_not_depend_on_the_process_layout(tmp_path):
+    """A group's dropout draw is a function of (batch seed, trained step, global group): the same whether one
+    process holds all groups or two split them (also what makes resume exact)."""
+    args = make_args(tmp_path, cfg_scale=2.0, data_prompt_dropout=0.5)
+    noise = SeededNoise(1234, torch.device("cpu"), num_generations=2)
+
+    def draws(rows, process, processes):
+        layout = GroupLayout(rows, 2, process, processes)
+        cond = {"e": torch.zeros(len(layout.groups), 1)}
+        data = DataTermBatch.build(args, torch.zeros(len(layout.groups), 1), cond, layout, noise, cond["e"], cond)
+        return {g: [bool(data.dropped(p)[i]) for p in range(8)] for i, g in enumerate(layout.groups)}
+
+    single = draws(8, 0, 1)
+    split = {**draws(4, 0, 2), **draws(4, 1, 2)}
+    assert single == split
+    every = [d for per_group in single.values() for d in per_group]
+    assert 0.2 < sum(every) / len(every) < 0.8
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(cfg_scale=0.0), "cfg_scale must be ≥ 1"),
+        (dict(cfg_scale=float("nan")), "cfg_scale must be a finite number"),
+        (dict(cfg_scale=2.0, negative_prompt="x", negative_prompt_column="neg"), "not both"),
+        (dict(cfg_scale=2.0, data_prompt_dropout=1.0), r"data_prompt_dropout must be in \[0, 1\)"),
+        (dict(negative_prompt="blurry"), "nothing uses it"),
+    ],
+)
+def test_invalid_guidance_settings_are_refused(tmp_path, options, message):
+    with pytest.raises(ValueError, match=message):
+        make_args(tmp_path, **options)
+
+
+def test_dropout_default_follows_guidance(tmp_path):
+    assert make_args(tmp_path).resolved_data_prompt_dropout == 0.0
+    assert make_args(tmp_path, cfg_scale=2.0).resolved_data_prompt_dropout == 0.2
+    assert make_args(tmp_path, cfg_scale=2.0, data_prompt_dropout=0.0).resolved_data_prompt_dropout == 0.0
+    assert make_args(tmp_path, negative_prompt="x", data_prompt_dropout=0.1).uses_unconditional
+
+
+class _NoUncondAdapter(StableDiffusionAdapter):
+    supports_cfg = False
+
+
+def test_family_without_unconditional_branch_refuses_guidance(tmp_path):
+    pipe = tiny_sd_pipeline()
+    adapter = _NoUncondAdapter(pipe)
+    with pytest.raises(ValueError, match="has no unconditional branch.*cfg_scale=1.0"):
+        adapter.configure(make_args(tmp_path, cfg_scale=2.0))
+    adapter.configure(make_args(tmp_path))  # unguided is fine
+
+
+def test_negative_prompt_column_is_checked_before_work(tmp_path, reference_dataset):
+    with pytest.raises(ValueError, match="negative_prompt_column='neg' is not a column"):
+        make_trainer(tmp_path, reference_dataset, cfg_scale=2.0, negative_prompt_column="neg")
+    bad = reference_dataset.add_column("neg", [None, "", "x", "y", "z", "w"])
+    with pytest.raises(ValueError, match="Row 0 .* column 'neg' holds None, not a string"):
+        make_trainer(tmp_path, bad, cfg_scale=2.0, negative_prompt_column="neg")
+
+
+def test_negative_prompt_column_trains(tmp_path, reference_dataset):
+    dataset = reference_dataset.add_column("neg", ["", "ugly", "blurry"] * 2)
+    trainer = DDRLTrainer(
+        model=tiny_sd_pipeline(),
+        reward_funcs=brightness_reward,
+        args=make_args(tmp_path, cfg_scale=2.0, negative_prompt_column="neg", max_steps=1),
+        train_dataset=dataset,
+        peft_config=lora(),
+    )
+    trainer.train()
+    assert trainer.state.log_history[0]["loss/data"] > 0
