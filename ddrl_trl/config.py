@@ -64,16 +64,19 @@ class DDRLConfig(TrainingArguments):
             when the rewards should judge guided images. Must be ≥ 1. The pipeline argument it matches is
             `guidance_scale` for SD/SDXL/SD3/Wan and `true_cfg_scale` for FLUX (docs/concepts.md).
         negative_prompt (`str` or `None`, defaults to `None`):
-            The prompt of the unconditional branch, for every row. `None`: what the pipeline uses without one (the
-            empty prompt; SDXL base: zero embeddings).
+            The prompt of the guidance's unconditional branch, for every row (needs `cfg_scale` > 1). `None`: what the
+            pipeline uses without one — the empty prompt; SDXL base: zero embeddings; FLUX: the empty prompt (its
+            pipeline needs a negative prompt for true CFG).
         negative_prompt_column (`str` or `None`, defaults to `None`):
             Dataset column holding each row's negative prompt instead (not with `negative_prompt`).
         data_prompt_dropout (`float` or `None`, defaults to `None`):
-            Probability that a data-term sample is trained with the unconditional (negative) conditioning instead of
-            its prompt, drawn per sample and trained step from the run's seed (exact across processes and resumes).
-            Under guidance the policy also depends on the unconditional model; this anchors it to the reference data
-            as the prompt's term anchors the conditional one. `None`: 0.2 when `cfg_scale` > 1 (the authors' code's
-            text dropout), else 0. In [0, 1).
+            Probability that a data-term sample is trained with the null conditioning (the empty prompt, as the
+            pipeline encodes it without a negative prompt) instead of its prompt, drawn per sample and trained step
+            from the run's seed (exact across processes and resumes). Guided sampling also follows the unconditional
+            model; this anchors it to the reference data as the prompt's term anchors the conditional one. A negative
+            prompt is not trained on: teaching "blurry" to mean the average data image would erase what it means.
+            `None`: 0.2 when `cfg_scale` > 1 (the authors' code's text dropout), else 0. In [0, 1); no effect when
+            `data_beta` = 0.
         guidance_scale (`float`, defaults to `3.5`):
             The value fed to a guidance-distilled denoiser's guidance embedding (FLUX.1-dev, the pipeline's default),
             in rollouts and in the data term alike, on both branches under `cfg_scale`. This is not classifier-free
@@ -367,12 +370,10 @@ class DDRLConfig(TrainingArguments):
                 f"data_prompt_dropout must be in [0, 1) (the share of data-term samples trained unconditionally) or "
                 f"None for the default, got {self.data_prompt_dropout}."
             )
-        if (
-            self.negative_prompt is not None or self.negative_prompt_column is not None
-        ) and not self.uses_unconditional:
+        if (self.negative_prompt is not None or self.negative_prompt_column is not None) and self.cfg_scale == 1:
             raise ValueError(
-                "A negative prompt is set but nothing uses it: it is the unconditional branch of classifier-free "
-                "guidance (set cfg_scale > 1) and of the data term's prompt dropout (data_prompt_dropout > 0)."
+                "A negative prompt is set but guidance is off: it is the unconditional branch of classifier-free "
+                "guidance; set cfg_scale > 1 (e.g. 4.5) or drop the negative prompt."
             )
         if self.epsilon <= 0:
             raise ValueError(f"epsilon (the PPO clip range) must be > 0, got {self.epsilon}.")
@@ -444,15 +445,13 @@ class DDRLConfig(TrainingArguments):
 
     @property
     def resolved_data_prompt_dropout(self) -> float:
-        """The data term's prompt dropout as used: `data_prompt_dropout`, or 0.2 under guidance and 0 without."""
+        """The data term's prompt dropout as used: `data_prompt_dropout`, or 0.2 under guidance and 0 without; 0 when
+        there is no data term (`data_beta` = 0)."""
+        if self.data_beta == 0:
+            return 0.0
         if self.data_prompt_dropout is not None:
             return self.data_prompt_dropout
         return 0.2 if self.cfg_scale > 1 else 0.0
-
-    @property
-    def uses_unconditional(self) -> bool:
-        """Whether the unconditional conditioning is needed: by guided rollouts, or by the data term's dropout."""
-        return self.cfg_scale > 1 or (self.data_beta > 0 and self.resolved_data_prompt_dropout > 0)
 
     @property
     def resolved_rollout_chunk_groups(self) -> int | None:

@@ -100,8 +100,14 @@ def check_prompts(
         )
 
 
-def check_negative_prompts(dataset: Dataset, column: str) -> None:
-    """Fail early when `negative_prompt_column` is missing or holds anything but strings (empty ones are valid)."""
+def check_negative_prompts(dataset: Dataset, column: str, prompt_column: str, reference_column: str) -> None:
+    """Fail early when `negative_prompt_column` is missing, is the prompt or reference column, or holds anything but
+    strings (empty ones are valid)."""
+    if column in (prompt_column, reference_column):
+        raise ValueError(
+            f"negative_prompt_column={column!r} is the {'prompt' if column == prompt_column else 'reference'} column; "
+            f"name the column holding the negative prompts."
+        )
     if column not in dataset.column_names:
         raise ValueError(
             f"negative_prompt_column={column!r} is not a column of the training dataset (its columns: "

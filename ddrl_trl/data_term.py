@@ -10,9 +10,10 @@ the group's rows this process holds, so that with groups spanning processes the 
 mean over groups.
 
 With prompt dropout p (`DDRLConfig.data_prompt_dropout`, on by default under classifier-free guidance) a group's
-sample is conditioned at a trained step on the unconditional (negative) conditioning instead of its prompt with
-probability p, drawn per (group, trained step) from the batch's seed: guided sampling also follows the unconditional
-model, and this anchors it to the data as the prompt's term anchors the conditional one.
+sample is conditioned at a trained step on the null conditioning (the pipeline's own unconditional input, not a
+negative prompt) instead of its prompt with probability p, drawn per (group, trained step) from the batch's seed:
+guided sampling also follows the unconditional model, and this anchors it to the data as the prompt's term anchors
+the conditional one.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class DataTermBatch:
         prompt_cond: `(G, ...)` the groups' prompt conditioning.
         weights: `(G,)` the share of each group's rows held by this process.
         groups: the global indices of the local groups (they seed the per-group draws).
-        prompt_uncond: `(G, ...)` the groups' unconditional conditioning, with prompt dropout.
+        prompt_null: `(G, ...)` the null conditioning, with prompt dropout.
         prompt_dropout: the probability p of that dropout.
     """
 
@@ -48,7 +49,7 @@ class DataTermBatch:
     groups: list[int]
     noise_source: SeededNoise
     random_timesteps: bool
-    prompt_uncond: Conditioning | None = None
+    prompt_null: Conditioning | None = None
     prompt_dropout: float = 0.0
 
     @classmethod
@@ -60,7 +61,7 @@ class DataTermBatch:
         layout: GroupLayout,
         noise: SeededNoise,
         like: torch.Tensor,
-        prompt_uncond: Conditioning | None = None,
+        prompt_null: Conditioning | None = None,
     ) -> DataTermBatch:
         """The data term of a batch whose rollout states are `like` (for device and dtype)."""
         ref_latents = ref_latents.to(like)
@@ -77,8 +78,8 @@ class DataTermBatch:
             groups=layout.groups,
             noise_source=noise,
             random_timesteps=args.data_timesteps == "random",
-            prompt_uncond=prompt_uncond,
-            prompt_dropout=args.resolved_data_prompt_dropout if prompt_uncond is not None else 0.0,
+            prompt_null=prompt_null,
+            prompt_dropout=args.resolved_data_prompt_dropout if prompt_null is not None else 0.0,
         )
 
     def dropped(self, position: int) -> torch.Tensor:
@@ -93,9 +94,9 @@ class DataTermBatch:
 
     def cond(self, position: int) -> Conditioning:
         """The data rows' conditioning at the `position`-th trained step: the prompts, some dropped (`dropped`)."""
-        if self.prompt_uncond is None or self.prompt_dropout == 0:
+        if self.prompt_null is None or self.prompt_dropout == 0:
             return self.prompt_cond
-        return drop_conditioning(self.prompt_cond, self.prompt_uncond, self.dropped(position))
+        return drop_conditioning(self.prompt_cond, self.prompt_null, self.dropped(position))
 
     def timesteps(self, sampler, position: int, step_index: int) -> torch.Tensor:
         """`(G,)` noise levels of the data term at the `position`-th trained step (denoising step `step_index`)."""

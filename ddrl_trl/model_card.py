@@ -34,6 +34,7 @@ CONFIG_FIELDS = (
     "num_frames",
     "cfg_scale",
     "negative_prompt",
+    "negative_prompt_column",
     "guidance_scale",
     "train_step_stride",
     "train_step_indices",
@@ -68,13 +69,20 @@ CONFIG_FIELDS = (
 
 def _guidance_note(trainer) -> list[str]:
     """Under guided rollouts, how to sample as the rewards judged during training (else nothing)."""
-    args = trainer.args
+    args, adapter = trainer.args, trainer.adapter
     if args.cfg_scale == 1:
         return []
-    negative = f" and the negative prompt {args.negative_prompt!r}" if args.negative_prompt is not None else ""
+    call = f"{adapter.cfg_call_argument}={args.cfg_scale:g}"
+    if args.negative_prompt_column is not None:
+        negative = f" and per-prompt negative prompts (dataset column `{args.negative_prompt_column}`)"
+        call += ", negative_prompt=<your negative prompts>"
+    else:
+        prompt = args.negative_prompt if args.negative_prompt is not None else adapter.default_negative_prompt
+        negative = f" and the negative prompt {prompt!r}" if prompt is not None else ""
+        call += f", negative_prompt={prompt!r}" if prompt is not None else ""
     return [
-        f"Trained on rollouts with classifier-free guidance {args.cfg_scale:g}{negative}: sample it with "
-        f"`{trainer.adapter.cfg_call_argument}={args.cfg_scale:g}` to get the images the rewards were raised on.",
+        f"Trained on rollouts with classifier-free guidance {args.cfg_scale:g}{negative}: sample it with `{call}` to "
+        f"get the images the rewards were raised on.",
         "",
     ]
 

@@ -33,8 +33,8 @@ class RolloutBatch:
     ref_latents: torch.Tensor  # (G, ...) the groups' paired x̃0
     layout: GroupLayout
     noise: SeededNoise
-    prompt_uncond: Conditioning | None = None  # unconditional conditioning per local group (`uses_unconditional`)
-    row_uncond: Conditioning | None = None  # ... per rollout row, for guided rollouts (`cfg_scale` > 1)
+    row_uncond: Conditioning | None = None  # the guidance's unconditional branch per rollout row (`cfg_scale` > 1)
+    prompt_null: Conditioning | None = None  # null conditioning per local group, for the data term's prompt dropout
 
 
 class RolloutCollector:
@@ -69,8 +69,9 @@ class RolloutCollector:
         #: This process's rollout batches of the current optimiser step, by micro-step (`num_iterations` > 1).
         self.buffer: dict[int, SavedRollout] = {}
         self._executor: ThreadPoolExecutor | None = None
-        #: The unconditional branch's conditioning (guided rollouts, the data term's prompt dropout).
-        self.unconditional = UnconditionalPrompts(adapter, args.negative_prompt, args.negative_prompt_column)
+        #: The guidance's unconditional branch (negative prompts), and the data term's null conditioning.
+        self.negatives = UnconditionalPrompts(adapter, args.negative_prompt, args.negative_prompt_column)
+        self.null = UnconditionalPrompts(adapter, None, None)
 
     def batch(self, model, inputs: dict, global_step: int, micro: int, trainer_state: TrainerState) -> RolloutBatch:
         """The batch of micro-step `micro` of optimiser step `global_step`: a fresh rollout at the first of its
@@ -89,11 +90,13 @@ class RolloutCollector:
         noise = SeededNoise(seed, self.accelerator.device, args.num_generations, args.same_noise_within_group)
         with self.autocast():
             prompt_cond = self.adapter.encode_prompts(unique_prompts)
-            prompt_uncond = None
-            if args.uses_unconditional:
-                prompt_uncond = self.unconditional.for_rows(inputs["columns"], layout.first_local_rows)
+            row_uncond = prompt_null = None
+            if args.cfg_scale > 1:
+                negatives = self.negatives.for_rows(inputs["columns"], layout.first_local_rows)
+                row_uncond = repeat_conditioning(negatives, layout.counts)
+            if args.resolved_data_prompt_dropout > 0:
+                prompt_null = self.null.for_rows(inputs["columns"], layout.first_local_rows)
         row_cond = repeat_conditioning(prompt_cond, layout.counts)
-        row_uncond = repeat_conditioning(prompt_uncond, layout.counts) if args.cfg_scale > 1 else None
         ref_latents = inputs["ref_latents"][layout.first_local_rows]
         if iteration:
             rollout, advantages = self._reused(micro, iteration, prompts, layout)
@@ -108,7 +111,7 @@ class RolloutCollector:
         if iteration == args.num_iterations - 1:
             self.buffer.pop(micro, None)  # its last use: free the memory before the next rollout
         return RolloutBatch(
-            rollout, advantages, row_cond, prompt_cond, ref_latents, layout, noise, prompt_uncond, row_uncond
+            rollout, advantages, row_cond, prompt_cond, ref_latents, layout, noise, row_uncond, prompt_null
         )
 
     def _fresh(

@@ -153,7 +153,9 @@ class DDRLTrainer(SavingMixin, Trainer):
         check_columns(train_dataset, args.prompt_column, self.reference_column, "training")
         check_prompts(train_dataset, args.prompt_column, "training")
         if args.negative_prompt_column is not None:
-            check_negative_prompts(train_dataset, args.negative_prompt_column)
+            check_negative_prompts(
+                train_dataset, args.negative_prompt_column, args.prompt_column, self.reference_column
+            )
         if args.num_iterations > 1 and len(train_dataset) < args.groups_per_optimizer_step:
             raise ValueError(
                 f"num_iterations={args.num_iterations} reuses whole optimiser steps of "
@@ -372,7 +374,7 @@ class DDRLTrainer(SavingMixin, Trainer):
                 batch.layout,
                 batch.noise,
                 like=batch.rollout.states,
-                prompt_uncond=batch.prompt_uncond,
+                prompt_null=batch.prompt_null,
             )
         num_trained, total = len(self.trained_steps), torch.zeros((), device=batch.rollout.states.device)
         batch_syncs = self.accelerator.sync_gradients  # read once: each backward below sets it

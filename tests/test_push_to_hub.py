@@ -84,7 +84,8 @@ def test_push_uploads_diffusers_lora_and_a_complete_model_card(tmp_path, referen
     assert "arxiv.org/abs/2512.04332" in readme
     assert '"data_beta": 0.3' in readme and '"num_generations": 2' in readme  # the training configuration
     assert '"cfg_scale": 2.0' in readme and '"data_prompt_dropout": 0.2' in readme  # the dropout as used
-    assert "classifier-free guidance 2 and the negative prompt 'blurry': sample it with `guidance_scale=2`" in readme
+    note = "classifier-free guidance 2 and the negative prompt 'blurry': sample it with `guidance_scale=2, "
+    assert note + "negative_prompt='blurry'`" in readme
     assert "brightness_reward" in readme and "![samples](samples.png)" in readme
     assert "![training curves](training_curves.png)" in readme
     assert "| step | reward | loss/data | eval_diffusion_loss_ratio |" in readme and "\n| 3 | " in readme

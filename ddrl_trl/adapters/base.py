@@ -62,6 +62,10 @@ class PipelineAdapter(ABC):
     default_max_sequence_length: int = 256
     supports_cfg: bool = True
     cfg_call_argument: str = "guidance_scale"
+    #: The negative prompt the rollouts use when none is set, where the pipeline needs one for guidance (FLUX: "").
+    default_negative_prompt: str | None = None
+    #: The pipeline attribute of the T5 tokenizer whose length `max_sequence_length` sets (None: no T5 encoder).
+    t5_tokenizer_name: str | None = None
 
     def __init__(self, pipeline: Any, resolution: int | None = None):
         self.pipeline = pipeline
@@ -77,7 +81,7 @@ class PipelineAdapter(ABC):
         self.validate_resolution(resolution)
         self.resolution = resolution
         self.max_sequence_length = config.max_sequence_length or self.default_max_sequence_length
-        if not self.supports_cfg and config.uses_unconditional:
+        if not self.supports_cfg and (config.cfg_scale > 1 or config.resolved_data_prompt_dropout > 0):
             raise ValueError(
                 f"{type(self.pipeline).__name__} has no unconditional branch, so it cannot be sampled with "
                 f"classifier-free guidance: set cfg_scale=1.0 and data_prompt_dropout=0 (got cfg_scale="
@@ -89,14 +93,23 @@ class PipelineAdapter(ABC):
         do, noise aside: steps, size, classifier-free guidance and negative prompts (for
         `build_synthetic_reference_dataset` and the benchmarks)."""
         resolution = config.resolution or self.default_resolution
+        if config.negative_prompt_column is not None:
+            raise ValueError(
+                "negative_prompt_column gives each dataset row its own negative prompt; a pipeline call on new "
+                "prompts has no such column: pass negative_prompt=[...] to the call yourself."
+            )
         kwargs = {
             "num_inference_steps": config.num_inference_steps,
             "height": resolution,
             "width": resolution,
             self.cfg_call_argument: config.cfg_scale,
         }
-        if config.cfg_scale != 1 and config.negative_prompt is not None:
-            kwargs["negative_prompt"] = [config.negative_prompt] * batch_size
+        negative = config.negative_prompt if config.negative_prompt is not None else self.default_negative_prompt
+        if config.cfg_scale > 1 and negative is not None:
+            kwargs["negative_prompt"] = [negative] * batch_size
+        tokenizer = getattr(self.pipeline, self.t5_tokenizer_name, None) if self.t5_tokenizer_name else None
+        if tokenizer is not None:
+            kwargs["max_sequence_length"] = self.t5_sequence_length(tokenizer)
         return kwargs
 
     def t5_sequence_length(self, tokenizer) -> int:
@@ -152,8 +165,11 @@ class PipelineAdapter(ABC):
     def encode_unconditional(self, negative_prompts: list[str] | None, count: int) -> Conditioning:
         """Conditioning of the unconditional branch of classifier-free guidance, `count` rows: the encoded
         `negative_prompts`, or with None what the pipeline uses when given no negative prompt (the empty prompt;
-        overridden where a pipeline differs, e.g. SDXL's zeros). Tensors of the same shapes as `encode_prompts`'."""
-        return self.encode_prompts(negative_prompts if negative_prompts is not None else [""] * count)
+        overridden where a pipeline differs, e.g. SDXL's zeros) — also the null conditioning of the data term's
+        prompt dropout. Tensors of the same shapes as `encode_prompts`'."""
+        if negative_prompts is None:
+            negative_prompts = [self.default_negative_prompt or ""] * count
+        return self.encode_prompts(negative_prompts)
 
     @abstractmethod
     def predict(

@@ -33,6 +33,8 @@ class FluxAdapter(PipelineAdapter):
     denoiser_name = "transformer"
     default_max_sequence_length = 512
     cfg_call_argument = "true_cfg_scale"
+    default_negative_prompt = ""  # FluxPipeline applies true CFG only when given a negative prompt
+    t5_tokenizer_name = "tokenizer_2"
 
     def __init__(self, pipeline, resolution: int | None = None):
         super().__init__(pipeline, resolution)
@@ -44,13 +46,8 @@ class FluxAdapter(PipelineAdapter):
         self.guidance_scale = float(config.guidance_scale)
 
     def pipeline_call_kwargs(self, config, batch_size: int) -> dict:
-        """As the base, with `guidance_scale` (the distilled embedding) and, under true CFG, the negative prompt
-        `FluxPipeline` needs to apply it (the empty one by default, as the rollouts)."""
-        kwargs = super().pipeline_call_kwargs(config, batch_size)
-        kwargs["guidance_scale"] = config.guidance_scale
-        if config.cfg_scale != 1:
-            kwargs.setdefault("negative_prompt", [""] * batch_size)
-        return kwargs
+        """As the base, with `guidance_scale`: the distilled embedding."""
+        return {**super().pipeline_call_kwargs(config, batch_size), "guidance_scale": config.guidance_scale}
 
     @property
     def denoiser_downsampling(self) -> int:

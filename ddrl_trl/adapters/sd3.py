@@ -20,6 +20,7 @@ class StableDiffusion3Adapter(PipelineAdapter):
     pipeline_classes = (StableDiffusion3Pipeline,)
     script_family = "sd3"
     denoiser_name = "transformer"
+    t5_tokenizer_name = "tokenizer_3"
 
     @property
     def denoiser_downsampling(self) -> int:

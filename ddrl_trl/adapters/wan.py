@@ -27,6 +27,7 @@ class WanAdapter(PipelineAdapter):
     script_family = "wan"
     denoiser_name = "transformer"
     frozen_module_names = ("vae", "text_encoder")
+    t5_tokenizer_name = "tokenizer"
     default_max_sequence_length = 512  # WanPipeline.__call__'s default
     #: The pipeline's default frame count (`WanPipeline.__call__`).
     default_num_frames = 81
