@@ -252,7 +252,9 @@ def test_several_iterations_per_rollout_batch_match_one_process(tmp_path):
     )  # SGD: see SHARDED_OPTIONS
     single = launch(tmp_path / "one", ONE_PROCESS, 12, *options)
     double = launch(tmp_path / "two", DDP, 6, *options)
-    assert double["rewards"] == single["rewards"] and len(single["rewards"]) == 1  # one rollout batch, scored once
+    # one rollout batch, scored once; guided rollouts run 2× the rows per forward, so float32 round-off of batches of
+    # 24 vs 12 rows shows in the last digits
+    assert double["rewards"] == pytest.approx(single["rewards"], rel=1e-5) and len(single["rewards"]) == 1
     assert single["ratios"][0] == pytest.approx(1.0, abs=1e-5) and abs(single["ratios"][1] - 1) > 1e-5
     assert double["ratios"] == pytest.approx(single["ratios"], abs=1e-5)
     a, b = (load_file(tmp_path / name / "pytorch_lora_weights.safetensors") for name in ("one", "two"))
