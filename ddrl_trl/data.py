@@ -95,7 +95,8 @@ def check_prompts(
         raise ValueError(
             f"Row {rows[0]} of the {split} dataset: column {prompt_column!r} holds "
             f"{dataset[int(rows[0])][prompt_column]!r}, "
-            f"not a {kind} ({count} such row(s) in all, e.g. {rows[:5].tolist()}). Fix or drop those rows, "
+            f"not a {'string' if allow_empty else 'non-empty prompt'} "
+            f"({count} such row(s) in all, e.g. {rows[:5].tolist()}). Fix or drop those rows, "
             f"e.g. dataset.filter(lambda row: {f'row[{prompt_column!r}] is not None' if allow_empty else fix})."
         )
 

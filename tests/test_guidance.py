@@ -10,7 +10,7 @@ from peft import LoraConfig
 from test_flow_families import record
 from test_trainer import lora, make_args, make_trainer
 
-from ddrl_trl import DDRLConfig, DDRLTrainer
+from ddrl_trl import DDRLConfig
 from ddrl_trl.adapters import StableDiffusionAdapter, get_adapter
 from ddrl_trl.core import group_advantages
 from ddrl_trl.data_term import DataTermBatch
@@ -252,13 +252,7 @@ def test_negative_prompt_column_reaches_training(tmp_path, reference_dataset):
     not: the column's values are what the guidance's unconditional branch reads."""
 
     def weights(name, dataset, **options):
-        trainer = DDRLTrainer(
-            model=tiny_sd_pipeline(),
-            reward_funcs=brightness_reward,
-            args=make_args(tmp_path / name, cfg_scale=2.0, max_steps=1, **options),
-            train_dataset=dataset,
-            peft_config=lora(),
-        )
+        trainer = make_trainer(tmp_path / name, dataset, peft_config=lora(), cfg_scale=2.0, max_steps=1, **options)
         trainer.train()
         return [p.detach().clone() for p in trainer.model.parameters() if p.requires_grad]
 
