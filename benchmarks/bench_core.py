@@ -5,14 +5,19 @@ both):
 
 1. a DDRL iteration (rollout + rewards + per-step forward/backward with the data term batched into the rollout's
    denoiser forward) vs the same iteration with data_beta=0 — target ≤ 1.15×;
-2. a rollout that records states and float32 log-probs vs a plain `pipeline(...)` call with the same steps, batch and
-   classifier-free guidance (the pipeline's own shipped scheduler) — target ≤ 1.05×.
+2. a rollout that records states and float32 log-probs (and decodes the samples for the rewards) vs a plain
+   `pipeline(...)` call with the same steps, batch and classifier-free guidance (the pipeline's own shipped
+   scheduler), decoded too — target ≤ 1.05×.
 
 `--cfg-scale w` (> 1) measures both with classifier-free guided rollouts (both branches in one forward; FLUX: true
-CFG) against the pipeline called with the same guidance (`PipelineAdapter.pipeline_call_kwargs`).
+CFG; Z-Image and Cosmos: their guidance_scale w − 1) against the pipeline called with the same guidance
+(`PipelineAdapter.pipeline_call_kwargs`).
 
-    python benchmarks/bench_core.py [--family sd|sd3|flux|wan|all] [--repeats 7] [--steps 20] [--batch 16]
+    python benchmarks/bench_core.py [--family NAME ... | all] [--repeats 7] [--steps 20] [--batch 16]
         [--cfg-scale 1.0]
+
+Families: sd, sd3, flux, wan, qwenimage, flux2, flux2-klein, zimage, sana, cosmos (`--family all`: every one; with
+`--cfg-scale` > 1 those without an unconditional branch are left out).
 """
 
 from __future__ import annotations
@@ -31,11 +36,23 @@ from peft import LoraConfig
 from PIL import Image
 
 from ddrl_trl import DDRLConfig, DDRLTrainer
-from ddrl_trl.adapters import repeat_conditioning
+from ddrl_trl.adapters import get_adapter, repeat_conditioning
 from ddrl_trl.guidance import UnconditionalPrompts
 from ddrl_trl.rewards import brightness
 from ddrl_trl.rollout import SeededNoise, generate_rollouts
-from ddrl_trl.testing import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline, tiny_wan_pipeline
+from ddrl_trl.testing import (
+    tiny_cosmos_pipeline,
+    tiny_flux2_klein_pipeline,
+    tiny_flux2_pipeline,
+    tiny_flux_pipeline,
+    tiny_qwenimage_pipeline,
+    tiny_sana_pipeline,
+    tiny_sd3_pipeline,
+    tiny_sd_pipeline,
+    tiny_wan_pipeline,
+    tiny_zimage_pipeline,
+)
+from ddrl_trl.testing.cosmos_pipelines import TINY_MAX_SEQUENCE_LENGTH as COSMOS_LENGTH
 
 PROMPTS = ["a red cat", "a blue dog", "a green bird", "a small house"] * 2
 
@@ -53,11 +70,16 @@ class Family:
 
 FAMILIES = {
     "sd": Family(lambda: tiny_sd_pipeline(sample_size=16), 64, call={"eta": 1.0}),
-    "sd3": Family(tiny_sd3_pipeline, 64, {"max_sequence_length": 16}, {"max_sequence_length": 16}),
-    "flux": Family(tiny_flux_pipeline, 128, {"max_sequence_length": 16}, {"max_sequence_length": 16}),
-    "wan": Family(
-        tiny_wan_pipeline, 64, {"max_sequence_length": 16, "num_frames": 9}, {"max_sequence_length": 16}, num_frames=9
-    ),
+    # `pipeline_call_kwargs` carries the sequence lengths, guidance (and its conversions) and family options
+    "sd3": Family(tiny_sd3_pipeline, 64, {"max_sequence_length": 16}),
+    "flux": Family(tiny_flux_pipeline, 128, {"max_sequence_length": 16}),
+    "wan": Family(tiny_wan_pipeline, 64, {"max_sequence_length": 16, "num_frames": 9}, num_frames=9),
+    "qwenimage": Family(tiny_qwenimage_pipeline, 64, {"max_sequence_length": 16}),
+    "flux2": Family(tiny_flux2_pipeline, 64, {"max_sequence_length": 16}),
+    "flux2-klein": Family(tiny_flux2_klein_pipeline, 64, {"max_sequence_length": 16}),
+    "zimage": Family(tiny_zimage_pipeline, 64, {"max_sequence_length": 16}),
+    "sana": Family(tiny_sana_pipeline, 64, {"max_sequence_length": 16}),
+    "cosmos": Family(tiny_cosmos_pipeline, 32, {"max_sequence_length": COSMOS_LENGTH, "num_frames": 9}, num_frames=9),
 }
 
 
@@ -155,8 +177,8 @@ def bench_family(name: str, args_ns) -> tuple[float, float]:
         def plain_call():
             with torch.no_grad():
                 pipe(
-                    prompts,
-                    output_type="pt",
+                    prompt=list(prompts),  # a copy: Z-Image rewrites its prompt list in place
+                    output_type="pt",  # decoded, as the rollout decodes its samples for the rewards
                     generator=torch.Generator(device=device).manual_seed(0),
                     **ddrl.adapter.pipeline_call_kwargs(ddrl.args, len(prompts)),
                     **family.call,
@@ -192,7 +214,7 @@ def bench_family(name: str, args_ns) -> tuple[float, float]:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", choices=[*FAMILIES, "all"], default="sd")
+    parser.add_argument("--family", choices=[*FAMILIES, "all"], default=["sd"], nargs="+")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=16)
@@ -202,12 +224,14 @@ def main():
     if args_ns.threads:
         torch.set_num_threads(args_ns.threads)
     torch.manual_seed(0)
-    names = list(FAMILIES) if args_ns.family == "all" else [args_ns.family]
+    names = list(FAMILIES) if "all" in args_ns.family else args_ns.family
+    if args_ns.cfg_scale > 1:  # families without an unconditional branch (FLUX.2 [dev]) have no guided rollout
+        names = [name for name in names if get_adapter(FAMILIES[name].build()).supports_cfg]
     results = {name: bench_family(name, args_ns) for name in names}
     if len(results) > 1:
-        print("family  DDRL/GRPO  rollout/pipeline")
+        print("family       DDRL/GRPO  rollout/pipeline")
         for name, (r1, r2) in results.items():
-            print(f"{name:<7} {r1:>9.3f}  {r2:>16.3f}")
+            print(f"{name:<12} {r1:>9.3f}  {r2:>16.3f}")
 
 
 if __name__ == "__main__":

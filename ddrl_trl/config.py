@@ -12,6 +12,9 @@ from dataclasses import dataclass, field, fields
 import torch
 from transformers import TrainingArguments
 
+#: The data_beta that held guided rollouts (cfg_scale 2) on the digits benchmark; below it under guidance, a warning.
+GUIDED_DATA_BETA = 1.0
+
 _DATA_CHOICES = ("rollout", "random")
 
 
@@ -62,7 +65,9 @@ class DDRLConfig(TrainingArguments):
             the one denoiser forward per trained step). `1.0` turns guidance off, as the paper's runs (one branch,
             half the denoiser work); set the value you sample the model with (SD 1.5 7.5, SD3.5 Flow-GRPO 4.5, Wan 5)
             when the rewards should judge guided images. Must be ≥ 1. The pipeline argument it matches is
-            `guidance_scale` for SD/SDXL/SD3/Wan and `true_cfg_scale` for FLUX (docs/concepts.md).
+            `guidance_scale` for SD/SDXL/SD3/Wan/SANA/FLUX.2 [klein], `true_cfg_scale` for FLUX.1 and Qwen-Image,
+            and `guidance_scale` + 1 for Z-Image and Cosmos; families without an unconditional branch (FLUX.2 [dev])
+            refuse it (docs/concepts.md).
         negative_prompt (`str` or `None`, defaults to `None`):
             The prompt of the guidance's unconditional branch, for every row (needs `cfg_scale` > 1). `None`: what the
             pipeline uses without one — the empty prompt; SDXL base: zero embeddings; FLUX: the empty prompt (its
@@ -77,13 +82,15 @@ class DDRLConfig(TrainingArguments):
             prompt is not trained on: teaching "blurry" to mean the average data image would erase what it means.
             `None`: 0.2 when `cfg_scale` > 1 (the authors' code's text dropout), else 0. In [0, 1); no effect when
             `data_beta` = 0.
-        guidance_scale (`float`, defaults to `3.5`):
-            The value fed to a guidance-distilled denoiser's guidance embedding (FLUX.1-dev, the pipeline's default),
-            in rollouts and in the data term alike, on both branches under `cfg_scale`. This is not classifier-free
-            guidance (it costs no second branch). Ignored by models without a guidance embedding.
+        guidance_scale (`float` or `None`, defaults to `None`):
+            The value fed to a guidance-distilled denoiser's guidance embedding (FLUX.1-dev, FLUX.2 [dev]), in
+            rollouts and in the data term alike, on both branches under `cfg_scale`; `None` uses the pipeline's
+            default (FLUX.1 3.5, FLUX.2 4.0). This is not classifier-free guidance (it costs no second branch).
+            Ignored by models without a guidance embedding.
         max_sequence_length (`int` or `None`, defaults to `None`):
-            Prompt tokens fed to the T5 encoder of SD3 / FLUX / Wan; `None` uses the pipeline's default (SD3 256,
-            FLUX 512, Wan 512). Always capped by the tokenizer's `model_max_length`.
+            Prompt tokens fed to the text encoder (T5 of SD3 / FLUX.1 / Wan; the language models of Qwen-Image,
+            FLUX.2, Z-Image, SANA, Cosmos); `None` uses the adapter's default (SD3 256, FLUX.1 / Wan / FLUX.2 /
+            Z-Image / Cosmos 512, SANA 300, Qwen-Image 128). Always capped by the tokenizer's `model_max_length`.
         same_noise_within_group (`bool`, defaults to `False`):
             Give all rollouts of a group the same initial noise (they still differ through the per-step noise).
             Independent noise per rollout is the default, as in the reference code.
@@ -145,7 +152,9 @@ class DDRLConfig(TrainingArguments):
             DDRL. The released configs use 0.01 with a log-prob that drops the Gaussian's 1/(2σ²); ours keeps it and
             averages over latent dimensions, which scales the policy gradient differently, so 0.3 is calibrated on
             the embedded digits benchmark (docs/concepts.md): it keeps the held-out diffusion-loss ratio below 1.10
-            while the reward rises. `0` gives plain GRPO (reward hacking).
+            while the reward rises. `0` gives plain GRPO (reward hacking). Under guidance (`cfg_scale` > 1) 0.3 is
+            too weak: on the same benchmark at w = 2 it hacked, 1.0 held the judge for 70 of 100 steps, and the
+            held-out ratio (of the unguided model) showed neither; a value below 1.0 with guidance warns.
         data_noise (`str`, defaults to `"rollout"`):
             Noise ε of the data term: `"rollout"` reuses the initial noise of the group's first rollout (the code's
             `use_rl_sigma_and_noise`), `"random"` draws fresh noise.
@@ -223,7 +232,10 @@ class DDRLConfig(TrainingArguments):
     data_prompt_dropout: float | None = field(
         default=None, metadata={"help": "Data-term prompt dropout; None = 0.2 under CFG, else 0."}
     )
-    guidance_scale: float = field(default=3.5, metadata={"help": "Distilled guidance embedding value (FLUX.1-dev)."})
+    guidance_scale: float | None = field(
+        default=None,
+        metadata={"help": "Distilled guidance embedding value (FLUX.1-dev, FLUX.2 [dev]); None = the pipeline's."},
+    )
     max_sequence_length: int | None = field(default=None, metadata={"help": "T5 prompt tokens; None = default."})
     same_noise_within_group: bool = field(default=False, metadata={"help": "Share initial noise within a group."})
     train_step_stride: int = field(default=2, metadata={"help": "Train every k-th denoising step."})
@@ -364,6 +376,16 @@ class DDRLConfig(TrainingArguments):
             raise ValueError(
                 "negative_prompt and negative_prompt_column are both set: give one negative prompt for every row, or "
                 "a column of them, not both."
+            )
+        if self.cfg_scale > 1 and 0 < self.data_beta < GUIDED_DATA_BETA:
+            warnings.warn(
+                f"cfg_scale={self.cfg_scale:g} with data_beta={self.data_beta:g}: guidance amplifies the policy's "
+                f"changes, and on the digits benchmark (docs/concepts.md) guided rollouts at w = 2 with data_beta 0.3 "
+                f"hacked the reward (judge accuracy 1.00 → 0.10) while the held-out loss ratio stayed under 1.08, "
+                f"which measures the unguided model; data_beta {GUIDED_DATA_BETA:g} held the judge for 70 of 100 "
+                "steps. Raise data_beta under "
+                "guidance and watch what the rewards judge, not only eval_diffusion_loss_ratio.",
+                stacklevel=3,
             )
         if self.data_prompt_dropout is not None and not 0 <= self.data_prompt_dropout < 1:
             raise ValueError(

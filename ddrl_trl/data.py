@@ -434,7 +434,7 @@ def build_synthetic_reference_dataset(
 ) -> Dataset:
     """Pair prompt-only data with reference images made by the base pipeline itself (the paper's synthetic data).
 
-    Runs `pipeline(prompts, generator=..., **pipeline_kwargs)` with a seeded generator per batch, and returns a
+    Runs `pipeline(prompt=prompts, generator=..., **pipeline_kwargs)` with a seeded generator per batch, and returns a
     `Dataset` with `prompt` and `image` (PIL) columns.
 
     Args:
@@ -454,10 +454,32 @@ def build_synthetic_reference_dataset(
 
         adapter = get_adapter(pipeline)
         adapter.configure(config)
+        if adapter.num_frames is not None:
+            raise ValueError(
+                f"build_synthetic_reference_dataset makes images, and {type(pipeline).__name__} is configured for "
+                f"videos of {adapter.num_frames} frames: sample reference videos with the pipeline yourself and pass "
+                "them as a `video` column (or set num_frames=1 where the pipeline has an image mode, as Cosmos)."
+            )
     for start in range(0, len(rows), batch_size):
         generator = torch.Generator(device=device).manual_seed(seed + start)
         batch = list(rows[start : start + batch_size])
         kwargs = adapter.pipeline_call_kwargs(config, len(batch)) if adapter is not None else {}
-        out = pipeline(batch, generator=generator, output_type="pil", **{**kwargs, **pipeline_kwargs})
-        images.extend(out.images)
+        # `prompt=` by name: some pipelines (FLUX.2, Cosmos) take an image first.
+        out = pipeline(prompt=batch, generator=generator, output_type="pil", **{**kwargs, **pipeline_kwargs})
+        images.extend(_single_images(out))
     return Dataset.from_dict({"prompt": rows, "image": images}).cast_column("image", ImageFeature())
+
+
+def _single_images(output) -> list[Image.Image]:
+    """The images of a pipeline output: `.images`, or the one frame of each one-frame video in `.frames` (Cosmos'
+    text-to-image mode)."""
+    if hasattr(output, "images"):
+        return list(output.images)
+    videos = list(output.frames)
+    if any(len(video) != 1 for video in videos):
+        raise ValueError(
+            "build_synthetic_reference_dataset makes images, and the pipeline returned videos of "
+            f"{len(videos[0])} frames: call it with num_frames=1 where it has an image mode (e.g. Cosmos), or sample "
+            "reference videos yourself."
+        )
+    return [video[0] for video in videos]

@@ -72,14 +72,15 @@ def _guidance_note(trainer) -> list[str]:
     args, adapter = trainer.args, trainer.adapter
     if args.cfg_scale == 1:
         return []
-    call = f"{adapter.cfg_call_argument}={args.cfg_scale:g}"
+    call = f"{adapter.cfg_call_argument}={adapter.pipeline_guidance_scale(args.cfg_scale):g}"
     if args.negative_prompt_column is not None:
         negative = f" and per-prompt negative prompts (dataset column `{args.negative_prompt_column}`)"
-        call += ", negative_prompt=<your negative prompts>"
+        call += ", " + adapter.negative_prompt_call("<your negative prompts>")
     else:
         prompt = args.negative_prompt if args.negative_prompt is not None else adapter.default_negative_prompt
         negative = f" and the negative prompt {prompt!r}" if prompt is not None else ""
-        call += f", negative_prompt={prompt!r}" if prompt is not None else ""
+        if prompt is not None:
+            call += ", " + adapter.negative_prompt_call(repr(prompt))
     return [
         f"Trained on rollouts with classifier-free guidance {args.cfg_scale:g}{negative}: sample it with `{call}` to "
         f"get the images the rewards were raised on.",
@@ -134,14 +135,16 @@ def _description(
     args, base = trainer.args, trainer.base_model_id or "<base model>"
     what = "LoRA adapter" if trainer.is_lora else f"fine-tuned `{trainer.adapter.denoiser_name}`"
     pipeline_class = type(trainer.pipeline).__name__
+    revision = (args.model_init_kwargs or {}).get("revision")
+    base_args = f'"{base}"' + (f', revision="{revision}"' if revision not in (None, "main") else "")
     if trainer.is_lora:
-        usage = f'pipe = {pipeline_class}.from_pretrained("{base}")\npipe.load_lora_weights("<this repo>")'
+        usage = f'pipe = {pipeline_class}.from_pretrained({base_args})\npipe.load_lora_weights("<this repo>")'
     else:
         denoiser_class = type(trainer.adapter.denoiser).__name__
         usage = (
             f'{trainer.adapter.denoiser_name} = {denoiser_class}.from_pretrained("<this repo>", '
             f'subfolder="{trainer.adapter.denoiser_name}")\n'
-            f'pipe = {pipeline_class}.from_pretrained("{base}", {trainer.adapter.denoiser_name}='
+            f"pipe = {pipeline_class}.from_pretrained({base_args}, {trainer.adapter.denoiser_name}="
             f"{trainer.adapter.denoiser_name})"
         )
     rewards = ", ".join(

@@ -71,7 +71,7 @@ class RolloutCollector:
         self._executor: ThreadPoolExecutor | None = None
         #: The guidance's unconditional branch (negative prompts), and the data term's null conditioning.
         self.negatives = UnconditionalPrompts(adapter, args.negative_prompt, args.negative_prompt_column)
-        self.null = UnconditionalPrompts(adapter, None, None)
+        self.null = UnconditionalPrompts(adapter, None, None, null=True)
 
     def batch(self, model, inputs: dict, global_step: int, micro: int, trainer_state: TrainerState) -> RolloutBatch:
         """The batch of micro-step `micro` of optimiser step `global_step`: a fresh rollout at the first of its

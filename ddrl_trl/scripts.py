@@ -29,12 +29,24 @@ from datasets import Dataset, load_dataset, load_from_disk
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
 from .adapters import adapter_class
-from .config import DDRLConfig
+from .config import GUIDED_DATA_BETA, DDRLConfig
 from .errors import UsageError
 from .resume import check_output_dir_free, check_output_dir_writable
 from .rewards import REWARD_SPEC_HELP
 from .trainer import DDRLTrainer
 
+_LARGE_DIT_LORA = dict(
+    resolution=512,
+    num_inference_steps=20,
+    num_generations=8,
+    per_device_train_batch_size=8,
+    use_peft=True,
+    lora_r=32,
+    lora_alpha=64,
+    learning_rate=1e-4,
+    bf16=True,
+    gradient_checkpointing=True,
+)
 #: Each model family's defaults (over `DDRLConfig`'s and `ModelConfig`'s), as used by `examples/train_*.py` and
 #: `ddrl-trl train --family`. `sd` (SD 1.x / 2.x / XL) adds none: name the model and choose LoRA or not yourself.
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -79,6 +91,47 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         learning_rate=1e-4,
         bf16=True,
         gradient_checkpointing=True,
+    ),
+    # The 2025–26 DiTs (docs/adapters.md, "Supported models"): LoRA in bf16 with gradient checkpointing, rollouts
+    # sampled as their pipelines sample by default (guided for the non-distilled ones, at twice the forward cost).
+    "qwenimage": dict(
+        _LARGE_DIT_LORA,
+        model_name_or_path="Qwen/Qwen-Image",
+        cfg_scale=4.0,  # the pipeline's true_cfg_scale, with Qwen-Image's negative prompt " "
+        data_beta=GUIDED_DATA_BETA,  # guided rollouts need a stronger anchor (docs/concepts.md)
+    ),
+    "flux2": dict(
+        _LARGE_DIT_LORA,
+        model_name_or_path="black-forest-labs/FLUX.2-dev",
+        guidance_scale=4.0,  # the distilled guidance embedding (Flux2Pipeline's default)
+    ),
+    "flux2-klein": dict(
+        _LARGE_DIT_LORA,
+        model_name_or_path="black-forest-labs/FLUX.2-klein-base-4B",
+        cfg_scale=4.0,  # Flux2KleinPipeline's guidance_scale (true CFG of the base models)
+        data_beta=GUIDED_DATA_BETA,  # guided rollouts need a stronger anchor (docs/concepts.md)
+    ),
+    "zimage": dict(
+        _LARGE_DIT_LORA,
+        model_name_or_path="Tongyi-MAI/Z-Image",
+        cfg_scale=5.0,  # guidance_scale 4, the model card's example (cfg_scale = 1 + guidance_scale)
+        data_beta=GUIDED_DATA_BETA,  # guided rollouts need a stronger anchor (docs/concepts.md)
+    ),
+    "sana": dict(
+        _LARGE_DIT_LORA,
+        model_name_or_path="Efficient-Large-Model/Sana_1600M_1024px_BF16_diffusers",
+        resolution=1024,  # the checkpoint's size: sampled at another, SanaPipeline bins it back to 1024 px
+        cfg_scale=4.5,  # SanaPipeline's guidance_scale
+        data_beta=GUIDED_DATA_BETA,  # guided rollouts need a stronger anchor (docs/concepts.md)
+        max_sequence_length=300,
+    ),
+    "cosmos": dict(
+        _LARGE_DIT_LORA,
+        model_name_or_path="nvidia/Cosmos-Predict2.5-2B",
+        model_revision="diffusers/base/post-trained",
+        resolution=480,
+        num_frames=33,
+        # cfg_scale stays 1: the authors' DDRL runs on Cosmos roll out unguided
     ),
 }
 #: Flags of TRL's argument classes that mean nothing for a diffusion pipeline, with their only accepted value.
@@ -220,16 +273,16 @@ def load_data(script_args: ScriptArguments, max_train_samples: int | None = None
     return train, test
 
 
-def infer_family(model_name_or_path: str) -> str:
-    """The model family of a pipeline folder or Hub id, from its `model_index.json` (the pipeline class's adapter's
-    `script_family`)."""
+def infer_family(model_name_or_path: str, revision: str | None = None) -> str:
+    """The model family of a pipeline folder or Hub id (at `revision`: Cosmos keeps its diffusers files on a branch),
+    from its `model_index.json` (the pipeline class's adapter's `script_family`)."""
     if os.path.isdir(model_name_or_path):
         path = os.path.join(model_name_or_path, "model_index.json")
     else:
         from huggingface_hub import hf_hub_download
 
         try:
-            path = hf_hub_download(model_name_or_path, "model_index.json")
+            path = hf_hub_download(model_name_or_path, "model_index.json", revision=revision)
         except Exception as err:  # noqa: BLE001 — offline, unknown repo, no such file: all mean "cannot tell"
             raise ValueError(
                 f"Cannot read {model_name_or_path}'s model_index.json to infer its family ({err}): pass "
@@ -255,17 +308,20 @@ def train_command(argv: list[str]) -> DDRLTrainer:
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument("--family", choices=sorted(FAMILY_DEFAULTS))
     first.add_argument("--model_name_or_path")
+    first.add_argument("--model_revision")
     first.add_argument("--config")
     known, rest = first.parse_known_args(argv)
     if any(arg in ("-h", "--help") for arg in rest):
         print(TRAIN_HELP)
         make_parser(known.family or "sd", prog="ddrl-trl train").parse_args_and_config(args=["--help"])
     try:
-        model = known.model_name_or_path
-        if model is None and known.config:
+        model, revision = known.model_name_or_path, known.model_revision
+        if known.config and (model is None or revision is None):
             with open(known.config, encoding="utf-8") as file:
-                model = (yaml.safe_load(file) or {}).get("model_name_or_path")
-        family = known.family or (infer_family(model) if model else None)
+                from_config = yaml.safe_load(file) or {}
+            model = model or from_config.get("model_name_or_path")
+            revision = revision or from_config.get("model_revision")
+        family = known.family or (infer_family(model, revision) if model else None)
         if family is None:
             raise ValueError(
                 f"Name the model: --model_name_or_path (its family is inferred), or --family "

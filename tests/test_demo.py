@@ -75,6 +75,12 @@ def test_demo_comparison_runs_end_to_end(tmp_path, capsys):
     assert "baseline (data_beta=0)" in out and "DDRL (data_beta=" in out
     results = json.loads((tmp_path / "results.json").read_text())
     assert [h["step"] for h in results["ddrl"]["history"]] == [0, 1, 2]
-    assert results["baseline"]["data_beta"] == 0.0
+    assert results["baseline"]["data_beta"] == 0.0 and results["ddrl"]["data_beta"] == 0.3
     for name in ("report.png", "grid_before.png", "grid_after_ddrl.png", "grid_after_baseline.png"):
         assert (tmp_path / name).stat().st_size > 1000, name
+
+
+def test_demo_rolls_out_guided_with_the_guided_anchor_unless_told_otherwise():
+    assert demo.parse_args([]).data_beta == 0.3
+    assert demo.parse_args(["--cfg-scale", "2"]).data_beta == 1.0
+    assert demo.parse_args(["--cfg-scale", "2", "--data-beta", "0.5"]).data_beta == 0.5

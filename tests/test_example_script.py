@@ -313,7 +313,11 @@ def test_ddrl_trl_train_explains_family_infers_it_and_keeps_tracebacks_of_runs(t
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     shown = capsys.readouterr().out
-    assert "--family {flux,sd,sd3,wan}" in shown and "usage: ddrl-trl train" in shown and "--reward_funcs" in shown
+    assert (
+        "--family {cosmos,flux,flux2,flux2-klein,qwenimage,sana,sd,sd3,wan,zimage}" in shown
+        and "usage: ddrl-trl train" in shown
+        and "--reward_funcs" in shown
+    )
     # the model named in --config decides the family (here a folder with no model_index.json: said in one line)
     (tmp_path / "run.yaml").write_text(f"model_name_or_path: {tmp_path / 'nothing'}\n")
     with pytest.raises(SystemExit) as exited:

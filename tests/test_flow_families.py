@@ -145,7 +145,7 @@ def test_data_term_matches_diffusers_flow_matching_training_recipe(name):
             script = pipe.transformer(
                 hidden_states=FluxPipeline._pack_latents(script_noisy, b, c, h, w),
                 timestep=timesteps / 1000,
-                guidance=torch.full((b,), args.guidance_scale) if name == "flux" else None,
+                guidance=torch.full((b,), adapter.guidance_scale) if name == "flux" else None,
                 pooled_projections=cond["pooled_projections"],
                 encoder_hidden_states=cond["encoder_hidden_states"],
                 txt_ids=torch.zeros(cond["encoder_hidden_states"].shape[1], 3),

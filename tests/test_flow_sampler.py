@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
 from ddrl_trl.samplers import FlowSDESampler
 
@@ -94,3 +94,14 @@ def test_custom_base_sigmas_and_non_flow_schedulers():
     torch.testing.assert_close(sampler.sigmas, torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]))
     with pytest.raises(ValueError, match="DDIMScheduler is not a flow-matching scheduler"):
         FlowSDESampler(DDIMScheduler(), num_inference_steps=4)
+
+
+def test_first_step_guard_covers_flow_dpm_solver_starting_at_one_minus_one_thousandth():
+    """SANA's DPM-Solver flow sigmas start at 1 − 1/1000 with flow_shift 1: without the guard the first step's noise
+    would be ~30× the next one's (√(t / (1 − t)) ≈ 31.6)."""
+    scheduler = DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift=1.0, prediction_type="flow_prediction")
+    sampler = FlowSDESampler(scheduler, num_inference_steps=10, noise_level=0.7)
+    assert sampler.sigmas[0].item() == pytest.approx(0.999, abs=1e-6)
+    expected_first = 0.7 * math.sqrt(sampler.sigmas[0].item() / (1 - sampler.sigmas[1].item()))
+    assert sampler.sde_sigmas[0].item() == pytest.approx(expected_first, rel=1e-5)
+    assert sampler.stds[0] < 2 * sampler.stds[1]

@@ -273,3 +273,17 @@ def test_kl_reference_is_guided_like_the_policy(tmp_path, reference_dataset):
     trainer.train()
     assert trainer.state.log_history[0]["loss/kl"] == 0.0
     assert trainer.state.log_history[1]["loss/kl"] > 0.0
+
+
+def test_guidance_with_a_weak_data_term_warns_with_the_measurement():
+    with pytest.warns(
+        UserWarning, match=r"data_beta=0.3: guidance amplifies .* data_beta 1 held the judge for 70 of 100 steps"
+    ):
+        DDRLConfig(output_dir="unused", report_to="none", cfg_scale=2.0)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DDRLConfig(output_dir="unused", report_to="none", cfg_scale=2.0, data_beta=1.0)
+        DDRLConfig(output_dir="unused", report_to="none", cfg_scale=1.0)
+        DDRLConfig(output_dir="unused", report_to="none", cfg_scale=2.0, data_beta=0.0)  # plain guided GRPO: asked for

@@ -11,10 +11,15 @@ from .base import (
     repeat_conditioning,
     select_conditioning,
 )
+from .cosmos import CosmosPredict25Adapter
 from .flux import FluxAdapter
+from .flux2 import Flux2Adapter, Flux2KleinAdapter
+from .qwenimage import QwenImageAdapter
+from .sana import SanaAdapter
 from .sd3 import StableDiffusion3Adapter
 from .stable_diffusion import StableDiffusionAdapter, StableDiffusionXLAdapter
 from .wan import WanAdapter
+from .zimage import ZImageAdapter
 
 _REGISTRY: dict[type, type[PipelineAdapter]] = {}
 
@@ -60,15 +65,27 @@ register_adapter(StableDiffusionXLAdapter)
 register_adapter(StableDiffusion3Adapter)
 register_adapter(FluxAdapter)
 register_adapter(WanAdapter)
+register_adapter(CosmosPredict25Adapter)
+register_adapter(QwenImageAdapter)
+register_adapter(Flux2Adapter)
+register_adapter(Flux2KleinAdapter)
+register_adapter(ZImageAdapter)
+register_adapter(SanaAdapter)
 
 __all__ = [
     "Conditioning",
+    "CosmosPredict25Adapter",
+    "Flux2Adapter",
+    "Flux2KleinAdapter",
     "FluxAdapter",
     "PipelineAdapter",
+    "QwenImageAdapter",
+    "SanaAdapter",
     "StableDiffusion3Adapter",
     "StableDiffusionAdapter",
     "StableDiffusionXLAdapter",
     "WanAdapter",
+    "ZImageAdapter",
     "adapter_class",
     "concat_conditioning",
     "get_adapter",

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from ..core.guidance import combine_guidance
+
 Conditioning = dict[str, torch.Tensor]
 """Flat dict of per-sample conditioning tensors (batch dimension first), as returned by `encode_prompts`."""
 
@@ -47,7 +49,8 @@ class PipelineAdapter(ABC):
         frozen_module_names: pipeline attributes that are used but never trained (absent ones are skipped).
         supports_cfg: whether the denoiser has an unconditional branch for classifier-free guidance
             (`DDRLConfig.cfg_scale`); a family without one refuses guidance in `configure`.
-        cfg_call_argument: the pipeline `__call__` argument that sets the classifier-free guidance scale.
+        cfg_call_argument: the pipeline `__call__` argument that sets the classifier-free guidance scale
+            (its value: `pipeline_guidance_scale`).
     """
 
     pipeline_classes: tuple[type, ...] = ()
@@ -102,7 +105,7 @@ class PipelineAdapter(ABC):
             "num_inference_steps": config.num_inference_steps,
             "height": resolution,
             "width": resolution,
-            self.cfg_call_argument: config.cfg_scale,
+            self.cfg_call_argument: self.pipeline_guidance_scale(config.cfg_scale),
         }
         negative = config.negative_prompt if config.negative_prompt is not None else self.default_negative_prompt
         if config.cfg_scale > 1 and negative is not None:
@@ -111,6 +114,23 @@ class PipelineAdapter(ABC):
         if tokenizer is not None:
             kwargs["max_sequence_length"] = self.t5_sequence_length(tokenizer)
         return kwargs
+
+    def pipeline_guidance_scale(self, cfg_scale: float) -> float:
+        """The value of the pipeline's `cfg_call_argument` that samples with `DDRLConfig.cfg_scale` w, where the
+        guided output is ε_∅ + w (ε_c − ε_∅). Most pipelines take w itself; those that compute ε_c + g (ε_c − ε_∅)
+        (Z-Image, Cosmos) take g = w − 1."""
+        return cfg_scale
+
+    def negative_prompt_call(self, negative: str) -> str:
+        """How a pipeline call takes the negative prompt `negative` (a Python expression), for the model card's usage
+        line: `negative_prompt=...` unless the pipeline takes embeddings only (FLUX.2 [klein])."""
+        return f"negative_prompt={negative}"
+
+    def combine_guidance(self, cond_output: torch.Tensor, uncond_output: torch.Tensor, scale: float) -> torch.Tensor:
+        """The guided output of the two branches, float32, as the pipeline combines them: ε_∅ + w (ε_c − ε_∅) by
+        default (`ddrl_trl.core.combine_guidance`); a family whose pipeline does more (Qwen-Image's norm rescale)
+        overrides it. Outputs are in the unpacked latent layout of `latent_shape`."""
+        return combine_guidance(cond_output, uncond_output, scale)
 
     def t5_sequence_length(self, tokenizer) -> int:
         """`max_sequence_length` capped by the T5 tokenizer's `model_max_length`."""
@@ -170,6 +190,12 @@ class PipelineAdapter(ABC):
         if negative_prompts is None:
             negative_prompts = [self.default_negative_prompt or ""] * count
         return self.encode_prompts(negative_prompts)
+
+    def encode_null(self, count: int) -> Conditioning:
+        """The conditioning the data term's prompt dropout replaces prompts with, `count` rows: what the family's
+        training drops captions to. By default the unconditional branch's with no negative prompt (the empty
+        prompt); overridden where training uses something else (Cosmos: zero embeddings)."""
+        return self.encode_unconditional(None, count)
 
     @abstractmethod
     def predict(

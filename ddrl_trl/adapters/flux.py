@@ -9,8 +9,8 @@ What is FLUX-specific, and lives only here:
   alike, as in the training script. That embedding is not classifier-free guidance: FLUX has no trained
   unconditional branch, but `DDRLConfig.cfg_scale` > 1 gives diffusers' "true CFG" (`true_cfg_scale` with a
   negative prompt, by default the empty one), both branches carrying the same guidance embedding.
-- The timestep shift depends on the image size: `mu = calculate_shift(image tokens, ...)` from the scheduler config,
-  with the pipeline's base sigmas linspace(1, 1/T, T).
+- The timestep shift depends on the image size: `mu` is linear in the number of image tokens
+  (`image_token_shift_mu`, from the scheduler config), with the pipeline's base sigmas linspace(1, 1/T, T).
 The data term is diffusers' FLUX recipe: x_t = (1 − t) x0 + t ε, target ε − x0, unit weighting.
 """
 
@@ -19,9 +19,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 from diffusers import FluxPipeline
-from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-from ..samplers import FlowSDESampler
+from ..samplers import FlowSDESampler, image_token_shift_mu
 from .base import Conditioning, PipelineAdapter
 
 
@@ -43,11 +42,12 @@ class FluxAdapter(PipelineAdapter):
 
     def configure(self, config) -> None:
         super().configure(config)
-        self.guidance_scale = float(config.guidance_scale)
+        if config.guidance_scale is not None:
+            self.guidance_scale = float(config.guidance_scale)
 
     def pipeline_call_kwargs(self, config, batch_size: int) -> dict:
         """As the base, with `guidance_scale`: the distilled embedding."""
-        return {**super().pipeline_call_kwargs(config, batch_size), "guidance_scale": config.guidance_scale}
+        return {**super().pipeline_call_kwargs(config, batch_size), "guidance_scale": self.guidance_scale}
 
     @property
     def denoiser_downsampling(self) -> int:
@@ -83,7 +83,7 @@ class FluxAdapter(PipelineAdapter):
             guidance = torch.full((batch,), self.guidance_scale, device=device, dtype=torch.float32)
         output = denoiser(
             hidden_states=packed,
-            timestep=(timesteps / 1000).to(dtype),
+            timestep=timesteps.to(dtype) / 1000,  # as the pipeline: t.to(latents.dtype) / 1000
             guidance=guidance,
             pooled_projections=cond["pooled_projections"],
             encoder_hidden_states=cond["encoder_hidden_states"],
@@ -110,13 +110,7 @@ class FluxAdapter(PipelineAdapter):
         """The pipeline's `mu` for the training resolution: linear in the number of image tokens."""
         side = (self.resolution or self.default_resolution) // self.vae_scale_factor // 2
         config = self.pipeline.scheduler.config
-        return calculate_shift(
-            side * side,
-            config.get("base_image_seq_len", 256),
-            config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5),
-            config.get("max_shift", 1.15),
-        )
+        return image_token_shift_mu(config, side * side)
 
     def make_sampler(self, config, device: torch.device) -> FlowSDESampler:
         steps = config.num_inference_steps

@@ -23,6 +23,7 @@ from peft import LoraConfig
 from transformers import TrainerCallback
 
 from .. import DDRLConfig, DDRLTrainer
+from ..config import GUIDED_DATA_BETA
 from .digits import (
     DigitsEvaluator,
     digit_prompt,
@@ -158,11 +159,17 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The demo's options; `data_beta` resolved (the DDRL default, or the guided one with `--cfg-scale` > 1)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps per run")
     parser.add_argument("--eval-every", type=int, default=10)
-    parser.add_argument("--data-beta", type=float, default=DDRLConfig.data_beta, help="DDRL run's data_beta")
+    parser.add_argument(
+        "--data-beta",
+        type=float,
+        default=None,
+        help=f"DDRL run's data_beta (default {DDRLConfig.data_beta}; {GUIDED_DATA_BETA} with --cfg-scale > 1)",
+    )
     parser.add_argument("--learning-rate", type=float, default=1e-3, help="LoRA learning rate of both runs")
     parser.add_argument("--prompts-per-step", type=int, default=4, help="groups of 8 rollouts per step")
     parser.add_argument("--per-digit", type=int, default=10, help="judge samples per digit at each evaluation")
@@ -173,6 +180,13 @@ def main(argv: list[str] | None = None) -> int:
         "--cfg-scale", type=float, default=1.0, help="classifier-free guidance of rollouts and samples"
     )
     opts = parser.parse_args(argv)
+    if opts.data_beta is None:  # guided rollouts need the stronger anchor (docs/concepts.md)
+        opts.data_beta = GUIDED_DATA_BETA if opts.cfg_scale > 1 else DDRLConfig.data_beta
+    return opts
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_args(argv)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     start = time.perf_counter()

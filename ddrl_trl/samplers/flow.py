@@ -29,6 +29,17 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from .base import GaussianStepSampler
 
 
+def image_token_shift_mu(scheduler_config, image_tokens: int) -> float:
+    """The resolution-dependent shift `mu` that the FLUX.1, Qwen-Image and Z-Image pipelines compute (their
+    `calculate_shift`): linear in the number of image tokens, from `base_shift` at `base_image_seq_len` to `max_shift`
+    at `max_image_seq_len` of the scheduler config."""
+    base_tokens = scheduler_config.get("base_image_seq_len", 256)
+    max_tokens = scheduler_config.get("max_image_seq_len", 4096)
+    base_shift, max_shift = scheduler_config.get("base_shift", 0.5), scheduler_config.get("max_shift", 1.15)
+    slope = (max_shift - base_shift) / (max_tokens - base_tokens)
+    return image_tokens * slope + (base_shift - slope * base_tokens)
+
+
 def _fresh_flow_scheduler(scheduler) -> SchedulerMixin:
     """A new scheduler of the pipeline's kind (the pipeline's own instance is never mutated); a bare config is read as
     a `FlowMatchEulerDiscreteScheduler` config."""
@@ -81,9 +92,9 @@ class FlowSDESampler(GaussianStepSampler):
         #: `(T,)` model timesteps (t · num_train_timesteps), as the pipeline feeds them to the transformer.
         self.timesteps = torch.as_tensor(scheduler.timesteps).to(device=device, dtype=torch.float32)
         sigma, sigma_next = self.sigmas[:-1], self.sigmas[1:]
-        # Flow-GRPO's guard at t = 1. "≈ 1", because multistep schedulers start at 1 − 1e-6 (their own log guard),
-        # which would otherwise give σ ≈ 700 at the first step.
-        denominator = torch.where(sigma > 1 - 1e-3, self.sigmas[1], sigma)
+        # Flow-GRPO's guard at t = 1. "≈ 1", because multistep schedulers start at 1 − 1e-6 (their own log guard) or
+        # at 1 − 1/1000 (SANA's DPM-Solver at flow_shift 1), which would otherwise give σ ≈ 700 (or 22) at step one.
+        denominator = torch.where(sigma >= 1 - 1e-3, self.sigmas[1], sigma)
         #: `(T,)` σ_t of the SDE.
         self.sde_sigmas = noise_level * torch.sqrt(sigma / (1 - denominator))
         self.deltas = sigma - sigma_next
