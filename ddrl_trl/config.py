@@ -154,7 +154,7 @@ class DDRLConfig(TrainingArguments):
             the embedded digits benchmark (docs/concepts.md): it keeps the held-out diffusion-loss ratio below 1.10
             while the reward rises. `0` gives plain GRPO (reward hacking). Under guidance (`cfg_scale` > 1) 0.3 is
             too weak: on the same benchmark at w = 2 it hacked, 1.0 held the judge for 70 of 100 steps, and the
-            held-out ratio (of the unguided model) showed neither; a value below 1.0 with guidance warns.
+            held-out ratio (of the unguided model) showed neither; a value in (0, 1.0) with guidance warns.
         data_noise (`str`, defaults to `"rollout"`):
             Noise ε of the data term: `"rollout"` reuses the initial noise of the group's first rollout (the code's
             `use_rl_sigma_and_noise`), `"random"` draws fresh noise.
@@ -236,7 +236,9 @@ class DDRLConfig(TrainingArguments):
         default=None,
         metadata={"help": "Distilled guidance embedding value (FLUX.1-dev, FLUX.2 [dev]); None = the pipeline's."},
     )
-    max_sequence_length: int | None = field(default=None, metadata={"help": "T5 prompt tokens; None = default."})
+    max_sequence_length: int | None = field(
+        default=None, metadata={"help": "Prompt tokens of the text encoder; None = the family's default."}
+    )
     same_noise_within_group: bool = field(default=False, metadata={"help": "Share initial noise within a group."})
     train_step_stride: int = field(default=2, metadata={"help": "Train every k-th denoising step."})
     train_step_indices: list[int] | None = field(default=None, metadata={"help": "Explicit trained step indices."})
