@@ -35,7 +35,9 @@ from .resume import check_output_dir_free, check_output_dir_writable
 from .rewards import REWARD_SPEC_HELP
 from .trainer import DDRLTrainer
 
-_LARGE_DIT_LORA = dict(
+#: What every family but `sd` shares: a LoRA (r 32, α 64, lr 1e-4) trained in bf16 with gradient checkpointing, on
+#: groups of 8 rollouts of 20 steps, 8 rollouts per device, at 512 px.
+_BF16_LORA = dict(
     resolution=512,
     num_inference_steps=20,
     num_generations=8,
@@ -51,74 +53,42 @@ _LARGE_DIT_LORA = dict(
 #: `ddrl-trl train --family`. `sd` (SD 1.x / 2.x / XL) adds none: name the model and choose LoRA or not yourself.
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "sd": {},
-    "sd3": dict(
-        model_name_or_path="stabilityai/stable-diffusion-3.5-medium",
-        resolution=512,
-        num_inference_steps=20,
-        num_generations=8,
-        per_device_train_batch_size=8,
-        use_peft=True,
-        lora_r=32,
-        lora_alpha=64,
-        learning_rate=3e-4,
-        bf16=True,
-        gradient_checkpointing=True,
-    ),
-    "flux": dict(
-        model_name_or_path="black-forest-labs/FLUX.1-dev",
-        resolution=512,
-        num_inference_steps=20,
-        num_generations=8,
-        per_device_train_batch_size=8,
-        use_peft=True,
-        lora_r=32,
-        lora_alpha=64,
-        learning_rate=1e-4,
-        bf16=True,
-        gradient_checkpointing=True,
-        guidance_scale=3.5,
-    ),
+    "sd3": dict(_BF16_LORA, model_name_or_path="stabilityai/stable-diffusion-3.5-medium", learning_rate=3e-4),
+    "flux": dict(_BF16_LORA, model_name_or_path="black-forest-labs/FLUX.1-dev", guidance_scale=3.5),
     "wan": dict(
+        _BF16_LORA,
         model_name_or_path="Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
         resolution=480,
         num_frames=33,
-        num_inference_steps=20,
-        num_generations=8,
-        per_device_train_batch_size=8,
-        use_peft=True,
-        lora_r=32,
         lora_alpha=32,
-        learning_rate=1e-4,
-        bf16=True,
-        gradient_checkpointing=True,
     ),
     # The 2025–26 DiTs (docs/adapters.md, "Supported models"): LoRA in bf16 with gradient checkpointing, rollouts
     # sampled as their pipelines sample by default (guided for the non-distilled ones, at twice the forward cost).
     "qwenimage": dict(
-        _LARGE_DIT_LORA,
+        _BF16_LORA,
         model_name_or_path="Qwen/Qwen-Image",
         cfg_scale=4.0,  # the pipeline's true_cfg_scale, with Qwen-Image's negative prompt " "
         data_beta=GUIDED_DATA_BETA,  # guided rollouts need a stronger anchor (docs/concepts.md)
     ),
     "flux2": dict(
-        _LARGE_DIT_LORA,
+        _BF16_LORA,
         model_name_or_path="black-forest-labs/FLUX.2-dev",
         guidance_scale=4.0,  # the distilled guidance embedding (Flux2Pipeline's default)
     ),
     "flux2-klein": dict(
-        _LARGE_DIT_LORA,
+        _BF16_LORA,
         model_name_or_path="black-forest-labs/FLUX.2-klein-base-4B",
         cfg_scale=4.0,  # Flux2KleinPipeline's guidance_scale (true CFG of the base models)
         data_beta=GUIDED_DATA_BETA,  # guided rollouts need a stronger anchor (docs/concepts.md)
     ),
     "zimage": dict(
-        _LARGE_DIT_LORA,
+        _BF16_LORA,
         model_name_or_path="Tongyi-MAI/Z-Image",
         cfg_scale=5.0,  # guidance_scale 4, the model card's example (cfg_scale = 1 + guidance_scale)
         data_beta=GUIDED_DATA_BETA,  # guided rollouts need a stronger anchor (docs/concepts.md)
     ),
     "sana": dict(
-        _LARGE_DIT_LORA,
+        _BF16_LORA,
         model_name_or_path="Efficient-Large-Model/Sana_1600M_1024px_BF16_diffusers",
         resolution=1024,  # the checkpoint's size: sampled at another, SanaPipeline bins it back to 1024 px
         cfg_scale=4.5,  # SanaPipeline's guidance_scale
@@ -126,7 +96,7 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         max_sequence_length=300,
     ),
     "cosmos": dict(
-        _LARGE_DIT_LORA,
+        _BF16_LORA,
         model_name_or_path="nvidia/Cosmos-Predict2.5-2B",
         model_revision="diffusers/base/post-trained",
         resolution=480,

@@ -16,11 +16,10 @@ The data term is diffusers' FLUX recipe: x_t = (1 − t) x0 + t ε, target ε �
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from diffusers import FluxPipeline
 
-from ..samplers import FlowSDESampler, image_token_shift_mu
+from ..samplers import FlowSDESampler, image_token_shift_mu, pipeline_base_sigmas
 from .base import Conditioning, PipelineAdapter
 
 
@@ -114,14 +113,11 @@ class FluxAdapter(PipelineAdapter):
 
     def make_sampler(self, config, device: torch.device) -> FlowSDESampler:
         steps = config.num_inference_steps
-        # As FluxPipeline.__call__: base sigmas linspace(1, 1/T, T), unless the scheduler makes its own flow sigmas.
-        use_flow_sigmas = self.pipeline.scheduler.config.get("use_flow_sigmas", False)
-        sigmas = None if use_flow_sigmas else np.linspace(1.0, 1 / steps, steps).tolist()
         return FlowSDESampler(
             self.pipeline.scheduler,
             steps,
             config.flow_noise_level,
             device=device,
             mu=self.timestep_shift_mu(),
-            sigmas=sigmas,
+            sigmas=pipeline_base_sigmas(self.pipeline.scheduler.config, steps),  # as the pipeline's __call__
         )

@@ -26,12 +26,11 @@ latents, target ε − x0, unit weighting.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from diffusers import Flux2KleinPipeline, Flux2Pipeline
 from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
 
-from ..samplers import FlowSDESampler
+from ..samplers import FlowSDESampler, pipeline_base_sigmas
 from .base import Conditioning, PipelineAdapter
 
 
@@ -166,16 +165,13 @@ class Flux2Adapter(PipelineAdapter):
 
     def make_sampler(self, config, device: torch.device) -> FlowSDESampler:
         steps = config.num_inference_steps
-        # As __call__ (l.935-946): base sigmas linspace(1, 1/T, T) unless the scheduler makes its own flow sigmas.
-        use_flow_sigmas = self.pipeline.scheduler.config.get("use_flow_sigmas", False)
-        sigmas = None if use_flow_sigmas else np.linspace(1.0, 1 / steps, steps).tolist()
         return FlowSDESampler(
             self.pipeline.scheduler,
             steps,
             config.flow_noise_level,
             device=device,
             mu=self.timestep_shift_mu(steps),
-            sigmas=sigmas,
+            sigmas=pipeline_base_sigmas(self.pipeline.scheduler.config, steps),  # as the pipeline's __call__
         )
 
 

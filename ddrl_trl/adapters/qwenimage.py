@@ -24,12 +24,11 @@ weighting by default (its timesteps are uniform and unshifted; docs/adapters.md)
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from diffusers import QwenImagePipeline
 
 from ..core.guidance import combine_guidance, rescale_to_conditional_norm
-from ..samplers import FlowSDESampler, image_token_shift_mu
+from ..samplers import FlowSDESampler, image_token_shift_mu, pipeline_base_sigmas
 from .base import Conditioning, PipelineAdapter
 
 
@@ -168,5 +167,5 @@ class QwenImageAdapter(PipelineAdapter):
             config.flow_noise_level,
             device=device,
             mu=self.timestep_shift_mu(),
-            sigmas=np.linspace(1.0, 1 / steps, steps).tolist(),  # pipeline line 598
+            sigmas=pipeline_base_sigmas(self.pipeline.scheduler.config, steps),  # pipeline line 598
         )

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -38,6 +39,14 @@ def image_token_shift_mu(scheduler_config, image_tokens: int) -> float:
     base_shift, max_shift = scheduler_config.get("base_shift", 0.5), scheduler_config.get("max_shift", 1.15)
     slope = (max_shift - base_shift) / (max_tokens - base_tokens)
     return image_tokens * slope + (base_shift - slope * base_tokens)
+
+
+def pipeline_base_sigmas(scheduler_config, num_inference_steps: int) -> list[float] | None:
+    """The unshifted base sigmas FLUX.1, FLUX.2 and Qwen-Image pipelines pass to `set_timesteps`: linspace(1, 1/T, T),
+    or None where the scheduler makes its own flow sigmas (`use_flow_sigmas`)."""
+    if scheduler_config.get("use_flow_sigmas", False):
+        return None
+    return np.linspace(1.0, 1 / num_inference_steps, num_inference_steps).tolist()
 
 
 def _fresh_flow_scheduler(scheduler) -> SchedulerMixin:
