@@ -28,8 +28,8 @@ import torch
 from diffusers import QwenImagePipeline
 
 from ..core.guidance import combine_guidance, rescale_to_conditional_norm
-from ..samplers import FlowSDESampler, image_token_shift_mu, pipeline_base_sigmas
 from .base import Conditioning, PipelineAdapter
+from .flux import FluxAdapter
 
 
 class QwenImageAdapter(PipelineAdapter):
@@ -153,19 +153,7 @@ class QwenImageAdapter(PipelineAdapter):
         images = vae.decode((latents / inv_std + mean)[:, :, None], return_dict=False)[0][:, :, 0]
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
-    def timestep_shift_mu(self) -> float:
-        """The pipeline's `mu` for the training resolution: linear in the number of image tokens (lines 599-606)."""
-        side = (self.resolution or self.default_resolution) // self.vae_scale_factor // 2
-        config = self.pipeline.scheduler.config
-        return image_token_shift_mu(config, side * side)
-
-    def make_sampler(self, config, device: torch.device) -> FlowSDESampler:
-        steps = config.num_inference_steps
-        return FlowSDESampler(
-            self.pipeline.scheduler,
-            steps,
-            config.flow_noise_level,
-            device=device,
-            mu=self.timestep_shift_mu(),
-            sigmas=pipeline_base_sigmas(self.pipeline.scheduler.config, steps),  # pipeline line 598
-        )
+    # Qwen-Image samples as FLUX.1 does (pipeline lines 596-606): base sigmas linspace(1, 1/T, T) shifted by a `mu`
+    # linear in the number of 2×2-packed image tokens; only the scheduler config differs.
+    timestep_shift_mu = FluxAdapter.timestep_shift_mu
+    make_sampler = FluxAdapter.make_sampler
