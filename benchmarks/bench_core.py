@@ -139,8 +139,8 @@ def make_trainer(family: Family, data_beta: float, args_ns, output_dir: str) -> 
 def bench_family(name: str, args_ns) -> tuple[float, float]:
     family = FAMILIES[name]
     with tempfile.TemporaryDirectory() as tmp:
-        data_beta = DDRLConfig.data_beta
-        ddrl = make_trainer(family, data_beta, args_ns, tmp + "/a")
+        ddrl = make_trainer(family, None, args_ns, tmp + "/a")  # DDRLConfig's default for this guidance
+        data_beta = ddrl.args.data_beta
         grpo = make_trainer(family, 0.0, args_ns, tmp + "/b")
         device = ddrl.accelerator.device
         batch = ddrl._prepare_inputs(next(iter(ddrl.get_train_dataloader())))

@@ -4,12 +4,15 @@ The signal (arXiv 2512.04332, §5): a post-trained model whose diffusion loss on
 the base model's is hacking the reward. `DDRLTrainer.evaluate()` measures that ratio
 (`eval_diffusion_loss_ratio`, seeded draws, the base model measured on the same draws); this callback asks for it
 every `eval_steps` optimiser steps, keeps the weights of the last step under the threshold, warns when the ratio
-passes it, and optionally stops training there.
+passes it, and optionally stops training there. Under classifier-free guidance it watches the guided output's ratio
+(`eval_guided_diffusion_loss_ratio`) as well: guidance amplifies a drift the conditional model's ratio does not show
+(docs/concepts.md).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 from transformers import TrainerCallback
@@ -18,7 +21,8 @@ logger = logging.getLogger(__name__)
 
 
 class HackingMonitorCallback(TrainerCallback):
-    """Evaluate every `eval_steps` steps; warn (and optionally stop) when the held-out loss ratio passes `threshold`.
+    """Evaluate every `eval_steps` steps; warn (and optionally stop) when the held-out loss ratio passes `threshold`
+    (under guidance: the conditional or the guided output's ratio, whichever is higher).
 
     Pass it to `DDRLTrainer(callbacks=[HackingMonitorCallback(...)])`, with an `eval_dataset` of held-out prompts and
     paired reference samples. After each evaluation at or under the threshold, the weights are saved (atomically, in
@@ -31,6 +35,9 @@ class HackingMonitorCallback(TrainerCallback):
         stop_training: stop the run at the first evaluation above `threshold`.
         last_good_dir: folder (under `output_dir`) for the last good weights; None to not save them.
     """
+
+    #: The ratios watched, when `evaluate()` reports them.
+    WATCHED = ("eval_diffusion_loss_ratio", "eval_guided_diffusion_loss_ratio")
 
     def __init__(
         self,
@@ -77,9 +84,12 @@ class HackingMonitorCallback(TrainerCallback):
             control.should_evaluate = True
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        ratio = (metrics or {}).get("eval_diffusion_loss_ratio")
-        if ratio is None:
+        watched = [key for key in self.WATCHED if (metrics or {}).get(key) is not None]
+        if not watched:
             return
+        # the worst of the conditional and the guided ratio; a non-finite one is worst of all
+        key = max(watched, key=lambda k: (not math.isfinite(metrics[k]), metrics[k]))
+        ratio = metrics[key]
         if ratio <= self.threshold:
             self.last_good_step = state.global_step
             if self.last_good_path is not None:
@@ -94,9 +104,10 @@ class HackingMonitorCallback(TrainerCallback):
         )
         action = "Stopping training" if self.stop_training else "Training goes on (stop_training=False)"
         logger.warning(
-            "Reward hacking suspected at step %d: the held-out diffusion loss is %.3f× the base model's (threshold "
+            "Reward hacking suspected at step %d: the held-out %s is %.3f× the base model's (threshold "
             "%.2f). %s; %s. Raise data_beta to hold the model to its data.",
             state.global_step,
+            "guided diffusion loss" if key == "eval_guided_diffusion_loss_ratio" else "diffusion loss",
             ratio,
             self.threshold,
             action,

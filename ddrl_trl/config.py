@@ -12,8 +12,42 @@ from dataclasses import dataclass, field, fields
 import torch
 from transformers import TrainingArguments
 
-#: The data_beta that held guided rollouts (cfg_scale 2) on the digits benchmark; below it under guidance, a warning.
-GUIDED_DATA_BETA = 1.0
+#: `data_beta` of unguided rollouts, calibrated on the digits benchmark (docs/concepts.md).
+UNGUIDED_DATA_BETA = 0.3
+#: The data term's prompt dropout under guidance by default: the authors' text dropout.
+GUIDED_PROMPT_DROPOUT = 0.2
+
+
+def guidance_amplification(cfg_scale: float, prompt_dropout: float) -> float:
+    """How much more a guided policy moves than an unguided one under the same data term (docs/concepts.md):
+
+        F(w, p) = w² / (1 − p) + (w − 1)² / p
+
+    The guided output ε̂ = w ε_c − (w − 1) ε_∅ moves by w Δε_c − (w − 1) Δε_∅, while the data term holds each branch
+    only with its share of the samples, β [(1 − p) |Δε_c|² + p |Δε_∅|²]. Balancing a policy-gradient pull g on ε̂
+    against that anchor moves ε̂ by F · g / (2β), against g / (2β) unguided (F = 1 at w = 1). It counts the two
+    branches as independent; they share one network, so the real amplification is smaller.
+    """
+    if cfg_scale <= 1:
+        return 1.0
+    if not 0 < prompt_dropout < 1:
+        raise ValueError(f"Under guidance the prompt dropout must be in (0, 1), got {prompt_dropout}.")
+    return cfg_scale**2 / (1 - prompt_dropout) + (cfg_scale - 1) ** 2 / prompt_dropout
+
+
+def default_data_beta(cfg_scale: float = 1.0, prompt_dropout: float | None = None) -> float:
+    """`DDRLConfig.data_beta` when left unset: 0.3 unguided; under guidance 0.15 · F(w, p)
+    (`guidance_amplification`, p the data term's prompt dropout, 0.2 when None or 0), never below 0.3.
+
+    The factor 0.15 is measured on the digits benchmark (docs/concepts.md): at w = 2 (F = 10) data_beta 1.5 kept the
+    judge at 1.00 and every held-out ratio under 1.05 for 100 steps with the reward up by a third, where 1.0 let the
+    judge slip from step 70 and 0.3 hacked; at w = 4.5 (F = 86.6) the rule gives 13.
+    """
+    if cfg_scale <= 1:
+        return UNGUIDED_DATA_BETA
+    p = prompt_dropout if prompt_dropout else GUIDED_PROMPT_DROPOUT
+    return max(UNGUIDED_DATA_BETA, 0.15 * guidance_amplification(cfg_scale, p))
+
 
 _DATA_CHOICES = ("rollout", "random")
 
@@ -73,7 +107,8 @@ class DDRLConfig(TrainingArguments):
             pipeline uses without one — the empty prompt; SDXL base: zero embeddings; FLUX: the empty prompt (its
             pipeline needs a negative prompt for true CFG).
         negative_prompt_column (`str` or `None`, defaults to `None`):
-            Dataset column holding each row's negative prompt instead (not with `negative_prompt`).
+            Dataset column holding each row's negative prompt instead (not with `negative_prompt`); an eval dataset
+            needs it too (its guided held-out loss uses each row's negative prompt, as rollouts do).
         data_prompt_dropout (`float` or `None`, defaults to `None`):
             Probability that a data-term sample is trained with the null conditioning (the empty prompt, as the
             pipeline encodes it without a negative prompt) instead of its prompt, drawn per sample and trained step
@@ -147,14 +182,16 @@ class DDRLConfig(TrainingArguments):
             1 up to numerics; `ratio/mean` and `clip_fraction` are logged to show it. With more iterations ε decides
             how far each sample may pull the policy from the rollout's: 1e-4 clips nearly every sample after the
             first step, so raise it (e.g. 1e-3 to 1e-2) when reusing rollouts.
-        data_beta (`float`, defaults to `0.3`):
+        data_beta (`float` or `None`, defaults to `None`):
             Weight of the data term (the diffusion loss on the paired reference samples), the forward-KL anchor of
-            DDRL. The released configs use 0.01 with a log-prob that drops the Gaussian's 1/(2σ²); ours keeps it and
-            averages over latent dimensions, which scales the policy gradient differently, so 0.3 is calibrated on
-            the embedded digits benchmark (docs/concepts.md): it keeps the held-out diffusion-loss ratio below 1.10
-            while the reward rises. `0` gives plain GRPO (reward hacking). Under guidance (`cfg_scale` > 1) 0.3 is
-            too weak: on the same benchmark at w = 2 it hacked, 1.0 held the judge for 70 of 100 steps, and the
-            held-out ratio (of the unguided model) showed neither; a value in (0, 1.0) with guidance warns.
+            DDRL. `None` resolves it (`default_data_beta`): 0.3 unguided, and under guidance (`cfg_scale` = w > 1)
+            0.15 · F(w, p) with F = w²/(1−p) + (w−1)²/p (p = `data_prompt_dropout`, 0.2), how much guidance
+            amplifies the policy's moves against the anchor: 1.5 at w = 2, 13 at w = 4.5. The released configs use
+            0.01 with a log-prob that drops the Gaussian's 1/(2σ²); ours keeps it and averages over latent
+            dimensions, which scales the policy gradient differently, so both values are calibrated on the embedded
+            digits benchmark (docs/concepts.md): unguided, 0.3 keeps the held-out diffusion-loss ratio below 1.10
+            while the reward rises; guided at w = 2, 0.3 hacked, 1.0 let the judge slip from step 70 and 1.5 held
+            it. `0` gives plain GRPO (reward hacking). A guided value under the default warns.
         data_noise (`str`, defaults to `"rollout"`):
             Noise ε of the data term: `"rollout"` reuses the initial noise of the group's first rollout (the code's
             `use_rl_sigma_and_noise`), `"random"` draws fresh noise.
@@ -257,7 +294,12 @@ class DDRLConfig(TrainingArguments):
     # Loss
     num_iterations: int = field(default=1, metadata={"help": "Optimiser steps on each rollout batch."})
     epsilon: float = field(default=1e-4, metadata={"help": "PPO clip range of the ratio."})
-    data_beta: float = field(default=0.3, metadata={"help": "Weight of the data (diffusion) term."})
+    data_beta: float | None = field(
+        default=None,
+        metadata={
+            "help": "Weight of the data (diffusion) term; None = 0.3, or more under guidance (docs/concepts.md)."
+        },
+    )
     data_noise: str = field(default="rollout", metadata={"help": "'rollout' or 'random' noise for the data term."})
     data_timesteps: str = field(default="rollout", metadata={"help": "'rollout' or 'random' data noise level."})
     data_on_first_step_only: bool = field(
@@ -379,20 +421,30 @@ class DDRLConfig(TrainingArguments):
                 "negative_prompt and negative_prompt_column are both set: give one negative prompt for every row, or "
                 "a column of them, not both."
             )
-        if self.cfg_scale > 1 and 0 < self.data_beta < GUIDED_DATA_BETA:
-            warnings.warn(
-                f"cfg_scale={self.cfg_scale:g} with data_beta={self.data_beta:g}: guidance amplifies the policy's "
-                f"changes, and on the digits benchmark (docs/concepts.md) guided rollouts at w = 2 with data_beta 0.3 "
-                f"hacked the reward (judge accuracy 1.00 → 0.10) while the held-out loss ratio stayed under 1.08, "
-                f"which measures the unguided model; data_beta {GUIDED_DATA_BETA:g} held the judge for 70 of 100 "
-                "steps. Raise data_beta under "
-                "guidance and watch what the rewards judge, not only eval_diffusion_loss_ratio.",
-                stacklevel=3,
-            )
         if self.data_prompt_dropout is not None and not 0 <= self.data_prompt_dropout < 1:
             raise ValueError(
                 f"data_prompt_dropout must be in [0, 1) (the share of data-term samples trained unconditionally) or "
                 f"None for the default, got {self.data_prompt_dropout}."
+            )
+        guided_default = default_data_beta(self.cfg_scale, self.data_prompt_dropout)
+        if self.cfg_scale > 1 and self.data_prompt_dropout == 0 and self.data_beta != 0:
+            warnings.warn(
+                f"cfg_scale={self.cfg_scale:g} with data_prompt_dropout=0: the data term never trains the "
+                "unconditional branch that guidance follows, so nothing holds it to the data (docs/concepts.md). "
+                "Leave data_prompt_dropout unset (0.2 under guidance).",
+                stacklevel=3,
+            )
+        if self.data_beta is None:
+            self.data_beta = guided_default
+        elif self.cfg_scale > 1 and 0 < self.data_beta < guided_default:
+            warnings.warn(
+                f"cfg_scale={self.cfg_scale:g} with data_beta={self.data_beta:g}, under the guided default "
+                f"{guided_default:.3g} (data_beta=None): guidance amplifies the policy's changes. On the digits "
+                "benchmark (docs/concepts.md) rollouts guided at w = 2 hacked the reward with data_beta 0.3 (judge "
+                "accuracy 1.00 → 0.10) while the conditional held-out ratio stayed under 1.08, and 1.0 let the judge "
+                "slip from step 70; the default 1.5 held it. Leave data_beta unset, and watch "
+                "eval_guided_diffusion_loss_ratio and what the rewards judge.",
+                stacklevel=3,
             )
         if (self.negative_prompt is not None or self.negative_prompt_column is not None) and self.cfg_scale == 1:
             raise ValueError(
@@ -475,7 +527,7 @@ class DDRLConfig(TrainingArguments):
             return 0.0
         if self.data_prompt_dropout is not None:
             return self.data_prompt_dropout
-        return 0.2 if self.cfg_scale > 1 else 0.0
+        return GUIDED_PROMPT_DROPOUT if self.cfg_scale > 1 else 0.0
 
     @property
     def resolved_rollout_chunk_groups(self) -> int | None:

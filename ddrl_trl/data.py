@@ -101,9 +101,11 @@ def check_prompts(
         )
 
 
-def check_negative_prompts(dataset: Dataset, column: str, prompt_column: str, reference_column: str) -> None:
-    """Fail early when `negative_prompt_column` is missing, is the prompt or reference column, or holds anything but
-    strings (empty ones are valid)."""
+def check_negative_prompts(
+    dataset: Dataset, column: str, prompt_column: str, reference_column: str, split: str = "training"
+) -> None:
+    """Fail early when `negative_prompt_column` is missing from the `split` dataset, is the prompt or reference column,
+    or holds anything but strings (empty ones are valid)."""
     if column in (prompt_column, reference_column):
         raise ValueError(
             f"negative_prompt_column={column!r} is the {'prompt' if column == prompt_column else 'reference'} column; "
@@ -111,10 +113,26 @@ def check_negative_prompts(dataset: Dataset, column: str, prompt_column: str, re
         )
     if column not in dataset.column_names:
         raise ValueError(
-            f"negative_prompt_column={column!r} is not a column of the training dataset (its columns: "
+            f"negative_prompt_column={column!r} is not a column of the {split} dataset (its columns: "
             f"{dataset.column_names})."
+            + (
+                " The guided held-out loss uses each row's negative prompt, as rollouts do: add the column to it."
+                if split == "evaluation"
+                else ""
+            )
         )
-    check_prompts(dataset, column, "training", allow_empty=True, setting="negative_prompt_column")
+    check_prompts(dataset, column, split, allow_empty=True, setting="negative_prompt_column")
+
+
+def check_evaluation_dataset(dataset: Dataset, args, reference_column: str) -> None:
+    """Fail early, naming the fix, when held-out data lack the prompt or reference column (unless already encoded),
+    hold a non-prompt, or lack `negative_prompt_column`, whose rows the guided held-out loss uses as rollouts do."""
+    if REF_LATENTS_COLUMN not in dataset.column_names:
+        check_columns(dataset, args.prompt_column, reference_column, "evaluation")
+    check_prompts(dataset, args.prompt_column, "evaluation")
+    if args.negative_prompt_column is not None:
+        column = args.negative_prompt_column
+        check_negative_prompts(dataset, column, args.prompt_column, reference_column, "evaluation")
 
 
 def load_image(value) -> Image.Image:

@@ -1,5 +1,10 @@
 """The paper's reward-hacking signal: the diffusion loss of the model on held-out data, and its ratio to the base
-model's on the same seeded draws (> 1.10: hacking, arXiv 2512.04332 §5). `DDRLTrainer.evaluate()` delegates here."""
+model's on the same seeded draws (> 1.10: hacking, arXiv 2512.04332 §5). `DDRLTrainer.evaluate()` delegates here.
+
+Under classifier-free guidance the policy samples with ε̂ = ε_∅ + w (ε_c − ε_∅), and the conditional model's loss
+does not see a drift of the two branches that guidance amplifies (docs/concepts.md): the guided output's loss on the
+same draws, against the base model's guided output, is measured too (`*_guided_diffusion_loss_ratio`), from the
+same forward (conditional and unconditional rows in one batch)."""
 
 from __future__ import annotations
 
@@ -9,9 +14,10 @@ from contextlib import AbstractContextManager
 import torch
 from datasets import Dataset
 
-from .adapters import PipelineAdapter
+from .adapters import PipelineAdapter, concat_conditioning
 from .core import diffusion_loss
 from .data import DDRLCollator
+from .guidance import UnconditionalPrompts
 from .reference import ReferencePolicy
 from .rollout import SeededNoise
 
@@ -29,6 +35,8 @@ class HeldOutEvaluator:
         args: the `DDRLConfig` (seed, `eval_noise_draws`, `per_device_eval_batch_size`, `prompt_column`).
         accelerator: splits the samples across processes and gathers the sums.
         autocast: the trainer's mixed-precision context for denoiser calls.
+        unconditional: the rollouts' unconditional conditioning under guidance (`args.cfg_scale` > 1), for the
+            guided loss; None without guidance.
     """
 
     def __init__(
@@ -39,10 +47,12 @@ class HeldOutEvaluator:
         args,
         accelerator,
         autocast: Callable[[], AbstractContextManager],
+        unconditional: UnconditionalPrompts | None = None,
     ):
         self.adapter, self.sampler, self.reference = adapter, sampler, reference
         self.args, self.accelerator, self.autocast = args, accelerator, autocast
-        self._base_losses: dict[str, float] = {}
+        self.unconditional = unconditional if args.cfg_scale > 1 else None
+        self._base_losses: dict[str, dict[str, float]] = {}
 
     def measure_base(self, dataset: Dataset) -> None:
         """Measure the base model's held-out loss on `dataset` if not known yet: through the reference policy when it
@@ -51,7 +61,8 @@ class HeldOutEvaluator:
             self._base_losses[dataset._fingerprint] = self.loss(dataset, base=self.reference.available)
 
     def metrics(self, dataset: Dataset, prefix: str, training_started: bool) -> dict[str, float]:
-        """`{prefix}_diffusion_loss` and `{prefix}_diffusion_loss_ratio` (to the base model's) on `dataset`."""
+        """`{prefix}_diffusion_loss` and `{prefix}_diffusion_loss_ratio` (to the base model's) on `dataset`; under
+        guidance also `{prefix}_guided_diffusion_loss` and `{prefix}_guided_diffusion_loss_ratio`."""
         if dataset._fingerprint not in self._base_losses:
             if training_started and not self.reference.available:
                 raise RuntimeError(
@@ -59,15 +70,18 @@ class HeldOutEvaluator:
                     "evaluate() (or pass eval_dataset to the trainer) before training starts."
                 )
             self.measure_base(dataset)
-        loss = self.loss(dataset, base=False)
-        return {
-            f"{prefix}_diffusion_loss": loss,
-            f"{prefix}_diffusion_loss_ratio": loss / self._base_losses[dataset._fingerprint],
-        }
+        base = self._base_losses[dataset._fingerprint]
+        metrics = {}
+        for name, loss in self.loss(dataset, base=False).items():
+            metrics[f"{prefix}_{name}"] = loss
+            metrics[f"{prefix}_{name}_ratio"] = loss / base[name]
+        return metrics
 
     @torch.no_grad()
-    def loss(self, dataset: Dataset, base: bool) -> float:
-        """Mean diffusion loss over `dataset` × `eval_noise_draws`, the samples split across processes.
+    def loss(self, dataset: Dataset, base: bool) -> dict[str, float]:
+        """Mean diffusion loss over `dataset` × `eval_noise_draws`, the samples split across processes:
+        `{"diffusion_loss": ...}` of the conditional output, and under guidance `"guided_diffusion_loss"` of the
+        guided one (`adapter.combine_guidance` at `cfg_scale`) on the same draws.
 
         Sample i's noise and timesteps come from generators seeded by (seed, i, draw), so the value does not depend on
         the number of processes or the batch size, and the model and the base see the same draws.
@@ -76,21 +90,34 @@ class HeldOutEvaluator:
         noise_source = SeededNoise(args.seed, device, args.num_generations)
         predict = self.reference.predict if base else self.adapter.predict
         collate = DDRLCollator(args.prompt_column)
+        guided = self.unconditional is not None
         rows = range(self.accelerator.process_index, len(dataset), self.accelerator.num_processes)
-        total = torch.zeros((), device=device)
+        totals = torch.zeros(2, device=device)  # conditional, guided
         for start in range(0, len(rows), args.per_device_eval_batch_size):
             indices = rows[start : start + args.per_device_eval_batch_size]
             batch = collate([dataset[i] for i in indices])
             x0 = batch["ref_latents"].to(device)
+            n = len(indices)
             with self.autocast():
                 cond = self.adapter.encode_prompts(batch["prompts"])
+                if guided:  # both branches in one forward, as the policy's
+                    cond = concat_conditioning(cond, self.unconditional.for_rows(batch["columns"], range(n)))
                 for draw in range(args.eval_noise_draws):
                     noise = noise_source.draw_for(f"eval-noise{draw}", indices, tuple(x0.shape[1:]))
                     t = torch.cat(
                         [sampler.sample_timesteps(1, noise_source.generator(f"eval-t{draw}", i)) for i in indices]
                     )
-                    output = predict(sampler.add_noise(x0, noise, t), t, cond)
-                    total += diffusion_loss(output, sampler.training_target(x0, noise, t)) * len(indices)
-        count = torch.tensor(float(len(rows) * args.eval_noise_draws), device=device)
-        summed = self.accelerator.gather(torch.stack([total, count])[None]).sum(dim=0)
-        return (summed[0] / summed[1]).item()
+                    x_t, target = sampler.add_noise(x0, noise, t), sampler.training_target(x0, noise, t)
+                    if guided:
+                        output = predict(torch.cat([x_t, x_t]), torch.cat([t, t]), cond)
+                        combined = self.adapter.combine_guidance(output[:n], output[n:], args.cfg_scale)
+                        totals[1] += diffusion_loss(combined, target) * n
+                    else:
+                        output = predict(x_t, t, cond)
+                    totals[0] += diffusion_loss(output[:n], target) * n
+        count = torch.tensor([float(len(rows) * args.eval_noise_draws)], device=device)
+        summed = self.accelerator.gather(torch.cat([totals, count])[None]).sum(dim=0)
+        losses = {"diffusion_loss": (summed[0] / summed[2]).item()}
+        if guided:
+            losses["guided_diffusion_loss"] = (summed[1] / summed[2]).item()
+        return losses

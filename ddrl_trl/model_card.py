@@ -23,6 +23,7 @@ CURVES = (
     ("reward", "reward (trained on)"),
     ("loss/data", "data term: diffusion loss on reference data"),
     ("eval_diffusion_loss_ratio", "held-out diffusion loss / base (> 1.10: hacking)"),
+    ("eval_guided_diffusion_loss_ratio", "held-out guided-output loss / base's (> 1.10: hacking)"),
 )
 #: DDRLConfig fields shown in the card's configuration block.
 CONFIG_FIELDS = (
@@ -255,7 +256,7 @@ def _save_curves(log_history: list[dict], path: str) -> bool:
         ax.plot([s for s, _ in points], [v for _, v in points], marker="." if len(points) < 30 else None)
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("step")
-        if key == "eval_diffusion_loss_ratio":
+        if key.endswith("diffusion_loss_ratio"):
             ax.axhline(1.10, color="red", linestyle="--", linewidth=1)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

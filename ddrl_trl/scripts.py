@@ -29,7 +29,7 @@ from datasets import Dataset, load_dataset, load_from_disk
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
 from .adapters import adapter_class
-from .config import GUIDED_DATA_BETA, DDRLConfig
+from .config import DDRLConfig
 from .errors import UsageError
 from .resume import check_output_dir_free, check_output_dir_writable
 from .rewards import REWARD_SPEC_HELP
@@ -63,12 +63,12 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         lora_alpha=32,
     ),
     # The 2025–26 DiTs (docs/adapters.md, "Supported models"): LoRA in bf16 with gradient checkpointing, rollouts
-    # sampled as their pipelines sample by default (guided for the non-distilled ones, at twice the forward cost).
+    # sampled as their pipelines sample by default (guided for the non-distilled ones, at twice the forward cost; the
+    # unset data_beta then resolves to the guided anchor for that cfg_scale, `config.default_data_beta`).
     "qwenimage": dict(
         _BF16_LORA,
         model_name_or_path="Qwen/Qwen-Image",
         cfg_scale=4.0,  # the pipeline's true_cfg_scale, with Qwen-Image's negative prompt " "
-        data_beta=GUIDED_DATA_BETA,  # guided rollouts need a stronger anchor (docs/concepts.md)
     ),
     "flux2": dict(
         _BF16_LORA,
@@ -79,20 +79,17 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         _BF16_LORA,
         model_name_or_path="black-forest-labs/FLUX.2-klein-base-4B",
         cfg_scale=4.0,  # Flux2KleinPipeline's guidance_scale (true CFG of the base models)
-        data_beta=GUIDED_DATA_BETA,  # guided rollouts need a stronger anchor (docs/concepts.md)
     ),
     "zimage": dict(
         _BF16_LORA,
         model_name_or_path="Tongyi-MAI/Z-Image",
         cfg_scale=5.0,  # guidance_scale 4, the model card's example (cfg_scale = 1 + guidance_scale)
-        data_beta=GUIDED_DATA_BETA,  # guided rollouts need a stronger anchor (docs/concepts.md)
     ),
     "sana": dict(
         _BF16_LORA,
         model_name_or_path="Efficient-Large-Model/Sana_1600M_1024px_BF16_diffusers",
         resolution=1024,  # the checkpoint's size: sampled at another, SanaPipeline bins it back to 1024 px
         cfg_scale=4.5,  # SanaPipeline's guidance_scale
-        data_beta=GUIDED_DATA_BETA,  # guided rollouts need a stronger anchor (docs/concepts.md)
         max_sequence_length=300,
     ),
     "cosmos": dict(

@@ -31,9 +31,11 @@ from .core import (
     reverse_kl_loss,
 )
 from .data import (
+    REF_LATENTS_COLUMN,
     DDRLCollator,
     RepeatSampler,
     check_columns,
+    check_evaluation_dataset,
     check_negative_prompts,
     check_prompts,
     encode_reference_dataset,
@@ -154,7 +156,7 @@ class DDRLTrainer(SavingMixin, Trainer):
         check_prompts(train_dataset, args.prompt_column, "training")
         if args.negative_prompt_column is not None:
             check_negative_prompts(
-                train_dataset, args.negative_prompt_column, args.prompt_column, self.reference_column
+                train_dataset, args.negative_prompt_column, args.prompt_column, self.reference_column, "training"
             )
         if args.num_iterations > 1 and len(train_dataset) < args.groups_per_optimizer_step:
             raise ValueError(
@@ -166,8 +168,7 @@ class DDRLTrainer(SavingMixin, Trainer):
             [c for c in train_dataset.column_names if c not in (args.prompt_column, self.reference_column)], "training"
         )
         if eval_dataset is not None:
-            check_columns(eval_dataset, args.prompt_column, self.reference_column, "evaluation")
-            check_prompts(eval_dataset, args.prompt_column, "evaluation")
+            check_evaluation_dataset(eval_dataset, args, self.reference_column)
         if args.should_save:
             check_output_dir_writable(args.output_dir)
         warn_if_output_dir_taken(args)
@@ -208,9 +209,6 @@ class DDRLTrainer(SavingMixin, Trainer):
             callbacks=callbacks,
             optimizers=optimizers,
         )
-        self.evaluator = HeldOutEvaluator(
-            self.adapter, self.sampler, self.reference, args, self.accelerator, self.compute_loss_context_manager
-        )
         #: DDRL's training metrics since the last log (docs/metrics.md).
         self.metrics = TrainingMetrics()
         #: Makes each micro-step's rollout batch and keeps those later iterations reuse (`rollout_batch.py`).
@@ -225,6 +223,15 @@ class DDRLTrainer(SavingMixin, Trainer):
             self.accelerator,
             self.metrics,
             self.compute_loss_context_manager,
+        )
+        self.evaluator = HeldOutEvaluator(
+            self.adapter,
+            self.sampler,
+            self.reference,
+            args,
+            self.accelerator,
+            self.compute_loss_context_manager,
+            unconditional=self.rollouts.negatives,
         )
         self._micro_of_step = (-1, 0)  # (optimiser step, micro-steps done in it)
         #: The last logged rollout grid `(image, prompts, step)`, shown in the model card.
@@ -275,23 +282,26 @@ class DDRLTrainer(SavingMixin, Trainer):
         return self.reference.frozen_copy
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """Held-out diffusion loss and its ratio to the base model's (> 1.10: the paper's reward-hacking signal).
+        """Held-out diffusion loss and its ratio to the base model's (> 1.10: the paper's reward-hacking signal); under
+        guidance (`cfg_scale` > 1) also the guided output's (`eval_guided_diffusion_loss_ratio`), which sees the
+        drift guidance amplifies.
 
         Each held-out sample's noise and timesteps are seeded by (`args.seed`, its index), identical for the model and
         the base, so the ratio compares the two on the same draws; the samples are split across processes
         (`evaluation.HeldOutEvaluator`). `eval_dataset` may be raw (prompts and paired images) or already encoded.
         """
+        args = self.args
         if eval_dataset is None:
             eval_dataset = self.eval_dataset
-        elif "ddrl_ref_latents" not in eval_dataset.column_names:
-            check_columns(eval_dataset, self.args.prompt_column, self.reference_column, "evaluation")
-            check_prompts(eval_dataset, self.args.prompt_column, "evaluation")
-            eval_dataset = self._encode(eval_dataset, self.args, "evaluation")
+        else:  # checked before any encoding (the trainer's own eval_dataset was checked at construction)
+            check_evaluation_dataset(eval_dataset, args, self.reference_column)
+            if REF_LATENTS_COLUMN not in eval_dataset.column_names:
+                eval_dataset = self._encode(eval_dataset, args, "evaluation")
         if eval_dataset is None:
             raise ValueError("evaluate() needs an eval_dataset (held-out prompts with paired reference images).")
         metrics = self.evaluator.metrics(eval_dataset, metric_key_prefix, training_started=self.state.global_step > 0)
         self.log(metrics)
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        self.control = self.callback_handler.on_evaluate(args, self.state, self.control, metrics)
         return metrics
 
     # ------------------------------------------------------------------------------------------------ data plumbing

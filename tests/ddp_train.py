@@ -86,7 +86,7 @@ args = DDRLConfig(
     log_sample_images_steps=0,
     seed=0,
     dataloader_pin_memory=False,
-    data_beta=0.5,
+    data_beta=1.5 if cli.cfg_scale > 1 else 0.5,  # the guided default at w = 2: no weak-anchor warning
     save_strategy="steps" if cli.save_steps else "no",
     save_steps=cli.save_steps or 1,
     gradient_accumulation_steps=cli.accumulation,
@@ -127,6 +127,7 @@ if trainer.accelerator.is_main_process:
                 "distributed_type": str(trainer.accelerator.distributed_type),
                 "eval_loss": evaluation["eval_diffusion_loss"],
                 "eval_ratio": evaluation["eval_diffusion_loss_ratio"],
+                "eval_guided_ratio": evaluation.get("eval_guided_diffusion_loss_ratio"),
                 "initial_noise": noise.tolist(),
             },
             f,

@@ -82,5 +82,5 @@ def test_demo_comparison_runs_end_to_end(tmp_path, capsys):
 
 def test_demo_rolls_out_guided_with_the_guided_anchor_unless_told_otherwise():
     assert demo.parse_args([]).data_beta == 0.3
-    assert demo.parse_args(["--cfg-scale", "2"]).data_beta == 1.0
+    assert demo.parse_args(["--cfg-scale", "2"]).data_beta == pytest.approx(1.5, rel=1e-12)
     assert demo.parse_args(["--cfg-scale", "2", "--data-beta", "0.5"]).data_beta == 0.5

@@ -292,7 +292,10 @@ def test_script_family_defaults_parse_and_suit_the_pipeline(name, tmp_path):
     )
     assert model_args.model_name_or_path == FAMILY_DEFAULTS[family]["model_name_or_path"]
     assert args.cfg_scale == FAMILY_DEFAULTS[family].get("cfg_scale", 1.0) and args.bf16 and model_args.use_peft
-    assert args.data_beta == (1.0 if args.cfg_scale > 1 else 0.3)  # guided rollouts get the stronger anchor
+    # data_beta is left to DDRLConfig: the guided anchor for the family's cfg_scale, 0.15 · F(w, 0.2)
+    expected_beta = {1.0: 0.3, 4.0: 0.15 * (16 / 0.8 + 9 / 0.2), 4.5: 0.15 * (20.25 / 0.8 + 12.25 / 0.2)}
+    expected_beta[5.0] = 0.15 * (25 / 0.8 + 16 / 0.2)
+    assert args.data_beta == pytest.approx(expected_beta[args.cfg_scale], rel=1e-12)
     get_adapter(pipe).configure(args)  # guidance and frames valid for this pipeline (512 px fits every tiny one)
 
 

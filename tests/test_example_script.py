@@ -64,6 +64,7 @@ def test_train_sd_example_with_yaml_and_cli_overrides(tmp_path, reference_datase
     assert "2/2" in result.stderr  # max_steps from the command line won over the YAML's 5
     used = torch.load(tmp_path / "out" / "training_args.bin", weights_only=False)  # what the trainer ran with
     assert (used.cfg_scale, used.negative_prompt, used.data_prompt_dropout) == (3.0, "a blurry photo", 0.3)
+    assert used.data_beta == pytest.approx(0.15 * (3.0**2 / 0.7 + 2.0**2 / 0.3), rel=1e-12)  # the guided default
     pipe = tiny_sd_pipeline()
     pipe.load_lora_weights(str(tmp_path / "out"))
 

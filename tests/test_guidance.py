@@ -9,9 +9,11 @@ from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeli
 from peft import LoraConfig
 from test_flow_families import record
 from test_trainer import lora, make_args, make_trainer
+from transformers import HfArgumentParser
 
 from ddrl_trl import DDRLConfig
 from ddrl_trl.adapters import StableDiffusionAdapter, get_adapter
+from ddrl_trl.config import default_data_beta, guidance_amplification
 from ddrl_trl.core import group_advantages
 from ddrl_trl.data_term import DataTermBatch
 from ddrl_trl.guidance import UnconditionalPrompts, combine_guidance, predict_policy
@@ -277,13 +279,112 @@ def test_kl_reference_is_guided_like_the_policy(tmp_path, reference_dataset):
 
 def test_guidance_with_a_weak_data_term_warns_with_the_measurement():
     with pytest.warns(
-        UserWarning, match=r"data_beta=0.3: guidance amplifies .* data_beta 1 held the judge for 70 of 100 steps"
+        UserWarning, match=r"data_beta=0.3, under the guided default 1.5 .* 1.0 let the judge slip .* default 1.5 held"
     ):
-        DDRLConfig(output_dir="unused", report_to="none", cfg_scale=2.0)
+        DDRLConfig(output_dir="unused", report_to="none", cfg_scale=2.0, data_beta=0.3)
+    with pytest.warns(UserWarning, match="data_prompt_dropout=0: the data term never trains the unconditional branch"):
+        DDRLConfig(output_dir="unused", report_to="none", cfg_scale=2.0, data_prompt_dropout=0.0)
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        DDRLConfig(output_dir="unused", report_to="none", cfg_scale=2.0, data_beta=1.0)
-        DDRLConfig(output_dir="unused", report_to="none", cfg_scale=1.0)
+        DDRLConfig(output_dir="unused", report_to="none", cfg_scale=2.0)  # the default is the guided anchor
+        DDRLConfig(output_dir="unused", report_to="none", cfg_scale=2.0, data_beta=1.5)
+        DDRLConfig(output_dir="unused", report_to="none", cfg_scale=1.0, data_beta=0.1)
         DDRLConfig(output_dir="unused", report_to="none", cfg_scale=2.0, data_beta=0.0)  # plain guided GRPO: asked for
+
+
+def test_default_data_beta_scales_with_the_guidance_amplification():
+    """None resolves to 0.3 unguided and to 0.15 · F(w, p), F = w²/(1−p) + (w−1)²/p, under guidance (never below
+    0.3); a value the user sets is kept."""
+    assert guidance_amplification(1.0, 0.0) == 1.0
+    assert guidance_amplification(2.0, 0.2) == pytest.approx(4 / 0.8 + 1 / 0.2)  # 10
+    assert default_data_beta(1.0) == 0.3
+    assert default_data_beta(2.0) == pytest.approx(1.5)
+    assert default_data_beta(4.5) == pytest.approx(0.15 * (20.25 / 0.8 + 12.25 / 0.2))  # 12.98
+    assert default_data_beta(2.0, 1 / 3) == pytest.approx(0.15 * (4 * 1.5 + 1 * 3))  # 1.35: the optimal p at w = 2
+    assert default_data_beta(2.0, 0.0) == default_data_beta(2.0)  # no dropout: the rule takes the default p
+    assert default_data_beta(1.1) == 0.3  # 0.15 · 1.5625 would be weaker than unguided
+    with pytest.raises(ValueError, match="prompt dropout must be in \\(0, 1\\)"):
+        guidance_amplification(2.0, 0.0)
+
+    def config(**kw):
+        return DDRLConfig(output_dir="unused", report_to="none", **kw)
+
+    assert config().data_beta == 0.3
+    assert config(cfg_scale=2.0).data_beta == pytest.approx(1.5)
+    assert config(cfg_scale=4.5, data_prompt_dropout=0.5).data_beta == pytest.approx(0.15 * (20.25 + 12.25) / 0.5)
+    assert config(cfg_scale=4.5, data_beta=20.0).data_beta == 20.0
+    assert config(cfg_scale=4.5, data_beta=0.0).data_beta == 0.0
+    parsed = HfArgumentParser(DDRLConfig).parse_args_into_dataclasses(
+        ["--output_dir", "unused", "--report_to", "none", "--cfg_scale", "2"]
+    )[0]
+    assert parsed.data_beta == pytest.approx(1.5)
+
+
+def test_guided_held_out_loss_equals_a_hand_computation(tmp_path, reference_dataset):
+    """`evaluate()` under guidance: the conditional loss as before, and the guided output's loss on the same seeded
+    draws, with each row's negative prompt from `negative_prompt_column` — both against a hand computation of the
+    trained model and of the base (the LoRA switched off)."""
+    scale, negatives = 3.0, ["ugly", "blurry", "", "dark", "ugly", "a green bird"]
+    data = reference_dataset.add_column("neg", negatives)
+    trainer = make_trainer(
+        tmp_path,
+        data,
+        peft_config=lora(),
+        eval_dataset=data,
+        cfg_scale=scale,
+        negative_prompt_column="neg",
+        max_steps=1,
+        eval_noise_draws=2,
+        per_device_eval_batch_size=4,  # two batches: 4 + 2 rows
+    )
+    trainer.train()
+    got = trainer.evaluate()
+
+    args, adapter, sampler = trainer.args, trainer.adapter, trainer.sampler
+    x0 = torch.stack([torch.as_tensor(row) for row in trainer.eval_dataset["ddrl_ref_latents"]])
+    cond = adapter.encode_prompts(list(data["prompt"]))
+    uncond = adapter.encode_prompts(negatives)
+    noise_source = SeededNoise(args.seed, torch.device("cpu"), args.num_generations)
+    rows = list(range(6))
+
+    def losses(unet):
+        plain = guided = 0.0
+        for draw in range(2):
+            noise = noise_source.draw_for(f"eval-noise{draw}", rows, tuple(x0.shape[1:]))
+            t = torch.cat([sampler.sample_timesteps(1, noise_source.generator(f"eval-t{draw}", i)) for i in rows])
+            x_t = sampler.add_noise(x0, noise, t)
+            eps_c = unet(x_t, t, encoder_hidden_states=cond["encoder_hidden_states"]).sample
+            eps_u = unet(x_t, t, encoder_hidden_states=uncond["encoder_hidden_states"]).sample
+            plain += ((eps_c - noise) ** 2).mean().item() / 2
+            guided += ((eps_u + scale * (eps_c - eps_u) - noise) ** 2).mean().item() / 2
+        return plain, guided
+
+    unet = adapter.denoiser
+    with torch.no_grad():
+        trained = losses(unet)
+        unet.disable_adapters()
+        base = losses(unet)
+        unet.enable_adapters()
+    assert got["eval_diffusion_loss"] == pytest.approx(trained[0], rel=1e-5)
+    assert got["eval_guided_diffusion_loss"] == pytest.approx(trained[1], rel=1e-5)
+    assert got["eval_diffusion_loss_ratio"] == pytest.approx(trained[0] / base[0], rel=1e-5)
+    assert got["eval_guided_diffusion_loss_ratio"] == pytest.approx(trained[1] / base[1], rel=1e-5)
+    assert trained[1] != pytest.approx(trained[0], rel=1e-3)  # guidance does change the measured output
+
+    unguided = make_trainer(tmp_path / "unguided", reference_dataset, eval_dataset=reference_dataset)
+    assert {key for key in unguided.evaluate() if key.startswith("eval_")} == {
+        "eval_diffusion_loss",
+        "eval_diffusion_loss_ratio",
+    }
+
+
+def test_guided_held_out_loss_needs_the_negative_prompt_column_in_the_eval_data(tmp_path, reference_dataset):
+    data = reference_dataset.add_column("neg", ["ugly"] * 6)
+    message = "negative_prompt_column='neg' is not a column of the evaluation dataset .* add the column to it"
+    with pytest.raises(ValueError, match=message):
+        make_trainer(tmp_path, data, eval_dataset=reference_dataset, cfg_scale=2.0, negative_prompt_column="neg")
+    trainer = make_trainer(tmp_path, data, cfg_scale=2.0, negative_prompt_column="neg")
+    with pytest.raises(ValueError, match=message):
+        trainer.evaluate(reference_dataset)

@@ -102,3 +102,34 @@ def test_last_good_lora_reloads_in_plain_diffusers_at_its_trained_strength(tmp_p
     x = torch.randn(2, *trainer.latent_shape, generator=torch.Generator().manual_seed(3))
     cond = trainer.adapter.encode_prompts(["a red cat", "a blue dog"])
     assert_reloads_to_trained_outputs(trainer, plain, (x, torch.tensor([900, 400]), cond))
+
+
+def test_under_guidance_the_guided_ratio_alone_can_flag_hacking(tmp_path, reference_dataset, caplog):
+    """Guided hacking shows in the guided output's ratio while the conditional one stays flat (docs/concepts.md):
+    the monitor acts on the higher of the two and says which it was."""
+    monitor = HackingMonitorCallback(threshold=THRESHOLD, eval_steps=1, stop_training=True, last_good_dir=None)
+    trainer = make_trainer(
+        tmp_path, reference_dataset, eval_dataset=reference_dataset, cfg_scale=2.0, callbacks=[monitor]
+    )
+    metrics = trainer.evaluate()
+    assert metrics["eval_guided_diffusion_loss_ratio"] == pytest.approx(1.0, abs=1e-6)
+    assert monitor.last_good_step == 0 and monitor.hacking_step is None
+    args, state, control = trainer.args, trainer.state, trainer.control
+    with caplog.at_level(logging.WARNING):
+        monitor.on_evaluate(
+            args, state, control, {"eval_diffusion_loss_ratio": 1.01, "eval_guided_diffusion_loss_ratio": 1.02}
+        )
+        assert monitor.hacking_step is None and not control.should_training_stop
+        state.global_step = 3
+        monitor.on_evaluate(
+            args, state, control, {"eval_diffusion_loss_ratio": 1.01, "eval_guided_diffusion_loss_ratio": 1.31}
+        )
+    assert monitor.hacking_step == 3 and control.should_training_stop
+    warning = next(r.getMessage() for r in caplog.records if "Reward hacking suspected" in r.getMessage())
+    assert "the held-out guided diffusion loss is 1.310× the base model's" in warning
+    # a NaN ratio is the worst, whichever of the two it is
+    nan_monitor = HackingMonitorCallback(threshold=THRESHOLD, last_good_dir=None)
+    nan_monitor.bind(trainer)
+    nan = {"eval_diffusion_loss_ratio": 1.0, "eval_guided_diffusion_loss_ratio": float("nan")}
+    nan_monitor.on_evaluate(args, state, control, nan)
+    assert nan_monitor.hacking_step == 3

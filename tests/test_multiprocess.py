@@ -257,6 +257,9 @@ def test_several_iterations_per_rollout_batch_match_one_process(tmp_path):
     assert double["rewards"] == pytest.approx(single["rewards"], rel=1e-5) and len(single["rewards"]) == 1
     assert single["ratios"][0] == pytest.approx(1.0, abs=1e-5) and abs(single["ratios"][1] - 1) > 1e-5
     assert double["ratios"] == pytest.approx(single["ratios"], abs=1e-5)
+    # the guided held-out loss, its samples split across processes, is the one process's
+    assert single["eval_guided_ratio"] is not None and single["eval_guided_ratio"] != 1.0
+    assert double["eval_guided_ratio"] == pytest.approx(single["eval_guided_ratio"], rel=1e-5)
     a, b = (load_file(tmp_path / name / "pytorch_lora_weights.safetensors") for name in ("one", "two"))
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6, msg=key)

@@ -82,7 +82,7 @@ def test_push_uploads_diffusers_lora_and_a_complete_model_card(tmp_path, referen
         and "[someone/paired-digits](https://huggingface.co/someone/paired-digits)" in readme
     )
     assert "arxiv.org/abs/2512.04332" in readme
-    assert '"data_beta": 0.3' in readme and '"num_generations": 2' in readme  # the training configuration
+    assert '"data_beta": 1.5' in readme and '"num_generations": 2' in readme  # as used: the guided default at w = 2
     assert '"cfg_scale": 2.0' in readme and '"data_prompt_dropout": 0.2' in readme  # the dropout as used
     note = "classifier-free guidance 2 and the negative prompt 'blurry': sample it with `guidance_scale=2, "
     assert note + "negative_prompt='blurry'`" in readme

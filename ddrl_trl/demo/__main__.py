@@ -4,10 +4,10 @@
 
 Both runs start from the shipped digits pipeline (`ddrl_trl.demo.digits`), train the same LoRA for the same steps
 with the same seed on the hackable ink reward, and differ only in `data_beta`. Every `--eval-every` steps each run
-reports its held-out diffusion loss against the base model (the paper's hacking signal, > 1.10 = hacking) and an
-independent judge's accuracy on fresh samples (sampled as the rollouts are: with `--cfg-scale` > 1, guided). The
-report: a table, `report.png` (curves of both runs), image grids
-before and after, `results.json`, and TensorBoard logs under each run's folder.
+reports its held-out diffusion loss against the base model (the paper's hacking signal, > 1.10 = hacking; with
+`--cfg-scale` > 1 also the guided output's, which is what guided hacking moves) and an independent judge's accuracy
+on fresh samples (sampled as the rollouts are: with `--cfg-scale` > 1, guided). The report: a table, `report.png`
+(curves of both runs), image grids before and after, `results.json`, and TensorBoard logs under each run's folder.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from peft import LoraConfig
 from transformers import TrainerCallback
 
 from .. import DDRLConfig, DDRLTrainer
-from ..config import GUIDED_DATA_BETA
+from ..config import UNGUIDED_DATA_BETA, default_data_beta
 from .digits import (
     DigitsEvaluator,
     digit_prompt,
@@ -52,15 +52,21 @@ class _DemoProbe(TrainerCallback):
             self.per_digit,
             guidance_scale=args.cfg_scale,
         )
-        self.history.append(
-            {
-                "step": state.global_step,
-                "reward": judged["ink"],  # the ink reward on the judge's fixed prompts and seeds
-                "diffusion_loss_ratio": metrics["eval_diffusion_loss_ratio"],
-                "accuracy": judged["accuracy"],
-                "ink": judged["ink"],
-            }
-        )
+        entry = {
+            "step": state.global_step,
+            "reward": judged["ink"],  # the ink reward on the judge's fixed prompts and seeds
+            "diffusion_loss_ratio": metrics["eval_diffusion_loss_ratio"],
+            "accuracy": judged["accuracy"],
+            "ink": judged["ink"],
+        }
+        if "eval_guided_diffusion_loss_ratio" in metrics:
+            entry["guided_diffusion_loss_ratio"] = metrics["eval_guided_diffusion_loss_ratio"]
+        self.history.append(entry)
+
+
+def watched_ratio(entry: dict) -> float:
+    """The ratio the verdict reads: the higher of the conditional and (under guidance) the guided output's."""
+    return max(entry["diffusion_loss_ratio"], entry.get("guided_diffusion_loss_ratio", 0.0))
 
 
 def _grid(pipe, path: Path, guidance_scale: float, per_digit: int = 6, steps: int = 10) -> None:
@@ -143,12 +149,21 @@ def plot(results: dict, path: Path) -> None:
     for ax, (key, title) in zip(axes, panels):
         for name, result in results.items():
             steps = [h["step"] for h in result["history"]]
-            ax.plot(
+            line = ax.plot(
                 steps,
                 [h[key] for h in result["history"]],
                 marker="o",
                 label=f"{name} (data_beta={result['data_beta']})",
-            )
+            )[0]
+            if key == "diffusion_loss_ratio" and "guided_diffusion_loss_ratio" in result["history"][0]:
+                ax.plot(
+                    steps,
+                    [h["guided_diffusion_loss_ratio"] for h in result["history"]],
+                    marker="x",
+                    linestyle=":",
+                    color=line.get_color(),
+                    label=f"{name}: guided output",
+                )
         if key == "diffusion_loss_ratio":
             ax.axhline(HACKING_RATIO, color="red", linestyle="--", label="hacking threshold 1.10")
         ax.set_title(title)
@@ -168,7 +183,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--data-beta",
         type=float,
         default=None,
-        help=f"DDRL run's data_beta (default {DDRLConfig.data_beta}; {GUIDED_DATA_BETA} with --cfg-scale > 1)",
+        help=f"DDRL run's data_beta (default: DDRLConfig's, {UNGUIDED_DATA_BETA}; with --cfg-scale 2, "
+        f"{default_data_beta(2.0):g})",
     )
     parser.add_argument("--learning-rate", type=float, default=1e-3, help="LoRA learning rate of both runs")
     parser.add_argument("--prompts-per-step", type=int, default=4, help="groups of 8 rollouts per step")
@@ -180,8 +196,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--cfg-scale", type=float, default=1.0, help="classifier-free guidance of rollouts and samples"
     )
     opts = parser.parse_args(argv)
-    if opts.data_beta is None:  # guided rollouts need the stronger anchor (docs/concepts.md)
-        opts.data_beta = GUIDED_DATA_BETA if opts.cfg_scale > 1 else DDRLConfig.data_beta
+    if opts.data_beta is None:  # DDRLConfig's default, the stronger anchor under guidance (docs/concepts.md)
+        opts.data_beta = default_data_beta(opts.cfg_scale)
     return opts
 
 
@@ -205,24 +221,29 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results.json").write_text(json.dumps(results, indent=2))
 
     base = results["ddrl"]["history"][0]
+    guided = "guided_diffusion_loss_ratio" in base
     print(f"\njudge accuracy on real held-out digits: {evaluator.test_accuracy():.3f}")
-    print(f"{'run':<10}{'step':>6}{'reward':>9}{'loss ratio':>12}{'judge acc.':>12}")
+    guided_header = f"{'guided ratio':>14}" if guided else ""
+    print(f"{'run':<10}{'step':>6}{'reward':>9}{'loss ratio':>12}{guided_header}{'judge acc.':>12}")
     for name, result in results.items():
         for h in result["history"]:
+            guided_ratio = f"{h['guided_diffusion_loss_ratio']:>14.3f}" if guided else ""
             print(
-                f"{name:<10}{h['step']:>6}{h['reward']:>9.4f}{h['diffusion_loss_ratio']:>12.3f}{h['accuracy']:>12.3f}"
+                f"{name:<10}{h['step']:>6}{h['reward']:>9.4f}{h['diffusion_loss_ratio']:>12.3f}{guided_ratio}"
+                f"{h['accuracy']:>12.3f}"
             )
     final = {name: result["history"][-1] for name, result in results.items()}
-    hacked = final["baseline"]["diffusion_loss_ratio"] > HACKING_RATIO
-    held = final["ddrl"]["diffusion_loss_ratio"] <= HACKING_RATIO and final["ddrl"]["reward"] > base["reward"]
+    hacked = watched_ratio(final["baseline"]) > HACKING_RATIO
+    held = watched_ratio(final["ddrl"]) <= HACKING_RATIO and final["ddrl"]["reward"] > base["reward"]
+    which = "loss ratio (higher of conditional and guided)" if guided else "loss ratio"
     print(
-        f"\nbaseline (data_beta=0): loss ratio {final['baseline']['diffusion_loss_ratio']:.3f} "
+        f"\nbaseline (data_beta=0): {which} {watched_ratio(final['baseline']):.3f} "
         f"({'HACKED' if hacked else 'not hacked'}), judge accuracy {base['accuracy']:.2f} → "
         f"{final['baseline']['accuracy']:.2f}"
     )
     print(
-        f"DDRL (data_beta={opts.data_beta}): reward {base['reward']:.4f} → {final['ddrl']['reward']:.4f}, loss ratio "
-        f"{final['ddrl']['diffusion_loss_ratio']:.3f} ({'held under' if held else 'NOT under'} {HACKING_RATIO}), "
+        f"DDRL (data_beta={opts.data_beta}): reward {base['reward']:.4f} → {final['ddrl']['reward']:.4f}, {which} "
+        f"{watched_ratio(final['ddrl']):.3f} ({'held under' if held else 'NOT under'} {HACKING_RATIO}), "
         f"judge accuracy {base['accuracy']:.2f} → {final['ddrl']['accuracy']:.2f}"
     )
     print(
