@@ -53,7 +53,10 @@ def test_build_script_trains_a_loadable_pipeline(tmp_path):
     assert out.shape == (1, 3, 16, 16)
 
 
-def test_demo_comparison_runs_end_to_end(tmp_path, capsys):
+@pytest.mark.parametrize("cfg_scale", ["1", "2"])
+def test_demo_comparison_runs_end_to_end(tmp_path, capsys, cfg_scale):
+    """Both runs, the table, the verdict and the files; guided (--cfg-scale 2), with the guided held-out ratio in the
+    history, the table and the verdict, and the guided default data_beta."""
     code = demo.main(
         [
             "--steps",
@@ -66,6 +69,8 @@ def test_demo_comparison_runs_end_to_end(tmp_path, capsys):
             "8",
             "--prompts-per-step",
             "1",
+            "--cfg-scale",
+            cfg_scale,
             "--output-dir",
             str(tmp_path),
         ]
@@ -75,7 +80,15 @@ def test_demo_comparison_runs_end_to_end(tmp_path, capsys):
     assert "baseline (data_beta=0)" in out and "DDRL (data_beta=" in out
     results = json.loads((tmp_path / "results.json").read_text())
     assert [h["step"] for h in results["ddrl"]["history"]] == [0, 1, 2]
-    assert results["baseline"]["data_beta"] == 0.0 and results["ddrl"]["data_beta"] == 0.3
+    guided = cfg_scale == "2"
+    assert results["baseline"]["data_beta"] == 0.0
+    assert results["ddrl"]["data_beta"] == pytest.approx(1.5 if guided else 0.3, rel=1e-12)
+    final = results["ddrl"]["history"][-1]
+    assert ("guided_diffusion_loss_ratio" in final) == guided
+    assert ("guided ratio" in out) == guided and ("higher of conditional and guided" in out) == guided
+    if guided:
+        watched = max(final["diffusion_loss_ratio"], final["guided_diffusion_loss_ratio"])
+        assert f"(higher of conditional and guided) {watched:.3f}" in out
     for name in ("report.png", "grid_before.png", "grid_after_ddrl.png", "grid_after_baseline.png"):
         assert (tmp_path / name).stat().st_size > 1000, name
 
