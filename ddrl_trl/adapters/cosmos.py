@@ -108,16 +108,6 @@ class CosmosPredict25Adapter(WanAdapter):
         return (self.denoiser.config.out_channels, frames, side, side)  # in_channels also counts the mask channel
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> Conditioning:
-        embeds, _ = self.pipeline.encode_prompt(
-            prompt=prompts,
-            do_classifier_free_guidance=False,
-            device=self.denoiser.device,
-            max_sequence_length=self.t5_sequence_length(self.pipeline.tokenizer),
-        )
-        return {"encoder_hidden_states": embeds}
-
-    @torch.no_grad()
     def encode_null(self, count: int) -> Conditioning:
         """The null conditioning the authors trained with (text dropout 0.2 with `use_empty_string=False`: the prompt
         embedding zeroed, cosmos-predict2.5 conditioner.py:269-275 / 215-223). Not the pipeline's unconditional
