@@ -1,12 +1,13 @@
-"""`HackingMonitorCallback`: watch the paper's reward-hacking signal while training, and act on it.
+"""`HackingMonitorCallback`: watch the reward-hacking signals while training, and act on them (docs/metrics.md).
 
-The signal (arXiv 2512.04332, §5): a post-trained model whose diffusion loss on held-out data is more than 10 % above
-the base model's is hacking the reward. `DDRLTrainer.evaluate()` measures that ratio
-(`eval_diffusion_loss_ratio`, seeded draws, the base model measured on the same draws); this callback asks for it
-every `eval_steps` optimiser steps, keeps the weights of the last step under the threshold, warns when the ratio
-passes it, and optionally stops training there. Under classifier-free guidance it watches the guided output's ratio
-(`eval_guided_diffusion_loss_ratio`) as well: guidance amplifies a drift the conditional model's ratio does not show
-(docs/concepts.md).
+The paper's signal (arXiv 2512.04332, §5): a post-trained model whose diffusion loss on held-out data is more than
+10 % above the base model's is hacking the reward. `DDRLTrainer.evaluate()` measures that ratio
+(`eval_diffusion_loss_ratio`, seeded draws, the base model measured on the same draws); under classifier-free
+guidance also the guided output's (`eval_guided_diffusion_loss_ratio`), since guidance amplifies a drift the
+conditional model's ratio does not show (docs/concepts.md). With validation prompts it can also watch the evaluation
+rewards (rewards not trained on, which should not fall) and the samples' within-prompt diversity (which should not
+collapse). The callback asks for an evaluation every `eval_steps` optimiser steps, keeps the weights of the last step
+where no watched signal tripped, warns when one does, and optionally stops training there.
 """
 
 from __future__ import annotations
@@ -19,21 +20,35 @@ from transformers import TrainerCallback
 
 logger = logging.getLogger(__name__)
 
+#: The signals the monitor can watch.
+SIGNALS = ("loss_ratio", "eval_rewards", "diversity")
+
 
 class HackingMonitorCallback(TrainerCallback):
-    """Evaluate every `eval_steps` steps; warn (and optionally stop) when the held-out loss ratio passes `threshold`
-    (under guidance: the conditional or the guided output's ratio, whichever is higher).
+    """Evaluate every `eval_steps` steps; warn (and optionally stop) when a watched signal trips:
 
-    Pass it to `DDRLTrainer(callbacks=[HackingMonitorCallback(...)])`, with an `eval_dataset` of held-out prompts and
-    paired reference samples. After each evaluation at or under the threshold, the weights are saved (atomically, in
-    diffusers' format) to `<output_dir>/<last_good_dir>`, so a run stopped for hacking, or one you stop yourself,
-    keeps its last good model. Logged: `hacking/last_good_step` and `hacking/detected` (0 or 1).
+    - `"loss_ratio"`: the held-out diffusion-loss ratio passes `threshold` (under guidance: the conditional or the
+      guided output's ratio, whichever is higher; a non-finite one counts as the worst);
+    - `"eval_rewards"`: an evaluation reward (the trainer's `eval_reward_funcs`, not trained on) falls by more than
+      `max_eval_reward_drop` of the base model's value on the same validation seeds, (base − now) / |base|;
+    - `"diversity"`: the validation samples' within-prompt diversity falls under `min_diversity_ratio` of the base
+      model's (`eval_diversity_ratio`).
+
+    Pass it to `DDRLTrainer(callbacks=[HackingMonitorCallback(...)])`; `"loss_ratio"` needs an `eval_dataset` of
+    held-out prompts and paired reference samples, the other two need validation prompts (`validation_prompts` or
+    `num_validation_prompts`), and `"eval_rewards"` needs `eval_reward_funcs`. After each evaluation where nothing
+    tripped, the weights are saved (atomically, in diffusers' format) to `<output_dir>/<last_good_dir>`, so a run
+    stopped for hacking, or one you stop yourself, keeps its last good model. Logged: `hacking/last_good_step` and
+    `hacking/detected` (0 or 1).
 
     Args:
-        threshold: the ratio above which the run counts as hacking (the paper's 1.10).
+        threshold: the loss ratio above which the run counts as hacking (the paper's 1.10).
         eval_steps: how often to measure, in optimiser steps.
-        stop_training: stop the run at the first evaluation above `threshold`.
+        stop_training: stop the run at the first evaluation where a signal trips.
         last_good_dir: folder (under `output_dir`) for the last good weights; None to not save them.
+        watch: which of `SIGNALS` decide ("loss_ratio", "eval_rewards", "diversity").
+        max_eval_reward_drop: the largest relative fall of an evaluation reward below the base model's.
+        min_diversity_ratio: the smallest diversity, as a fraction of the base model's.
     """
 
     #: The ratios watched, when `evaluate()` reports them.
@@ -45,32 +60,57 @@ class HackingMonitorCallback(TrainerCallback):
         eval_steps: int = 50,
         stop_training: bool = False,
         last_good_dir: str | None = "last-good",
+        watch: tuple[str, ...] | list[str] = ("loss_ratio",),
+        max_eval_reward_drop: float = 0.10,
+        min_diversity_ratio: float = 0.5,
     ):
-        if threshold <= 1.0:
+        if not threshold > 1.0:
             raise ValueError(
                 f"threshold must be > 1 (a ratio to the base model's loss; the paper uses 1.10), got {threshold}."
             )
         if eval_steps < 1:
             raise ValueError(f"eval_steps must be ≥ 1, got {eval_steps}.")
+        watch = (watch,) if isinstance(watch, str) else tuple(watch)
+        unknown = [w for w in watch if w not in SIGNALS]
+        if unknown or not watch:
+            raise ValueError(f"watch must name one or more of {SIGNALS}, got {watch!r}.")
+        if not 0 < max_eval_reward_drop < math.inf:
+            raise ValueError(f"max_eval_reward_drop must be > 0 (e.g. 0.10 for 10 %), got {max_eval_reward_drop}.")
+        if not 0 < min_diversity_ratio < 1:
+            raise ValueError(f"min_diversity_ratio must be in (0, 1) (e.g. 0.5), got {min_diversity_ratio}.")
         self.threshold, self.eval_steps = threshold, eval_steps
         self.stop_training, self.last_good_dir = stop_training, last_good_dir
+        self.watch, self.max_eval_reward_drop, self.min_diversity_ratio = (
+            watch,
+            max_eval_reward_drop,
+            min_diversity_ratio,
+        )
         self.trainer = None
         #: Steps whose evaluation was at or under the threshold, and the step of the first one above it (or None).
         self.last_good_step: int | None = None
         self.hacking_step: int | None = None
 
-    @staticmethod
-    def check_eval_data(eval_dataset) -> None:
-        """Raise, naming the fix, when there is no held-out data to measure the ratio on."""
-        if eval_dataset is None:
+    def check_inputs(self, eval_dataset, validation: bool, eval_reward_names: list[str]) -> None:
+        """Raise, naming the fix, when a watched signal has nothing to be measured on."""
+        if "loss_ratio" in self.watch and eval_dataset is None:
             raise ValueError(
                 "HackingMonitorCallback needs held-out data: pass eval_dataset (prompts with paired reference "
-                "samples) to DDRLTrainer."
+                "samples) to DDRLTrainer, or watch only 'eval_rewards' / 'diversity'."
+            )
+        if {"eval_rewards", "diversity"} & set(self.watch) and not validation:
+            raise ValueError(
+                "HackingMonitorCallback watches validation samples (eval_rewards / diversity) but there are none: set "
+                "validation_prompts or num_validation_prompts in DDRLConfig."
+            )
+        if "eval_rewards" in self.watch and not eval_reward_names:
+            raise ValueError(
+                "HackingMonitorCallback watches eval_rewards but the trainer has no eval_reward_funcs (rewards not "
+                "trained on): pass eval_reward_funcs=[...] to DDRLTrainer, or drop 'eval_rewards' from watch."
             )
 
     def bind(self, trainer) -> None:
         """Called by `DDRLTrainer` when the callback is given to it: the monitor saves through the trainer."""
-        self.check_eval_data(trainer.eval_dataset)
+        self.check_inputs(trainer.eval_dataset, trainer.validator is not None, trainer.eval_reward_names)
         self.trainer = trainer
 
     @property
@@ -83,14 +123,50 @@ class HackingMonitorCallback(TrainerCallback):
         if state.global_step % self.eval_steps == 0:
             control.should_evaluate = True
 
+    def tripped(self, metrics: dict) -> tuple[list[str], bool]:
+        """What tripped in `metrics` (a sentence each), and whether any watched signal was measured at all."""
+        reasons, measured = [], False
+        if "loss_ratio" in self.watch:
+            watched = [key for key in self.WATCHED if metrics.get(key) is not None]
+            if watched:
+                measured = True
+                # the worst of the conditional and the guided ratio; a non-finite one is worst of all
+                key = max(watched, key=lambda k: (not math.isfinite(metrics[k]), metrics[k]))
+                if not metrics[key] <= self.threshold:
+                    which = "guided diffusion loss" if key == "eval_guided_diffusion_loss_ratio" else "diffusion loss"
+                    ratio = metrics[key]
+                    reasons.append(
+                        f"the held-out {which} is {ratio:.3f}× the base model's (threshold {self.threshold:.2f})"
+                    )
+        if "eval_rewards" in self.watch and self.trainer is not None and self.trainer.validator is not None:
+            base = self.trainer.validator.base
+            for name in self.trainer.eval_reward_names:
+                now = metrics.get(f"eval_rewards/{name}")
+                if now is None or base is None:
+                    continue
+                measured = True
+                reference = base.rewards[name]
+                drop = (reference - now) / abs(reference) if reference else reference - now
+                if not drop <= self.max_eval_reward_drop:
+                    reasons.append(
+                        f"the evaluation reward {name!r} fell to {now:.4g} from the base model's {reference:.4g} "
+                        f"(more than {self.max_eval_reward_drop:.0%})"
+                    )
+        if "diversity" in self.watch and metrics.get("eval_diversity_ratio") is not None:
+            measured = True
+            ratio = metrics["eval_diversity_ratio"]
+            if not ratio >= self.min_diversity_ratio:
+                reasons.append(
+                    f"the validation samples' diversity is {ratio:.2f}× the base model's (minimum "
+                    f"{self.min_diversity_ratio:.2f})"
+                )
+        return reasons, measured
+
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        watched = [key for key in self.WATCHED if (metrics or {}).get(key) is not None]
-        if not watched:
+        reasons, measured = self.tripped(metrics or {})
+        if not measured:
             return
-        # the worst of the conditional and the guided ratio; a non-finite one is worst of all
-        key = max(watched, key=lambda k: (not math.isfinite(metrics[k]), metrics[k]))
-        ratio = metrics[key]
-        if ratio <= self.threshold:
+        if not reasons:
             self.last_good_step = state.global_step
             if self.last_good_path is not None:
                 self.trainer.save_model(self.last_good_path)
@@ -104,12 +180,9 @@ class HackingMonitorCallback(TrainerCallback):
         )
         action = "Stopping training" if self.stop_training else "Training goes on (stop_training=False)"
         logger.warning(
-            "Reward hacking suspected at step %d: the held-out %s is %.3f× the base model's (threshold "
-            "%.2f). %s; %s. Raise data_beta to hold the model to its data.",
+            "Reward hacking suspected at step %d: %s. %s; %s. Raise data_beta to hold the model to its data.",
             state.global_step,
-            "guided diffusion loss" if key == "eval_guided_diffusion_loss_ratio" else "diffusion loss",
-            ratio,
-            self.threshold,
+            "; ".join(reasons),
             action,
             where,
         )

@@ -192,6 +192,17 @@ class DDRLConfig(TrainingArguments):
             digits benchmark (docs/concepts.md): unguided, 0.3 keeps the held-out diffusion-loss ratio below 1.10
             while the reward rises; guided at w = 2, 0.3 hacked, 1.0 let the judge slip from step 70 and 1.5 held
             it. `0` gives plain GRPO (reward hacking). A guided value under the default warns.
+        target_loss_ratio (`float` or `None`, defaults to `None`):
+            Adapt `data_beta` during training to hold the data term's diffusion-loss ratio to the base model at this
+            target (> 1, e.g. 1.05), as PPO's adaptive KL coefficient (docs/concepts.md, "Adaptive data_beta"):
+            `data_beta` is the starting value, and β moves by at most a factor e^`data_beta_adapt_rate` per optimiser
+            step within [data_beta / 100, 100 · data_beta]. The signal, logged every step as
+            `data_beta/loss_ratio` next to `data_beta`, is the policy's loss on each step's noised references over
+            the base model's on the same inputs (one extra no-grad forward of the data rows; with full fine-tuning
+            a frozen copy of the base denoiser is kept for it). The controller's state is checkpointed. `None`
+            keeps `data_beta` fixed. Experimental: measured on the digits benchmark, not yet everywhere.
+        data_beta_adapt_rate (`float`, defaults to `0.05`):
+            The adaptive controller's largest change of log(data_beta) per optimiser step (η), in (0, 1].
         data_noise (`str`, defaults to `"rollout"`):
             Noise ε of the data term: `"rollout"` reuses the initial noise of the group's first rollout (the code's
             `use_rl_sigma_and_noise`), `"random"` draws fresh noise.
@@ -245,6 +256,23 @@ class DDRLConfig(TrainingArguments):
             training scripts' `--use_ema` (diffusers' `EMAModel`, e.g. 0.999). Checkpoints hold it and resume restores
             it; the final `save_model` writes the EMA weights. `None`: off.
 
+        validation_prompts (`list[str]` or `None`, defaults to `None`):
+            Fixed prompts sampled at every `evaluate()`, every `validation_steps` steps and at the end of training,
+            `validation_images_per_prompt` each, with the policy's sampler (guided as the rollouts) and the same seeded
+            noise every time, so the grid shows the model's drift (docs/metrics.md). The samples are scored by the
+            trained rewards and the trainer's `eval_reward_funcs` (`eval_rewards/<name>`), measured for within-prompt
+            diversity (`eval_diversity`, `eval_diversity_ratio` to the base model's), written to
+            `output_dir/validation/step-N.png`, sent to the trackers (tag `validation`) and shown in the model card.
+            `None`: the prompts of the first `num_validation_prompts` rows of the eval dataset (their columns go to
+            the rewards).
+        num_validation_prompts (`int`, defaults to `0`):
+            Eval-dataset rows whose prompts (and columns) are the validation prompts when `validation_prompts` is
+            None, e.g. 4; `0`: no validation unless `validation_prompts` is set.
+        validation_images_per_prompt (`int`, defaults to `4`):
+            Samples per validation prompt (≥ 2: diversity is measured within a prompt).
+        validation_steps (`int` or `None`, defaults to `None`):
+            Also sample the validation grid every that many optimiser steps, with or without an eval dataset; `None`:
+            only with each `evaluate()` and at the end of training.
         log_sample_images_steps (`int`, defaults to `50`):
             Every that many optimiser steps, a grid of rollout images goes to the trackers in `report_to`
             (TensorBoard, W&B). `0` turns it off.
@@ -300,6 +328,12 @@ class DDRLConfig(TrainingArguments):
             "help": "Weight of the data (diffusion) term; None = 0.3, or more under guidance (docs/concepts.md)."
         },
     )
+    target_loss_ratio: float | None = field(
+        default=None, metadata={"help": "Adapt data_beta to hold the data loss ratio here (e.g. 1.05); None = fixed."}
+    )
+    data_beta_adapt_rate: float = field(
+        default=0.05, metadata={"help": "Largest change of log(data_beta) per step when adaptive."}
+    )
     data_noise: str = field(default="rollout", metadata={"help": "'rollout' or 'random' noise for the data term."})
     data_timesteps: str = field(default="rollout", metadata={"help": "'rollout' or 'random' data noise level."})
     data_on_first_step_only: bool = field(
@@ -326,6 +360,14 @@ class DDRLConfig(TrainingArguments):
     # Evaluation and logging
     ema_decay: float | None = field(default=None, metadata={"help": "EMA decay of the trained weights; None = off."})
     eval_noise_draws: int = field(default=4, metadata={"help": "Seeded noise draws per eval sample."})
+    validation_prompts: list[str] | None = field(
+        default=None, metadata={"help": "Fixed validation prompts; None = the first eval-dataset rows'."}
+    )
+    num_validation_prompts: int = field(default=0, metadata={"help": "Eval rows used as validation prompts."})
+    validation_images_per_prompt: int = field(default=4, metadata={"help": "Validation samples per prompt (≥ 2)."})
+    validation_steps: int | None = field(
+        default=None, metadata={"help": "Sample the validation grid every k steps; None = at evaluations and the end."}
+    )
     log_sample_images_steps: int = field(default=50, metadata={"help": "Log a rollout image grid every k steps."})
     num_sample_images: int = field(default=8, metadata={"help": "Images in the logged grid."})
 
@@ -489,6 +531,22 @@ class DDRLConfig(TrainingArguments):
             raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {self.scale_rewards!r}.")
         if self.data_beta < 0 or self.kl_beta < 0:
             raise ValueError(f"data_beta and kl_beta must be ≥ 0, got {self.data_beta} and {self.kl_beta}.")
+        if self.target_loss_ratio is not None:
+            if self.target_loss_ratio <= 1:
+                raise ValueError(
+                    f"target_loss_ratio must be > 1 (the data term's diffusion loss over the base model's, e.g. "
+                    f"1.05), got {self.target_loss_ratio}; None keeps data_beta fixed."
+                )
+            if self.data_beta == 0:
+                raise ValueError(
+                    "target_loss_ratio adapts data_beta from its starting value, but data_beta=0 turns the data term "
+                    "off: leave data_beta unset (or > 0) to adapt it, or drop target_loss_ratio."
+                )
+            if not 0 < self.data_beta_adapt_rate <= 1:
+                raise ValueError(
+                    f"data_beta_adapt_rate must be in (0, 1] (the largest change of log(data_beta) per step), got "
+                    f"{self.data_beta_adapt_rate}."
+                )
         if self.resolution is not None and self.resolution <= 0:
             raise ValueError(f"resolution must be a positive number of pixels, got {self.resolution}.")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
@@ -496,7 +554,25 @@ class DDRLConfig(TrainingArguments):
         for name in ("preprocess_batch_size", "eval_noise_draws", "num_sample_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}.")
-        for name in ("num_frames", "max_sequence_length", "rollout_chunk_groups"):
+        if self.validation_images_per_prompt < 2:
+            raise ValueError(
+                f"validation_images_per_prompt must be ≥ 2 (diversity is measured between the samples of a prompt), "
+                f"got {self.validation_images_per_prompt}."
+            )
+        if self.num_validation_prompts < 0:
+            raise ValueError(f"num_validation_prompts must be ≥ 0, got {self.num_validation_prompts}.")
+        if self.validation_prompts is not None:
+            if not self.validation_prompts or not all(isinstance(p, str) and p for p in self.validation_prompts):
+                raise ValueError(
+                    f"validation_prompts must be a non-empty list of non-empty strings, got "
+                    f"{self.validation_prompts!r}."
+                )
+            if self.negative_prompt_column is not None:
+                raise ValueError(
+                    "validation_prompts have no negative_prompt_column values for the guidance's unconditional "
+                    "branch: leave validation_prompts unset to validate on eval-dataset rows, or use negative_prompt."
+                )
+        for name in ("num_frames", "max_sequence_length", "rollout_chunk_groups", "validation_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer or None, got {getattr(self, name)}.")
         _ = self.resolved_train_step_indices  # raises on invalid explicit indices

@@ -14,16 +14,21 @@ import os
 from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, populate_model_card
 from huggingface_hub import ModelCard, ModelCardData
 
+from .rewards import to_pil
+
 CARD_MARKER = "<!-- written by ddrl-trl: regenerated on each push -->"
 PAPER = "https://arxiv.org/abs/2512.04332"
 SAMPLES_FILE = "samples.png"
 CURVES_FILE = "training_curves.png"
+VALIDATION_FILE = "validation.png"
 #: Curves drawn in the card: (log key, label). Eval keys appear only when `evaluate()` ran.
 CURVES = (
     ("reward", "reward (trained on)"),
     ("loss/data", "data term: diffusion loss on reference data"),
     ("eval_diffusion_loss_ratio", "held-out diffusion loss / base (> 1.10: hacking)"),
     ("eval_guided_diffusion_loss_ratio", "held-out guided-output loss / base's (> 1.10: hacking)"),
+    ("eval_diversity_ratio", "validation samples' diversity / base's"),
+    ("data_beta", "data_beta (adaptive with target_loss_ratio)"),
 )
 #: DDRLConfig fields shown in the card's configuration block.
 CONFIG_FIELDS = (
@@ -46,6 +51,7 @@ CONFIG_FIELDS = (
     "advantage_clip",
     "epsilon",
     "data_beta",
+    "target_loss_ratio",
     "data_noise",
     "data_timesteps",
     "data_prompt_dropout",
@@ -112,6 +118,7 @@ def write_model_card(
     os.makedirs(output_dir, exist_ok=True)
     has_samples = _save_samples(trainer, os.path.join(output_dir, SAMPLES_FILE))
     has_curves = _save_curves(trainer.state.log_history, os.path.join(output_dir, CURVES_FILE))
+    widget = _save_validation(trainer, output_dir)
     card = ModelCard.from_template(
         card_data=ModelCardData(
             license=license,
@@ -119,6 +126,7 @@ def write_model_card(
             inference=True,
             base_model=trainer.base_model_id,
             datasets=[dataset_name] if dataset_name else None,
+            widget=widget,
         ),
         template_path=MODEL_CARD_TEMPLATE_PATH,
         model_description=_description(trainer, has_samples, has_curves, model_name, dataset_name),
@@ -163,7 +171,7 @@ def _description(
         f"(Data-regularized Diffusion Reinforcement Learning, [arXiv 2512.04332]({PAPER})) using "
         f"ddrl-trl: a clipped, group-relative policy gradient on the rewards "
         f"below, anchored to reference data{f' ({_link(dataset_name)})' if dataset_name else ''} by the ordinary "
-        f"diffusion loss (data_beta = {args.data_beta:g}) so the reward is not hacked.",
+        f"diffusion loss ({_data_beta_text(trainer)}) so the reward is not hacked.",
         "",
         "## Use",
         "",
@@ -185,6 +193,19 @@ def _description(
             f"## Samples (rollouts at step {sample_step})",
             "",
             f"![samples]({SAMPLES_FILE})",
+            "",
+            "Prompts: " + " | ".join(prompts),
+        ]
+    if trainer.last_validation is not None:
+        _, prompts, validation_step, _ = trainer.last_validation
+        per_prompt = args.validation_images_per_prompt
+        lines += [
+            "",
+            f"## Validation samples (step {validation_step})",
+            "",
+            f"Fixed prompts and seeds, {per_prompt} samples per prompt (one row each), sampled as the rollouts are:",
+            "",
+            f"![validation samples]({VALIDATION_FILE})",
             "",
             "Prompts: " + " | ".join(prompts),
         ]
@@ -215,6 +236,41 @@ def _save_samples(trainer, path: str) -> bool:
         return False
     trainer.last_samples[0].save(path)
     return True
+
+
+def _data_beta_text(trainer) -> str:
+    args = trainer.args
+    if trainer.data_beta_control is None:
+        return f"data_beta = {args.data_beta:g}"
+    return (
+        f"data_beta adapted from {args.data_beta:g} to {trainer.data_beta:.3g} to hold the data loss ratio at "
+        f"{args.target_loss_ratio:g}"
+    )
+
+
+def _save_validation(trainer, output_dir: str) -> list[dict] | None:
+    """The last validation grid (`validation.png`) and, per prompt, its first sample (`image_<i>.png`) for the Hub's
+    gallery widget, in the form diffusers' training scripts write; returns the widget entries (None: no validation)."""
+    if trainer.last_validation is None:
+        return None
+    grid, prompts, _, images = trainer.last_validation
+    grid.save(os.path.join(output_dir, VALIDATION_FILE))
+    firsts = _first_per_prompt(images, len(prompts))
+    widget = []
+    for index, (prompt, image) in enumerate(zip(prompts, firsts)):
+        name = f"image_{index}.png"
+        image.save(os.path.join(output_dir, name))
+        widget.append({"text": prompt, "output": {"url": name}})
+    return widget
+
+
+def _first_per_prompt(images, num_prompts: int) -> list:
+    """The first sample of each of `num_prompts` prompts (prompt-major rows), as PIL images (videos: middle frame)."""
+    per_prompt = len(images) // num_prompts
+    firsts = images[::per_prompt][:num_prompts]
+    if firsts.ndim == 5:
+        firsts = firsts[:, firsts.shape[1] // 2]
+    return to_pil(firsts)
 
 
 def _series(log_history: list[dict], key: str) -> list[tuple[int, float]]:

@@ -3,7 +3,9 @@ diffusion-loss ratio (`evaluate()`, the hacking monitor)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 
 import torch
 
@@ -47,13 +49,24 @@ class ReferencePolicy:
     ) -> torch.Tensor:
         """The base model's output for `latents` at `timesteps` (as `PipelineAdapter.predict`); guided by
         `cfg_scale` with `uncond`, as the policy (`guidance.predict_policy`)."""
+        with self.switched_in() as denoiser:
+            return predict_policy(self.adapter, latents, timesteps, cond, uncond, cfg_scale, None, denoiser)[0]
+
+    @contextlib.contextmanager
+    def switched_in(self) -> Iterator[torch.nn.Module]:
+        """The base denoiser to call inside the block (for a whole sampling): the frozen copy, or with LoRA the
+        trained denoiser with its adapter switched off until the block ends."""
         if self.frozen_copy is not None:
-            return predict_policy(self.adapter, latents, timesteps, cond, uncond, cfg_scale, None, self.frozen_copy)[0]
+            yield self.frozen_copy
+            return
         if not self.is_lora:
-            raise RuntimeError("The base model is not available: full fine-tuning keeps no copy unless kl_beta > 0.")
+            raise RuntimeError(
+                "The base model is not available: full fine-tuning keeps no copy unless kl_beta > 0 or "
+                "target_loss_ratio is set."
+            )
         denoiser = self.adapter.denoiser
         denoiser.disable_adapters()
         try:
-            return predict_policy(self.adapter, latents, timesteps, cond, uncond, cfg_scale)[0]
+            yield denoiser
         finally:
             denoiser.enable_adapters()

@@ -22,6 +22,7 @@ from typing import Any
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from .adaptive_beta import STATE_KEY as DATA_BETA_STATE_KEY
 from .data import arrow_column
 from .rollout import SavedRollout
 from .weight_files import LORA_WEIGHTS_NAME, CheckpointError, load_checkpoint_file
@@ -64,6 +65,8 @@ TRAJECTORY_SETTINGS = (
     "num_iterations",
     "epsilon",
     "data_beta",
+    "target_loss_ratio",
+    "data_beta_adapt_rate",
     "data_noise",
     "data_timesteps",
     "data_on_first_step_only",
@@ -301,11 +304,15 @@ def run_info(trainer) -> dict[str, Any]:
         "settings": settings,
         "train_data": trainer.train_data_signature,
     }
+    control = getattr(trainer, "data_beta_control", None)
+    if control is not None:  # the adaptive data_beta's state, restored on resume (`adaptive_beta.py`)
+        info[DATA_BETA_STATE_KEY] = control.state_dict()
     return json.loads(json.dumps(info, default=str))  # as it reads back from disk: lists, not tuples
 
 
-def check_same_run(checkpoint: str, current: dict[str, Any]) -> None:
-    """Refuse `checkpoint` if another model or adapter wrote it; warn about each changed setting."""
+def check_same_run(checkpoint: str, current: dict[str, Any]) -> dict[str, Any]:
+    """Refuse `checkpoint` if another model or adapter wrote it; warn about each changed setting. Returns the
+    checkpoint's run info (empty for a checkpoint of an older version, which has none)."""
     path = os.path.join(checkpoint, RUN_INFO_NAME)
     if not os.path.isfile(path):
         logger.warning(
@@ -313,7 +320,7 @@ def check_same_run(checkpoint: str, current: dict[str, Any]) -> None:
             checkpoint,
             RUN_INFO_NAME,
         )
-        return
+        return {}
     saved = _read_json(path, checkpoint)
     ours, theirs = current["identity"], saved.get("identity", {})
     different = [
@@ -341,3 +348,4 @@ def check_same_run(checkpoint: str, current: dict[str, Any]) -> None:
             checkpoint,
             "; ".join(changed),
         )
+    return saved

@@ -117,12 +117,19 @@ UNSUPPORTED_FLAGS = {
 
 @dataclass
 class RewardArguments:
-    """Which rewards to train on."""
+    """Which rewards to train on, and which only to evaluate with."""
 
     reward_funcs: list[str] | None = field(
         default=None,
         metadata={
             "help": f"Required. One or more rewards, each {REWARD_SPEC_HELP}. Weigh several with --reward_weights."
+        },
+    )
+    eval_reward_funcs: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Rewards not trained on that score the validation samples (--validation_prompts), logged as "
+            "eval_rewards/<name>; same forms as --reward_funcs."
         },
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
@@ -155,6 +162,7 @@ def main(
         train_dataset=train_dataset,
         eval_dataset=eval_dataset if training_args.eval_strategy != "no" else None,
         peft_config=lora_config(model_args),
+        eval_reward_funcs=reward_args.eval_reward_funcs,
     )
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)

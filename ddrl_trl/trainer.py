@@ -23,6 +23,7 @@ from peft import LoraConfig
 from transformers import Trainer, TrainerState
 
 from .adapters import PipelineAdapter, get_adapter
+from .adaptive_beta import STATE_KEY, DataBetaControl
 from .callbacks import HackingMonitorCallback
 from .config import DDRLConfig
 from .core import (
@@ -30,6 +31,7 @@ from .core import (
     diffusion_loss,
     reverse_kl_loss,
 )
+from .core.data_beta import AdaptiveDataBeta
 from .data import (
     REF_LATENTS_COLUMN,
     DDRLCollator,
@@ -66,6 +68,7 @@ from .rollout import synchronize
 from .rollout_batch import RolloutBatch, RolloutCollector
 from .saving import SavingMixin
 from .tracking import image_grid, log_image_grid
+from .validation import ValidationCallback, ValidationPrompts, Validator, save_grid
 
 logger = logging.getLogger(__name__)
 
@@ -112,8 +115,11 @@ class DDRLTrainer(SavingMixin, Trainer):
             (docs/rewards.md).
         args: a `DDRLConfig`.
         train_dataset: a `datasets.Dataset` with a prompt column and a paired reference image column.
-        eval_dataset: held-out data of the same form, for `eval_diffusion_loss` and its ratio to the base model.
+        eval_dataset: held-out data of the same form, for `eval_diffusion_loss` and its ratio to the base model; its
+            first `num_validation_prompts` rows give the validation prompts unless `args.validation_prompts` is set.
         peft_config: a `peft.LoraConfig` to train a LoRA adapter; `None` trains the full denoiser.
+        eval_reward_funcs: rewards not trained on (same forms as `reward_funcs`) that score the validation samples
+            next to the trained ones, logged as `eval_rewards/<name>` (the paper checks that these do not drop).
         callbacks, optimizers: as for `transformers.Trainer`.
     """
 
@@ -130,6 +136,7 @@ class DDRLTrainer(SavingMixin, Trainer):
         peft_config: LoraConfig | None = None,
         callbacks: list | None = None,
         optimizers: tuple = (None, None),
+        eval_reward_funcs: Callable | str | Sequence[Callable | str] | None = None,
     ):
         args = args if args is not None else DDRLConfig(output_dir="ddrl-output")
         if not isinstance(args, DDRLConfig):
@@ -148,6 +155,15 @@ class DDRLTrainer(SavingMixin, Trainer):
                 f"weight per function."
             )
         self.reward_weights = torch.tensor(weights, dtype=torch.float32)
+        extra = eval_reward_funcs if isinstance(eval_reward_funcs, (list, tuple)) else [eval_reward_funcs]
+        self.eval_reward_funcs = [resolve_reward(f) for f in extra if f is not None]
+        self.eval_reward_names = [reward_name(f) for f in self.eval_reward_funcs]
+        names = self.reward_names + self.eval_reward_names
+        if len(set(names)) != len(names):
+            raise ValueError(
+                f"Reward names must be distinct across reward_funcs and eval_reward_funcs (they name the logged "
+                f"eval_rewards/<name>), got {names}: rename a function (its __name__)."
+            )
         if train_dataset is None:
             raise ValueError("DDRLTrainer needs a train_dataset with prompts and their paired reference images.")
         #: The dataset column with the paired reference samples (`reference_column`, else "image" or "video").
@@ -169,13 +185,20 @@ class DDRLTrainer(SavingMixin, Trainer):
         )
         if eval_dataset is not None:
             check_evaluation_dataset(eval_dataset, args, self.reference_column)
+        validation_prompts = ValidationPrompts.from_config(args, eval_dataset, self.reference_column)
+        if args.validation_steps is not None and validation_prompts is None:
+            raise ValueError(
+                "validation_steps is set but there is nothing to validate on: set validation_prompts, or pass an "
+                "eval_dataset (its first num_validation_prompts rows are the validation prompts)."
+            )
         if args.should_save:
             check_output_dir_writable(args.output_dir)
         warn_if_output_dir_taken(args)
         #: Which training data this run uses (`resume.data_signature`), recorded with every save.
         self.train_data_signature = data_signature(train_dataset, args.prompt_column)
-        if any(isinstance(callback, HackingMonitorCallback) for callback in callbacks or []):
-            HackingMonitorCallback.check_eval_data(eval_dataset)
+        for callback in callbacks or []:
+            if isinstance(callback, HackingMonitorCallback):
+                callback.check_inputs(eval_dataset, validation_prompts is not None, self.eval_reward_names)
 
         # ---- the model: its family's adapter, prepared for training (model_setup.py), and the base to compare with
         pipeline = _load_pipeline(model, frozen_dtype(args), args.model_init_kwargs)
@@ -188,8 +211,10 @@ class DDRLTrainer(SavingMixin, Trainer):
         self.pipeline = pipeline
         self.latent_shape = self.adapter.latent_shape(self.resolution)
         self.is_lora = prepare_for_training(self.adapter, args, peft_config)
-        #: The base model, for the KL term and the held-out ratio (LoRA disabled, or a frozen copy when kl_beta > 0).
-        self.reference = ReferencePolicy(self.adapter, self.is_lora, keep_copy=args.kl_beta > 0)
+        #: The base model, for the KL term, the adaptive data_beta's signal and the held-out ratio (LoRA disabled, or
+        #: a frozen copy when kl_beta > 0 or target_loss_ratio is set).
+        keep_copy = args.kl_beta > 0 or args.target_loss_ratio is not None
+        self.reference = ReferencePolicy(self.adapter, self.is_lora, keep_copy=keep_copy)
         self.sampler = self.adapter.make_sampler(args, args.device)
         self.trained_steps = args.resolved_train_step_indices
 
@@ -198,7 +223,7 @@ class DDRLTrainer(SavingMixin, Trainer):
             train_dataset = self._encode(train_dataset, args, "training")
             if eval_dataset is not None:
                 eval_dataset = self._encode(eval_dataset, args, "evaluation")
-        self._check_rewards_on(train_dataset, args)
+        self._check_rewards_on(train_dataset, args, validation_prompts)
 
         super().__init__(
             model=self.adapter.denoiser,
@@ -240,6 +265,31 @@ class DDRLTrainer(SavingMixin, Trainer):
         self.nonfinite_guard = NonFiniteStepGuard(self, args.max_consecutive_nonfinite_steps)
         self.add_callback(self.nonfinite_guard)
         self._setup_ema()
+        #: Samples, scores and measures the validation prompts (None when there are none).
+        self.validator = None
+        if validation_prompts is not None:
+            self.validator = Validator(
+                self.adapter,
+                self.sampler,
+                self.latent_shape,
+                self.reference,
+                args,
+                self.accelerator,
+                self.compute_loss_context_manager,
+                self.reward_funcs + self.eval_reward_funcs,
+                self.reward_names + self.eval_reward_names,
+                validation_prompts,
+                unconditional=self.rollouts.negatives,
+            )
+            self.add_callback(ValidationCallback(self))
+        #: The last validation `(grid, prompts, step, images)` (main process), and its step on every process.
+        self.last_validation, self.last_validation_step = None, None
+        #: The adaptive data_beta (`target_loss_ratio`), or None when it is fixed.
+        self.data_beta_control = None
+        if args.target_loss_ratio is not None:
+            start = AdaptiveDataBeta.starting_at(args.data_beta, args.target_loss_ratio, args.data_beta_adapt_rate)
+            self.data_beta_control = DataBetaControl(self, start)
+            self.add_callback(self.data_beta_control)
         for callback in self.callback_handler.callbacks:
             if isinstance(callback, HackingMonitorCallback):  # it saves the last good weights through the trainer
                 callback.bind(self)
@@ -262,9 +312,14 @@ class DDRLTrainer(SavingMixin, Trainer):
                 self.args.world_size,
                 self.args.num_iterations,
             )
-            check_same_run(checkpoint, run_info(self))
-        if self.eval_dataset is not None and not self.reference.available:
-            self.evaluator.measure_base(self.eval_dataset)
+            saved_info = check_same_run(checkpoint, run_info(self))
+            if self.data_beta_control is not None:
+                self.data_beta_control.load_state_dict(saved_info.get(STATE_KEY), checkpoint)
+        if not self.reference.available:  # full fine-tuning: the base is gone once training starts
+            if self.eval_dataset is not None:
+                self.evaluator.measure_base(self.eval_dataset)
+            if self.validator is not None:
+                self.validator.measure_base()
         self.rollouts.buffer = {}
         if checkpoint is not None:  # between the iterations over a batch, the checkpoint holds it
             self.rollouts.buffer = load_rollout_buffer(checkpoint, self.args.process_index, self.accelerator.device)
@@ -289,6 +344,9 @@ class DDRLTrainer(SavingMixin, Trainer):
         Each held-out sample's noise and timesteps are seeded by (`args.seed`, its index), identical for the model and
         the base, so the ratio compares the two on the same draws; the samples are split across processes
         (`evaluation.HeldOutEvaluator`). `eval_dataset` may be raw (prompts and paired images) or already encoded.
+
+        With validation prompts (`validation_prompts`, or the trainer's eval dataset's first rows) it also samples
+        them (`validate`): `eval_rewards/<name>`, `eval_diversity`, `eval_diversity_ratio`, and the grid.
         """
         args = self.args
         if eval_dataset is None:
@@ -297,11 +355,46 @@ class DDRLTrainer(SavingMixin, Trainer):
             check_evaluation_dataset(eval_dataset, args, self.reference_column)
             if REF_LATENTS_COLUMN not in eval_dataset.column_names:
                 eval_dataset = self._encode(eval_dataset, args, "evaluation")
-        if eval_dataset is None:
-            raise ValueError("evaluate() needs an eval_dataset (held-out prompts with paired reference images).")
-        metrics = self.evaluator.metrics(eval_dataset, metric_key_prefix, training_started=self.state.global_step > 0)
+        if eval_dataset is None and self.validator is None:
+            raise ValueError(
+                "evaluate() needs an eval_dataset (held-out prompts with paired reference images) or "
+                "validation_prompts."
+            )
+        metrics = {}
+        if eval_dataset is not None:
+            started = self.state.global_step > 0
+            metrics.update(self.evaluator.metrics(eval_dataset, metric_key_prefix, training_started=started))
+        if self.validator is not None:
+            metrics.update(self._validation_metrics(metric_key_prefix))
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(args, self.state, self.control, metrics)
+        return metrics
+
+    def validate(self, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Sample the validation prompts now (fixed seeds, the policy's sampler), score them with the trained and
+        the evaluation rewards, measure their diversity; log the metrics and the grid (trackers, tag "validation";
+        `output_dir/validation/step-N.png`) and tell the callbacks, as an evaluation does (the hacking monitor acts
+        on it). Runs every `validation_steps` steps and at the end of training; `evaluate()` includes it."""
+        if self.validator is None:
+            raise ValueError(
+                "There are no validation prompts: set DDRLConfig.validation_prompts, or pass an eval_dataset."
+            )
+        metrics = self._validation_metrics(metric_key_prefix)
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def _validation_metrics(self, prefix: str) -> dict[str, float]:
+        """The validation's metrics; on the main process also its grid (rows: prompts), saved and logged."""
+        metrics, result = self.validator.metrics(prefix, self.state)
+        step, prompts = self.state.global_step, self.validator.prompts.prompts
+        self.last_validation_step = step
+        if self.accelerator.is_main_process:
+            grid = image_grid(result.images, cols=self.args.validation_images_per_prompt)
+            self.last_validation = (grid, prompts, step, result.images)
+            if self.args.should_save:
+                save_grid(grid, self.args.output_dir, step)
+            log_image_grid(self.callback_handler.callbacks, grid, prompts, step, tag="validation")
         return metrics
 
     # ------------------------------------------------------------------------------------------------ data plumbing
@@ -317,14 +410,25 @@ class DDRLTrainer(SavingMixin, Trainer):
             max_upscale=args.max_reference_upscale,
         )
 
-    def _check_rewards_on(self, dataset: Dataset, args: DDRLConfig) -> None:
-        """Call every reward on two decoded reference images: a wrong length or type fails before any rollout."""
+    def _check_rewards_on(self, dataset: Dataset, args: DDRLConfig, validation: ValidationPrompts | None) -> None:
+        """Call every reward on two decoded reference images: a wrong length or type fails before any rollout. With
+        validation prompts, also call the trained and evaluation rewards as validation will (those prompts and
+        columns), so a reward needing a column they lack fails now."""
         rows = [dataset[i] for i in range(min(2, len(dataset)))]
         batch = DDRLCollator(args.prompt_column)(rows)
         images = self.adapter.decode_latents(batch["ref_latents"].to(self.adapter.denoiser.device))
-        scores = compute_rewards(
-            self.reward_funcs, images, batch["prompts"], batch["columns"], {"trainer_state": TrainerState()}
-        )
+        context = {"trainer_state": TrainerState()}
+        if validation is not None:
+            prompts, columns = validation.rows([i % len(validation.prompts) for i in range(len(images))], 1)
+            try:
+                compute_rewards(self.reward_funcs + self.eval_reward_funcs, images, prompts, columns, context)
+            except (TypeError, ValueError) as err:
+                raise type(err)(
+                    f"A reward failed on the validation prompts ({err}); validation_prompts carry no dataset columns: "
+                    "validate on eval-dataset rows instead (leave validation_prompts unset), or use rewards that "
+                    "need none."
+                ) from err
+        scores = compute_rewards(self.reward_funcs, images, batch["prompts"], batch["columns"], context)
         for name, column in zip(self.reward_names, scores.unbind(dim=1)):
             if torch.isnan(column).all():
                 logger.warning(
@@ -367,6 +471,11 @@ class DDRLTrainer(SavingMixin, Trainer):
         return loss / self._accumulation_steps
 
     @property
+    def data_beta(self) -> float:
+        """The data term's weight for the current optimiser step: `args.data_beta`, or the adaptive controller's."""
+        return self.data_beta_control.value if self.data_beta_control is not None else self.args.data_beta
+
+    @property
     def _accumulation_steps(self) -> int:
         # Set by Trainer.train() (it may differ on the last, shorter accumulation window); args outside train().
         return getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
@@ -376,7 +485,9 @@ class DDRLTrainer(SavingMixin, Trainer):
         activations of one step at a time are alive). Returns the mean loss over trained steps, detached."""
         args = self.args
         data = None
-        if args.data_beta > 0:
+        data_beta = self.data_beta
+        self.metrics.add("data_beta", data_beta)
+        if data_beta > 0:
             data = DataTermBatch.build(
                 args,
                 batch.ref_latents,
@@ -401,7 +512,7 @@ class DDRLTrainer(SavingMixin, Trainer):
         zero = torch.zeros((), device=total.device)  # every process logs every key, for the gather in `log`
         if args.kl_beta == 0:
             self.metrics.add("loss/kl", zero)
-        if args.data_beta == 0:
+        if data_beta == 0:
             self.metrics.add("loss/data", zero)
         return total
 
@@ -419,6 +530,7 @@ class DDRLTrainer(SavingMixin, Trainer):
             data_t = data.timesteps(sampler, position, step_index)
             noised = sampler.add_noise(data.ref_latents, data.noise, data_t)
             extra = ExtraRows(noised, data_t, data.cond(position))
+            target = sampler.training_target(data.ref_latents, data.noise, data_t)
         output, data_output = predict_policy(
             self.adapter, states[:, step_index], timestep, batch.row_cond, uncond, args.cfg_scale, extra, model
         )
@@ -428,9 +540,12 @@ class DDRLTrainer(SavingMixin, Trainer):
         )
         terms = StepTerms(loss=policy, policy=policy, ratio=ratio, clipped=clipped)
         if data is not None:
-            target = sampler.training_target(data.ref_latents, data.noise, data_t)
             terms.data = diffusion_loss(data_output, target, data.weights)
-            terms.loss = terms.loss + args.data_beta * terms.data
+            terms.loss = terms.loss + self.data_beta * terms.data
+            if self.data_beta_control is not None:  # the controller's paired signal: the base on the same rows
+                base_output = self.reference.predict(extra.latents, extra.timesteps, extra.cond)
+                base = diffusion_loss(base_output, target, data.weights)
+                self.data_beta_control.record(terms.data * len(data.groups), base * len(data.groups))
         if args.kl_beta > 0:
             reference = self.reference.predict(states[:, step_index], timestep, batch.row_cond, uncond, args.cfg_scale)
             ref_mean = sampler.step_mean(reference, step_index, states[:, step_index])

@@ -1,7 +1,8 @@
 """A tiny DDRL training for the multi-process tests:
 `accelerate launch [DDP or DeepSpeed flags] tests/ddp_train.py OUT PER_DEVICE_BATCH [--full] [--accumulation K]
 [--optim NAME] [--learning-rate LR] [--max-steps N] [--save-steps K] [--resume CHECKPOINT] [--bf16]
-[--nan-loss-at-step N [--nan-rank R]] [--num-iterations MU] [--epsilon EPS]`.
+[--nan-loss-at-step N [--nan-rank R]] [--num-iterations MU] [--epsilon EPS] [--cfg-scale W] [--prompt-dropout P]
+[--target-loss-ratio R] [--validation]`.
 
 Writes the trained weights (`OUT/pytorch_lora_weights.safetensors`, or `OUT/unet/` for full fine-tuning) and, from
 the main process, the logged metrics (rewards, data losses, ratios) and the rollout's initial noise of every process
@@ -40,6 +41,8 @@ parser.add_argument("--num-iterations", type=int, default=1, help="optimiser ste
 parser.add_argument("--epsilon", type=float, default=1e-4, help="PPO clip range")
 parser.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance of rollouts")
 parser.add_argument("--prompt-dropout", type=float, default=None, help="the data term's data_prompt_dropout")
+parser.add_argument("--target-loss-ratio", type=float, default=None, help="adaptive data_beta's target")
+parser.add_argument("--validation", action="store_true", help="3 validation prompts × 3 samples (9 rows)")
 cli = parser.parse_args()
 rng = np.random.default_rng(0)
 dataset = Dataset.from_dict(
@@ -96,6 +99,9 @@ args = DDRLConfig(
     epsilon=cli.epsilon,
     cfg_scale=cli.cfg_scale,
     data_prompt_dropout=cli.prompt_dropout,
+    target_loss_ratio=cli.target_loss_ratio,
+    validation_prompts=["a red cat", "a blue dog", "a green bird"] if cli.validation else None,
+    validation_images_per_prompt=3,
     use_cpu=True,  # on a machine without GPUs, transformers sets up gloo multi-process only when told it is on CPU
 )
 trainer = DDRLTrainer(
@@ -113,7 +119,7 @@ noise = trainer.accelerator.gather(torch.stack(initial_noise).flatten(2).contigu
 if trainer.accelerator.is_main_process:
     logged = {
         key: [h[key] for h in trainer.state.log_history if key in h]
-        for key in ("reward", "loss/data", "ratio/mean", "clip_fraction", "nonfinite_steps")
+        for key in ("reward", "loss/data", "ratio/mean", "clip_fraction", "nonfinite_steps", "data_beta")
     }
     with open(f"{cli.out}/result.json", "w") as f:
         json.dump(
@@ -123,11 +129,14 @@ if trainer.accelerator.is_main_process:
                 "ratios": logged["ratio/mean"],
                 "clip_fractions": logged["clip_fraction"],
                 "nonfinite_steps": logged["nonfinite_steps"],
+                "data_betas": logged["data_beta"],
+                "data_beta_state": trainer.data_beta_control.state_dict() if trainer.data_beta_control else None,
                 "processes": trainer.accelerator.num_processes,
                 "distributed_type": str(trainer.accelerator.distributed_type),
                 "eval_loss": evaluation["eval_diffusion_loss"],
                 "eval_ratio": evaluation["eval_diffusion_loss_ratio"],
                 "eval_guided_ratio": evaluation.get("eval_guided_diffusion_loss_ratio"),
+                "validation": {k: v for k, v in evaluation.items() if "rewards/" in k or "diversity" in k},
                 "initial_noise": noise.tolist(),
             },
             f,

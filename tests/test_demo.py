@@ -91,6 +91,13 @@ def test_demo_comparison_runs_end_to_end(tmp_path, capsys, cfg_scale):
         assert f"(higher of conditional and guided) {watched:.3f}" in out
     for name in ("report.png", "grid_before.png", "grid_after_ddrl.png", "grid_after_baseline.png"):
         assert (tmp_path / name).stat().st_size > 1000, name
+    # the validation grid (a row per digit, fixed seeds) at each evaluation, its diversity and judge in the history
+    for run in ("baseline", "ddrl"):
+        grids = sorted(p.name for p in (tmp_path / run / "validation").iterdir())
+        assert grids == ["step-000000.png", "step-000001.png", "step-000002.png"], grids
+        assert results[run]["history"][0]["diversity_ratio"] == pytest.approx(1.0)  # step 0: the base itself
+        assert 0 <= results[run]["history"][-1]["validation_judge"] <= 1
+    assert "diversity" in out
 
 
 def test_demo_rolls_out_guided_with_the_guided_anchor_unless_told_otherwise():

@@ -1,5 +1,6 @@
 """`accelerate launch examples/train_*.py` on local tiny pipelines and datasets saved to disk."""
 
+import json
 import os
 import subprocess
 import sys
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from ddrl_trl.testing import tiny_sd3_pipeline, tiny_sd_pipeline, tiny_wan_pipeline
@@ -59,11 +61,28 @@ def test_train_sd_example_with_yaml_and_cli_overrides(tmp_path, reference_datase
         "a blurry photo",
         "--data_prompt_dropout",
         "0.3",
+        "--validation_prompts",
+        "a red cat",
+        "a blue dog",
+        "--validation_images_per_prompt",
+        "2",
+        "--eval_reward_funcs",
+        "jpeg_compressibility",
+        "--target_loss_ratio",
+        "1.05",
+        "--data_beta_adapt_rate",
+        "0.2",
     )
     assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
+    # validation at the end of training: the grid (2 prompt rows of 2), the evaluation reward in the logs
+    assert Image.open(tmp_path / "out" / "validation" / "step-000002.png").size == (2 * 32, 2 * 32)
+    assert "'eval_rewards/jpeg_compressibility'" in result.stdout and "'eval_diversity_ratio'" in result.stdout
+    run = json.loads((tmp_path / "out" / "ddrl_run.json").read_text())
+    assert run["data_beta_controller"]["updates"] == 2 and run["data_beta_controller"]["rate"] == 0.2
     assert "2/2" in result.stderr  # max_steps from the command line won over the YAML's 5
     used = torch.load(tmp_path / "out" / "training_args.bin", weights_only=False)  # what the trainer ran with
     assert (used.cfg_scale, used.negative_prompt, used.data_prompt_dropout) == (3.0, "a blurry photo", 0.3)
+    assert (used.validation_prompts, used.target_loss_ratio) == (["a red cat", "a blue dog"], 1.05)
     assert used.data_beta == pytest.approx(0.15 * (3.0**2 / 0.7 + 2.0**2 / 0.3), rel=1e-12)  # the guided default
     pipe = tiny_sd_pipeline()
     pipe.load_lora_weights(str(tmp_path / "out"))

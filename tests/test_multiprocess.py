@@ -87,9 +87,10 @@ def launch(
 
 
 def test_two_processes_match_one_process(tmp_path):
-    """Global batch 12 = 3 groups of 4: one process with 12 rows vs two with 6 (group 1 spans both)."""
-    single = launch(tmp_path / "one", ONE_PROCESS, 12)
-    double = launch(tmp_path / "two", DDP, 6)
+    """Global batch 12 = 3 groups of 4: one process with 12 rows vs two with 6 (group 1 spans both); data_beta
+    adapted (`target_loss_ratio`) from the signal of both processes; 9 validation rows split 5 + 4."""
+    single = launch(tmp_path / "one", ONE_PROCESS, 12, "--target-loss-ratio", "1.05", "--validation")
+    double = launch(tmp_path / "two", DDP, 6, "--target-loss-ratio", "1.05", "--validation")
     assert (single["processes"], double["processes"]) == (1, 2)
     # rewards are gathered over both processes before advantages: the logged batch reward is the global one
     assert double["rewards"] == single["rewards"]
@@ -97,6 +98,13 @@ def test_two_processes_match_one_process(tmp_path):
     torch.testing.assert_close(
         torch.tensor(double["data_losses"]), torch.tensor(single["data_losses"]), rtol=1e-5, atol=1e-7
     )
+    # the adaptive data_beta's signal is summed over processes: the same β, moved at step 2, on every process
+    assert single["data_betas"][0] == 0.5 and single["data_betas"][1] != 0.5
+    assert double["data_betas"] == pytest.approx(single["data_betas"], rel=1e-6)
+    assert double["data_beta_state"]["signal"] == pytest.approx(single["data_beta_state"]["signal"], rel=1e-5)
+    # validation rows are split across processes (padded) and gathered in order: the same scores and diversity
+    assert set(single["validation"]) == {"eval_rewards/brightness", "eval_diversity", "eval_diversity_ratio"}
+    assert double["validation"] == pytest.approx(single["validation"], rel=1e-5)
     # evaluation splits the held-out samples across processes and gathers the sums: the same loss and ratio
     assert double["eval_loss"] == pytest.approx(single["eval_loss"], rel=1e-5)
     assert double["eval_ratio"] == pytest.approx(single["eval_ratio"], rel=1e-5) and single["eval_ratio"] != 1.0

@@ -70,6 +70,7 @@ def make_trainer(
     reward=brightness_reward,
     eval_dataset=None,
     callbacks=None,
+    eval_reward_funcs=None,
     **kw,
 ):
     return DDRLTrainer(
@@ -80,6 +81,7 @@ def make_trainer(
         eval_dataset=eval_dataset,
         peft_config=peft_config,
         callbacks=callbacks,
+        eval_reward_funcs=eval_reward_funcs,
     )
 
 

@@ -30,20 +30,25 @@ from .digits import (
     digits_dataset,
     evaluate_digits_pipeline,
     ink_reward,
+    judge_reward,
     load_digits_pipeline,
 )
 
 HACKING_RATIO = 1.10
+#: Validation samples per digit (the grid has one row per digit).
+VALIDATION_PER_DIGIT = 4
 
 
 class _DemoProbe(TrainerCallback):
-    """After each evaluation, samples the current model and records what the judge says."""
+    """After each evaluation, samples the current model and records what the judge and the trained reward say."""
 
-    def __init__(self, trainer_ref: dict, evaluator: DigitsEvaluator, per_digit: int):
-        self.trainer_ref, self.evaluator, self.per_digit = trainer_ref, evaluator, per_digit
+    def __init__(self, trainer_ref: dict, evaluator: DigitsEvaluator, per_digit: int, reward=ink_reward):
+        self.trainer_ref, self.evaluator, self.per_digit, self.reward = trainer_ref, evaluator, per_digit, reward
         self.history: list[dict] = []
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if "eval_diffusion_loss_ratio" not in (metrics or {}):  # a validation without the held-out loss
+            return
         trainer = self.trainer_ref["trainer"]
         judged = evaluate_digits_pipeline(
             trainer.pipeline,
@@ -51,13 +56,18 @@ class _DemoProbe(TrainerCallback):
             args.num_inference_steps,
             self.per_digit,
             guidance_scale=args.cfg_scale,
+            rewards={"reward": self.reward},
         )
         entry = {
             "step": state.global_step,
-            "reward": judged["ink"],  # the ink reward on the judge's fixed prompts and seeds
+            "reward": judged["reward"],  # the trained reward on the judge's fixed prompts and seeds
             "diffusion_loss_ratio": metrics["eval_diffusion_loss_ratio"],
             "accuracy": judged["accuracy"],
             "ink": judged["ink"],
+            "data_beta": trainer.data_beta,
+            # the validation grid's (fixed prompts and seeds, 4 per digit): its diversity, and the judge on it
+            "diversity_ratio": metrics["eval_diversity_ratio"],
+            "validation_judge": metrics["eval_rewards/judge"],
         }
         if "eval_guided_diffusion_loss_ratio" in metrics:
             entry["guided_diffusion_loss_ratio"] = metrics["eval_guided_diffusion_loss_ratio"]
@@ -84,10 +94,11 @@ def _grid(pipe, path: Path, guidance_scale: float, per_digit: int = 6, steps: in
     make_image_grid([im.resize((48, 48), 0) for im in images], rows=per_digit, cols=10).save(path)
 
 
-def run_one(name: str, data_beta: float, opts, evaluator, train_ds, eval_ds) -> dict:
-    """Train one run; return its evaluation history."""
+def run_one(name: str, data_beta: float, opts, evaluator, train_ds, eval_ds, reward=ink_reward, **config) -> dict:
+    """Train one run on `reward` (`config`: more `DDRLConfig` fields); return its evaluation history."""
     output_dir = Path(opts.output_dir) / name
     args = DDRLConfig(
+        **config,
         output_dir=str(output_dir),
         seed=opts.seed,
         max_steps=opts.steps,
@@ -108,20 +119,23 @@ def run_one(name: str, data_beta: float, opts, evaluator, train_ds, eval_ds) -> 
         save_strategy="no",
         per_device_eval_batch_size=120,
         eval_noise_draws=4,
+        validation_prompts=[digit_prompt(d) for d in range(10)],
+        validation_images_per_prompt=VALIDATION_PER_DIGIT,
         dataloader_pin_memory=False,
         run_name=name,
         overwrite_output_dir=True,  # the demo regenerates its own output folder on every run
     )
     trainer_ref: dict = {}
-    probe = _DemoProbe(trainer_ref, evaluator, opts.per_digit)
+    probe = _DemoProbe(trainer_ref, evaluator, opts.per_digit, reward)
     trainer = DDRLTrainer(
         model=load_digits_pipeline(),
-        reward_funcs=ink_reward,
+        reward_funcs=reward,
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         peft_config=LoraConfig(r=8, lora_alpha=8),
         callbacks=[probe],
+        eval_reward_funcs=[judge_reward(evaluator)],
     )
     trainer_ref["trainer"] = trainer
     print(f"\n=== {name}: data_beta={data_beta}, cfg_scale={opts.cfg_scale} ===", flush=True)
@@ -131,7 +145,8 @@ def run_one(name: str, data_beta: float, opts, evaluator, train_ds, eval_ds) -> 
         trainer.evaluate()
     trainer.save_model()
     _grid(trainer.pipeline, Path(opts.output_dir) / f"grid_after_{name}.png", opts.cfg_scale)
-    return {"data_beta": data_beta, "history": probe.history}
+    grids = {step: str(output_dir / "validation" / f"step-{step:06d}.png") for step in (0, trainer.state.global_step)}
+    return {"data_beta": data_beta, "history": probe.history, "validation_grids": grids}
 
 
 def plot(results: dict, path: Path) -> None:
@@ -140,13 +155,14 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(2, 4, figsize=(19, 9.5), gridspec_kw={"height_ratios": [1, 1.3]})
     panels = [
         ("reward", "ink reward (trained on)"),
         ("diffusion_loss_ratio", "held-out diffusion loss / base"),
+        ("diversity_ratio", "validation samples' diversity / base"),
         ("accuracy", "independent judge: accuracy"),
     ]
-    for ax, (key, title) in zip(axes, panels):
+    for ax, (key, title) in zip(axes[0], panels):
         for name, result in results.items():
             steps = [h["step"] for h in result["history"]]
             line = ax.plot(
@@ -170,6 +186,18 @@ def plot(results: dict, path: Path) -> None:
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    # the validation grids (rows: digits 0-9; fixed seeds): the base, then each run at its last step
+    first = next(iter(results.values()))
+    shown = [("base model (step 0)", first["validation_grids"][0])]
+    shown += [
+        (f"{name}, step {max(r['validation_grids'])}", r["validation_grids"][max(r["validation_grids"])])
+        for name, r in results.items()
+    ]
+    for ax in axes[1]:
+        ax.axis("off")
+    for ax, (title, grid) in zip(axes[1], shown):
+        ax.imshow(plt.imread(grid), interpolation="nearest")
+        ax.set_title(f"validation grid: {title}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -224,13 +252,13 @@ def main(argv: list[str] | None = None) -> int:
     guided = "guided_diffusion_loss_ratio" in base
     print(f"\njudge accuracy on real held-out digits: {evaluator.test_accuracy():.3f}")
     guided_header = f"{'guided ratio':>14}" if guided else ""
-    print(f"{'run':<10}{'step':>6}{'reward':>9}{'loss ratio':>12}{guided_header}{'judge acc.':>12}")
+    print(f"{'run':<10}{'step':>6}{'reward':>9}{'loss ratio':>12}{guided_header}{'diversity':>11}{'judge acc.':>12}")
     for name, result in results.items():
         for h in result["history"]:
             guided_ratio = f"{h['guided_diffusion_loss_ratio']:>14.3f}" if guided else ""
             print(
                 f"{name:<10}{h['step']:>6}{h['reward']:>9.4f}{h['diffusion_loss_ratio']:>12.3f}{guided_ratio}"
-                f"{h['accuracy']:>12.3f}"
+                f"{h['diversity_ratio']:>11.3f}{h['accuracy']:>12.3f}"
             )
     final = {name: result["history"][-1] for name, result in results.items()}
     hacked = watched_ratio(final["baseline"]) > HACKING_RATIO
@@ -247,8 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         f"judge accuracy {base['accuracy']:.2f} → {final['ddrl']['accuracy']:.2f}"
     )
     print(
-        f"\nwrote {out / 'report.png'}, grid_before.png, grid_after_*.png, results.json in "
-        f"{time.perf_counter() - start:.0f}s"
+        f"\nwrote {out / 'report.png'} (curves and validation grids), grid_before.png, grid_after_*.png, "
+        f"results.json in {time.perf_counter() - start:.0f}s"
     )
     return 0 if hacked and held else 1
 

@@ -44,6 +44,7 @@ __all__ = [
     "digits_dataset",
     "evaluate_digits_pipeline",
     "ink_reward",
+    "judge_reward",
     "load_digits_pipeline",
     "prompt_label",
 ]
@@ -168,6 +169,17 @@ def ink_reward(images: torch.Tensor, prompts: list[str], **kwargs) -> list[float
 
 
 ink_reward.__name__ = "ink"
+
+
+def judge_reward(evaluator: DigitsEvaluator):
+    """An evaluation reward (not trained on) from the judge: 1.0 for each image it reads as the prompted digit, else
+    0.0; its mean over samples is the judge's accuracy. Named ``judge``."""
+
+    def judge(images: torch.Tensor, prompts: list[str], **kwargs) -> list[float]:
+        labels = [prompt_label(p) for p in prompts]
+        return (evaluator.predict(images) == np.asarray(labels)).astype(float).tolist()
+
+    return judge
 
 
 # ---------------------------------------------------------------------------------------------------------- build
@@ -365,12 +377,13 @@ def evaluate_digits_pipeline(
     eta: float = 1.0,
     seed: int = 0,
     guidance_scale: float = 1.0,
+    rewards: dict | None = None,
 ) -> dict[str, float]:
     """Sample ``per_digit`` images of each digit (stochastic DDIM; classifier-free guidance ``guidance_scale``, 1 =
     none) and judge them.
 
     Returns ``{"accuracy": ..., "ink": ...}``: the evaluator's accuracy against the prompted digits and the mean
-    ink reward of the samples.
+    ink reward of the samples; plus, for each ``name: reward(images, prompts)`` of ``rewards``, its mean.
     """
     evaluator = evaluator or DigitsEvaluator()
     labels = [d for d in range(10) for _ in range(per_digit)]
@@ -382,7 +395,11 @@ def evaluate_digits_pipeline(
         generator=torch.Generator().manual_seed(seed),
         output_type="pt",
     ).images
-    return {"accuracy": evaluator.accuracy(images, labels), "ink": float(np.mean(ink_reward(images, [])))}
+    prompts = [digit_prompt(d) for d in labels]
+    result = {"accuracy": evaluator.accuracy(images, labels), "ink": float(np.mean(ink_reward(images, prompts)))}
+    for name, reward in (rewards or {}).items():
+        result[name] = float(np.mean(reward(images, prompts)))
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,218 @@
+"""Validation samples: fixed prompts and seeds, sampled with the policy's sampler (guided as the rollouts) at every
+`evaluate()`, every `validation_steps` steps and at the end of training, so the grid shows the model's drift; scored
+by the trained rewards and the evaluation rewards (`eval_rewards/<name>`), and measured for within-prompt diversity
+(`eval_diversity`, and `eval_diversity_ratio` to the base model's samples on the same seeds). docs/metrics.md.
+
+Row r of the validation batch is sample r % K of prompt r // K (K = `validation_images_per_prompt`); its noise comes
+from its own generator seeded by (`seed`, "validation", r), so the samples do not depend on the number of processes
+or the batch size, and the base model is sampled from the same noise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+import torch
+from datasets import Dataset
+from transformers import TrainerCallback
+
+from .adapters import PipelineAdapter
+from .core.diversity import within_prompt_diversity
+from .guidance import UnconditionalPrompts
+from .reference import ReferencePolicy
+from .rewards import compute_rewards
+from .rollout import SeededNoise, generate_rollouts, stable_seed
+
+
+@dataclass
+class ValidationPrompts:
+    """The validation prompts, and per prompt the dataset columns rewards may read (empty for `validation_prompts`)."""
+
+    prompts: list[str]
+    columns: dict[str, list]
+
+    @classmethod
+    def from_config(cls, args, eval_dataset: Dataset | None, reference_column: str) -> ValidationPrompts | None:
+        """`args.validation_prompts`, else the first `num_validation_prompts` rows of the (raw) `eval_dataset`;
+        None when neither is set."""
+        if args.validation_prompts is not None:
+            return cls(list(args.validation_prompts), {})
+        if eval_dataset is None or args.num_validation_prompts == 0:
+            return None
+        rows = eval_dataset.select(range(min(args.num_validation_prompts, len(eval_dataset))))
+        kept = [c for c in rows.column_names if c not in (reference_column,)]
+        values = rows.select_columns(kept).to_dict()
+        prompts = values.pop(args.prompt_column)
+        return cls(list(prompts), values)
+
+    def rows(self, indices: list[int], per_prompt: int) -> tuple[list[str], dict[str, list]]:
+        """The prompts and columns of validation rows `indices` (row r belongs to prompt r // per_prompt)."""
+        owners = [r // per_prompt for r in indices]
+        return [self.prompts[p] for p in owners], {k: [v[p] for p in owners] for k, v in self.columns.items()}
+
+
+@dataclass
+class ValidationResult:
+    """One validation: every row's sample `(P·K, 3, H, W)` (videos `(P·K, F, 3, H, W)`) on the CPU, each reward's
+    mean over the samples it scored, and the within-prompt diversity."""
+
+    images: torch.Tensor
+    rewards: dict[str, float]
+    diversity: float
+
+
+class Validator:
+    """Samples, scores and measures the validation rows (`ValidationPrompts`), for the model and once for the base.
+
+    The rows are split across processes (strided; the last ones padded by repeating a row so every process gathers
+    the same count) and sampled `per_device_eval_batch_size` at a time; every process ends with every row's sample.
+
+    Args:
+        adapter, sampler, latent_shape: the model family's adapter, its SDE sampler, one latent sample's shape.
+        reference: the base model (for its samples).
+        args: the `DDRLConfig`.
+        accelerator: the process layout.
+        autocast: the trainer's mixed-precision context for denoiser calls.
+        reward_funcs, reward_names: the trained rewards, then the evaluation rewards.
+        prompts: the validation prompts.
+        unconditional: the rollouts' unconditional branch under guidance (`cfg_scale` > 1), else None.
+    """
+
+    def __init__(
+        self,
+        adapter: PipelineAdapter,
+        sampler,
+        latent_shape: tuple[int, ...],
+        reference: ReferencePolicy,
+        args,
+        accelerator,
+        autocast: Callable[[], AbstractContextManager],
+        reward_funcs: list,
+        reward_names: list[str],
+        prompts: ValidationPrompts,
+        unconditional: UnconditionalPrompts | None = None,
+    ):
+        self.adapter, self.sampler, self.latent_shape, self.reference = adapter, sampler, latent_shape, reference
+        self.args, self.accelerator, self.autocast = args, accelerator, autocast
+        self.reward_funcs, self.reward_names, self.prompts = reward_funcs, reward_names, prompts
+        self.unconditional = unconditional if args.cfg_scale > 1 else None
+        self.per_prompt = args.validation_images_per_prompt
+        #: The base model's validation (None until measured).
+        self.base: ValidationResult | None = None
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.prompts.prompts) * self.per_prompt
+
+    def measure_base(self) -> None:
+        """Sample the base model once: through the reference policy when available, else with the denoiser as it is
+        now (which must still be the base: `DDRLTrainer.train` calls this before training)."""
+        if self.base is None:
+            context = self.reference.switched_in() if self.reference.available else contextlib.nullcontext()
+            with context as denoiser:
+                self.base = self.run(denoiser)
+
+    def metrics(self, prefix: str, trainer_state=None) -> tuple[dict[str, float], ValidationResult]:
+        """`{prefix}_rewards/<name>`, `{prefix}_diversity` and `{prefix}_diversity_ratio` of the model now, with its
+        samples."""
+        if self.base is None:
+            if trainer_state is not None and trainer_state.global_step > 0 and not self.reference.available:
+                raise RuntimeError(
+                    "The base model's validation samples were not taken before training; with full fine-tuning they "
+                    "are taken when train() starts."
+                )
+            self.measure_base()
+        result = self.run(None, trainer_state)
+        metrics = {f"{prefix}_rewards/{name}": value for name, value in result.rewards.items()}
+        metrics[f"{prefix}_diversity"] = result.diversity
+        metrics[f"{prefix}_diversity_ratio"] = result.diversity / self.base.diversity if self.base.diversity else 0.0
+        return metrics, result
+
+    @torch.no_grad()
+    def run(self, denoiser: torch.nn.Module | None, trainer_state=None) -> ValidationResult:
+        """Sample every validation row with `denoiser` (None: the trained one), score and measure them."""
+        args, device = self.args, self.accelerator.device
+        processes, rank = self.accelerator.num_processes, self.accelerator.process_index
+        per_process = math.ceil(self.num_rows / processes)
+        local = list(range(rank, self.num_rows, processes))
+        local += [local[-1] if local else 0] * (per_process - len(local))  # equal counts for the gather
+        noise = SeededNoise(stable_seed(args.seed, "validation"), device, self.per_prompt)
+        images, latents, scores = [], [], []
+        for start in range(0, len(local), args.per_device_eval_batch_size):
+            rows = local[start : start + args.per_device_eval_batch_size]
+            prompts, columns = self.prompts.rows(rows, self.per_prompt)
+            with self.autocast():
+                cond = self.adapter.encode_prompts(prompts)
+                uncond = None
+                if self.unconditional is not None:
+                    uncond = self.unconditional.for_rows(columns, range(len(rows)))
+                rollout = generate_rollouts(
+                    self.adapter,
+                    self.sampler,
+                    cond,
+                    self.latent_shape,
+                    noise,
+                    rows,
+                    denoiser=denoiser,
+                    uncond=uncond,
+                    cfg_scale=args.cfg_scale,
+                )
+            context = {"trainer_state": trainer_state}
+            scores.append(compute_rewards(self.reward_funcs, rollout.images, prompts, columns, context))
+            images.append(rollout.images.float())
+            latents.append(rollout.states[:, -1].float())
+        gathered_rows = self.accelerator.gather(torch.tensor(local, device=device))
+        order = _first_occurrences(gathered_rows.tolist(), self.num_rows)
+        everything = [torch.cat(parts).to(device) for parts in (images, latents, scores)]
+        images, latents, scores = (self.accelerator.gather(part)[order].cpu() for part in everything)
+        rewards = {}
+        for name, column in zip(self.reward_names, scores.unbind(dim=1)):
+            valid = column[~torch.isnan(column)]
+            rewards[name] = valid.mean().item() if len(valid) else float("nan")
+        return ValidationResult(images, rewards, within_prompt_diversity(latents, self.per_prompt).item())
+
+
+def _first_occurrences(rows: list[int], count: int) -> list[int]:
+    """For each validation row 0..count-1, the index of its first occurrence in the gathered `rows`."""
+    where: dict[int, int] = {}
+    for index, row in enumerate(rows):
+        where.setdefault(row, index)
+    return [where[row] for row in range(count)]
+
+
+#: Where validation grids are written, under `output_dir`.
+VALIDATION_DIR = "validation"
+
+
+def save_grid(grid, output_dir: str, step: int) -> str:
+    """Write `grid` to `<output_dir>/validation/step-<step>.png` atomically (staged, renamed); returns the path."""
+    folder = os.path.join(output_dir, VALIDATION_DIR)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"step-{step:06d}.png")
+    staging = f"{path}.tmp"
+    grid.save(staging, format="PNG")
+    os.replace(staging, path)
+    return path
+
+
+class ValidationCallback(TrainerCallback):
+    """Runs the trainer's validation every `validation_steps` optimiser steps (if set) and at the last step, unless
+    an evaluation at that step will (`evaluate()` includes it); and when training ends early, if not done there."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        every, step = args.validation_steps, state.global_step
+        due = (every and step % every == 0) or step >= state.max_steps
+        if due and not control.should_evaluate and self.trainer.last_validation_step != step:
+            self.trainer.validate()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.trainer.last_validation_step != state.global_step:
+            self.trainer.validate()
