@@ -100,13 +100,18 @@ class HackingMonitorCallback(TrainerCallback):
         if {"eval_rewards", "diversity"} & set(self.watch) and not validation:
             raise ValueError(
                 "HackingMonitorCallback watches validation samples (eval_rewards / diversity) but there are none: set "
-                "validation_prompts or num_validation_prompts in DDRLConfig."
+                "DDRLConfig.validation_prompts, or num_validation_prompts > 0 with an eval_dataset."
             )
         if "eval_rewards" in self.watch and not eval_reward_names:
             raise ValueError(
                 "HackingMonitorCallback watches eval_rewards but the trainer has no eval_reward_funcs (rewards not "
                 "trained on): pass eval_reward_funcs=[...] to DDRLTrainer, or drop 'eval_rewards' from watch."
             )
+
+    @staticmethod
+    def check_eval_data(eval_dataset) -> None:
+        """Deprecated: `check_inputs` checks every watched signal. Raises when there is no held-out data."""
+        HackingMonitorCallback().check_inputs(eval_dataset, validation=False, eval_reward_names=[])
 
     def bind(self, trainer) -> None:
         """Called by `DDRLTrainer` when the callback is given to it: the monitor saves through the trainer."""
@@ -123,13 +128,13 @@ class HackingMonitorCallback(TrainerCallback):
         if state.global_step % self.eval_steps == 0:
             control.should_evaluate = True
 
-    def tripped(self, metrics: dict) -> tuple[list[str], bool]:
-        """What tripped in `metrics` (a sentence each), and whether any watched signal was measured at all."""
-        reasons, measured = [], False
+    def tripped(self, metrics: dict) -> tuple[list[str], set[str]]:
+        """What tripped in `metrics` (a sentence each), and which watched signals `metrics` measured."""
+        reasons, measured = [], set()
         if "loss_ratio" in self.watch:
             watched = [key for key in self.WATCHED if metrics.get(key) is not None]
             if watched:
-                measured = True
+                measured.add("loss_ratio")
                 # the worst of the conditional and the guided ratio; a non-finite one is worst of all
                 key = max(watched, key=lambda k: (not math.isfinite(metrics[k]), metrics[k]))
                 if not metrics[key] <= self.threshold:
@@ -142,19 +147,19 @@ class HackingMonitorCallback(TrainerCallback):
             base = self.trainer.validator.base
             for name in self.trainer.eval_reward_names:
                 now = metrics.get(f"eval_rewards/{name}")
-                if now is None or base is None:
+                reference = base.rewards.get(name, math.nan) if base is not None else math.nan
+                if now is None or not math.isfinite(reference):  # the base scored no sample: nothing to compare
                     continue
-                measured = True
-                reference = base.rewards[name]
+                measured.add("eval_rewards")
                 drop = (reference - now) / abs(reference) if reference else reference - now
                 if not drop <= self.max_eval_reward_drop:
                     reasons.append(
                         f"the evaluation reward {name!r} fell to {now:.4g} from the base model's {reference:.4g} "
                         f"(more than {self.max_eval_reward_drop:.0%})"
                     )
-        if "diversity" in self.watch and metrics.get("eval_diversity_ratio") is not None:
-            measured = True
-            ratio = metrics["eval_diversity_ratio"]
+        ratio = metrics.get("eval_diversity_ratio")
+        if "diversity" in self.watch and ratio is not None and math.isfinite(ratio):  # NaN: the base had none
+            measured.add("diversity")
             if not ratio >= self.min_diversity_ratio:
                 reasons.append(
                     f"the validation samples' diversity is {ratio:.2f}× the base model's (minimum "
@@ -167,6 +172,8 @@ class HackingMonitorCallback(TrainerCallback):
         if not measured:
             return
         if not reasons:
+            if measured != set(self.watch):  # e.g. a validation without the held-out loss: not enough to call it good
+                return
             self.last_good_step = state.global_step
             if self.last_good_path is not None:
                 self.trainer.save_model(self.last_good_path)

@@ -1,9 +1,11 @@
 """`DDRLTrainer`: orchestrates one DDRL iteration — rollout → reward → advantage → loss → step.
 
 The math lives elsewhere (`core`, `samplers`, `data_term.py`), the model-family specifics in `adapters`, the rewards
-in `rewards`; model preparation, the reference (base) policy, the held-out evaluation, saving and resuming each have a
-module of their own. This file wires them into `transformers.Trainer`, which keeps providing the optimiser, LR
-schedule, gradient clipping, accumulation, logging, callbacks, checkpoints and multi-device launch.
+in `rewards`; model preparation, the reference (base) policy, the held-out evaluation, the validation samples, the
+adaptive data_beta, saving and resuming each have a module of their own, and what the trainer reports (evaluate,
+validate, logs, model card) lives in `reporting.py`. This file wires them into `transformers.Trainer`, which keeps
+providing the optimiser, LR schedule, gradient clipping, accumulation, logging, callbacks, checkpoints and
+multi-device launch.
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ from .core import (
 )
 from .core.data_beta import AdaptiveDataBeta
 from .data import (
-    REF_LATENTS_COLUMN,
     DDRLCollator,
     RepeatSampler,
     check_columns,
@@ -48,9 +49,9 @@ from .evaluation import HeldOutEvaluator
 from .guards import NonFiniteStepGuard
 from .guidance import ExtraRows, predict_policy
 from .metrics import TrainingMetrics
-from .model_card import write_model_card
 from .model_setup import frozen_dtype, prepare_for_training
 from .reference import ReferencePolicy
+from .reporting import ReportingMixin
 from .resume import (
     check_output_dir_writable,
     check_same_run,
@@ -67,8 +68,7 @@ from .rewards.calling import check_column_names
 from .rollout import synchronize
 from .rollout_batch import RolloutBatch, RolloutCollector
 from .saving import SavingMixin
-from .tracking import image_grid, log_image_grid
-from .validation import ValidationCallback, ValidationPrompts, Validator, save_grid
+from .validation import ValidationCallback, ValidationPrompts, Validator
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class StepTerms:
     kl: torch.Tensor | None = None
 
 
-class DDRLTrainer(SavingMixin, Trainer):
+class DDRLTrainer(ReportingMixin, SavingMixin, Trainer):
     """Trainer for Data-regularized Diffusion Reinforcement Learning (DDRL, arXiv 2512.04332).
 
     Each optimiser step rolls out `num_generations` samples per prompt with the current policy (stochastic sampler,
@@ -186,10 +186,20 @@ class DDRLTrainer(SavingMixin, Trainer):
         if eval_dataset is not None:
             check_evaluation_dataset(eval_dataset, args, self.reference_column)
         validation_prompts = ValidationPrompts.from_config(args, eval_dataset, self.reference_column)
+        nothing_to_validate = (
+            "set DDRLConfig.validation_prompts, or num_validation_prompts > 0 with an eval_dataset (its first rows "
+            "are the validation prompts)"
+        )
         if args.validation_steps is not None and validation_prompts is None:
+            raise ValueError(f"validation_steps is set but there is nothing to validate on: {nothing_to_validate}.")
+        if self.eval_reward_funcs and validation_prompts is None:
             raise ValueError(
-                "validation_steps is set but there is nothing to validate on: set validation_prompts, or pass an "
-                "eval_dataset (its first num_validation_prompts rows are the validation prompts)."
+                f"eval_reward_funcs score the validation samples, but there are none: {nothing_to_validate}."
+            )
+        if args.num_validation_prompts > 0 and args.validation_prompts is None and eval_dataset is None:
+            raise ValueError(
+                f"num_validation_prompts={args.num_validation_prompts} takes the validation prompts from the eval "
+                "dataset, but there is none: pass eval_dataset, or set validation_prompts."
             )
         if args.should_save:
             check_output_dir_writable(args.output_dir)
@@ -284,6 +294,7 @@ class DDRLTrainer(SavingMixin, Trainer):
             self.add_callback(ValidationCallback(self))
         #: The last validation `(grid, prompts, step, images)` (main process), and its step on every process.
         self.last_validation, self.last_validation_step = None, None
+        self._last_validation_metrics = None
         #: The adaptive data_beta (`target_loss_ratio`), or None when it is fixed.
         self.data_beta_control = None
         if args.target_loss_ratio is not None:
@@ -336,67 +347,6 @@ class DDRLTrainer(SavingMixin, Trainer):
         )
         return self.reference.frozen_copy
 
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """Held-out diffusion loss and its ratio to the base model's (> 1.10: the paper's reward-hacking signal); under
-        guidance (`cfg_scale` > 1) also the guided output's (`eval_guided_diffusion_loss_ratio`), which sees the
-        drift guidance amplifies.
-
-        Each held-out sample's noise and timesteps are seeded by (`args.seed`, its index), identical for the model and
-        the base, so the ratio compares the two on the same draws; the samples are split across processes
-        (`evaluation.HeldOutEvaluator`). `eval_dataset` may be raw (prompts and paired images) or already encoded.
-
-        With validation prompts (`validation_prompts`, or the trainer's eval dataset's first rows) it also samples
-        them (`validate`): `eval_rewards/<name>`, `eval_diversity`, `eval_diversity_ratio`, and the grid.
-        """
-        args = self.args
-        if eval_dataset is None:
-            eval_dataset = self.eval_dataset
-        else:  # checked before any encoding (the trainer's own eval_dataset was checked at construction)
-            check_evaluation_dataset(eval_dataset, args, self.reference_column)
-            if REF_LATENTS_COLUMN not in eval_dataset.column_names:
-                eval_dataset = self._encode(eval_dataset, args, "evaluation")
-        if eval_dataset is None and self.validator is None:
-            raise ValueError(
-                "evaluate() needs an eval_dataset (held-out prompts with paired reference images) or "
-                "validation_prompts."
-            )
-        metrics = {}
-        if eval_dataset is not None:
-            started = self.state.global_step > 0
-            metrics.update(self.evaluator.metrics(eval_dataset, metric_key_prefix, training_started=started))
-        if self.validator is not None:
-            metrics.update(self._validation_metrics(metric_key_prefix))
-        self.log(metrics)
-        self.control = self.callback_handler.on_evaluate(args, self.state, self.control, metrics)
-        return metrics
-
-    def validate(self, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """Sample the validation prompts now (fixed seeds, the policy's sampler), score them with the trained and
-        the evaluation rewards, measure their diversity; log the metrics and the grid (trackers, tag "validation";
-        `output_dir/validation/step-N.png`) and tell the callbacks, as an evaluation does (the hacking monitor acts
-        on it). Runs every `validation_steps` steps and at the end of training; `evaluate()` includes it."""
-        if self.validator is None:
-            raise ValueError(
-                "There are no validation prompts: set DDRLConfig.validation_prompts, or pass an eval_dataset."
-            )
-        metrics = self._validation_metrics(metric_key_prefix)
-        self.log(metrics)
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
-        return metrics
-
-    def _validation_metrics(self, prefix: str) -> dict[str, float]:
-        """The validation's metrics; on the main process also its grid (rows: prompts), saved and logged."""
-        metrics, result = self.validator.metrics(prefix, self.state)
-        step, prompts = self.state.global_step, self.validator.prompts.prompts
-        self.last_validation_step = step
-        if self.accelerator.is_main_process:
-            grid = image_grid(result.images, cols=self.args.validation_images_per_prompt)
-            self.last_validation = (grid, prompts, step, result.images)
-            if self.args.should_save:
-                save_grid(grid, self.args.output_dir, step)
-            log_image_grid(self.callback_handler.callbacks, grid, prompts, step, tag="validation")
-        return metrics
-
     # ------------------------------------------------------------------------------------------------ data plumbing
     def _encode(self, dataset: Dataset, args: DDRLConfig, split: str) -> Dataset:
         return encode_reference_dataset(
@@ -423,11 +373,13 @@ class DDRLTrainer(SavingMixin, Trainer):
             try:
                 compute_rewards(self.reward_funcs + self.eval_reward_funcs, images, prompts, columns, context)
             except (TypeError, ValueError) as err:
-                raise type(err)(
-                    f"A reward failed on the validation prompts ({err}); validation_prompts carry no dataset columns: "
-                    "validate on eval-dataset rows instead (leave validation_prompts unset), or use rewards that "
-                    "need none."
-                ) from err
+                fix = (
+                    "validation_prompts carry no dataset columns: validate on eval-dataset rows instead "
+                    "(num_validation_prompts > 0, validation_prompts unset), or use rewards that need none"
+                    if not validation.columns
+                    else "check that the eval dataset's rows give the reward what it needs"
+                )
+                raise type(err)(f"A reward failed on the validation prompts ({err}); {fix}.") from err
         scores = compute_rewards(self.reward_funcs, images, batch["prompts"], batch["columns"], context)
         for name, column in zip(self.reward_names, scores.unbind(dim=1)):
             if torch.isnan(column).all():
@@ -590,47 +542,3 @@ class DDRLTrainer(SavingMixin, Trainer):
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if self.args.bf16 else torch.float16
         return torch.autocast(self.accelerator.device.type, dtype=dtype, cache_enabled=cache_enabled)
-
-    # ------------------------------------------------------------------------------------------------ publishing
-    def create_model_card(
-        self,
-        model_name: str | None = None,
-        dataset_name: str | None = None,
-        tags: str | list[str] | None = None,
-        license: str | None = None,
-        **kwargs,
-    ) -> None:
-        """Write the diffusers model card `push_to_hub()` uploads (README.md, samples.png, training_curves.png):
-        base model, paper, how to load the weights, rewards, configuration, samples and curves (`model_card.py`).
-
-        Args:
-            model_name: the card's title (`push_to_hub` passes the repo's name; default: the output folder's name).
-            dataset_name: the reference data's Hub id or name, in the card's metadata and text.
-            tags: tags added to the trainer's (`_tag_names`: ddrl, trl, diffusers-training) and the task's.
-            license: the license in the card's metadata.
-        """
-        if kwargs:
-            logger.warning("create_model_card: ignoring arguments it does not use: %s", ", ".join(sorted(kwargs)))
-        if self.is_world_process_zero():
-            tags = [tags] if isinstance(tags, str) else tags
-            write_model_card(self, model_name=model_name, dataset_name=dataset_name, tags=tags, license=license)
-
-    # ------------------------------------------------------------------------------------------------ logging
-    def _maybe_log_images(self, images: torch.Tensor, prompts: list[str]) -> None:
-        """Every `log_sample_images_steps` steps, a grid of rollout images to the trackers (and the model card)."""
-        every = self.args.log_sample_images_steps
-        if not every or self.state.global_step % every:
-            return
-        if self.accelerator.is_main_process:
-            n = self.args.num_sample_images
-            grid = image_grid(images[:n])
-            self.last_samples = (grid, prompts[:n], self.state.global_step)  # for the model card
-            log_image_grid(self.callback_handler.callbacks, grid, prompts[:n], self.state.global_step)
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add the DDRL metrics (`metrics.TrainingMetrics`, averaged since the last log, then over processes) to the
-        Trainer's training logs."""
-        if not any(key.startswith("eval_") for key in logs):
-            logs.update(self.metrics.drain(self.accelerator))
-            logs["nonfinite_steps"] = float(self.nonfinite_guard.skipped_steps)
-        super().log(logs, start_time)

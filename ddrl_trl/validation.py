@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 from datasets import Dataset
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainerState
 
 from .adapters import PipelineAdapter
 from .core.diversity import within_prompt_diversity
@@ -109,13 +109,13 @@ class Validator:
     def num_rows(self) -> int:
         return len(self.prompts.prompts) * self.per_prompt
 
-    def measure_base(self) -> None:
+    def measure_base(self, trainer_state=None) -> None:
         """Sample the base model once: through the reference policy when available, else with the denoiser as it is
         now (which must still be the base: `DDRLTrainer.train` calls this before training)."""
         if self.base is None:
             context = self.reference.switched_in() if self.reference.available else contextlib.nullcontext()
             with context as denoiser:
-                self.base = self.run(denoiser)
+                self.base = self.run(denoiser, trainer_state)
 
     def metrics(self, prefix: str, trainer_state=None) -> tuple[dict[str, float], ValidationResult]:
         """`{prefix}_rewards/<name>`, `{prefix}_diversity` and `{prefix}_diversity_ratio` of the model now, with its
@@ -126,16 +126,27 @@ class Validator:
                     "The base model's validation samples were not taken before training; with full fine-tuning they "
                     "are taken when train() starts."
                 )
-            self.measure_base()
+            self.measure_base(trainer_state)
         result = self.run(None, trainer_state)
         metrics = {f"{prefix}_rewards/{name}": value for name, value in result.rewards.items()}
         metrics[f"{prefix}_diversity"] = result.diversity
-        metrics[f"{prefix}_diversity_ratio"] = result.diversity / self.base.diversity if self.base.diversity else 0.0
+        base = self.base.diversity
+        metrics[f"{prefix}_diversity_ratio"] = result.diversity / base if base > 0 else float("nan")
         return metrics, result
 
     @torch.no_grad()
     def run(self, denoiser: torch.nn.Module | None, trainer_state=None) -> ValidationResult:
-        """Sample every validation row with `denoiser` (None: the trained one), score and measure them."""
+        """Sample every validation row with `denoiser` (None: the trained one), in eval mode (no dropout: the same
+        seeds give the same grid, and no global RNG is drawn), score and measure them."""
+        module = denoiser if denoiser is not None else self.adapter.denoiser
+        was_training = module.training
+        module.eval()
+        try:
+            return self._run(denoiser, trainer_state)
+        finally:
+            module.train(was_training)
+
+    def _run(self, denoiser: torch.nn.Module | None, trainer_state) -> ValidationResult:
         args, device = self.args, self.accelerator.device
         processes, rank = self.accelerator.num_processes, self.accelerator.process_index
         per_process = math.ceil(self.num_rows / processes)
@@ -162,7 +173,7 @@ class Validator:
                     uncond=uncond,
                     cfg_scale=args.cfg_scale,
                 )
-            context = {"trainer_state": trainer_state}
+            context = {"trainer_state": trainer_state if trainer_state is not None else TrainerState()}
             scores.append(compute_rewards(self.reward_funcs, rollout.images, prompts, columns, context))
             images.append(rollout.images.float())
             latents.append(rollout.states[:, -1].float())

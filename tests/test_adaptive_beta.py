@@ -36,9 +36,15 @@ def test_controller_moves_beta_the_right_way_and_stays_in_bounds(ratio, directio
 def test_controller_holds_still_at_the_target_and_round_trips_its_state():
     c = AdaptiveDataBeta.starting_at(0.3, target=1.05, rate=0.05)
     assert c.update(1.05) == pytest.approx(0.3)
-    restored = AdaptiveDataBeta.starting_at(1.0, target=2.0, rate=0.5)
+    c.update(1.2)
+    restored = AdaptiveDataBeta.starting_at(0.3, target=1.05, rate=0.05)
     restored.load_state_dict(json.loads(json.dumps(c.state_dict())))
     assert restored == c
+    # resumed with another target and rate: where the controller was is restored, the new settings apply
+    changed = AdaptiveDataBeta.starting_at(0.3, target=1.10, rate=0.2)
+    changed.load_state_dict(c.state_dict())
+    assert (changed.value, changed.signal, changed.updates) == (c.value, c.signal, 2)
+    assert (changed.target, changed.rate) == (1.10, 0.2)
     with pytest.raises(ValueError, match="finite"):
         restored.load_state_dict({**c.state_dict(), "value": float("nan")})
     with pytest.raises(ValueError, match="> 1"):
@@ -75,9 +81,18 @@ def test_trainer_moves_data_beta_with_the_measured_signal(tmp_path, reference_da
     base shifted instead gives a ratio under 1, so β falls. Each logged β is the controller's update of the logged
     signals before it."""
     trainer = make_trainer(tmp_path, reference_dataset, peft_config=lora(), max_steps=3, target_loss_ratio=1.05)
-    if direction == "up":  # the policy's forwards name the training denoiser; the base's (adapter off) do not
-        predict = trainer.adapter.predict
-        trainer.adapter.predict = lambda *a, denoiser=None: predict(*a, denoiser=denoiser) + (denoiser is not None)
+    if direction == "up":  # every forward but the base model's (inside `reference.predict`) is shifted
+        predict, base_predict, in_base = trainer.adapter.predict, trainer.reference.predict, []
+
+        def base(*args, **kwargs):
+            in_base.append(True)
+            try:
+                return base_predict(*args, **kwargs)
+            finally:
+                in_base.pop()
+
+        trainer.reference.predict = base
+        trainer.adapter.predict = lambda *a, **k: predict(*a, **k) + (0.0 if in_base else 1.0)
     else:
         predict = trainer.reference.predict
         trainer.reference.predict = lambda *a, **k: predict(*a, **k) + 1.0

@@ -85,6 +85,23 @@ def test_validation_every_k_steps_and_at_the_end_without_an_eval_dataset(tmp_pat
     assert grids == ["step-000002.png", "step-000003.png"]
 
 
+def test_validation_is_not_sampled_twice_when_an_evaluation_falls_on_the_same_step(tmp_path, reference_dataset):
+    trainer = validating_trainer(
+        tmp_path, max_steps=3, validation_steps=2, eval_strategy="steps", eval_steps=2, eval_dataset=reference_dataset
+    )
+    sampled = []
+    run = trainer.validator.run
+
+    def recording(denoiser, *args, **kwargs):
+        sampled.append((trainer.state.global_step, "model" if denoiser is None else "base"))
+        return run(denoiser, *args, **kwargs)
+
+    trainer.validator.run = recording
+    trainer.train()
+    validated = [h["step"] for h in trainer.state.log_history if "eval_diversity" in h]
+    assert validated == [2, 3] and sampled == [(2, "base"), (2, "model"), (3, "model")]
+
+
 def test_eval_dataset_rows_give_prompts_and_columns_to_the_rewards(tmp_path):
     seen = []
 
@@ -114,6 +131,10 @@ def test_bad_validation_settings_fail_before_any_work(tmp_path, reference_datase
         make_trainer(tmp_path, reference_dataset, validation_prompts=PROMPTS, validation_images_per_prompt=1)
     with pytest.raises(ValueError, match="Reward names must be distinct"):
         make_trainer(tmp_path, reference_dataset, eval_reward_funcs=["brightness", brightness])
+    with pytest.raises(ValueError, match="eval_reward_funcs score the validation samples, but there are none"):
+        make_trainer(tmp_path, reference_dataset, eval_reward_funcs=[darkness])
+    with pytest.raises(ValueError, match="num_validation_prompts=2 takes the validation prompts from the eval"):
+        make_trainer(tmp_path, reference_dataset, num_validation_prompts=2)
 
     def needs_column(images, prompts, score, **kwargs):
         return [0.0] * len(images)
@@ -136,6 +157,13 @@ def test_monitor_acts_on_falling_eval_rewards_and_collapsing_diversity(tmp_path,
         monitor.on_evaluate(args, state, control, {**metrics, "eval_rewards/darkness": base * 0.8})
         assert monitor.hacking_step == 5 and control.should_training_stop
         monitor.on_evaluate(args, state, control, {**metrics, "eval_diversity_ratio": 0.3})
+    # a validation without the held-out loss cannot show a run watched on both to be good
+    both = HackingMonitorCallback(watch=("loss_ratio", "diversity"), last_good_dir=None)
+    both.bind(validating_trainer(tmp_path / "both", eval_dataset=_dataset()))
+    both.on_evaluate(args, state, control, {"eval_diversity_ratio": 0.9})
+    assert both.last_good_step is None
+    both.on_evaluate(args, state, control, {"eval_diversity_ratio": 0.9, "eval_diffusion_loss_ratio": 1.0})
+    assert both.last_good_step == 5
     warnings = [r.getMessage() for r in caplog.records if "Reward hacking suspected" in r.getMessage()]
     assert "the evaluation reward 'darkness' fell to" in warnings[0] and "(more than 10%)" in warnings[0]
     assert "diversity is 0.30× the base model's (minimum 0.50)" in warnings[1]

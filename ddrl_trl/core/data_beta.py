@@ -88,7 +88,11 @@ class AdaptiveDataBeta:
         return asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore `state_dict()`'s values; refuses a state that is not a controller's or holds non-finite numbers."""
-        restored = type(self)(**state)  # validates
-        for name, value in asdict(restored).items():
-            setattr(self, name, value)
+        """Restore where a saved controller was — β, the smoothed signal, the count of updates — from its
+        `state_dict()`; the target, rate, smoothing and bounds stay this controller's (the current configuration's),
+        and β is clamped into its bounds. Refuses a state that is not a controller's or holds non-finite numbers."""
+        restored = type(self)(**state)  # validates the saved state as a whole
+        if restored.signal is not None and not math.isfinite(restored.signal):
+            raise ValueError(f"AdaptiveDataBeta.signal must be finite, got {restored.signal}.")
+        self.value = min(self.max_value, max(self.min_value, restored.value))
+        self.signal, self.updates = restored.signal, restored.updates
