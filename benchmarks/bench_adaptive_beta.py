@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--prompts-per-step", type=int, default=4)
     parser.add_argument("--per-digit", type=int, default=10)
+    parser.add_argument("--validation-per-digit", type=int, default=4, help="validation grid samples per digit")
     parser.add_argument("--eval-size", type=int, default=120)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cfg-scale", type=float, default=1.0)

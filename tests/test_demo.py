@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 
 from ddrl_trl.demo import __main__ as demo
 from ddrl_trl.demo.digits import (
@@ -67,6 +68,8 @@ def test_demo_comparison_runs_end_to_end(tmp_path, capsys, cfg_scale):
             "1",
             "--eval-size",
             "8",
+            "--validation-per-digit",
+            "2",
             "--prompts-per-step",
             "1",
             "--cfg-scale",
@@ -95,6 +98,8 @@ def test_demo_comparison_runs_end_to_end(tmp_path, capsys, cfg_scale):
     for run in ("baseline", "ddrl"):
         grids = sorted(p.name for p in (tmp_path / run / "validation").iterdir())
         assert grids == ["step-000000.png", "step-000001.png", "step-000002.png"], grids
+        grid = Image.open(tmp_path / run / "validation" / "step-000002.png")
+        assert grid.size == (2 * 16, 10 * 16)  # --validation-per-digit 2 columns, a row per digit
         assert results[run]["history"][0]["diversity_ratio"] == pytest.approx(1.0)  # step 0: the base itself
         assert 0 <= results[run]["history"][-1]["validation_judge"] <= 1
     assert "diversity" in out

@@ -35,8 +35,6 @@ from .digits import (
 )
 
 HACKING_RATIO = 1.10
-#: Validation samples per digit (the grid has one row per digit).
-VALIDATION_PER_DIGIT = 4
 
 
 class _DemoProbe(TrainerCallback):
@@ -120,7 +118,7 @@ def run_one(name: str, data_beta: float, opts, evaluator, train_ds, eval_ds, rew
         per_device_eval_batch_size=120,
         eval_noise_draws=4,
         validation_prompts=[digit_prompt(d) for d in range(10)],
-        validation_images_per_prompt=VALIDATION_PER_DIGIT,
+        validation_images_per_prompt=opts.validation_per_digit,
         dataloader_pin_memory=False,
         run_name=name,
         overwrite_output_dir=True,  # the demo regenerates its own output folder on every run
@@ -217,6 +215,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--learning-rate", type=float, default=1e-3, help="LoRA learning rate of both runs")
     parser.add_argument("--prompts-per-step", type=int, default=4, help="groups of 8 rollouts per step")
     parser.add_argument("--per-digit", type=int, default=10, help="judge samples per digit at each evaluation")
+    parser.add_argument(
+        "--validation-per-digit", type=int, default=4, help="validation grid samples per digit (a row per digit)"
+    )
     parser.add_argument("--eval-size", type=int, default=120, help="held-out digits for the diffusion loss")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", default="ddrl-demo-output")
