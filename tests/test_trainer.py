@@ -307,6 +307,8 @@ def test_checkpoints_and_tensorboard_images(tmp_path, reference_dataset):
         report_to="tensorboard",
         log_sample_images_steps=1,
         num_sample_images=4,
+        validation_prompts=["a red cat", "a blue dog"],  # sampled at the last step: the "validation" grid
+        validation_images_per_prompt=2,
     )
     trainer.train()
     out = tmp_path / "out"
@@ -320,7 +322,7 @@ def test_checkpoints_and_tensorboard_images(tmp_path, reference_dataset):
         acc = EventAccumulator(run_dir, size_guidance={"images": 0})
         acc.Reload()
         images.update(acc.Tags()["images"])
-    assert "samples" in images
+    assert {"samples", "validation"} <= images
 
 
 def test_gradient_checkpointing_uses_the_diffusers_switch(tmp_path, reference_dataset):
