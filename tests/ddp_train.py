@@ -141,3 +141,8 @@ if trainer.accelerator.is_main_process:
             },
             f,
         )
+# Tear the process group down before exit: a gloo thread still joinable at interpreter exit can abort one rank
+# ("terminate called without an active exception") after all the work is done.
+if torch.distributed.is_initialized():
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
