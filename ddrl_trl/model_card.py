@@ -15,6 +15,7 @@ from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, populate_model_c
 from huggingface_hub import ModelCard, ModelCardData
 
 from .rewards import to_pil
+from .tracking import still_images
 
 CARD_MARKER = "<!-- written by ddrl-trl: regenerated on each push -->"
 PAPER = "https://arxiv.org/abs/2512.04332"
@@ -267,10 +268,7 @@ def _save_validation(trainer, output_dir: str) -> list[dict] | None:
 def _first_per_prompt(images, num_prompts: int) -> list:
     """The first sample of each of `num_prompts` prompts (prompt-major rows), as PIL images (videos: middle frame)."""
     per_prompt = len(images) // num_prompts
-    firsts = images[::per_prompt][:num_prompts]
-    if firsts.ndim == 5:
-        firsts = firsts[:, firsts.shape[1] // 2]
-    return to_pil(firsts)
+    return to_pil(still_images(images[::per_prompt][:num_prompts]))
 
 
 def _series(log_history: list[dict], key: str) -> list[tuple[int, float]]:

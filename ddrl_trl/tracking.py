@@ -15,12 +15,15 @@ from transformers.integrations import TensorBoardCallback
 from .rewards import to_pil
 
 
+def still_images(images: torch.Tensor) -> torch.Tensor:
+    """Images `(B, 3, H, W)` as they are; videos `(B, F, 3, H, W)` by their middle frame."""
+    return images[:, images.shape[1] // 2] if images.ndim == 5 else images
+
+
 def image_grid(images: torch.Tensor, cols: int | None = None) -> Image.Image:
     """A grid of `images` `(B, 3, H, W)` in [0, 1] (videos `(B, F, 3, H, W)` by their middle frame), `cols` wide
     (None: near-square), row by row."""
-    if images.ndim == 5:
-        images = images[:, images.shape[1] // 2]
-    pil = to_pil(images)
+    pil = to_pil(still_images(images))
     cols = cols or math.ceil(math.sqrt(len(pil)))
     rows = math.ceil(len(pil) / cols)
     pil += [pil[0].copy().point(lambda _: 0)] * (rows * cols - len(pil))  # pad with black tiles
