@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import socket
 import statistics
 import subprocess
@@ -102,7 +103,7 @@ def load(args_ns) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         token_file = os.path.join(tmp, "token")
         with open(token_file, "w") as f:
-            f.write("bench-token")
+            f.write(secrets.token_urlsafe(32))
         server = subprocess.Popen(
             [
                 sys.executable,

@@ -12,16 +12,20 @@ rollouts' noise levels, so it is cheap enough for every step but is not the held
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from transformers import TrainerCallback
 
 from .core.data_beta import AdaptiveDataBeta
+from .weight_files import CheckpointError
 
 logger = logging.getLogger(__name__)
 
 #: The key of the controller's state in `ddrl_run.json` (saved with every checkpoint).
 STATE_KEY = "data_beta_controller"
+#: The run record every save writes (`resume.RUN_INFO_NAME`, which imports this module).
+RUN_INFO_NAME = "ddrl_run.json"
 
 
 class DataBetaControl(TrainerCallback):
@@ -70,7 +74,9 @@ class DataBetaControl(TrainerCallback):
 
     def load_state_dict(self, state: dict | None, checkpoint: str) -> None:
         """Restore the controller from a checkpoint's `ddrl_run.json`; without a saved state (a checkpoint written
-        without `target_loss_ratio`) it starts again from `data_beta`, with a warning."""
+        without `target_loss_ratio`) it starts again from `data_beta`, with a warning. A damaged state (not a
+        controller's, a string or a negative number where β belongs) raises `CheckpointError` naming the file and
+        the checkpoint."""
         if state is None:
             logger.warning(
                 "Checkpoint %s holds no adaptive data_beta state (it was written without target_loss_ratio): the "
@@ -79,4 +85,11 @@ class DataBetaControl(TrainerCallback):
                 self.controller.value,
             )
             return
-        self.controller.load_state_dict(state)
+        try:
+            self.controller.load_state_dict(state)
+        except ValueError as err:
+            path = os.path.join(checkpoint, RUN_INFO_NAME)
+            raise CheckpointError(
+                f"{path} in checkpoint {checkpoint} holds a damaged adaptive data_beta state ({STATE_KEY}: {err}). "
+                f"Resume from an earlier checkpoint-N."
+            ) from err

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import os
 
 from transformers import TrainerCallback
@@ -38,17 +39,24 @@ class HackingMonitorCallback(TrainerCallback):
     held-out prompts and paired reference samples, the other two need validation prompts (`validation_prompts` or
     `num_validation_prompts`), and `"eval_rewards"` needs `eval_reward_funcs`. After each evaluation where nothing
     tripped, the weights are saved (atomically, in diffusers' format) to `<output_dir>/<last_good_dir>`, so a run
-    stopped for hacking, or one you stop yourself, keeps its last good model. Logged: `hacking/last_good_step` and
-    `hacking/detected` (0 or 1).
+    stopped for hacking, or one you stop yourself, keeps its last good model. Logged: `hacking/last_good_step`,
+    `hacking/detected` (0 or 1) and `hacking/unmeasured` (how many watched signals the evaluation could not measure).
+
+    A watched signal the evaluation should measure but cannot — every evaluation score of the model's or the base
+    model's samples None/NaN, a base model without within-prompt diversity — is never taken for good: it is warned
+    about (naming the signal and why), counted in `hacking/unmeasured`, and that evaluation does not move last-good.
 
     Args:
-        threshold: the loss ratio above which the run counts as hacking (the paper's 1.10).
-        eval_steps: how often to measure, in optimiser steps.
+        threshold: the loss ratio above which the run counts as hacking (the paper's 1.10); finite, > 1.
+        eval_steps: how often to measure, in optimiser steps: a whole number ≥ 1 (an integral float such as 10.0,
+            as YAML may give it, is taken as 10).
         stop_training: stop the run at the first evaluation where a signal trips.
-        last_good_dir: folder (under `output_dir`) for the last good weights; None to not save them.
-        watch: which of `SIGNALS` decide ("loss_ratio", "eval_rewards", "diversity").
-        max_eval_reward_drop: the largest relative fall of an evaluation reward below the base model's.
-        min_diversity_ratio: the smallest diversity, as a fraction of the base model's.
+        last_good_dir: folder (under `output_dir`) for the last good weights; None to not save them. Checked to be
+            writable when the trainer is built.
+        watch: which of `SIGNALS` decide ("loss_ratio", "eval_rewards", "diversity"): one name, or a list, tuple or
+            set of them.
+        max_eval_reward_drop: the largest relative fall of an evaluation reward below the base model's; finite, > 0.
+        min_diversity_ratio: the smallest diversity, as a fraction of the base model's; in (0, 1).
     """
 
     #: The ratios watched, when `evaluate()` reports them.
@@ -64,20 +72,48 @@ class HackingMonitorCallback(TrainerCallback):
         max_eval_reward_drop: float = 0.10,
         min_diversity_ratio: float = 0.5,
     ):
-        if not threshold > 1.0:
+        if not (_is_real(threshold) and math.isfinite(threshold) and threshold > 1.0):
             raise ValueError(
-                f"threshold must be > 1 (a ratio to the base model's loss; the paper uses 1.10), got {threshold}."
+                f"threshold must be > 1 and finite (a ratio to the base model's held-out loss; the paper uses "
+                f"1.10), got {threshold!r}: set e.g. threshold=1.10."
             )
-        if eval_steps < 1:
-            raise ValueError(f"eval_steps must be ≥ 1, got {eval_steps}.")
-        watch = (watch,) if isinstance(watch, str) else tuple(watch)
+        steps = _whole_number(eval_steps)
+        if steps is None or steps < 1:
+            raise ValueError(
+                f"eval_steps must be a whole number ≥ 1 (optimiser steps between evaluations), got {eval_steps!r}: "
+                f"set e.g. eval_steps=50."
+            )
+        eval_steps = steps
+        if isinstance(watch, str):
+            watch = (watch,)
+        elif isinstance(watch, (list, tuple)):
+            watch = tuple(watch)
+        elif isinstance(watch, (set, frozenset)):
+            watch = tuple(sorted(watch, key=lambda w: (SIGNALS.index(w) if w in SIGNALS else len(SIGNALS), str(w))))
+        else:
+            raise ValueError(
+                f"watch must name one or more of {SIGNALS} (a string, or a list, tuple or set of them), got {watch!r}."
+            )
         unknown = [w for w in watch if w not in SIGNALS]
         if unknown or not watch:
             raise ValueError(f"watch must name one or more of {SIGNALS}, got {watch!r}.")
-        if not 0 < max_eval_reward_drop < math.inf:
-            raise ValueError(f"max_eval_reward_drop must be > 0 (e.g. 0.10 for 10 %), got {max_eval_reward_drop}.")
-        if not 0 < min_diversity_ratio < 1:
-            raise ValueError(f"min_diversity_ratio must be in (0, 1) (e.g. 0.5), got {min_diversity_ratio}.")
+        if not (_is_real(max_eval_reward_drop) and 0 < max_eval_reward_drop < math.inf):
+            raise ValueError(
+                f"max_eval_reward_drop must be a finite number > 0 (the largest relative fall of an evaluation "
+                f"reward, e.g. 0.10 for 10 %), got {max_eval_reward_drop!r}."
+            )
+        if not (_is_real(min_diversity_ratio) and 0 < min_diversity_ratio < 1):
+            raise ValueError(
+                f"min_diversity_ratio must be a number in (0, 1) (a fraction of the base model's diversity, e.g. "
+                f"0.5), got {min_diversity_ratio!r}."
+            )
+        if last_good_dir is not None and (
+            not isinstance(last_good_dir, (str, os.PathLike)) or os.path.normpath(os.fspath(last_good_dir)) == "."
+        ):
+            raise ValueError(
+                f"last_good_dir must name a folder under output_dir (e.g. 'last-good'), or be None to not keep the "
+                f"last good weights, got {last_good_dir!r}: the weights would be written over output_dir itself."
+            )
         self.threshold, self.eval_steps = threshold, eval_steps
         self.stop_training, self.last_good_dir = stop_training, last_good_dir
         self.watch, self.max_eval_reward_drop, self.min_diversity_ratio = (
@@ -89,6 +125,8 @@ class HackingMonitorCallback(TrainerCallback):
         #: Steps whose evaluation was at or under the threshold, and the step of the first one above it (or None).
         self.last_good_step: int | None = None
         self.hacking_step: int | None = None
+        #: Steps whose evaluation could not measure a watched signal (`hacking/unmeasured` > 0).
+        self.unmeasured_steps: list[int] = []
 
     def check_inputs(self, eval_dataset, validation: bool, eval_reward_names: list[str]) -> None:
         """Raise, naming the fix, when a watched signal has nothing to be measured on."""
@@ -114,9 +152,38 @@ class HackingMonitorCallback(TrainerCallback):
         HackingMonitorCallback().check_inputs(eval_dataset, validation=False, eval_reward_names=[])
 
     def bind(self, trainer) -> None:
-        """Called by `DDRLTrainer` when the callback is given to it: the monitor saves through the trainer."""
+        """Called by `DDRLTrainer` when the callback is given to it: the monitor saves through the trainer. Checks,
+        before any training, that the last good weights can be written under `output_dir` (on the saving process)."""
         self.check_inputs(trainer.eval_dataset, trainer.validator is not None, trainer.eval_reward_names)
+        if self.last_good_dir is not None and getattr(trainer.args, "should_save", True):
+            self._check_writable(os.path.join(trainer.args.output_dir, os.fspath(self.last_good_dir)))
         self.trainer = trainer
+
+    def _check_writable(self, path: str) -> None:
+        """Prove a file can be written in `path`, creating it (and removing again what was created); raise
+        `ValueError` naming `last_good_dir` and the folder if not."""
+        missing, parent = [], os.path.abspath(path)
+        while not os.path.exists(parent):
+            missing.append(parent)
+            parent = os.path.dirname(parent)
+        try:
+            os.makedirs(path, exist_ok=True)
+            probe = os.path.join(path, f".ddrl-write-test-{os.getpid()}")
+            with open(probe, "w") as file:
+                file.write("ok")
+            os.remove(probe)
+        except OSError as err:
+            raise ValueError(
+                f"HackingMonitorCallback cannot write the last good weights to {path!r} ({err.strerror or err}): "
+                f"they would be lost at the first good evaluation. Set last_good_dir to a folder under output_dir "
+                f"that can be written (now {self.last_good_dir!r}), or None to not keep them."
+            ) from err
+        finally:
+            for folder in missing:  # deepest first: leave output_dir as it was
+                try:
+                    os.rmdir(folder)
+                except OSError:
+                    pass
 
     @property
     def last_good_path(self) -> str | None:
@@ -130,7 +197,14 @@ class HackingMonitorCallback(TrainerCallback):
 
     def tripped(self, metrics: dict) -> tuple[list[str], set[str]]:
         """What tripped in `metrics` (a sentence each), and which watched signals `metrics` measured."""
-        reasons, measured = [], set()
+        reasons, measured, _ = self.assess(metrics)
+        return reasons, measured
+
+    def assess(self, metrics: dict) -> tuple[list[str], set[str], list[str]]:
+        """What tripped in `metrics` (a sentence each), which watched signals `metrics` measured, and which it should
+        have measured but could not (a sentence each, naming the signal and why). A signal an evaluation does not
+        report at all (the held-out loss in a validation alone) is neither."""
+        reasons, measured, unmeasured = [], set(), []
         if "loss_ratio" in self.watch:
             watched = [key for key in self.WATCHED if metrics.get(key) is not None]
             if watched:
@@ -145,39 +219,90 @@ class HackingMonitorCallback(TrainerCallback):
                     )
         if "eval_rewards" in self.watch and self.trainer is not None and self.trainer.validator is not None:
             base = self.trainer.validator.base
+            compared, missing = 0, []
             for name in self.trainer.eval_reward_names:
                 now = metrics.get(f"eval_rewards/{name}")
-                reference = base.rewards.get(name, math.nan) if base is not None else math.nan
-                if now is None or not math.isfinite(reference):  # the base scored no sample: nothing to compare
+                if now is None:  # not a validation: nothing to measure here
                     continue
-                measured.add("eval_rewards")
+                reference = base.rewards.get(name, math.nan) if base is not None else math.nan
+                scored_now, scored_base = _finite(now), _finite(reference)
+                if not (scored_now and scored_base):
+                    whose = (
+                        "neither the model's nor the base model's"
+                        if not scored_now and not scored_base
+                        else "none of the model's"
+                        if not scored_now
+                        else "none of the base model's"
+                    )
+                    missing.append(f"{name!r} scored {whose} validation samples (every score None, NaN or ±inf)")
+                    continue
+                compared += 1
                 drop = (reference - now) / abs(reference) if reference else reference - now
                 if not drop <= self.max_eval_reward_drop:
                     reasons.append(
                         f"the evaluation reward {name!r} fell to {now:.4g} from the base model's {reference:.4g} "
                         f"(more than {self.max_eval_reward_drop:.0%})"
                     )
+            if missing:  # one reward not compared is enough not to call the evaluation good
+                unmeasured.append(f"eval_rewards: {'; '.join(missing)}")
+            elif compared:
+                measured.add("eval_rewards")
         ratio = metrics.get("eval_diversity_ratio")
-        if "diversity" in self.watch and ratio is not None and math.isfinite(ratio):  # NaN: the base had none
-            measured.add("diversity")
-            if not ratio >= self.min_diversity_ratio:
-                reasons.append(
-                    f"the validation samples' diversity is {ratio:.2f}× the base model's (minimum "
-                    f"{self.min_diversity_ratio:.2f})"
+        if "diversity" in self.watch and ratio is not None:
+            diversity = metrics.get("eval_diversity")
+            if _finite(ratio):
+                measured.add("diversity")
+                if not ratio >= self.min_diversity_ratio:
+                    reasons.append(
+                        f"the validation samples' diversity is {ratio:.2f}× the base model's (minimum "
+                        f"{self.min_diversity_ratio:.2f})"
+                    )
+            elif diversity is not None and not _finite(diversity):  # the model's samples themselves are broken
+                measured.add("diversity")
+                reasons.append(f"the validation samples' diversity is {diversity} (not a finite number)")
+            else:  # NaN: the base model's samples of a prompt were all the same
+                unmeasured.append(
+                    "diversity: the base model's validation samples have no within-prompt diversity to compare with "
+                    "(eval_diversity_ratio is NaN)"
                 )
-        return reasons, measured
+        return reasons, measured, unmeasured
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        reasons, measured = self.tripped(metrics or {})
-        if not measured:
+        reasons, measured, unmeasured = self.assess(metrics or {})
+        if not measured and not unmeasured:
             return
+        last_good = float(self.last_good_step) if self.last_good_step is not None else -1.0
+        if unmeasured:
+            self.unmeasured_steps.append(state.global_step)
+            logger.warning(
+                "HackingMonitorCallback could not measure a watched signal at step %d: %s. This evaluation is not "
+                "counted as good (last good step: %s); check the evaluation rewards and validation prompts.",
+                state.global_step,
+                "; ".join(unmeasured),
+                self.last_good_step if self.last_good_step is not None else "none yet",
+            )
         if not reasons:
+            if unmeasured:
+                self.trainer.log(
+                    {
+                        "hacking/detected": 0.0,
+                        "hacking/unmeasured": float(len(unmeasured)),
+                        "hacking/last_good_step": last_good,
+                    }
+                )
+                return
             if measured != set(self.watch):  # e.g. a validation without the held-out loss: not enough to call it good
                 return
             self.last_good_step = state.global_step
             if self.last_good_path is not None:
                 self.trainer.save_model(self.last_good_path)
-            self.trainer.log({"hacking/detected": 0.0, "hacking/last_good_step": float(state.global_step)})
+            self.trainer.log(
+                {
+                    "hacking/detected": 0.0,
+                    "hacking/unmeasured": 0.0,
+                    "hacking/last_good_step": float(state.global_step),
+                }
+            )
             return
         self.hacking_step = self.hacking_step if self.hacking_step is not None else state.global_step
         where = (
@@ -193,7 +318,29 @@ class HackingMonitorCallback(TrainerCallback):
             action,
             where,
         )
-        last_good = float(self.last_good_step) if self.last_good_step is not None else -1.0
-        self.trainer.log({"hacking/detected": 1.0, "hacking/last_good_step": last_good})
+        self.trainer.log(
+            {
+                "hacking/detected": 1.0,
+                "hacking/unmeasured": float(len(unmeasured)),
+                "hacking/last_good_step": last_good,
+            }
+        )
         if self.stop_training:
             control.should_training_stop = True
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _finite(value) -> bool:
+    return _is_real(value) and math.isfinite(value)
+
+
+def _whole_number(value) -> int | None:
+    """`value` as an int if it is a whole number (an int, or an integral float such as 10.0), else None."""
+    if not _is_real(value):
+        return None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    return int(value) if math.isfinite(value) and float(value).is_integer() else None

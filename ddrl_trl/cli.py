@@ -1,11 +1,13 @@
 """The `ddrl-trl` command.
 
-    ddrl-trl train [--family sd|sd3|flux|wan] <TRL-style arguments>   # DDRL training (as examples/train_*.py)
-    ddrl-trl accelerate-config --name deepspeed_zero2                  # print a shipped accelerate config
-    ddrl-trl serve-reward --reward ... --token-file ...                # the HTTP reward service
+    ddrl-trl train [--family FAMILY] <TRL-style arguments>   # DDRL training (as examples/train_*.py)
+    ddrl-trl accelerate-config --name deepspeed_zero2        # print a shipped accelerate config
+    ddrl-trl serve-reward --reward ... --token-file ...      # the HTTP reward service
 
-The embedded demo is `ddrl-trl-demo`. For several GPUs: `accelerate launch --config_file <config> -m ddrl_trl.cli
-train ...`.
+FAMILY: a model family of `ddrl_trl.families.FAMILY_DEFAULTS` (listed below), inferred from --model_name_or_path
+when not given.
+`ddrl-trl train --help` lists the training arguments. The embedded demo is `ddrl-trl-demo`. For several GPUs:
+`accelerate launch --config_file <config> -m ddrl_trl.cli train ...`.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ def _serve_reward(args: argparse.Namespace) -> None:
     try:
         limits = ServerLimits(
             max_request_bytes=int(args.max_request_mb * 2**20),
+            max_inflight_upload_bytes=int(args.max_inflight_upload_mb * 2**20),
             max_json_values=args.max_json_values,
             max_samples_per_request=args.max_samples_per_request,
             max_batch_samples=args.max_batch_samples,
@@ -65,10 +68,13 @@ def _serve_reward(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .families import FAMILIES
     from .rewards import REWARD_SPEC_HELP
 
     parser = argparse.ArgumentParser(
-        prog="ddrl-trl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="ddrl-trl",
+        description=f"{__doc__}\nFAMILY is one of: {', '.join(FAMILIES)}.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser(
@@ -98,9 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--token-file",
         required=True,
-        help="file holding the bearer token clients must send (one line of visible ASCII)",
+        help="file holding the bearer token clients must send (one line of visible ASCII, at least 16 characters)",
     )
     serve.add_argument("--max-request-mb", type=float, default=64.0, help="largest request body accepted (MiB)")
+    serve.add_argument(
+        "--max-inflight-upload-mb",
+        type=float,
+        default=512.0,
+        help="request bodies being received (and parsed) at once, by declared length (MiB); a body that does not "
+        "fit gets 503 with Retry-After before it is read, one larger than this alone gets 413",
+    )
     serve.add_argument(
         "--max-json-values",
         type=int,
@@ -146,7 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-connections",
         type=int,
         default=256,
-        help="open connections at most; past it the one that has sent nothing for longest is closed",
+        help="open connections at most; past it a new one closes the oldest that has never sent a byte, then the "
+        "longest idle between requests, then the longest stalled in a request without the right token; "
+        "authenticated uploads are never closed for room (the new connection is, if nothing else can go)",
     )
     serve.add_argument(
         "--request-timeout-s",
@@ -171,7 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         run()
     except UsageError as err:  # bad input, before any work: one clear line (errors during a run keep their traceback)
-        print(f"ddrl-trl {command}: error: {err}", file=sys.stderr)
+        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        print(f"ddrl-trl {command}: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

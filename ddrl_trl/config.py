@@ -16,6 +16,15 @@ from transformers import TrainingArguments
 UNGUIDED_DATA_BETA = 0.3
 #: The data term's prompt dropout under guidance by default: the authors' text dropout.
 GUIDED_PROMPT_DROPOUT = 0.2
+#: The largest `cfg_scale`: models are sampled at 1.5–20; far beyond it the guided default `data_beta` explodes
+#: (w = 1e30 gives 9.4e59, every loss non-finite) and w² overflows.
+MAX_CFG_SCALE = 100.0
+#: The smallest non-zero `data_prompt_dropout` under guidance: F(w, p) grows as 1/p (p = 1e-300 gives data_beta
+#: 1.5e299).
+MIN_GUIDED_PROMPT_DROPOUT = 0.01
+#: The largest `data_beta`, set or resolved: beyond it the reward's gradient is lost in float32 rounding next to the
+#: data term's, and the data term's loss nears float overflow.
+MAX_DATA_BETA = 1e6
 
 
 def guidance_amplification(cfg_scale: float, prompt_dropout: float) -> float:
@@ -27,12 +36,23 @@ def guidance_amplification(cfg_scale: float, prompt_dropout: float) -> float:
     only with its share of the samples, β [(1 − p) |Δε_c|² + p |Δε_∅|²]. Balancing a policy-gradient pull g on ε̂
     against that anchor moves ε̂ by F · g / (2β), against g / (2β) unguided (F = 1 at w = 1). It counts the two
     branches as independent; they share one network, so the real amplification is smaller.
+
+    Raises `ValueError` (never `OverflowError`, never returns ±inf) for non-finite arguments and where F overflows.
     """
+    if not (_is_real(cfg_scale) and math.isfinite(cfg_scale)):
+        raise ValueError(f"cfg_scale must be a finite number, got {cfg_scale!r}.")
     if cfg_scale <= 1:
         return 1.0
-    if not 0 < prompt_dropout < 1:
+    if not (_is_real(prompt_dropout) and 0 < prompt_dropout < 1):
         raise ValueError(f"Under guidance the prompt dropout must be in (0, 1), got {prompt_dropout}.")
-    return cfg_scale**2 / (1 - prompt_dropout) + (cfg_scale - 1) ** 2 / prompt_dropout
+    w, p = float(cfg_scale), float(prompt_dropout)
+    amplification = w * w / (1 - p) + (w - 1) * (w - 1) / p  # w * w: inf on overflow, where w**2 raises
+    if not math.isfinite(amplification):
+        raise ValueError(
+            f"The guidance amplification F(w, p) overflows for cfg_scale={cfg_scale!r} and prompt dropout "
+            f"{prompt_dropout!r}: keep cfg_scale ≤ {MAX_CFG_SCALE:g} and the dropout ≥ {MIN_GUIDED_PROMPT_DROPOUT:g}."
+        )
+    return amplification
 
 
 def default_data_beta(cfg_scale: float = 1.0, prompt_dropout: float | None = None) -> float:
@@ -41,12 +61,42 @@ def default_data_beta(cfg_scale: float = 1.0, prompt_dropout: float | None = Non
 
     The factor 0.15 is measured on the digits benchmark (docs/concepts.md): at w = 2 (F = 10) data_beta 1.5 kept the
     judge at 1.00 and every held-out ratio under 1.05 for 100 steps with the reward up by a third, where 1.0 let the
-    judge slip from step 70 and 0.3 hacked; at w = 4.5 (F = 86.6) the rule gives 13.
+    judge slip from step 70 and 0.3 hacked; at w = 4.5 (F = 86.6) the rule gives 13. Always finite: arguments that
+    would overflow raise `ValueError` (`DDRLConfig` also bounds the result by `MAX_DATA_BETA`).
     """
+    if not (_is_real(cfg_scale) and math.isfinite(cfg_scale)):
+        raise ValueError(f"cfg_scale must be a finite number, got {cfg_scale!r}.")
     if cfg_scale <= 1:
         return UNGUIDED_DATA_BETA
     p = prompt_dropout if prompt_dropout else GUIDED_PROMPT_DROPOUT
     return max(UNGUIDED_DATA_BETA, 0.15 * guidance_amplification(cfg_scale, p))
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _integer_kind(spec) -> str | None:
+    """`"int"` for a dataclass field annotated `int` (or `int | None`), `"list"` for `list[int]` (or `| None`)."""
+    annotation = spec.type
+    if not isinstance(annotation, str):
+        annotation = annotation.__name__ if isinstance(annotation, type) else str(annotation)
+    compact = annotation.replace(" ", "").replace("typing.", "")
+    if compact in ("int", "int|None", "None|int", "Optional[int]"):
+        return "int"
+    if compact in ("list[int]", "list[int]|None", "None|list[int]", "Optional[list[int]]", "List[int]"):
+        return "list"
+    return None
+
+
+def _as_integer(value) -> int | None:
+    """`value` as an int if it is a whole number (an int, or an integral float such as 2.0 read from YAML), else
+    None."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    return int(value) if math.isfinite(value) and float(value).is_integer() else None
 
 
 _DATA_CHOICES = ("rollout", "random")
@@ -57,12 +107,17 @@ class DDRLConfig(TrainingArguments):
     r"""
     Configuration for [`DDRLTrainer`]. Only DDRL-specific fields are listed; all of
     [`~transformers.TrainingArguments`] applies. Defaults that differ from `TrainingArguments` follow the released
-    DDRL configs (AdamW β₂ 0.99, weight decay 1e-4, grad clip 1.0) and TRL (logging every 10 steps).
+    DDRL configs (AdamW β₂ 0.99, weight decay 1e-4, grad clip 1.0) and TRL (logging every 10 steps); DDP does not
+    search for unused parameters (`ddp_find_unused_parameters=False`: every forward uses every trained weight), and
+    `dataloader_pin_memory` is turned off on a machine without an accelerator (pinning needs one).
 
     Batch sizes count **rollouts**, as in TRL's `GRPOConfig`: each micro-step draws
     `per_device_train_batch_size × processes / num_generations` prompts and rolls each out `num_generations` times; a
     group may span two processes (its rewards are gathered for the advantages), so only that product must be a
     multiple of `num_generations`.
+
+    Every `int` field (these and `TrainingArguments`') takes a whole number: an integral float (2.0, as YAML or JSON
+    may give it) becomes the int; anything else (2.5, "2", True) is refused, naming the field.
 
     Parameters:
         > Model
@@ -98,7 +153,8 @@ class DDRLConfig(TrainingArguments):
             log-probabilities are those of the guided step, and training back-propagates through both branches (in
             the one denoiser forward per trained step). `1.0` turns guidance off, as the paper's runs (one branch,
             half the denoiser work); set the value you sample the model with (SD 1.5 7.5, SD3.5 Flow-GRPO 4.5, Wan 5)
-            when the rewards should judge guided images. Must be ≥ 1. The pipeline argument it matches is
+            when the rewards should judge guided images. Must be in [1, 100] (`MAX_CFG_SCALE`: far beyond the
+            1.5–20 models are sampled at, the guided `data_beta` explodes). The pipeline argument it matches is
             `guidance_scale` for SD/SDXL/SD3/Wan/SANA/FLUX.2 [klein], `true_cfg_scale` for FLUX.1 and Qwen-Image,
             and `guidance_scale` + 1 for Z-Image and Cosmos; families without an unconditional branch (FLUX.2 [dev])
             refuse it (docs/concepts.md).
@@ -115,7 +171,8 @@ class DDRLConfig(TrainingArguments):
             from the run's seed (exact across processes and resumes). Guided sampling also follows the unconditional
             model; this anchors it to the reference data as the prompt's term anchors the conditional one. A negative
             prompt is not trained on: teaching "blurry" to mean the average data image would erase what it means.
-            `None`: 0.2 when `cfg_scale` > 1 (the authors' code's text dropout), else 0. In [0, 1); no effect when
+            `None`: 0.2 when `cfg_scale` > 1 (the authors' code's text dropout), else 0. In [0, 1), and under guidance
+            0 or ≥ 0.01 (`MIN_GUIDED_PROMPT_DROPOUT`: the guided `data_beta` grows as 1/p); no effect when
             `data_beta` = 0.
         guidance_scale (`float` or `None`, defaults to `None`):
             The value fed to a guidance-distilled denoiser's guidance embedding (FLUX.1-dev, FLUX.2 [dev]), in
@@ -191,7 +248,8 @@ class DDRLConfig(TrainingArguments):
             dimensions, which scales the policy gradient differently, so both values are calibrated on the embedded
             digits benchmark (docs/concepts.md): unguided, 0.3 keeps the held-out diffusion-loss ratio below 1.10
             while the reward rises; guided at w = 2, 0.3 hacked, 1.0 let the judge slip from step 70 and 1.5 held
-            it. `0` gives plain GRPO (reward hacking). A guided value under the default warns.
+            it. `0` gives plain GRPO (reward hacking). A guided value under the default warns. At most 1e6
+            (`MAX_DATA_BETA`), set or resolved: beyond it the reward's gradient is lost in float32 rounding.
         target_loss_ratio (`float` or `None`, defaults to `None`):
             Adapt `data_beta` during training to hold the data term's diffusion-loss ratio to the base model at this
             target (> 1, e.g. 1.05), as PPO's adaptive KL coefficient (docs/concepts.md, "Adaptive data_beta"):
@@ -264,7 +322,8 @@ class DDRLConfig(TrainingArguments):
             diversity (`eval_diversity`, `eval_diversity_ratio` to the base model's), written to
             `output_dir/validation/step-N.png`, sent to the trackers (tag `validation`) and shown in the model card.
             `None`: the prompts of the first `num_validation_prompts` rows of the eval dataset (their columns go to
-            the rewards).
+            the rewards). A single string is one prompt (as a YAML scalar `validation_prompts: a red cat` is); blank
+            prompts are refused.
         num_validation_prompts (`int`, defaults to `0`):
             Eval-dataset rows whose prompts (and columns) are the validation prompts when `validation_prompts` is
             None, e.g. 4; `0`: no validation unless `validation_prompts` is set.
@@ -274,8 +333,9 @@ class DDRLConfig(TrainingArguments):
             Also sample the validation grid every that many optimiser steps, with or without an eval dataset; `None`:
             only with each `evaluate()` and at the end of training.
         log_sample_images_steps (`int`, defaults to `50`):
-            Every that many optimiser steps, a grid of rollout images goes to the trackers in `report_to`
-            (TensorBoard, W&B). `0` turns it off.
+            Every that many optimiser steps (steps 1, 1 + k, 1 + 2k, ...), a grid of that step's rollout images goes
+            to the trackers in `report_to` (TensorBoard, W&B) at the step's own number, one row per prompt with the
+            prompt written above it. `0` turns it off.
         num_sample_images (`int`, defaults to `8`):
             Images in that grid.
     """
@@ -379,9 +439,18 @@ class DDRLConfig(TrainingArguments):
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept False: extra dataset columns are passed to reward functions."}
     )
+    ddp_find_unused_parameters: bool | None = field(
+        default=False,
+        metadata={
+            "help": "DDP's find_unused_parameters. False: every trained step's forward uses every trained weight, so "
+            "DDP need not search the graph for unused ones each iteration (True costs that search and warns on "
+            "every process); set True only for a denoiser whose trained weights some forwards skip."
+        },
+    )
 
     def __post_init__(self):
         self._check_numbers_are_finite()  # before anything compares them: every comparison with NaN is False
+        self._check_integer_fields()  # before anything counts with them: num_iterations=2.5 fails much later
         if isinstance(self.model_init_kwargs, str):
             try:
                 self.model_init_kwargs = json.loads(self.model_init_kwargs)
@@ -458,6 +527,12 @@ class DDRLConfig(TrainingArguments):
                 f"cfg_scale must be ≥ 1 (1 turns classifier-free guidance off, as diffusers does for any scale ≤ 1), "
                 f"got {self.cfg_scale}."
             )
+        if self.cfg_scale > MAX_CFG_SCALE:
+            raise ValueError(
+                f"cfg_scale must be ≤ {MAX_CFG_SCALE:g}, got {self.cfg_scale:g}: models are sampled at 1.5 to 20, and "
+                f"far beyond that the guided data_beta explodes and every step turns non-finite. Set the guidance "
+                f"scale you sample the model with (e.g. 4.5)."
+            )
         if self.negative_prompt is not None and self.negative_prompt_column is not None:
             raise ValueError(
                 "negative_prompt and negative_prompt_column are both set: give one negative prompt for every row, or "
@@ -468,6 +543,13 @@ class DDRLConfig(TrainingArguments):
                 f"data_prompt_dropout must be in [0, 1) (the share of data-term samples trained unconditionally) or "
                 f"None for the default, got {self.data_prompt_dropout}."
             )
+        if self.cfg_scale > 1 and self.data_prompt_dropout and self.data_prompt_dropout < MIN_GUIDED_PROMPT_DROPOUT:
+            raise ValueError(
+                f"data_prompt_dropout={self.data_prompt_dropout:g} under guidance (cfg_scale={self.cfg_scale:g}) "
+                f"must be 0 or ≥ {MIN_GUIDED_PROMPT_DROPOUT:g}: the guided data_beta grows as 1/data_prompt_dropout "
+                f"(so few unconditional samples hold the unconditional branch to nothing anyway). Leave it unset "
+                f"(0.2 under guidance)."
+            )
         guided_default = default_data_beta(self.cfg_scale, self.data_prompt_dropout)
         if self.cfg_scale > 1 and self.data_prompt_dropout == 0 and self.data_beta != 0:
             warnings.warn(
@@ -477,7 +559,20 @@ class DDRLConfig(TrainingArguments):
                 stacklevel=3,
             )
         if self.data_beta is None:
+            if guided_default > MAX_DATA_BETA:
+                raise ValueError(
+                    f"cfg_scale={self.cfg_scale:g} with data_prompt_dropout="
+                    f"{self.data_prompt_dropout or GUIDED_PROMPT_DROPOUT:g} resolves the default data_beta to "
+                    f"{guided_default:.3g}, above its maximum {MAX_DATA_BETA:g}: lower cfg_scale, leave "
+                    f"data_prompt_dropout unset (0.2), or set data_beta yourself."
+                )
             self.data_beta = guided_default
+        elif self.data_beta > MAX_DATA_BETA:
+            raise ValueError(
+                f"data_beta must be ≤ {MAX_DATA_BETA:g}, got {self.data_beta:g}: beyond it the reward's gradient is "
+                f"lost in float32 rounding next to the data term's (the guided default is 1.5 at cfg_scale 2, 13 at "
+                f"4.5)."
+            )
         elif self.cfg_scale > 1 and 0 < self.data_beta < guided_default:
             warnings.warn(
                 f"cfg_scale={self.cfg_scale:g} with data_beta={self.data_beta:g}, under the guided default "
@@ -561,12 +656,19 @@ class DDRLConfig(TrainingArguments):
             )
         if self.num_validation_prompts < 0:
             raise ValueError(f"num_validation_prompts must be ≥ 0, got {self.num_validation_prompts}.")
+        if isinstance(self.validation_prompts, str):  # one prompt (a YAML scalar), never a string of 1-char prompts
+            self.validation_prompts = [self.validation_prompts]
         if self.validation_prompts is not None:
-            if not self.validation_prompts or not all(isinstance(p, str) and p for p in self.validation_prompts):
+            prompts = self.validation_prompts
+            if not isinstance(prompts, (list, tuple)) or not prompts:
+                raise ValueError(f"validation_prompts must be a non-empty list of prompts, got {prompts!r}.")
+            blank = [i for i, p in enumerate(prompts) if not (isinstance(p, str) and p.strip())]
+            if blank:
                 raise ValueError(
-                    f"validation_prompts must be a non-empty list of non-empty strings, got "
-                    f"{self.validation_prompts!r}."
+                    f"validation_prompts must be non-blank strings; entry {blank[0]} is {prompts[blank[0]]!r} (of "
+                    f"{prompts!r}): remove it or write the prompt."
                 )
+            self.validation_prompts = list(prompts)
             if self.negative_prompt_column is not None:
                 raise ValueError(
                     "validation_prompts have no negative_prompt_column values for the guidance's unconditional "
@@ -576,6 +678,31 @@ class DDRLConfig(TrainingArguments):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer or None, got {getattr(self, name)}.")
         _ = self.resolved_train_step_indices  # raises on invalid explicit indices
+        if self.dataloader_pin_memory and self.device.type == "cpu":
+            # pinning needs an accelerator (torch warns otherwise); the batches here are prompts and small latents
+            self.dataloader_pin_memory = False
+
+    def _check_integer_fields(self) -> None:
+        """Refuse a non-integer in every field annotated `int` (or `list[int]`), naming the field; an integral float
+        (2.0, as YAML or JSON may give it) becomes the int."""
+        for spec in fields(self):
+            kind, value = _integer_kind(spec), getattr(self, spec.name, None)
+            if kind is None or value is None:
+                continue
+            if kind == "int":
+                number = _as_integer(value)
+                if number is None:
+                    raise ValueError(
+                        f"{spec.name} must be a whole number (an int; 2.0 is taken as 2), got {value!r}. See "
+                        f"docs/config.md for the field's range."
+                    )
+                setattr(self, spec.name, number)
+                continue
+            items = list(value) if isinstance(value, (list, tuple)) else None
+            numbers_ = [_as_integer(item) for item in items] if items is not None else None
+            if numbers_ is None or None in numbers_:
+                raise ValueError(f"{spec.name} must be a list of whole numbers (ints), got {value!r}.")
+            setattr(self, spec.name, numbers_)
 
     def _check_numbers_are_finite(self) -> None:
         """Refuse NaN and ±inf in every number of the config (reward weights included), naming the field."""

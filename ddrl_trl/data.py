@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import logging
+import numbers
 import os
 from collections.abc import Iterator, Sequence
 
@@ -31,27 +32,80 @@ logger = logging.getLogger(__name__)
 REF_LATENTS_COLUMN = "ddrl_ref_latents"
 
 
-def reference_column_of(dataset: Dataset, configured: str | None) -> str:
-    """The column holding the paired reference samples: `configured`, else `"image"`, else `"video"` if present."""
+#: Prompt columns of diffusers' text-to-image training data (its scripts' `--caption_column` defaults to "text"), read
+#: as the prompts when `prompt_column` is left at its default and the dataset has no "prompt" column.
+DIFFUSERS_PROMPT_COLUMNS = ("text", "caption")
+DEFAULT_PROMPT_COLUMN = "prompt"
+
+
+def reference_column_of(dataset: Dataset, configured: str | None, fallback: Dataset | None = None) -> str:
+    """The column holding the paired reference samples: `configured`, else `"image"`, else `"video"` if present in
+    `dataset`, else in `fallback` (the eval dataset, when the training data hold prompts only)."""
     if configured is not None:
         return configured
-    return next((name for name in ("image", "video") if name in dataset.column_names), "image")
+    for data in (dataset, fallback):
+        found = next((name for name in ("image", "video") if data is not None and name in data.column_names), None)
+        if found is not None:
+            return found
+    return "image"
 
 
-def check_columns(dataset: Dataset, prompt_column: str, reference_column: str, split: str) -> None:
-    """Fail early, naming the fix, when a dataset lacks the prompt or paired reference column."""
-    missing = [c for c in (prompt_column, reference_column) if c not in dataset.column_names]
-    if missing:
-        hint = (
-            " DDRL needs a paired reference sample per prompt for its data term; for prompt-only data, build one with "
-            "ddrl_trl.build_synthetic_reference_dataset(pipeline, prompts)."
-            if reference_column in missing
+def prompt_column_of(dataset: Dataset, configured: str) -> str:
+    """The column holding the prompts: `configured`; or, when that is the default "prompt" and the dataset has none,
+    diffusers' "text" or "caption" column (the first present). A `configured` name other than the default is kept,
+    present or not (`check_columns` then names the fix)."""
+    if configured != DEFAULT_PROMPT_COLUMN or configured in dataset.column_names:
+        return configured
+    return next((name for name in DIFFUSERS_PROMPT_COLUMNS if name in dataset.column_names), configured)
+
+
+def with_prompt_column(dataset: Dataset, prompt_column: str, split: str) -> Dataset:
+    """`dataset` with its prompts in `prompt_column`: diffusers' "text" / "caption" column renamed to it when the
+    default "prompt" is missing (`prompt_column_of`), with an info log naming the column used."""
+    found = prompt_column_of(dataset, prompt_column)
+    if found == prompt_column:
+        return dataset
+    logger.info(
+        "The %s dataset has no %r column: using its %r column as the prompts (as diffusers' training scripts do). "
+        "Set prompt_column (--prompt_column) to use another column.",
+        split,
+        prompt_column,
+        found,
+    )
+    return dataset.rename_column(found, prompt_column)
+
+
+def check_columns(
+    dataset: Dataset, prompt_column: str, reference_column: str, split: str, needs_references: bool = True
+) -> None:
+    """Fail early, naming the fix, when a dataset lacks the prompt column or, if `needs_references`, the paired
+    reference column (the training data need it for the data term only, i.e. with data_beta > 0; held-out data always,
+    for the held-out diffusion loss)."""
+    columns = dataset.column_names
+    if prompt_column_of(dataset, prompt_column) not in columns:
+        found_too = (
+            f" (diffusers' {' and '.join(repr(c) for c in DIFFUSERS_PROMPT_COLUMNS)} columns are read without it)"
+            if prompt_column == DEFAULT_PROMPT_COLUMN
             else ""
         )
         raise ValueError(
-            f"The {split} dataset has no column {', '.join(repr(m) for m in missing)} (its columns: "
-            f"{dataset.column_names}). Rename your columns or set prompt_column / reference_column in "
-            f"DDRLConfig.{hint}"
+            f"The {split} dataset has no column {prompt_column!r} with the prompts (its columns: {columns}). Name "
+            f"the column holding them with prompt_column= in DDRLConfig (--prompt_column on the command line)"
+            f"{found_too}, or rename it (dataset.rename_column)."
+        )
+    if needs_references and reference_column not in columns:
+        if split == "training":
+            why = "the data term (data_beta > 0) trains on them"
+            off = "; or set data_beta=0 for plain GRPO, which needs prompts only"
+        else:
+            why = "the held-out diffusion loss (eval_diffusion_loss) is measured on them"
+            off = "; or pass no eval_dataset (validation_prompts sample and score the model without references)"
+        raise ValueError(
+            f"The {split} dataset has no column {reference_column!r} (its columns: {columns}) with a paired reference "
+            f"sample per prompt: {why}. Add them (images, or videos for video pipelines; if they are in another "
+            f"column, set prompt_column / reference_column in DDRLConfig, --reference_column on the command line), or "
+            f"build synthetic ones from the base model with ddrl_trl.build_synthetic_reference_dataset(pipeline, "
+            f"prompts) (--synthetic_references_per_prompt K on the command line){off}."
         )
     if len(dataset) == 0:
         raise ValueError(f"The {split} dataset is empty.")
@@ -129,10 +183,11 @@ def check_evaluation_dataset(dataset: Dataset, args, reference_column: str) -> N
     hold a non-prompt, or lack `negative_prompt_column`, whose rows the guided held-out loss uses as rollouts do."""
     if REF_LATENTS_COLUMN not in dataset.column_names:
         check_columns(dataset, args.prompt_column, reference_column, "evaluation")
-    check_prompts(dataset, args.prompt_column, "evaluation")
+    prompt_column = prompt_column_of(dataset, args.prompt_column)  # diffusers' "text" / "caption" too
+    check_prompts(dataset, prompt_column, "evaluation")
     if args.negative_prompt_column is not None:
         column = args.negative_prompt_column
-        check_negative_prompts(dataset, column, args.prompt_column, reference_column, "evaluation")
+        check_negative_prompts(dataset, column, prompt_column, reference_column, "evaluation")
 
 
 def load_image(value) -> Image.Image:
@@ -422,8 +477,9 @@ class RepeatSampler(torch.utils.data.Sampler[int]):
 
 
 class DDRLCollator:
-    """Batches rows into `{"prompts": [...], "ref_latents": (B, ...), "columns": {name: [...]}}`.
+    """Batches rows into `{"prompts": [...], "ref_latents": (B, ...) or None, "columns": {name: [...]}}`.
 
+    `ref_latents` is None for rows without encoded references (prompt-only data, trained with `data_beta=0`);
     `columns` holds every other dataset column, passed on to the reward functions.
     """
 
@@ -431,7 +487,11 @@ class DDRLCollator:
         self.prompt_column = prompt_column
 
     def __call__(self, rows: Sequence[dict]) -> dict:
-        latents = torch.stack([torch.as_tensor(np.asarray(r[REF_LATENTS_COLUMN]), dtype=torch.float32) for r in rows])
+        latents = None
+        if REF_LATENTS_COLUMN in rows[0]:
+            latents = torch.stack(
+                [torch.as_tensor(np.asarray(r[REF_LATENTS_COLUMN]), dtype=torch.float32) for r in rows]
+            )
         extra = [k for k in rows[0] if k not in (self.prompt_column, REF_LATENTS_COLUMN)]
         return {
             "prompts": [r[self.prompt_column] for r in rows],
@@ -453,17 +513,24 @@ def build_synthetic_reference_dataset(
     """Pair prompt-only data with reference images made by the base pipeline itself (the paper's synthetic data).
 
     Runs `pipeline(prompt=prompts, generator=..., **pipeline_kwargs)` with a seeded generator per batch, and returns a
-    `Dataset` with `prompt` and `image` (PIL) columns.
+    `Dataset` with `prompt` and `image` (PIL) columns: `images_per_prompt` rows per prompt, in the prompts' order.
 
     Args:
+        pipeline: a diffusers pipeline, or a local folder / Hub id, loaded with `DiffusionPipeline.from_pretrained`
+            (with a `config`, in the dtype the trainer gives frozen parts, `model_setup.frozen_dtype`: bf16 / fp16
+            under mixed precision, with its `model_init_kwargs`, on its device; without one, in float32 on the GPU
+            if there is one).
+        prompts: a list (or any sequence) of non-empty prompt strings; a single string is refused, not read as one
+            prompt per character.
+        images_per_prompt, batch_size: whole numbers ≥ 1.
         config: the run's `DDRLConfig`: the references are then sampled as its rollouts are (steps, resolution,
             classifier-free guidance `cfg_scale` and negative prompt; `PipelineAdapter.pipeline_call_kwargs`), so the
             data anchors the model to images like the ones the rewards judge. Without it the pipeline's own defaults
             apply (SD 1.5: 50 steps, guidance 7.5). `pipeline_kwargs` override either.
     """
-    if not prompts:
-        raise ValueError("build_synthetic_reference_dataset needs at least one prompt.")
-    rows = [p for p in prompts for _ in range(images_per_prompt)]
+    rows = _synthetic_rows(prompts, images_per_prompt, batch_size)
+    if isinstance(pipeline, (str, os.PathLike)):
+        pipeline = _load_pipeline_for_references(pipeline, config)
     images: list[Image.Image] = []
     device = getattr(pipeline, "device", torch.device("cpu"))
     adapter = None
@@ -486,6 +553,43 @@ def build_synthetic_reference_dataset(
         out = pipeline(prompt=batch, generator=generator, output_type="pil", **{**kwargs, **pipeline_kwargs})
         images.extend(_single_images(out))
     return Dataset.from_dict({"prompt": rows, "image": images}).cast_column("image", ImageFeature())
+
+
+def _synthetic_rows(prompts, images_per_prompt, batch_size) -> list[str]:
+    """The prompt of every synthetic reference row, after checking the builder's arguments (before any loading)."""
+    name = "build_synthetic_reference_dataset"
+    if isinstance(prompts, (str, bytes)):
+        raise ValueError(
+            f"{name} got a single string as prompts ({prompts[:60]!r}), which would be read one character at a "
+            f"time: pass a list of prompts, e.g. [{prompts[:30]!r}]."
+        )
+    for setting, value in (("images_per_prompt", images_per_prompt), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name}: {setting} must be a whole number ≥ 1, got {value!r}.")
+    try:
+        prompts = list(prompts)
+    except TypeError:
+        raise ValueError(
+            f"{name}: prompts must be a list of prompts, got {type(prompts).__name__}: pass a list of prompts."
+        ) from None
+    if not prompts:
+        raise ValueError(f"{name} needs at least one prompt: pass a list of prompts.")
+    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str) or not p.strip()]
+    if bad:
+        raise ValueError(
+            f"{name}: prompt {bad[0]} is {prompts[bad[0]]!r}, not a non-empty string ({len(bad)} such prompt(s) in "
+            f"all, e.g. {bad[:5]}): drop or fix them; a reference must show its prompt."
+        )
+    return [p for p in prompts for _ in range(int(images_per_prompt))]
+
+
+def _load_pipeline_for_references(name_or_path, config):
+    """The pipeline at `name_or_path`, loaded as the trainer loads its model (`model_setup.load_pipeline`), on the
+    config's device; without a config, in float32 on the GPU if there is one."""
+    from .model_setup import load_pipeline
+
+    device = config.device if config is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return load_pipeline(name_or_path, config).to(device)
 
 
 def _single_images(output) -> list[Image.Image]:

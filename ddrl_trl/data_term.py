@@ -56,7 +56,7 @@ class DataTermBatch:
     def build(
         cls,
         args,
-        ref_latents: torch.Tensor,
+        ref_latents: torch.Tensor | None,
         prompt_cond: Conditioning,
         layout: GroupLayout,
         noise: SeededNoise,
@@ -64,6 +64,12 @@ class DataTermBatch:
         prompt_null: Conditioning | None = None,
     ) -> DataTermBatch:
         """The data term of a batch whose rollout states are `like` (for device and dtype)."""
+        if ref_latents is None:
+            raise ValueError(
+                "The data term (data_beta > 0) needs each prompt's paired reference sample, and this batch has none: "
+                "the trainer was built with data_beta=0 (plain GRPO), which encodes no references. Build a new "
+                "trainer with data_beta > 0 and a reference column (or ddrl_trl.build_synthetic_reference_dataset)."
+            )
         ref_latents = ref_latents.to(like)
         shape = tuple(ref_latents.shape[1:])
         if args.data_noise == "rollout":  # the initial noise of the group's first rollout, wherever that row lives

@@ -4,7 +4,9 @@ A NaN that reaches an optimiser step turns every trained weight into NaN, and ev
 included, which `logging_nan_inf_filter` hides) goes on as if nothing happened. `NonFiniteStepGuard` checks, once
 per optimiser step, that every loss since the last step and every gradient is finite; if not, it drops the
 gradients (the optimiser then leaves the weights and its own state as they were), warns, counts the step, and stops
-training with `NonFiniteTrainingError` after `max_consecutive_nonfinite_steps` skipped steps in a row.
+training with `NonFiniteTrainingError` after `max_consecutive_nonfinite_steps` skipped steps in a row. A `train()`
+call whose every optimiser step was skipped (fewer of them than that limit) trained nothing: it ends with the same
+error instead of returning as if it had succeeded.
 
 - fp16 with a gradient scaler: overflowing gradients are the scaler's business (it skips those steps and lowers its
   scale, routinely at the start of a run), so only non-finite losses count here.
@@ -53,12 +55,15 @@ class NonFiniteStepGuard(TrainerCallback):
         self.trainer, self.max_in_a_row = trainer, max_in_a_row
         #: Optimiser steps skipped since `train()` started, and in a row up to the last step.
         self.skipped_steps, self.in_a_row = 0, 0
+        #: Optimiser steps checked since `train()` started (skipped or not), and the first one's number.
+        self.checked_steps, self.first_step = 0, None
         #: Whether the last optimiser step was skipped (the EMA does not advance on it).
         self.skipped_last_step = False
         self._losses_finite: torch.Tensor | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.skipped_steps, self.in_a_row, self.skipped_last_step, self._losses_finite = 0, 0, False, None
+        self.checked_steps, self.first_step = 0, None
 
     def record_loss(self, loss: torch.Tensor) -> None:
         """Remember whether `loss` is finite, on the device (no host sync in the training loop)."""
@@ -82,6 +87,9 @@ class NonFiniteStepGuard(TrainerCallback):
         if self.trainer.accelerator.scaler is None:  # with an fp16 scaler, overflowing gradients are its to skip
             grads = [p.grad for p in self.trainer.trainable_parameters if p.grad is not None]
             finite = finite & all_finite(grads, finite.device)
+        self.checked_steps += 1
+        if self.first_step is None:
+            self.first_step = state.global_step + 1
         if self._agreed(finite):
             self.in_a_row, self.skipped_last_step = 0, False
             return
@@ -102,6 +110,21 @@ class NonFiniteStepGuard(TrainerCallback):
             self.in_a_row,
             self.max_in_a_row,
         )
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.checked_steps and self.skipped_steps == self.checked_steps:
+            steps = (
+                f"step {self.first_step}"
+                if self.checked_steps == 1
+                else f"steps {self.first_step} to {self.first_step + self.checked_steps - 1}"
+            )
+            raise NonFiniteTrainingError(
+                f"Nothing was trained: all {self.checked_steps} optimiser step(s) of this train() call ({steps}) had "
+                "non-finite (NaN or infinite) losses or gradients and were skipped, so the weights are still those "
+                "training started from (fewer steps than max_consecutive_nonfinite_steps="
+                f"{self.max_in_a_row}, which stops a run sooner). Lower learning_rate, check the rewards and "
+                "reference data for extreme values, or train in float32 instead of fp16."
+            )
 
     def check_before_deepspeed_step(self, step: int) -> None:
         """Under DeepSpeed, called just before the backward that makes the engine step: raise if any loss of the

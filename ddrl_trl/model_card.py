@@ -1,9 +1,11 @@
 """The model card `DDRLTrainer.push_to_hub()` uploads: diffusers metadata, how to load the weights, the rewards, the
 training configuration, sample images, and the reward and diffusion-loss curves.
 
-The card is built on diffusers' training-card template and `populate_model_card` (so `library_name: diffusers` and
-the layout match cards from diffusers' own training scripts), with `huggingface_hub.ModelCard`. A README.md the user
-wrote in `output_dir` is never overwritten: only cards carrying `CARD_MARKER` are regenerated.
+`DDRLTrainer` writes it into `output_dir` at every checkpoint and at `save_model()` (as TRL's trainers do), and
+`push_to_hub()` uploads it. The card is a `huggingface_hub.ModelCard` with diffusers' metadata and tags
+(`populate_model_card`: `library_name: diffusers`, as cards from diffusers' own training scripts), on a template of
+ours (diffusers' carries TODO placeholders this card fills). A README.md the user wrote in `output_dir` is never
+overwritten: only cards carrying `CARD_MARKER` are regenerated; each file is written whole or not at all.
 """
 
 from __future__ import annotations
@@ -11,26 +13,33 @@ from __future__ import annotations
 import json
 import os
 
-from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, populate_model_card
+from diffusers.utils.hub_utils import populate_model_card
 from huggingface_hub import ModelCard, ModelCardData
 
 from .rewards import to_pil
 from .tracking import still_images
+from .weight_files import atomic_write
 
-CARD_MARKER = "<!-- written by ddrl-trl: regenerated on each push -->"
+CARD_MARKER = "<!-- written by ddrl-trl: regenerated at each save and push -->"
+#: Older cards of ours, still regenerated.
+_OLD_MARKERS = ("<!-- written by ddrl-trl: regenerated on each push -->",)
+#: The card's template: the metadata, then the description this module writes.
+CARD_TEMPLATE = "---\n{{ card_data }}\n---\n\n{{ model_description }}\n"
 PAPER = "https://arxiv.org/abs/2512.04332"
 SAMPLES_FILE = "samples.png"
 CURVES_FILE = "training_curves.png"
 VALIDATION_FILE = "validation.png"
-#: Curves drawn in the card: (log key, label). Eval keys appear only when `evaluate()` ran.
+#: Curves drawn in the card: (log key, label). Eval keys appear only when `evaluate()` ran; `curves` adds each
+#: reward's validation score and names the data_beta panel for the run.
 CURVES = (
     ("reward", "reward (trained on)"),
     ("loss/data", "data term: diffusion loss on reference data"),
     ("eval_diffusion_loss_ratio", "held-out diffusion loss / base (> 1.10: hacking)"),
     ("eval_guided_diffusion_loss_ratio", "held-out guided-output loss / base's (> 1.10: hacking)"),
     ("eval_diversity_ratio", "validation samples' diversity / base's"),
-    ("data_beta", "data_beta (adaptive with target_loss_ratio)"),
 )
+#: The hacking monitor's verdict per evaluation (1: a watched signal tripped), a column of the table.
+HACKING_KEY = "hacking/detected"
 #: DDRLConfig fields shown in the card's configuration block.
 CONFIG_FIELDS = (
     "num_generations",
@@ -113,12 +122,12 @@ def write_model_card(
     path = os.path.join(output_dir, "README.md")
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as file:
-            if CARD_MARKER not in file.read():
-                return None
-        os.remove(path)  # ours: regenerated below
+            text = file.read()
+        if not any(marker in text for marker in (CARD_MARKER, *_OLD_MARKERS)):
+            return None  # the user's own card
     os.makedirs(output_dir, exist_ok=True)
     has_samples = _save_samples(trainer, os.path.join(output_dir, SAMPLES_FILE))
-    has_curves = _save_curves(trainer.state.log_history, os.path.join(output_dir, CURVES_FILE))
+    has_curves = _plot_curves(curves(trainer), trainer.state.log_history, os.path.join(output_dir, CURVES_FILE))
     widget = _save_validation(trainer, output_dir)
     card = ModelCard.from_template(
         card_data=ModelCardData(
@@ -129,14 +138,24 @@ def write_model_card(
             datasets=[dataset_name] if dataset_name else None,
             widget=widget,
         ),
-        template_path=MODEL_CARD_TEMPLATE_PATH,
+        template_str=CARD_TEMPLATE,
         model_description=_description(trainer, has_samples, has_curves, model_name, dataset_name),
     )
     kind = "text-to-video" if trainer.adapter.num_frames else "text-to-image"
     family_tags = [*trainer._tag_names, kind, "lora" if trainer.is_lora else "full-fine-tune"]
     card = populate_model_card(card, tags=family_tags + [t for t in (tags or []) if t not in family_tags])
-    card.save(path)
+    atomic_write(path, lambda staging: card.save(staging))
     return path
+
+
+def _save_png(image, path: str) -> None:
+    atomic_write(path, lambda staging: image.save(staging, format="PNG"))
+
+
+def weights_location(trainer) -> str:
+    """Where a reader loads the weights from: the Hub repo being pushed to, else the output folder's absolute path."""
+    repo = getattr(trainer, "hub_model_id", None) or (trainer.args.hub_model_id if trainer.args.push_to_hub else None)
+    return repo or os.path.abspath(trainer.args.output_dir)
 
 
 def _description(
@@ -147,12 +166,13 @@ def _description(
     pipeline_class = type(trainer.pipeline).__name__
     revision = (args.model_init_kwargs or {}).get("revision")
     base_args = f'"{base}"' + (f', revision="{revision}"' if revision not in (None, "main") else "")
+    weights = weights_location(trainer)
     if trainer.is_lora:
-        usage = f'pipe = {pipeline_class}.from_pretrained({base_args})\npipe.load_lora_weights("<this repo>")'
+        usage = f'pipe = {pipeline_class}.from_pretrained({base_args})\npipe.load_lora_weights("{weights}")'
     else:
         denoiser_class = type(trainer.adapter.denoiser).__name__
         usage = (
-            f'{trainer.adapter.denoiser_name} = {denoiser_class}.from_pretrained("<this repo>", '
+            f'{trainer.adapter.denoiser_name} = {denoiser_class}.from_pretrained("{weights}", '
             f'subfolder="{trainer.adapter.denoiser_name}")\n'
             f"pipe = {pipeline_class}.from_pretrained({base_args}, {trainer.adapter.denoiser_name}="
             f"{trainer.adapter.denoiser_name})"
@@ -181,6 +201,13 @@ def _description(
         + f"\n\n{usage}\n```",
         "",
         *_guidance_note(trainer),
+        "## Intended uses & limitations",
+        "",
+        "Post-trained to raise the rewards below. The data term holds the model to its reference data, but a reward "
+        "can still be gamed in ways the held-out diffusion loss does not show: look at the samples and the "
+        "evaluation rewards below before relying on it.",
+        "",
+        *_monitor_verdict(trainer),
         "## Training",
         "",
         f"Rewards: {rewards}.",
@@ -210,12 +237,12 @@ def _description(
             "",
             "Prompts: " + " | ".join(prompts),
         ]
-    curves = _curve_table(trainer.state.log_history)
-    if curves:
+    curves_table = _curve_table(curves(trainer), trainer.state.log_history)
+    if curves_table:
         lines += ["", "## Reward and diffusion-loss curves", ""]
         if has_curves:
             lines += [f"![training curves]({CURVES_FILE})", ""]
-        lines += curves
+        lines += curves_table
     lines += [
         "",
         "## Citation",
@@ -235,7 +262,7 @@ def _link(base: str) -> str:
 def _save_samples(trainer, path: str) -> bool:
     if trainer.last_samples is None:
         return False
-    trainer.last_samples[0].save(path)
+    _save_png(trainer.last_samples[0], path)
     return True
 
 
@@ -255,12 +282,12 @@ def _save_validation(trainer, output_dir: str) -> list[dict] | None:
     if trainer.last_validation is None:
         return None
     grid, prompts, _, images = trainer.last_validation
-    grid.save(os.path.join(output_dir, VALIDATION_FILE))
+    _save_png(grid, os.path.join(output_dir, VALIDATION_FILE))
     firsts = _first_per_prompt(images, len(prompts))
     widget = []
     for index, (prompt, image) in enumerate(zip(prompts, firsts)):
         name = f"image_{index}.png"
-        image.save(os.path.join(output_dir, name))
+        _save_png(image, os.path.join(output_dir, name))
         widget.append({"text": prompt, "output": {"url": name}})
     return widget
 
@@ -275,16 +302,60 @@ def _series(log_history: list[dict], key: str) -> list[tuple[int, float]]:
     return [(entry["step"], entry[key]) for entry in log_history if key in entry and "step" in entry]
 
 
-def _curve_table(log_history: list[dict], max_rows: int = 12) -> list[str]:
-    """A markdown table of the curves at up to `max_rows` logged steps (readable without the image)."""
-    series = {key: dict(_series(log_history, key)) for key, _ in CURVES}
+def curves(trainer) -> list[tuple[str, str]]:
+    """The card's curves for this run: `CURVES`, each reward's score on the validation samples, and data_beta titled
+    for what the run did (fixed, or adapted towards `target_loss_ratio`)."""
+    found = list(CURVES)
+    for name in trainer.reward_names:
+        found.append((f"eval_rewards/{name}", f"{name} on validation samples (trained on)"))
+    for name in trainer.eval_reward_names:
+        found.append((f"eval_rewards/{name}", f"{name} on validation samples (not trained on: should hold)"))
+    args = trainer.args
+    if trainer.data_beta_control is not None:
+        found.append(("data_beta", f"data_beta, adapted to hold the data loss ratio at {args.target_loss_ratio:g}"))
+    else:
+        found.append(("data_beta", f"data_beta (fixed at {args.data_beta:g})"))
+    return found
+
+
+def _monitor_verdict(trainer) -> list[str]:
+    """What the hacking monitor (if the run had one) concluded, with where the last good weights are."""
+    from .callbacks import HackingMonitorCallback
+
+    monitors = [c for c in trainer.callback_handler.callbacks if isinstance(c, HackingMonitorCallback)]
+    if not monitors:
+        return []
+    monitor, watched = monitors[0], ", ".join(monitors[0].watch)
+    good = monitor.last_good_step
+    kept = f" (its weights: `{monitor.last_good_dir}/`)" if good is not None and monitor.last_good_dir else ""
+    if monitor.hacking_step is not None:
+        text = (
+            f"**Hacking monitor: reward hacking suspected at step {monitor.hacking_step}** (watching {watched}); the "
+            f"last step where no signal tripped was {good if good is not None else 'none'}{kept}."
+        )
+    elif good is not None:
+        text = f"Hacking monitor (watching {watched}): no signal tripped; last checked at step {good}{kept}."
+    else:
+        text = f"Hacking monitor (watching {watched}): no evaluation measured every watched signal yet."
+    unmeasured = getattr(monitor, "unmeasured_steps", [])
+    if unmeasured:
+        steps = ", ".join(map(str, unmeasured[:8])) + (", …" if len(unmeasured) > 8 else "")
+        text += f" A watched signal could not be measured at step(s) {steps} (see the run's warnings)."
+    return [text, ""]
+
+
+def _curve_table(curves: list[tuple[str, str]], log_history: list[dict], max_rows: int = 12) -> list[str]:
+    """A markdown table of the curves (and the monitor's verdicts) at up to `max_rows` logged steps, readable
+    without the image; a step's last logged value is shown."""
+    keys = [key for key, _ in curves] + [HACKING_KEY]
+    series = {key: dict(_series(log_history, key)) for key in keys}
     steps = sorted({step for values in series.values() for step in values})
     if not steps:
         return []
     if len(steps) > max_rows:
         stride = (len(steps) - 1) / (max_rows - 1)
         steps = sorted({steps[round(i * stride)] for i in range(max_rows)})
-    keys = [key for key, _ in CURVES if series[key]]
+    keys = [key for key in keys if series[key]]
     rows = ["| step | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for step in steps:
         cells = [f"{series[k][step]:.4g}" if step in series[k] else "" for k in keys]
@@ -292,9 +363,10 @@ def _curve_table(log_history: list[dict], max_rows: int = 12) -> list[str]:
     return rows
 
 
-def _save_curves(log_history: list[dict], path: str) -> bool:
-    """Plot the curves with matplotlib when it is installed (`ddrl-trl[demo]`); the table is there regardless."""
-    present = [(key, label, _series(log_history, key)) for key, label in CURVES]
+def _plot_curves(curves_of_run: list[tuple[str, str]], log_history: list[dict], path: str) -> bool:
+    """Plot the logged curves with matplotlib when it is installed (`ddrl-trl[demo]`), written whole or not at all;
+    the card's table is there regardless. Plain tick labels (no offset notation)."""
+    present = [(key, label, _series(log_history, key)) for key, label in curves_of_run]
     present = [item for item in present if item[2]]
     if not present:
         return False
@@ -310,9 +382,10 @@ def _save_curves(log_history: list[dict], path: str) -> bool:
         ax.plot([s for s, _ in points], [v for _, v in points], marker="." if len(points) < 30 else None)
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("step")
+        ax.ticklabel_format(axis="y", useOffset=False, style="plain")
         if key.endswith("diffusion_loss_ratio"):
             ax.axhline(1.10, color="red", linestyle="--", linewidth=1)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda staging: fig.savefig(staging, dpi=110, format="png"))
     plt.close(fig)
     return True

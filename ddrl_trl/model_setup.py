@@ -4,6 +4,7 @@ weights, gradient checkpointing wired to diffusers, dropout off. `DDRLTrainer` c
 from __future__ import annotations
 
 import copy
+import os
 
 import torch
 from peft import LoraConfig
@@ -16,6 +17,17 @@ from .tracking import make_config_tracker_friendly
 def frozen_dtype(args) -> torch.dtype:
     """The dtype of everything that is not trained: bf16 / fp16 under mixed precision, else float32."""
     return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+
+
+def load_pipeline(name_or_path: str | os.PathLike, args=None):
+    """The diffusers pipeline at a Hub id or local folder, loaded as `DDRLTrainer` loads its model: in the frozen
+    parts' dtype (`frozen_dtype`) with `args.model_init_kwargs` (revision, variant, ...); float32 without `args`.
+    Left on the CPU."""
+    from diffusers import DiffusionPipeline
+
+    dtype = frozen_dtype(args) if args is not None else torch.float32
+    kwargs = dict(args.model_init_kwargs or {}) if args is not None else {}
+    return DiffusionPipeline.from_pretrained(os.fspath(name_or_path), dtype=dtype, **kwargs)
 
 
 def prepare_for_training(adapter: PipelineAdapter, args, peft_config: LoraConfig | None) -> bool:

@@ -8,13 +8,14 @@ measurements themselves live in `evaluation.py` and `validation.py`.
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
 from .data import REF_LATENTS_COLUMN, check_evaluation_dataset
 from .model_card import write_model_card
 from .tracking import image_grid, log_image_grid
-from .validation import save_grid
+from .validation import grid_path, save_grid
 
 logger = logging.getLogger(__name__)
 
@@ -82,10 +83,18 @@ class ReportingMixin:
         self.last_validation_step = step
         self._last_validation_metrics = ((step, prefix), metrics)
         if self.accelerator.is_main_process:
-            grid = image_grid(result.images, cols=self.args.validation_images_per_prompt)
+            per_prompt = self.args.validation_images_per_prompt
+            grid = image_grid(result.images, cols=per_prompt, captions=[p for p in prompts for _ in range(per_prompt)])
             self.last_validation = (grid, prompts, step, result.images)
             if self.args.should_save:
-                save_grid(grid, self.args.output_dir, step)
+                try:
+                    save_grid(grid, self.args.output_dir, step)
+                except OSError as err:  # a full disk must not abort the run (and lose this step's checkpoint)
+                    logger.warning(
+                        "Could not write the validation grid %s (%s); training goes on.",
+                        grid_path(self.args.output_dir, step),
+                        err,
+                    )
             log_image_grid(self.callback_handler.callbacks, grid, prompts, step, tag="validation")
         return metrics
 
@@ -98,37 +107,64 @@ class ReportingMixin:
         license: str | None = None,
         **kwargs,
     ) -> None:
-        """Write the diffusers model card `push_to_hub()` uploads (README.md, samples.png, training_curves.png):
-        base model, paper, how to load the weights, rewards, configuration, samples and curves (`model_card.py`).
+        """Write the diffusers model card into `output_dir` (README.md, samples.png, training_curves.png, the
+        validation gallery): base model, paper, how to load the weights (from the Hub repo being pushed to, else the
+        output folder), rewards, configuration, the hacking monitor's verdict, samples and curves (`model_card.py`).
+        The trainer writes it at every checkpoint and at `save_model()`; `push_to_hub()` uploads it.
 
         Args:
             model_name: the card's title (`push_to_hub` passes the repo's name; default: the output folder's name).
             dataset_name: the reference data's Hub id or name, in the card's metadata and text.
             tags: tags added to the trainer's (`_tag_names`: ddrl, trl, diffusers-training) and the task's.
             license: the license in the card's metadata.
+
+        The arguments given are remembered: the cards written at later saves keep them.
         """
         if kwargs:
             logger.warning("create_model_card: ignoring arguments it does not use: %s", ", ".join(sorted(kwargs)))
+        given = dict(model_name=model_name, dataset_name=dataset_name, tags=tags, license=license)
+        self.model_card_options.update({key: value for key, value in given.items() if value is not None})
         if self.is_world_process_zero():
-            tags = [tags] if isinstance(tags, str) else tags
-            write_model_card(self, model_name=model_name, dataset_name=dataset_name, tags=tags, license=license)
+            options = dict(self.model_card_options)
+            options["tags"] = [options["tags"]] if isinstance(options.get("tags"), str) else options.get("tags")
+            write_model_card(self, **options)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """`Trainer.save_model`; a save into `output_dir` itself also writes the model card there, as TRL does."""
+        super().save_model(output_dir, _internal_call)
+        target = output_dir if output_dir is not None else self.args.output_dir
+        if not _internal_call and os.path.abspath(target) == os.path.abspath(self.args.output_dir):
+            self.create_model_card()
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Trainer's checkpoint, then the model card in `output_dir` brought up to date (as TRL's trainers do)."""
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            self.create_model_card()
 
     # ------------------------------------------------------------------------------------------------ logging
     def _maybe_log_images(self, images: torch.Tensor, prompts: list[str]) -> None:
-        """Every `log_sample_images_steps` steps, a grid of rollout images to the trackers (and the model card)."""
-        every = self.args.log_sample_images_steps
-        if not every or self.state.global_step % every:
+        """A grid of rollout images to the trackers (and the model card) for optimiser steps 1, 1 + k, 1 + 2k, ...
+        (k = `log_sample_images_steps`), tagged with that step: the one whose training log shows their rewards."""
+        every, step = self.args.log_sample_images_steps, self.state.global_step + 1
+        if not every or (step - 1) % every:
             return
         if self.accelerator.is_main_process:
             n = self.args.num_sample_images
-            grid = image_grid(images[:n])
-            self.last_samples = (grid, prompts[:n], self.state.global_step)  # for the model card
-            log_image_grid(self.callback_handler.callbacks, grid, prompts[:n], self.state.global_step)
+            grid = image_grid(images[:n], cols=min(n, self.args.num_generations), captions=prompts[:n])
+            self.last_samples = (grid, prompts[:n], step)  # for the model card
+            log_image_grid(self.callback_handler.callbacks, grid, prompts[:n], step)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the DDRL metrics (`metrics.TrainingMetrics`, averaged since the last log, then over processes) to the
         Trainer's training logs."""
-        if not any(key.startswith(("eval_", "hacking/")) for key in logs):  # training logs only
+        training = not any(key.startswith(("eval_", "hacking/")) for key in logs)
+        if training:
             logs.update(self.metrics.drain(self.accelerator))
             logs["nonfinite_steps"] = float(self.nonfinite_guard.skipped_steps)
+        pending_training_log = self.control.should_log
         super().log(logs, start_time)
+        if not training:
+            # transformers' callback handler clears `should_log` after any `on_log`: a validation or monitor log from
+            # inside a step (`on_step_end`) would cancel that step's own training log (loss, reward, grad_norm, lr)
+            self.control.should_log = pending_training_log

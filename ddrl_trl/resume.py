@@ -23,6 +23,7 @@ from typing import Any
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from .adaptive_beta import STATE_KEY as DATA_BETA_STATE_KEY
+from .core.data_beta import AdaptiveDataBeta
 from .data import arrow_column
 from .rollout import SavedRollout
 from .weight_files import LORA_WEIGHTS_NAME, CheckpointError, load_checkpoint_file
@@ -74,7 +75,12 @@ TRAJECTORY_SETTINGS = (
     "ema_decay",
     "bf16",
     "fp16",
+    "max_steps",
+    "num_train_epochs",
 )
+#: Trajectory settings that a resume may change without the generic warning: the run's length (the learning-rate
+#: schedule is rebuilt for it, with a warning of its own: `DDRLTrainer.train`, `SavingMixin`).
+LENGTH_SETTINGS = ("max_steps", "num_train_epochs")
 
 
 def check_output_dir_writable(output_dir: str) -> None:
@@ -111,10 +117,26 @@ def saved_run_files(output_dir: str, denoiser_names: tuple[str, ...] = ("unet", 
     return found
 
 
+#: `resume_from_checkpoint="latest"`: the newest checkpoint in `output_dir` if there is one, else a new run.
+LATEST = "latest"
+
+
+def _starts_new_run(output_dir: str, resume_from_checkpoint) -> bool:
+    """Whether `resume_from_checkpoint` starts a new run: None/False, or "latest" with no checkpoint to resume."""
+    if resume_from_checkpoint in (None, False):
+        return True
+    return resume_from_checkpoint == LATEST and _newest_checkpoint(output_dir) is None
+
+
+def _newest_checkpoint(output_dir: str) -> str | None:
+    return get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+
+
 def check_output_dir_free(args, resume_from_checkpoint) -> None:
     """Refuse a new run in an `output_dir` holding another run's work, unless `overwrite_output_dir`; a resumed run
-    may use its own folder. Deletes nothing (`prepare_output_dir` does)."""
-    if resume_from_checkpoint not in (None, False) or args.overwrite_output_dir:
+    may use its own folder ("latest" with no checkpoint there starts a new run, and is checked as one). Deletes
+    nothing (`prepare_output_dir` does)."""
+    if not _starts_new_run(args.output_dir, resume_from_checkpoint) or args.overwrite_output_dir:
         return
     found = saved_run_files(args.output_dir)
     if found:
@@ -147,7 +169,7 @@ def prepare_output_dir(args, resume_from_checkpoint, is_main_process: bool) -> N
     """`check_output_dir_free`, then, for a new run with `overwrite_output_dir`, delete the earlier run's checkpoints
     (on the main process), so that `resume_from_checkpoint=True` can never pick one of them later."""
     check_output_dir_free(args, resume_from_checkpoint)
-    if resume_from_checkpoint in (None, False) and args.overwrite_output_dir and is_main_process:
+    if _starts_new_run(args.output_dir, resume_from_checkpoint) and args.overwrite_output_dir and is_main_process:
         old = checkpoint_folders(args.output_dir)
         for name in old:
             shutil.rmtree(os.path.join(args.output_dir, name))
@@ -160,15 +182,23 @@ def prepare_output_dir(args, resume_from_checkpoint, is_main_process: bool) -> N
 
 
 def resolve_checkpoint(output_dir: str, resume_from_checkpoint: str | bool | None) -> str | None:
-    """The checkpoint folder to resume: `True` → the newest in `output_dir`; a path as given; else None."""
+    """The checkpoint folder to resume: `True` → the newest in `output_dir` (refused when there is none); "latest"
+    → the newest, or None (a new run, said in one line) when there is none, as diffusers' scripts do for restartable
+    jobs; a path as given; else None."""
     if resume_from_checkpoint in (None, False):
         return None
-    if resume_from_checkpoint is True:
-        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+    if resume_from_checkpoint is True or resume_from_checkpoint == LATEST:
+        last = _newest_checkpoint(output_dir)
+        if last is None and resume_from_checkpoint == LATEST:
+            logger.warning(
+                "resume_from_checkpoint='latest': no checkpoint-N in %s yet, so this starts a new run.", output_dir
+            )
+            return None
         if last is None:
             raise ValueError(
                 f"resume_from_checkpoint=True but output_dir {output_dir!r} holds no checkpoint-N folder to resume. "
-                f"Start without resume_from_checkpoint, or pass the path of a checkpoint."
+                f"Start without resume_from_checkpoint, pass the path of a checkpoint, or pass 'latest' to resume "
+                f"when there is one and start a new run otherwise."
             )
         return last
     path = os.fspath(resume_from_checkpoint)
@@ -310,6 +340,64 @@ def run_info(trainer) -> dict[str, Any]:
     return json.loads(json.dumps(info, default=str))  # as it reads back from disk: lists, not tuples
 
 
+#: What `ddrl_run.json` holds (`run_info`): every version wrote these keys, and these identity fields.
+RUN_INFO_KEYS = ("identity", "settings", "train_data", DATA_BETA_STATE_KEY)
+_IDENTITY_TYPES = {"pipeline": (str,), "denoiser": (str,), "base_model": (str, type(None)), "lora": (dict, type(None))}
+
+
+def check_run_info(saved: Any, path: str, checkpoint: str) -> None:
+    """Refuse a `ddrl_run.json` that a hand edit or damage has left in another shape than `run_info` writes, with
+    `CheckpointError` naming the file and the checkpoint (not a `TypeError` later): the top level, `identity` and
+    `settings` must be objects, the identity's fields strings (`lora` an object, `base_model` may be null),
+    `train_data` a string, and the adaptive data_beta's state a valid controller state. Keys this version does not
+    know, at the top level or in `identity`, are ignored with a warning naming them (a later version may record
+    more)."""
+
+    def damaged(what: str) -> CheckpointError:
+        return CheckpointError(
+            f"{path} in checkpoint {checkpoint} is damaged or was edited by hand: {what}. Restore the file from a "
+            f"copy of the checkpoint, or resume from an earlier checkpoint-N."
+        )
+
+    def json_type(value: Any) -> str:
+        names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+        return names.get(type(value), "a number")
+
+    if not isinstance(saved, dict):
+        raise damaged(f"its top level is {json_type(saved)}, not an object")
+    missing = [key for key in ("identity", "settings", "train_data") if key not in saved]
+    if missing:
+        raise damaged(f"it lacks {', '.join(missing)}")
+    identity = saved["identity"]
+    if not isinstance(identity, dict):
+        raise damaged(f"identity is {json_type(identity)}, not an object")
+    for key, types in _IDENTITY_TYPES.items():
+        if key not in identity:
+            raise damaged(f"identity lacks {key}")
+        if not isinstance(identity[key], types):
+            raise damaged(f"identity.{key} is {json_type(identity[key])} ({identity[key]!r})")
+    if not isinstance(saved["settings"], dict):
+        raise damaged(f"settings is {json_type(saved['settings'])}, not an object")
+    if not isinstance(saved["train_data"], (str, type(None))):
+        raise damaged(f"train_data is {json_type(saved['train_data'])} ({saved['train_data']!r}), not a string")
+    state = saved.get(DATA_BETA_STATE_KEY)
+    if state is not None:
+        try:
+            AdaptiveDataBeta.from_state_dict(state)
+        except ValueError as err:
+            raise damaged(f"its adaptive data_beta state ({DATA_BETA_STATE_KEY}) is invalid: {err}") from err
+    unknown = [key for key in saved if key not in RUN_INFO_KEYS]
+    unknown += [f"identity.{key}" for key in identity if key not in _IDENTITY_TYPES]
+    if unknown:
+        logger.warning(
+            "%s in checkpoint %s holds keys this version does not know (%s): they are ignored. A later version of "
+            "ddrl-trl may have written them; if the file was edited by hand, check it.",
+            path,
+            checkpoint,
+            ", ".join(map(str, unknown)),
+        )
+
+
 def check_same_run(checkpoint: str, current: dict[str, Any]) -> dict[str, Any]:
     """Refuse `checkpoint` if another model or adapter wrote it; warn about each changed setting. Returns the
     checkpoint's run info (empty for a checkpoint of an older version, which has none)."""
@@ -322,7 +410,8 @@ def check_same_run(checkpoint: str, current: dict[str, Any]) -> dict[str, Any]:
         )
         return {}
     saved = _read_json(path, checkpoint)
-    ours, theirs = current["identity"], saved.get("identity", {})
+    check_run_info(saved, path, checkpoint)
+    ours, theirs = current["identity"], saved["identity"]
     different = [
         f"{key}: checkpoint {theirs.get(key)!r}, this run {ours[key]!r}"
         for key in ours
@@ -338,7 +427,7 @@ def check_same_run(checkpoint: str, current: dict[str, Any]) -> dict[str, Any]:
     changed = [
         f"{key} {value!r} → {current['settings'].get(key)!r}"
         for key, value in saved.get("settings", {}).items()
-        if current["settings"].get(key) != value
+        if current["settings"].get(key) != value and key not in LENGTH_SETTINGS
     ]
     if saved.get("train_data") != current["train_data"]:
         changed.append(f"train_dataset ({saved.get('train_data')} → {current['train_data']})")
@@ -349,3 +438,15 @@ def check_same_run(checkpoint: str, current: dict[str, Any]) -> dict[str, Any]:
             "; ".join(changed),
         )
     return saved
+
+
+def saved_progress(checkpoint: str) -> tuple[int, int]:
+    """The optimiser step `checkpoint` was saved at, and the run's `max_steps` then (from its trainer state)."""
+    state = _read_json(os.path.join(checkpoint, TRAINER_STATE_NAME), checkpoint)
+    try:
+        return int(state["global_step"]), int(state["max_steps"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(
+            f"{os.path.join(checkpoint, TRAINER_STATE_NAME)} in checkpoint {checkpoint} lacks a valid global_step or "
+            f"max_steps ({err}): it is damaged. Resume from an earlier checkpoint-N."
+        ) from err

@@ -24,13 +24,13 @@ from .rollout import Rollout, SavedRollout, SeededNoise, rollout_and_score, stab
 @dataclass
 class RolloutBatch:
     """What the loss of one micro-step needs: this process's rollouts, their advantages, and the conditioning and
-    paired references of their groups."""
+    paired references of their groups (none when the data term is off and the data hold prompts only)."""
 
     rollout: Rollout
     advantages: torch.Tensor  # (b,) float32, this process's rows
     row_cond: Conditioning  # conditioning per rollout row
     prompt_cond: Conditioning  # conditioning per local group (its prompt)
-    ref_latents: torch.Tensor  # (G, ...) the groups' paired x̃0
+    ref_latents: torch.Tensor | None  # (G, ...) the groups' paired x̃0; None for prompt-only data (data_beta = 0)
     layout: GroupLayout
     noise: SeededNoise
     row_uncond: Conditioning | None = None  # the guidance's unconditional branch per rollout row (`cfg_scale` > 1)
@@ -97,7 +97,9 @@ class RolloutCollector:
             if args.resolved_data_prompt_dropout > 0:
                 prompt_null = self.null.for_rows(inputs["columns"], layout.first_local_rows)
         row_cond = repeat_conditioning(prompt_cond, layout.counts)
-        ref_latents = inputs["ref_latents"][layout.first_local_rows]
+        ref_latents = inputs.get("ref_latents")  # None for prompt-only data, trained with data_beta = 0
+        if ref_latents is not None:
+            ref_latents = ref_latents[layout.first_local_rows]
         if iteration:
             rollout, advantages = self._reused(micro, iteration, prompts, layout)
         else:

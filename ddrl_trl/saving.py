@@ -28,7 +28,7 @@ from peft import get_peft_model_state_dict
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from .resume import RUN_INFO_NAME, needs_rollout_buffer, rollout_buffer_name, run_info
+from .resume import RUN_INFO_NAME, needs_rollout_buffer, rollout_buffer_name, run_info, saved_progress
 from .weight_files import (
     CheckpointError,
     NonFiniteWeightsError,
@@ -127,7 +127,36 @@ class SavingMixin:
                 "and checkpoints are never overwritten with a diverged model; lower learning_rate and resume from "
                 "the last checkpoint."
             )
+        if not _internal_call:  # checkpoints say nothing: they are a run's history, not its output
+            self._warn_if_saving_hacked_weights(output_dir or self.args.output_dir)
         super().save_model(output_dir, _internal_call)
+
+    def _warn_if_saving_hacked_weights(self, output_dir: str) -> None:
+        """Warn when the weights being saved are from after a `HackingMonitorCallback` detected reward hacking (and
+        are not the last good ones), naming the last good weights, so that a hacked model is never saved silently."""
+        from .callbacks import HackingMonitorCallback
+
+        for monitor in self.callback_handler.callbacks:
+            if not isinstance(monitor, HackingMonitorCallback) or monitor.hacking_step is None:
+                continue
+            good = monitor.last_good_path
+            if good is not None and os.path.abspath(output_dir) == os.path.abspath(good):
+                continue  # the monitor saving the last good weights
+            if monitor.last_good_step is not None and monitor.last_good_step >= self.state.global_step:
+                continue  # these weights are the last good ones
+            last_good = (
+                f"the last good weights (step {monitor.last_good_step}) are in {good}"
+                if monitor.last_good_step is not None and good is not None
+                else "no evaluation before it was good, so there are no last good weights"
+            )
+            logger.warning(
+                "Saving to %s the weights of step %d, from after reward hacking was detected at step %d "
+                "(HackingMonitorCallback): %s.",
+                output_dir,
+                self.state.global_step,
+                monitor.hacking_step,
+                last_good,
+            )
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if self.is_lora:
@@ -176,6 +205,26 @@ class SavingMixin:
                 f"The optimizer state in checkpoint {checkpoint} is non-finite ({bad}); resume from "
                 f"an earlier checkpoint."
             )
+        if saved_progress(checkpoint)[1] != self.state.max_steps:
+            self._continue_schedule_at_new_length()
+
+    def _continue_schedule_at_new_length(self) -> None:
+        """After resuming a run with another length (`max_steps`), set the learning rate to the new schedule's value
+        at the resumed step. The scheduler's state restores the step count and keeps the new length's schedule, but
+        the optimizer's saved learning rate is the old schedule's (0 at the end of a linear decay), which the first
+        resumed step would otherwise train at."""
+        scheduler = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)  # accelerate may wrap it
+        if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):  # every schedule of `get_scheduler` is one
+            logger.warning(
+                "The run's length changed but its %s cannot be rebuilt: the first resumed step trains at the saved "
+                "learning rate.",
+                type(scheduler).__name__,
+            )
+            return
+        rates = [base * factor(scheduler.last_epoch) for factor, base in zip(scheduler.lr_lambdas, scheduler.base_lrs)]
+        for group, rate in zip(self.optimizer.param_groups, rates):
+            group["lr"] = rate
+        scheduler._last_lr = rates  # what get_last_lr() (and the logged learning_rate) report
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
         try:

@@ -4,103 +4,51 @@
     accelerate launch examples/train_sd3.py --config ddrl.yaml
 
 `main` reads top to bottom as TRL's `scripts/grpo.py`: checks → data → `DDRLTrainer(...)` →
-`train(resume_from_checkpoint=...)` → `save_model` → `push_to_hub`. Arguments are parsed by `trl.TrlParser` from
-`ScriptArguments` (dataset), `DDRLConfig` (training), `ModelConfig` (model and LoRA) and `RewardArguments`, over the
-model family's defaults (`FAMILY_DEFAULTS`); a YAML `--config` overrides those and command-line flags override both.
+`train(resume_from_checkpoint=...)` → `save_model` → `push_to_hub`. Arguments are parsed by `DDRLParser` (a
+`trl.TrlParser`) from `DDRLScriptArguments` (dataset), `DDRLConfig` (training), `ModelConfig` (model and LoRA),
+`RewardArguments` and `HackingMonitorArguments`, over the model family's defaults (`FAMILY_DEFAULTS`); a YAML
+`--config` overrides those and command-line flags override both. `--help` shows the flags that mean something for a
+diffusion pipeline; TRL's and transformers' language-model flags are hidden.
 
 - `--reward_funcs` is required (there is no safe default reward).
 - `--resume_from_checkpoint` takes a checkpoint folder, or `true` / `latest` for the newest one in `--output_dir`.
 - A new run refuses an `--output_dir` holding another run's work (unless `--overwrite_output_dir`), and every flag
   that has no meaning for a diffusion pipeline (`--load_in_4bit`, `--dataset_streaming`, ...) is refused rather than
   ignored — all before the model is loaded.
+- Bad arguments raise `UsageError` (one line and exit code 2 from `ddrl-trl train` and the example scripts) naming
+  the command-line flags, before the model loads; errors during training keep their type and traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
+import re
+import shutil
 import sys
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any
 
 import yaml
-from datasets import Dataset, load_dataset, load_from_disk
-from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
+from trl import ModelConfig, ScriptArguments, TrlParser
 
-from .adapters import adapter_class
-from .config import DDRLConfig
 from .errors import UsageError
-from .resume import check_output_dir_free, check_output_dir_writable
+from .families import FAMILIES, FAMILY_DEFAULTS
 from .rewards import REWARD_SPEC_HELP
-from .trainer import DDRLTrainer
 
-#: What every family but `sd` shares: a LoRA (r 32, α 64, lr 1e-4) trained in bf16 with gradient checkpointing, on
-#: groups of 8 rollouts of 20 steps, 8 rollouts per device, at 512 px.
-_BF16_LORA = dict(
-    resolution=512,
-    num_inference_steps=20,
-    num_generations=8,
-    per_device_train_batch_size=8,
-    use_peft=True,
-    lora_r=32,
-    lora_alpha=64,
-    learning_rate=1e-4,
-    bf16=True,
-    gradient_checkpointing=True,
-)
-#: Each model family's defaults (over `DDRLConfig`'s and `ModelConfig`'s), as used by `examples/train_*.py` and
-#: `ddrl-trl train --family`. `sd` (SD 1.x / 2.x / XL) adds none: name the model and choose LoRA or not yourself.
-FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "sd": {},
-    "sd3": dict(_BF16_LORA, model_name_or_path="stabilityai/stable-diffusion-3.5-medium", learning_rate=3e-4),
-    "flux": dict(_BF16_LORA, model_name_or_path="black-forest-labs/FLUX.1-dev", guidance_scale=3.5),
-    "wan": dict(
-        _BF16_LORA,
-        model_name_or_path="Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
-        resolution=480,
-        num_frames=33,
-        lora_alpha=32,
-    ),
-    # The 2025–26 DiTs (docs/adapters.md, "Supported models"): LoRA in bf16 with gradient checkpointing, rollouts
-    # sampled as their pipelines sample by default (guided for the non-distilled ones, at twice the forward cost; the
-    # unset data_beta then resolves to the guided anchor for that cfg_scale, `config.default_data_beta`).
-    "qwenimage": dict(
-        _BF16_LORA,
-        model_name_or_path="Qwen/Qwen-Image",
-        cfg_scale=4.0,  # the pipeline's true_cfg_scale, with Qwen-Image's negative prompt " "
-    ),
-    "flux2": dict(
-        _BF16_LORA,
-        model_name_or_path="black-forest-labs/FLUX.2-dev",
-        guidance_scale=4.0,  # the distilled guidance embedding (Flux2Pipeline's default)
-    ),
-    "flux2-klein": dict(
-        _BF16_LORA,
-        model_name_or_path="black-forest-labs/FLUX.2-klein-base-4B",
-        cfg_scale=4.0,  # Flux2KleinPipeline's guidance_scale (true CFG of the base models)
-    ),
-    "zimage": dict(
-        _BF16_LORA,
-        model_name_or_path="Tongyi-MAI/Z-Image",
-        cfg_scale=5.0,  # guidance_scale 4, the model card's example (cfg_scale = 1 + guidance_scale)
-    ),
-    "sana": dict(
-        _BF16_LORA,
-        model_name_or_path="Efficient-Large-Model/Sana_1600M_1024px_BF16_diffusers",
-        resolution=1024,  # the checkpoint's size: sampled at another, SanaPipeline bins it back to 1024 px
-        cfg_scale=4.5,  # SanaPipeline's guidance_scale
-        max_sequence_length=300,
-    ),
-    "cosmos": dict(
-        _BF16_LORA,
-        model_name_or_path="nvidia/Cosmos-Predict2.5-2B",
-        model_revision="diffusers/base/post-trained",
-        resolution=480,
-        num_frames=33,
-        # cfg_scale stays 1: the authors' DDRL runs on Cosmos roll out unguided
-    ),
-}
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+    from .callbacks import HackingMonitorCallback
+    from .config import DDRLConfig
+    from .trainer import DDRLTrainer
+
+logger = logging.getLogger(__name__)
+
 #: Flags of TRL's argument classes that mean nothing for a diffusion pipeline, with their only accepted value.
 UNSUPPORTED_FLAGS = {
     "attn_implementation": None,
@@ -113,6 +61,23 @@ UNSUPPORTED_FLAGS = {
     "dataset_streaming": False,
     "ignore_bias_buffers": False,
 }
+#: The monitor's signals (`callbacks.SIGNALS`, repeated here so that parsing does not import transformers' callbacks).
+HACKING_SIGNALS = ("loss_ratio", "eval_rewards", "diversity")
+
+
+@dataclass
+class DDRLScriptArguments(ScriptArguments):
+    """TRL's dataset arguments, and prompt-only data with synthetic references."""
+
+    synthetic_references_per_prompt: int | None = field(
+        default=None,
+        metadata={
+            "help": "Train on prompts only: before training, sample K reference images per prompt with the base "
+            "pipeline, as its rollouts are sampled (ddrl_trl.build_synthetic_reference_dataset), and pair them "
+            "with the prompts for the data term (the paper's synthetic data). The data then need only the prompt "
+            "column; a dataset that already has a reference column is refused."
+        },
+    )
 
 
 @dataclass
@@ -122,7 +87,8 @@ class RewardArguments:
     reward_funcs: list[str] | None = field(
         default=None,
         metadata={
-            "help": f"Required. One or more rewards, each {REWARD_SPEC_HELP}. Weigh several with --reward_weights."
+            "help": f"Required. One or more rewards, each {REWARD_SPEC_HELP}. Weigh several with --reward_weights. "
+            "A module in the current folder is found as with `python -m` (`--reward_funcs mymod:f` next to mymod.py)."
         },
     )
     eval_reward_funcs: list[str] | None = field(
@@ -135,52 +101,339 @@ class RewardArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
 
 
-def make_parser(family: str = "sd", prog: str | None = None) -> TrlParser:
-    """The argument parser of the scripts, with `family`'s defaults (`FAMILY_DEFAULTS`)."""
+@dataclass
+class HackingMonitorArguments:
+    """The reward-hacking monitor, `HackingMonitorCallback` (docs/training-runs.md), from the command line."""
+
+    hacking_monitor: bool = field(
+        default=False,
+        metadata={
+            "help": "Watch for reward hacking while training: evaluate every --hacking_eval_steps steps, keep the "
+            "last good weights in <output_dir>/last-good, warn when a watched signal trips (and stop with "
+            "--hacking_stop_training)."
+        },
+    )
+    hacking_watch: list[str] = field(
+        default_factory=lambda: ["loss_ratio"],
+        metadata={
+            "help": "The signals that decide: loss_ratio (the held-out diffusion loss over the base model's passes "
+            "--hacking_threshold; needs a test split in --dataset_name), eval_rewards (an --eval_reward_funcs reward "
+            "falls by more than --hacking_max_eval_reward_drop; needs --validation_prompts), diversity (the "
+            "validation samples' diversity falls under --hacking_min_diversity_ratio of the base model's).",
+            "choices": HACKING_SIGNALS,
+        },
+    )
+    hacking_threshold: float = field(
+        default=1.10, metadata={"help": "The loss ratio above which the run counts as hacking (the paper's 1.10)."}
+    )
+    hacking_eval_steps: int = field(default=50, metadata={"help": "Evaluate for the monitor every N steps."})
+    hacking_stop_training: bool = field(
+        default=False,
+        metadata={
+            "help": "Stop training when hacking is detected; the last good weights are then saved as the run's "
+            "output (copied from <output_dir>/last-good)."
+        },
+    )
+    hacking_max_eval_reward_drop: float = field(
+        default=0.10,
+        metadata={"help": "The largest fall of an evaluation reward below the base model's (0.10: a tenth)."},
+    )
+    hacking_min_diversity_ratio: float = field(
+        default=0.5, metadata={"help": "The smallest validation diversity, as a fraction of the base model's."}
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- the parser
+#: The flags of transformers' `TrainingArguments` that `--help` shows: the common training ones. The others (and
+#: TRL's language-model flags: quantisation, attention backends, NEFTune, Liger kernels, task types) still parse, as
+#: in any Trainer script, but are hidden; those that would be ignored are refused (`UNSUPPORTED_FLAGS`).
+TRAINING_FLAGS_SHOWN = frozenset(
+    """
+    output_dir overwrite_output_dir per_device_train_batch_size per_device_eval_batch_size
+    gradient_accumulation_steps num_train_epochs max_steps learning_rate weight_decay adam_beta1 adam_beta2
+    adam_epsilon max_grad_norm optim lr_scheduler_type lr_scheduler_kwargs warmup_steps bf16 fp16 tf32
+    gradient_checkpointing gradient_checkpointing_kwargs seed data_seed use_cpu ddp_timeout logging_strategy
+    logging_steps logging_first_step log_level disable_tqdm report_to run_name eval_strategy eval_steps
+    eval_on_start save_strategy save_steps save_total_limit resume_from_checkpoint push_to_hub hub_model_id
+    hub_private_repo hub_strategy hub_revision
+    """.split()
+)
+#: `ModelConfig` and `ScriptArguments` flags that apply to a diffusers pipeline.
+MODEL_FLAGS_SHOWN = frozenset(
+    {"model_name_or_path", "model_revision", "use_peft", "lora_r", "lora_alpha", "lora_dropout"}
+    | {"lora_target_modules", "use_rslora", "use_dora"}
+)
+DATASET_FLAGS_SHOWN = frozenset({"dataset_name", "dataset_config", "dataset_train_split", "dataset_test_split"})
+#: DDRLConfig fields kept only as deprecated aliases: parsed, not shown.
+DEPRECATED_FLAGS = frozenset({"image_column", "async_rewards"})
+#: Help texts that say what a flag means here (TRL's are written for language models).
+HELP_OVERRIDES = {
+    "model_name_or_path": "The diffusers pipeline to train: a Hub id or a local folder (its model_index.json names "
+    "the family).",
+    "dataset_name": "Required. The training data: a Hub dataset id or a folder saved with Dataset.save_to_disk, with "
+    "a prompt column and a paired reference image/video column (prompts only with "
+    "--synthetic_references_per_prompt). Its --dataset_test_split split, if any, is the held-out data.",
+    "dataset_config": "The dataset's configuration (load_dataset's `name`).",
+    "dataset_train_split": "The training split of --dataset_name.",
+    "dataset_test_split": "The held-out split of --dataset_name, if it has one (the held-out diffusion loss, "
+    "--num_validation_prompts, --hacking_watch loss_ratio).",
+    "model_revision": "The model's revision on the Hub: a branch, tag or commit.",
+    "use_peft": "Train a LoRA (else the whole denoiser).",
+    "lora_r": "LoRA rank.",
+    "use_rslora": "Rank-stabilised LoRA: scaled by lora_alpha/√r instead of lora_alpha/r.",
+    "use_dora": "Train a DoRA (weight-decomposed LoRA) instead of a plain LoRA.",
+    "output_dir": "Where the checkpoints, the final weights, the validation grids and the logs go.",
+    "max_steps": "Optimiser steps to train for; when > 0 it overrides --num_train_epochs.",
+    "eval_steps": "Evaluate every N steps under --eval_strategy steps (default: --logging_steps).",
+    "save_steps": "Save a checkpoint every N steps (a float in (0, 1): that fraction of the run).",
+    "save_total_limit": "Keep at most N checkpoints (the oldest are deleted).",
+    "gradient_checkpointing_kwargs": "Keyword arguments of gradient checkpointing (JSON), e.g. "
+    "'{\"use_reentrant\": false}'.",
+    "hub_private_repo": "Make the Hub repo private (default: the organisation's default).",
+    "gradient_checkpointing": "Recompute activations in the backward pass to save memory (diffusers' "
+    "enable_gradient_checkpointing; transformers 5 also calls it --activation_checkpointing).",
+    "lora_dropout": "LoRA dropout (0, diffusers' default).",
+    "lora_target_modules": "The modules the LoRA is applied to; None: the model family's default target modules "
+    "(the attention projections, ddrl_trl.adapters: default_lora_target_modules).",
+    "resume_from_checkpoint": "Continue an interrupted run: a checkpoint folder, or `true` / `latest` for the newest "
+    "checkpoint-N in --output_dir (checked before anything trains).",
+}
+#: Field names that are single words: translated to flags in messages only when they are ours (`flag_names`).
+_SINGLE_WORD_FIELDS = frozenset({"eta", "epsilon", "resolution"})
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag once in `--help`, with a short value name: `--max_steps N`, not also `--max-steps MAX_STEPS` (the
+    dashed spelling still parses), so that most flags fit on one line."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if not action.option_strings or action.nargs == 0:
+            return super()._format_action_invocation(action)
+        if action.metavar is not None:
+            value = str(action.metavar)
+        elif action.choices is not None and len(action.choices) <= 4:
+            value = "{" + ",".join(map(str, action.choices)) + "}"
+        elif action.nargs == "?" and action.const is True:
+            value = "BOOL"
+        else:
+            kind = getattr(action.type, "__name__", "")  # TRL wraps `T | None` types, keeping T's name
+            value = {"int": "N", "float": "X"}.get(kind, "NAME" if action.choices is not None else "VALUE")
+        if action.nargs == "?":
+            value = f"[{value}]"
+        elif action.nargs in ("+", "*"):
+            value = f"{value} [...]"
+        return f"{action.option_strings[0]} {value}"
+
+
+class DDRLParser(TrlParser):
+    """`trl.TrlParser` whose errors are `UsageError`s naming the flags (one line from the command line, exit code 2),
+    whether they come from argparse, the YAML `--config` file, or a dataclass check (`DDRLConfig.__post_init__`)."""
+
+    def error(self, message: str):  # argparse prints usage and exits; one clear line instead
+        raise UsageError(message)
+
+    def flags(self) -> set[str]:
+        return {action.dest for action in self._actions}
+
+    def parse_args_and_config(self, args: Iterable[str] | None = None, **kwargs) -> tuple[Any, ...]:
+        args = list(sys.argv[1:] if args is None else args)
+        if "--config" in args:
+            index = args.index("--config")
+            if index + 1 >= len(args):
+                raise UsageError("argument --config: expected a YAML file.")
+            config = read_config(args[index + 1])
+            unknown = [key for key in config if key not in self.flags() and key != "env"]
+            if unknown:
+                raise UsageError(
+                    f"--config {args[index + 1]}: unknown argument(s) {', '.join(unknown)} (each key must be a flag "
+                    f"name without the dashes; `--help` lists them)."
+                )
+        try:
+            return super().parse_args_and_config(args, **kwargs)
+        except UsageError:
+            raise
+        except ValueError as err:
+            message = str(err)
+            unused = re.match(r"Some specified arguments are not used by the HfArgumentParser: (.*)", message)
+            if unused:
+                message = f"unrecognized arguments: {' '.join(_printed_list(unused.group(1)))}"
+            raise UsageError(flag_names(message, self.flags())) from err
+
+
+def _printed_list(text: str) -> list[str]:
+    """The strings of a printed Python list (`['--a', 'b']`), or the text itself."""
+    import ast
+
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return [text]
+    return [str(v) for v in value] if isinstance(value, list) else [text]
+
+
+def read_config(path: str) -> dict[str, Any]:
+    """The YAML `--config` file as a mapping, or a `UsageError` saying what is wrong with it."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            config = yaml.safe_load(file)
+    except OSError as err:
+        raise UsageError(f"--config {path}: cannot read it ({err.strerror or err}).") from err
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UsageError(f"--config {path} is not valid YAML: {problem}{where}.") from err
+    if not isinstance(config, dict):
+        got = "an empty file" if config is None else f"a YAML {'list' if isinstance(config, list) else 'scalar'}"
+        raise UsageError(
+            f"--config {path} must hold a YAML mapping of argument names to values (lines like `learning_rate: "
+            f"1e-4`), got {got}."
+        )
+    return config
+
+
+def flag_names(message: str, names: Iterable[str]) -> str:
+    """`message` (written for Python users: `DDRLConfig.validation_prompts`, `num_validation_prompts=3`) with the
+    argument names as the command-line flags (`--validation_prompts`). A message that already names flags is kept."""
+    # "prompt_column= in DDRLConfig (--prompt_column on the command line)" → "--prompt_column"
+    message = re.sub(r"\b(\w+)= in DDRLConfig \((--\1) on the command line\)", r"\2", message)
+    if "--" in message:
+        return message
+    message = message.replace("DDRLConfig.", "")
+    candidates = sorted((n for n in names if "_" in n or n in _SINGLE_WORD_FIELDS), key=len, reverse=True)
+    if not candidates:
+        return message
+    pattern = r"(?<![\w./'\"-])(" + "|".join(map(re.escape, candidates)) + r")(?![\w])"
+    return re.sub(pattern, r"--\1", message)
+
+
+def make_parser(family: str = "sd", prog: str | None = None, usage: str | None = None) -> DDRLParser:
+    """The argument parser of the scripts, with `family`'s defaults (`FAMILY_DEFAULTS`). Its `--help` shows the
+    flags that apply to diffusion (ours and the common training ones, grouped); the rest parse but are hidden."""
+    from transformers import TrainingArguments
+
+    from .config import DDRLConfig
+
     if family not in FAMILY_DEFAULTS:
-        raise ValueError(f"Unknown model family {family!r}: use one of {sorted(FAMILY_DEFAULTS)}.")
-    parser = TrlParser((ScriptArguments, DDRLConfig, ModelConfig, RewardArguments), prog=prog)
+        raise UsageError(f"Unknown model family {family!r}: use one of {', '.join(FAMILIES)}.")
+    parser = DDRLParser(
+        (DDRLScriptArguments, DDRLConfig, ModelConfig, RewardArguments, HackingMonitorArguments),
+        prog=prog,
+        formatter_class=_HelpFormatter,
+        usage=usage or f"{prog or '%(prog)s'} [--config FILE.yaml] [--<argument> VALUE ...]",
+        description=f"DDRL training of a diffusers pipeline, with the {family!r} family's defaults. Every argument "
+        "can also be a key of the YAML --config file; flags on the command line win. Flags of TRL and transformers "
+        "that do not apply to diffusion are not shown.",
+    )
     parser.set_defaults(**FAMILY_DEFAULTS[family])
+    ours = {f.name for f in fields(DDRLConfig)} - {f.name for f in fields(TrainingArguments)}
+    groups = {
+        "data": DATASET_FLAGS_SHOWN | {"synthetic_references_per_prompt", "max_train_samples"},
+        "model and LoRA": MODEL_FLAGS_SHOWN,
+        "rewards": {f.name for f in fields(RewardArguments)} - {"max_train_samples"},
+        "DDRL (DDRLConfig)": ours - DEPRECATED_FLAGS,
+        "training (transformers' TrainingArguments)": TRAINING_FLAGS_SHOWN,
+        "reward-hacking monitor (HackingMonitorCallback)": {f.name for f in fields(HackingMonitorArguments)},
+    }
+    containers = {title: parser.add_argument_group(title) for title in groups}
+    for action in list(parser._actions):
+        if action.dest == "help":
+            continue
+        title = next((t for t, names in groups.items() if action.dest in names), None)
+        if title is None:
+            action.help = argparse.SUPPRESS
+            continue
+        if action.dest in HELP_OVERRIDES and not action.option_strings[0].startswith("--no_"):
+            action.help = HELP_OVERRIDES[action.dest]
+        for group in parser._action_groups:  # move it from the default "options" group to its own
+            if action in group._group_actions and group is not containers[title]:
+                group._group_actions.remove(action)
+        containers[title]._group_actions.append(action)
     return parser
 
 
+# ---------------------------------------------------------------------------------------------------- the run
 def main(
-    script_args: ScriptArguments, training_args: DDRLConfig, model_args: ModelConfig, reward_args: RewardArguments
+    script_args: ScriptArguments,
+    training_args: DDRLConfig,
+    model_args: ModelConfig,
+    reward_args: RewardArguments,
+    monitor_args: HackingMonitorArguments | None = None,
 ) -> DDRLTrainer:
-    """Train with DDRL from parsed arguments, resume if asked, save, and push to the Hub if asked."""
+    """Train with DDRL from parsed arguments, resume if asked, save, and push to the Hub if asked. Bad arguments
+    raise `UsageError` before the model is loaded (and before training, for those only found in the data)."""
+    from .trainer import DDRLTrainer
+
+    warn_if_accelerate_started_one_process()
+    _find_modules_in_working_dir()
     resume = resume_argument(training_args.resume_from_checkpoint)
-    check_arguments(script_args, training_args, model_args, reward_args, resume)  # before loading anything
+    check_arguments(script_args, training_args, model_args, reward_args, resume, monitor_args)
+    monitor = hacking_monitor(monitor_args)
     training_args.model_init_kwargs = {
         "revision": model_args.model_revision,
         **(training_args.model_init_kwargs or {}),
     }
     train_dataset, eval_dataset = load_data(script_args, reward_args.max_train_samples)
-    trainer = DDRLTrainer(
-        model=model_args.model_name_or_path,
-        reward_funcs=reward_args.reward_funcs,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset if training_args.eval_strategy != "no" else None,
-        peft_config=lora_config(model_args),
-        eval_reward_funcs=reward_args.eval_reward_funcs,
-    )
+    validation_from_eval_rows = training_args.num_validation_prompts > 0 and not training_args.validation_prompts
+    watches_loss = monitor is not None and "loss_ratio" in monitor.watch
+    if training_args.eval_strategy == "no" and not watches_loss and not validation_from_eval_rows:
+        eval_dataset = None
+    if watches_loss and eval_dataset is None:
+        raise UsageError(
+            f"--hacking_watch loss_ratio needs held-out data, and --dataset_name {script_args.dataset_name} has no "
+            f"{script_args.dataset_test_split!r} split (--dataset_test_split): add one, or watch the validation "
+            "samples only (--hacking_watch diversity, with --validation_prompts)."
+        )
+    k = getattr(script_args, "synthetic_references_per_prompt", None)
+    if k is not None:
+        check_prompt_only(train_dataset, k, training_args, "training")
+    reward_funcs, eval_reward_funcs = resolve_rewards(reward_args)
+    model: Any = model_args.model_name_or_path
+    with construction_errors():
+        if k is not None:
+            model = load_pipeline(model, training_args)
+            train_dataset = with_synthetic_references(model, train_dataset, k, training_args, "training")
+            if eval_dataset is not None and not has_reference_column(eval_dataset, training_args):
+                eval_dataset = with_synthetic_references(model, eval_dataset, k, training_args, "evaluation")
+        trainer = DDRLTrainer(
+            model=model,
+            reward_funcs=reward_funcs,
+            args=training_args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            peft_config=lora_config(model_args),
+            callbacks=[monitor] if monitor is not None else None,
+            eval_reward_funcs=eval_reward_funcs,
+        )
     trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(training_args.output_dir)
+    saved = save_output(trainer, monitor, training_args.output_dir)
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    if trainer.is_world_process_zero():
+        print(f"weights saved to {saved}", flush=True)
     return trainer
 
 
 def resume_argument(value: str | bool | None) -> str | bool | None:
-    """`--resume_from_checkpoint` as `Trainer.train` takes it: `true` / `latest` → True (the newest checkpoint in
-    `--output_dir`), `false` / `none` / empty → None, anything else a checkpoint folder."""
+    """`--resume_from_checkpoint` as `DDRLTrainer.train` takes it: `true` → True (the newest checkpoint in
+    `--output_dir`, which must hold one), `latest` → "latest" (the newest one, or a new run when there is none, for
+    restartable jobs), `false` / `none` / empty → None, anything else a checkpoint folder."""
+    from .resume import LATEST
+
     if value is None or isinstance(value, bool):
         return value or None
-    if value.strip().lower() in ("true", "latest", "yes", "1"):
+    if value.strip().lower() == LATEST:
+        return LATEST
+    if value.strip().lower() in ("true", "yes", "1"):
         return True
     if value.strip().lower() in ("false", "none", "no", "0", ""):
         return None
     return value
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """Whether `name` could be a Hub repo id (`name` or `owner/name`) rather than only a local path."""
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", name) is not None and ".." not in name
 
 
 def check_arguments(
@@ -189,17 +442,21 @@ def check_arguments(
     model_args: ModelConfig,
     reward_args: RewardArguments,
     resume: str | bool | None,
+    monitor_args: HackingMonitorArguments | None = None,
 ) -> None:
-    """What can be checked before loading the model and data: a reward is named, no flag would be ignored, and
-    `output_dir` may be used."""
+    """What can be checked before loading the model and data: a reward is named, no flag would be ignored,
+    `output_dir` may be used, the data and the model exist, and the flags agree with each other. Raises
+    `UsageError` naming the flags."""
+    from .resume import check_output_dir_free, check_output_dir_writable
+
     if not reward_args.reward_funcs:
-        raise ValueError(
+        raise UsageError(
             f"--reward_funcs is required: name the reward(s) to train on, each {REWARD_SPEC_HELP}. There is no "
             "default: a reward chosen by accident is what RL optimises (the built-in 'brightness' trains toward "
             "white images)."
         )
     if model_args.model_name_or_path is None:
-        raise ValueError("--model_name_or_path is required: a diffusers pipeline's Hub id or local folder.")
+        raise UsageError("--model_name_or_path is required: a diffusers pipeline's Hub id or local folder.")
     ignored = {
         name: getattr(args, name)
         for args in (script_args, model_args)
@@ -207,22 +464,148 @@ def check_arguments(
         if hasattr(args, name) and getattr(args, name) != accepted
     }
     if ignored:
-        raise ValueError(
+        raise UsageError(
             f"{', '.join(f'--{name} {value}' for name, value in ignored.items())}: not supported for diffusion "
             f"pipelines (quantised loading, attention backends, extra LoRA modules, streamed datasets). Drop them."
         )
     if model_args.dtype not in (None, "auto", "float32"):
-        raise ValueError(
+        raise UsageError(
             f"--dtype {model_args.dtype}: the trainer chooses dtypes itself (float32 trained weights, the frozen "
             "parts in bf16/fp16 under --bf16 / --fp16). Use --bf16 or --fp16 instead."
         )
-    if training_args.should_save:
-        check_output_dir_writable(training_args.output_dir)
-    check_output_dir_free(training_args, resume)
+    try:
+        if training_args.should_save:
+            check_output_dir_writable(training_args.output_dir)
+        check_output_dir_free(training_args, resume)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    name = script_args.dataset_name
+    if name is None:
+        raise UsageError(
+            "--dataset_name is required: a Hub dataset id or a folder saved with Dataset.save_to_disk, holding "
+            "prompts and their paired reference images (or prompts only, with --synthetic_references_per_prompt)."
+        )
+    if not os.path.exists(name) and not looks_like_hub_id(name):
+        raise UsageError(
+            f"--dataset_name {name}: no such folder (and not a Hub dataset id 'owner/name'). Give a folder saved "
+            "with Dataset.save_to_disk, or a Hub dataset id."
+        )
+    model = model_args.model_name_or_path
+    if not os.path.exists(model) and not looks_like_hub_id(model):
+        raise UsageError(
+            f"--model_name_or_path {model}: no such folder (and not a Hub id 'owner/name'). Give a diffusers "
+            "pipeline folder (with model_index.json) or its Hub id."
+        )
+    k = getattr(script_args, "synthetic_references_per_prompt", None)
+    if k is not None and k < 1:
+        raise UsageError(f"--synthetic_references_per_prompt must be ≥ 1 (reference images per prompt), got {k}.")
+    validation = bool(training_args.validation_prompts) or training_args.num_validation_prompts > 0
+    if reward_args.eval_reward_funcs and not validation:
+        raise UsageError(
+            "--eval_reward_funcs score the validation samples, but there are none: add --validation_prompts "
+            '"a prompt" "another prompt", or --num_validation_prompts K to validate on the first K rows of the test '
+            "split (--dataset_test_split)."
+        )
+    if monitor_args is not None:
+        check_monitor_arguments(monitor_args, reward_args, validation)
+
+
+def check_monitor_arguments(
+    monitor_args: HackingMonitorArguments, reward_args: RewardArguments, validation: bool
+) -> None:
+    """The `--hacking_*` flags: only with `--hacking_monitor`, and with what their signals are measured on."""
+    changed = [
+        f"--{f.name}"
+        for f in fields(HackingMonitorArguments)
+        if f.name != "hacking_monitor"
+        and getattr(monitor_args, f.name) != (f.default_factory() if callable(f.default_factory) else f.default)
+    ]
+    if not monitor_args.hacking_monitor:
+        if changed:
+            raise UsageError(f"{', '.join(changed)} set without --hacking_monitor: add --hacking_monitor to use it.")
+        return
+    watch = _watched(monitor_args)
+    if {"eval_rewards", "diversity"} & set(watch) and not validation:
+        raise UsageError(
+            f"--hacking_watch {' '.join(watch)} watches the validation samples, but there are none: add "
+            '--validation_prompts "a prompt" "another prompt" (or --num_validation_prompts K with a test split).'
+        )
+    if "eval_rewards" in watch and not reward_args.eval_reward_funcs:
+        raise UsageError(
+            "--hacking_watch eval_rewards needs --eval_reward_funcs (rewards not trained on, whose fall the monitor "
+            "watches)."
+        )
+
+
+def _watched(monitor_args: HackingMonitorArguments) -> list[str]:
+    """`--hacking_watch` as a list (a YAML `--config` may give one name as a string)."""
+    watch = monitor_args.hacking_watch
+    return [watch] if isinstance(watch, str) else list(watch or [])
+
+
+def hacking_monitor(monitor_args: HackingMonitorArguments | None) -> HackingMonitorCallback | None:
+    """The `HackingMonitorCallback` the `--hacking_*` flags ask for, or None without `--hacking_monitor`."""
+    if monitor_args is None or not monitor_args.hacking_monitor:
+        return None
+    from .callbacks import HackingMonitorCallback
+
+    try:
+        return HackingMonitorCallback(
+            threshold=monitor_args.hacking_threshold,
+            eval_steps=monitor_args.hacking_eval_steps,
+            stop_training=monitor_args.hacking_stop_training,
+            watch=tuple(_watched(monitor_args)),
+            max_eval_reward_drop=monitor_args.hacking_max_eval_reward_drop,
+            min_diversity_ratio=monitor_args.hacking_min_diversity_ratio,
+        )
+    except ValueError as err:  # "threshold must be > 1 ..., set e.g. threshold=1.10" → "--hacking_threshold ..."
+        names = "threshold|eval_steps|stop_training|watch|max_eval_reward_drop|min_diversity_ratio"
+        message = re.sub(
+            rf"(?<![\w./'\"-])({names})(=|\b)",
+            lambda m: f"--hacking_{m.group(1)}{' ' if m.group(2) == '=' else ''}",
+            str(err),
+        )
+        raise UsageError(message) from err
+
+
+def resolve_rewards(reward_args: RewardArguments) -> tuple[list, list]:
+    """The reward functions `--reward_funcs` and `--eval_reward_funcs` name, resolved before the model loads (a bad
+    name or import path is a `UsageError`); the trainer takes the functions."""
+    from .rewards import resolve_reward
+    from .rewards.calling import reward_name
+
+    resolved = []
+    for flag, specs in (
+        ("--reward_funcs", reward_args.reward_funcs),
+        ("--eval_reward_funcs", reward_args.eval_reward_funcs),
+    ):
+        funcs = []
+        for spec in specs or []:
+            try:
+                funcs.append(resolve_reward(spec))
+            except (ValueError, TypeError) as err:
+                hint = (
+                    " The current folder is searched too; for a module elsewhere, add its folder to PYTHONPATH."
+                    if "Cannot import" in str(err)
+                    else ""
+                )
+                raise UsageError(f"{flag} {spec}: {err}{hint}") from err
+        resolved.append(funcs)
+    names = [reward_name(f) for f in resolved[0] + resolved[1]]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise UsageError(
+            f"--reward_funcs and --eval_reward_funcs name rewards {', '.join(map(repr, duplicates))} more than once "
+            f"(all: {', '.join(names)}): each reward is logged under its name (rewards/<name>, eval_rewards/<name>), "
+            "so give each only once, or rename a function."
+        )
+    return resolved[0], resolved[1]
 
 
 def lora_config(model_args: ModelConfig):
     """`trl.get_peft_config`, for a diffusers denoiser (no transformers task type), or None without `--use_peft`."""
+    from trl import get_peft_config
+
     config = get_peft_config(model_args)
     if config is not None:
         config.task_type = None
@@ -230,17 +613,28 @@ def lora_config(model_args: ModelConfig):
 
 
 def load_data(script_args: ScriptArguments, max_train_samples: int | None = None) -> tuple[Dataset, Dataset | None]:
-    """The train split and, if present, the test split of `--dataset_name`: a Hub id or a `save_to_disk` folder."""
+    """The train split and, if present, the test split of `--dataset_name`: a Hub id or a `save_to_disk` folder.
+    A dataset that cannot be loaded (no such folder, no such Hub dataset, offline) is a `UsageError`."""
+    from datasets import load_dataset, load_from_disk
+
     name = script_args.dataset_name
     if name is None:
-        raise ValueError("--dataset_name is required: a Hub dataset id or a folder saved with Dataset.save_to_disk.")
+        raise UsageError("--dataset_name is required: a Hub dataset id or a folder saved with Dataset.save_to_disk.")
     saved = os.path.isdir(name) and (
         os.path.isfile(os.path.join(name, "dataset_info.json"))
         or os.path.isfile(os.path.join(name, "dataset_dict.json"))
     )
-    data = load_from_disk(name) if saved else load_dataset(name, script_args.dataset_config)
+    try:
+        data = load_from_disk(name) if saved else load_dataset(name, script_args.dataset_config)
+    except (OSError, ValueError) as err:  # offline, no such dataset, unreadable files: OSError subclasses mostly
+        raise UsageError(f"--dataset_name {name}: cannot load it ({_one_line(err)}).") from err
     train, test = data, None
     if hasattr(data, "keys"):  # a DatasetDict
+        if script_args.dataset_train_split not in data:
+            raise UsageError(
+                f"--dataset_name {name} has no {script_args.dataset_train_split!r} split (its splits: "
+                f"{', '.join(data)}): name the training split with --dataset_train_split."
+            )
         train = data[script_args.dataset_train_split]
         test = data[script_args.dataset_test_split] if script_args.dataset_test_split in data else None
     if max_train_samples is not None:
@@ -248,78 +642,272 @@ def load_data(script_args: ScriptArguments, max_train_samples: int | None = None
     return train, test
 
 
+def has_reference_column(dataset: Dataset, training_args: DDRLConfig) -> bool:
+    """Whether `dataset` holds paired reference samples (`--reference_column`, else an image or video column)."""
+    configured = training_args.reference_column or training_args.image_column
+    names = [configured] if configured else ["image", "video"]
+    return any(name in dataset.column_names for name in names)
+
+
+def load_pipeline(model: str, training_args: DDRLConfig):
+    """The pipeline `--model_name_or_path` names, loaded as `DDRLTrainer` loads it (`model_setup.load_pipeline`), on
+    the training device: loaded once, for the synthetic references and the trainer."""
+    from .model_setup import load_pipeline as load
+
+    return load(model, training_args).to(training_args.device)
+
+
+def check_prompt_only(dataset: Dataset, k: int, training_args: DDRLConfig, split: str) -> None:
+    """Before the pipeline loads: refuse `--synthetic_references_per_prompt` for data that already hold references
+    (they would be ignored), and for data without the prompt column."""
+    from .data import with_prompt_column
+
+    if has_reference_column(dataset, training_args):
+        configured = training_args.reference_column or training_args.image_column
+        column = configured or ("image" if "image" in dataset.column_names else "video")
+        raise UsageError(
+            f"--synthetic_references_per_prompt {k}: the {split} data already have reference samples (column "
+            f"{column!r}). Drop --synthetic_references_per_prompt to train on them, or remove the column "
+            "(dataset.remove_columns) to train on synthetic references instead."
+        )
+    if training_args.prompt_column not in with_prompt_column(dataset, training_args.prompt_column, split).column_names:
+        raise UsageError(
+            f"The {split} data have no prompt column {training_args.prompt_column!r} (their columns: "
+            f"{', '.join(dataset.column_names)}): name it with --prompt_column."
+        )
+
+
+def with_synthetic_references(pipeline, dataset: Dataset, k: int, training_args: DDRLConfig, split: str) -> Dataset:
+    """`dataset` (prompts only) with `k` reference images per prompt sampled by the base `pipeline`, exactly as
+    `build_synthetic_reference_dataset(pipeline, prompts, images_per_prompt=k, config=training_args)` makes them;
+    each row is repeated `k` times, so its other columns still reach the rewards."""
+    from datasets import concatenate_datasets
+
+    from .data import build_synthetic_reference_dataset, with_prompt_column
+
+    check_prompt_only(dataset, k, training_args, split)
+    dataset = with_prompt_column(dataset, training_args.prompt_column, split)
+    prompts = list(dataset[training_args.prompt_column])
+    logger.info("Sampling %d synthetic reference image(s) for each of the %d %s prompts.", k, len(prompts), split)
+    references = build_synthetic_reference_dataset(pipeline, prompts, images_per_prompt=k, config=training_args)
+    column = training_args.reference_column or training_args.image_column or "image"
+    references = references.select_columns(["image"])
+    if column != "image":
+        references = references.rename_column("image", column)
+    repeated = dataset.select([row for row in range(len(dataset)) for _ in range(k)])
+    return concatenate_datasets([repeated, references], axis=1)
+
+
+@contextlib.contextmanager
+def construction_errors() -> Iterator[None]:
+    """ValueErrors raised by ddrl_trl's own checks while the trainer is built (a missing column, an unreadable
+    image, an impossible resolution) → `UsageError` naming the flags. Errors raised elsewhere (a reward's own code,
+    diffusers) keep their type and traceback."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except ValueError as err:
+        if not _raised_by_ddrl_trl(err):
+            raise
+        from .config import DDRLConfig
+
+        names = {f.name for f in fields(DDRLConfig)} | {f.name for c in _ARGUMENT_CLASSES for f in fields(c)}
+        raise UsageError(flag_names(str(err), names)) from err
+
+
+_ARGUMENT_CLASSES = (DDRLScriptArguments, ModelConfig, RewardArguments, HackingMonitorArguments)
+
+
+def _raised_by_ddrl_trl(err: BaseException) -> bool:
+    """Whether `err` was raised in ddrl_trl's own code (its innermost frame is in this package)."""
+    tb = err.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    package = os.path.dirname(os.path.abspath(__file__))
+    return os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(package + os.sep)
+
+
+def save_output(trainer: DDRLTrainer, monitor: HackingMonitorCallback | None, output_dir: str) -> str:
+    """Save the run's weights to `output_dir`, and return where they are. After a run the monitor stopped for reward
+    hacking, the output is the last good weights (copied from `<output_dir>/last-good`), not the hacked final ones;
+    without last good weights, or when training went on, the final weights (and `save_model`'s warning)."""
+    stopped = monitor is not None and monitor.stop_training and monitor.hacking_step is not None
+    last_good = monitor.last_good_path if stopped else None
+    if not (stopped and monitor.last_good_step is not None and last_good and os.path.isdir(last_good)):
+        trainer.save_model(output_dir)
+        return output_dir
+    if trainer.args.should_save:
+        from .weight_files import atomic_directory_update
+
+        with atomic_directory_update(output_dir) as staging:
+            for name in os.listdir(last_good):
+                if name.startswith(".tmp-"):
+                    continue
+                source = os.path.join(last_good, name)
+                copy = shutil.copytree if os.path.isdir(source) else shutil.copy2
+                copy(source, os.path.join(staging, name))
+    trainer.accelerator.wait_for_everyone()
+    logger.warning(
+        "Training stopped: reward hacking was detected at step %d. The weights saved in %s are the last good ones, of "
+        "step %d (copied from %s), not the final step's.",
+        monitor.hacking_step,
+        output_dir,
+        monitor.last_good_step,
+        last_good,
+    )
+    return output_dir
+
+
+def warn_if_accelerate_started_one_process(env: dict[str, str] | None = None) -> str | None:
+    """Log (and return) one line when `accelerate launch` was asked for several processes but started one.
+
+    accelerate's simple launcher (what `accelerate launch --num_processes N` uses without `--multi_gpu`, e.g. with
+    `--cpu` or on a machine with fewer than two GPUs) starts a single process and sets no WORLD_SIZE; it sets
+    MASTER_ADDR / MASTER_PORT only when more than one process or machine was asked for. accelerate has no variable
+    holding the number asked for."""
+    env = os.environ if env is None else env
+    launched_by_accelerate = "ACCELERATE_MIXED_PRECISION" in env or "ACCELERATE_DYNAMO_BACKEND" in env
+    asked_for_more = "MASTER_ADDR" in env or "MASTER_PORT" in env
+    if not (launched_by_accelerate and asked_for_more and int(env.get("WORLD_SIZE") or 1) <= 1):
+        return None
+    message = (
+        "accelerate launch started ONE process (its simple launcher, used without --multi_gpu, ignores "
+        "--num_processes): for N processes run `accelerate launch --multi_gpu --num_processes N --num_machines 1 "
+        "--mixed_precision no --dynamo_backend no <script> ...` (on CPU add --use_cpu to the script's flags), or "
+        "`torchrun --nproc_per_node N`."
+    )
+    logger.warning(message)
+    return message
+
+
+def _find_modules_in_working_dir() -> None:
+    """Let `--reward_funcs mymod:f` import mymod.py from the current folder, as `python -m` would (the `ddrl-trl`
+    command's and a script's sys.path hold their own folder instead). Appended, so that a file there cannot shadow an
+    installed package."""
+    cwd = os.getcwd()
+    if not any(os.path.abspath(entry or ".") == cwd for entry in sys.path):
+        sys.path.append(cwd)
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+
+
+# ---------------------------------------------------------------------------------------------------- entry points
 def infer_family(model_name_or_path: str, revision: str | None = None) -> str:
     """The model family of a pipeline folder or Hub id (at `revision`: Cosmos keeps its diffusers files on a branch),
     from its `model_index.json` (the pipeline class's adapter's `script_family`)."""
+    families = ", ".join(FAMILIES)
     if os.path.isdir(model_name_or_path):
         path = os.path.join(model_name_or_path, "model_index.json")
+        if not os.path.isfile(path):
+            raise UsageError(
+                f"Cannot read {model_name_or_path}'s model_index.json to infer its family (the folder has none: is it "
+                f"a diffusers pipeline saved with save_pretrained?): pass --family ({families})."
+            )
+    elif not looks_like_hub_id(model_name_or_path):
+        raise UsageError(
+            f"Cannot read {model_name_or_path}'s model_index.json to infer its family: no such folder, and not a Hub "
+            f"id 'owner/name'. Give a diffusers pipeline folder or Hub id as --model_name_or_path, or pass --family "
+            f"({families}) for its default model."
+        )
     else:
         from huggingface_hub import hf_hub_download
 
         try:
             path = hf_hub_download(model_name_or_path, "model_index.json", revision=revision)
         except Exception as err:  # noqa: BLE001 — offline, unknown repo, no such file: all mean "cannot tell"
-            raise ValueError(
-                f"Cannot read {model_name_or_path}'s model_index.json to infer its family ({err}): pass "
-                f"--family ({', '.join(FAMILY_DEFAULTS)})."
+            raise UsageError(
+                f"Cannot read {model_name_or_path}'s model_index.json to infer its family ({_one_line(err)}): pass "
+                f"--family ({families})."
             ) from err
-    with open(path, encoding="utf-8") as file:
-        pipeline = json.load(file).get("_class_name")
+    try:
+        with open(path, encoding="utf-8") as file:
+            index = json.load(file)
+    except (OSError, ValueError) as err:
+        raise UsageError(
+            f"Cannot read {model_name_or_path}'s model_index.json ({_one_line(err)}): pass --family ({families})."
+        ) from err
+    pipeline = index.get("_class_name") if isinstance(index, dict) else None
+    if not isinstance(pipeline, str):
+        raise UsageError(
+            f'{model_name_or_path}\'s model_index.json names no pipeline class (its "_class_name" is missing), so '
+            f"its family cannot be inferred: pass --family ({families}), or save the pipeline again with diffusers' "
+            "save_pretrained."
+        )
     import diffusers
+
+    from .adapters import adapter_class
 
     adapter = adapter_class(getattr(diffusers, pipeline, type(None)))
     if adapter is None or adapter.script_family is None:
-        raise ValueError(
+        raise UsageError(
             f"{model_name_or_path} is a {pipeline}, which `ddrl-trl train` has no family for: pass "
-            f"--family ({', '.join(FAMILY_DEFAULTS)}) or use DDRLTrainer from Python."
+            f"--family ({families}) or use DDRLTrainer from Python."
         )
     return adapter.script_family
 
 
-def train_command(argv: list[str]) -> DDRLTrainer:
+class _FirstParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UsageError(message)
+
+
+def train_command(argv: list[str]) -> DDRLTrainer | None:
     """`ddrl-trl train [--family F] ...`: the family from `--family`, or from the pipeline `--model_name_or_path`
     (on the command line or in `--config`) names; then `main` with that family's defaults. Bad arguments raise
     `UsageError` before anything loads; errors during training keep their own type and traceback."""
-    first = argparse.ArgumentParser(add_help=False)
-    first.add_argument("--family", choices=sorted(FAMILY_DEFAULTS))
+    first = _FirstParser(add_help=False, allow_abbrev=False)
+    first.add_argument("--family", choices=FAMILIES)
     first.add_argument("--model_name_or_path")
     first.add_argument("--model_revision")
     first.add_argument("--config")
     known, rest = first.parse_known_args(argv)
+    usage = f"ddrl-trl train [--family {{{','.join(FAMILIES)}}}] [--config FILE.yaml] [--<argument> VALUE ...]"
     if any(arg in ("-h", "--help") for arg in rest):
         print(TRAIN_HELP)
-        make_parser(known.family or "sd", prog="ddrl-trl train").parse_args_and_config(args=["--help"])
-    try:
-        model, revision = known.model_name_or_path, known.model_revision
-        if known.config and (model is None or revision is None):
-            with open(known.config, encoding="utf-8") as file:
-                from_config = yaml.safe_load(file) or {}
-            model = model or from_config.get("model_name_or_path")
-            revision = revision or from_config.get("model_revision")
-        family = known.family or (infer_family(model, revision) if model else None)
-        if family is None:
-            raise ValueError(
-                f"Name the model: --model_name_or_path (its family is inferred), or --family "
-                f"({', '.join(sorted(FAMILY_DEFAULTS))}) for its default model."
-            )
-        argv = [*rest, *(["--config", known.config] if known.config else [])]
-        argv += ["--model_name_or_path", known.model_name_or_path] if known.model_name_or_path else []
-        parsed = make_parser(family, prog="ddrl-trl train").parse_args_and_config(args=argv)
-        check_arguments(*parsed, resume_argument(parsed[1].resume_from_checkpoint))
-    except (ValueError, OSError) as err:
-        raise UsageError(str(err)) from err
+        make_parser(known.family or "sd", prog="ddrl-trl train", usage=usage).parse_args_and_config(args=["--help"])
+        return None
+    model, revision = known.model_name_or_path, known.model_revision
+    if known.config and (model is None or revision is None):
+        from_config = read_config(known.config)
+        model = model or from_config.get("model_name_or_path")
+        revision = revision or from_config.get("model_revision")
+    family = known.family or (infer_family(str(model), revision) if model else None)
+    if family is None:
+        raise UsageError(
+            f"Name the model: --model_name_or_path (its family is inferred), or --family ({', '.join(FAMILIES)}) for "
+            "its default model."
+        )
+    argv = [*rest, *(["--config", known.config] if known.config else [])]
+    argv += ["--model_name_or_path", known.model_name_or_path] if known.model_name_or_path else []
+    argv += ["--model_revision", known.model_revision] if known.model_revision else []
+    parsed = make_parser(family, prog="ddrl-trl train", usage=usage).parse_args_and_config(args=argv)
     return main(*parsed)
 
 
-TRAIN_HELP = f"""usage: ddrl-trl train [--family {{{",".join(sorted(FAMILY_DEFAULTS))}}}] <arguments below>
+@contextlib.contextmanager
+def exit_on_usage_error(prog: str) -> Iterator[None]:
+    """For scripts: a `UsageError` (bad arguments, found before any work) ends the program with one line on stderr
+    and exit code 2, as argparse does; errors during training keep their traceback."""
+    try:
+        yield
+    except UsageError as err:
+        print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
+        raise SystemExit(2) from None
 
-DDRL training with TRL-style arguments, as examples/train_*.py.
 
-  --family {{{",".join(sorted(FAMILY_DEFAULTS))}}}
-                        the model family whose defaults apply (ddrl_trl.scripts.FAMILY_DEFAULTS); by default
+TRAIN_HELP = f"""ddrl-trl train: DDRL training with TRL-style arguments, as examples/train_*.py.
+
+  --family {{{",".join(FAMILIES)}}}
+                        the model family whose defaults apply (ddrl_trl.families.FAMILY_DEFAULTS); by default
                         inferred from --model_name_or_path's model_index.json (here or in --config)
 """
 
 
 if __name__ == "__main__":
-    train_command(sys.argv[1:])
+    with exit_on_usage_error("ddrl-trl train"):
+        train_command(sys.argv[1:])

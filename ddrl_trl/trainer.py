@@ -43,13 +43,14 @@ from .data import (
     check_prompts,
     encode_reference_dataset,
     reference_column_of,
+    with_prompt_column,
 )
 from .data_term import DataTermBatch
 from .evaluation import HeldOutEvaluator
 from .guards import NonFiniteStepGuard
 from .guidance import ExtraRows, predict_policy
 from .metrics import TrainingMetrics
-from .model_setup import frozen_dtype, prepare_for_training
+from .model_setup import load_pipeline, prepare_for_training
 from .reference import ReferencePolicy
 from .reporting import ReportingMixin
 from .resume import (
@@ -60,6 +61,7 @@ from .resume import (
     prepare_output_dir,
     resolve_checkpoint,
     run_info,
+    saved_progress,
     verify_checkpoint,
     warn_if_output_dir_taken,
 )
@@ -71,14 +73,6 @@ from .saving import SavingMixin
 from .validation import ValidationCallback, ValidationPrompts, Validator
 
 logger = logging.getLogger(__name__)
-
-
-def _load_pipeline(model: Any, dtype: torch.dtype, init_kwargs: dict | None):
-    if not isinstance(model, (str, os.PathLike)):
-        return model
-    from diffusers import DiffusionPipeline
-
-    return DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, **(init_kwargs or {}))
 
 
 @dataclass
@@ -114,7 +108,9 @@ class DDRLTrainer(ReportingMixin, SavingMixin, Trainer):
             or a list of these, combined with `args.reward_weights` and `args.multi_objective_aggregation`
             (docs/rewards.md).
         args: a `DDRLConfig`.
-        train_dataset: a `datasets.Dataset` with a prompt column and a paired reference image column.
+        train_dataset: a `datasets.Dataset` with a prompt column (`prompt_column`; by default "prompt", else
+            diffusers' "text" or "caption") and, for the data term (`data_beta` > 0), a paired reference column;
+            with `data_beta=0` (plain GRPO) prompts alone will do.
         eval_dataset: held-out data of the same form, for `eval_diffusion_loss` and its ratio to the base model; its
             first `num_validation_prompts` rows give the validation prompts unless `args.validation_prompts` is set.
         peft_config: a `peft.LoraConfig` to train a LoRA adapter; `None` trains the full denoiser.
@@ -165,10 +161,20 @@ class DDRLTrainer(ReportingMixin, SavingMixin, Trainer):
                 f"eval_rewards/<name>), got {names}: rename a function (its __name__)."
             )
         if train_dataset is None:
-            raise ValueError("DDRLTrainer needs a train_dataset with prompts and their paired reference images.")
+            raise ValueError(
+                "DDRLTrainer needs a train_dataset with prompts (and, for the data term, paired reference images)."
+            )
+        # diffusers' "text" / "caption" prompt columns are read when the default "prompt" is missing (renamed to it)
+        train_dataset = with_prompt_column(train_dataset, args.prompt_column, "training")
+        if eval_dataset is not None:
+            eval_dataset = with_prompt_column(eval_dataset, args.prompt_column, "evaluation")
+        #: Whether the training data's paired references are used: by the data term only (data_beta > 0).
+        self.trains_on_references = args.data_beta > 0 or args.target_loss_ratio is not None
         #: The dataset column with the paired reference samples (`reference_column`, else "image" or "video").
-        self.reference_column = reference_column_of(train_dataset, args.reference_column)
-        check_columns(train_dataset, args.prompt_column, self.reference_column, "training")
+        self.reference_column = reference_column_of(train_dataset, args.reference_column, fallback=eval_dataset)
+        check_columns(train_dataset, args.prompt_column, self.reference_column, "training", self.trains_on_references)
+        if not self.trains_on_references and self.reference_column in train_dataset.column_names:
+            train_dataset = train_dataset.remove_columns(self.reference_column)  # plain GRPO: never encoded nor read
         check_prompts(train_dataset, args.prompt_column, "training")
         if args.negative_prompt_column is not None:
             check_negative_prompts(
@@ -211,10 +217,11 @@ class DDRLTrainer(ReportingMixin, SavingMixin, Trainer):
                 callback.check_inputs(eval_dataset, validation_prompts is not None, self.eval_reward_names)
 
         # ---- the model: its family's adapter, prepared for training (model_setup.py), and the base to compare with
-        pipeline = _load_pipeline(model, frozen_dtype(args), args.model_init_kwargs)
-        #: Hub id or path of the base pipeline, for the model card (None for a pipeline built in memory).
         in_memory = not isinstance(model, (str, os.PathLike))
-        self.base_model_id = getattr(pipeline, "name_or_path", None) if in_memory else str(model)
+        pipeline = model if in_memory else load_pipeline(model, args)
+        #: Hub id or path of the base pipeline, for the model card (None for a pipeline built in memory).
+        base_id = getattr(pipeline, "name_or_path", None) if in_memory else model
+        self.base_model_id = str(base_id) if base_id else None  # a Path as well
         self.adapter: PipelineAdapter = get_adapter(pipeline)
         self.adapter.configure(args)
         self.resolution = self.adapter.resolution
@@ -230,7 +237,8 @@ class DDRLTrainer(ReportingMixin, SavingMixin, Trainer):
 
         # ---- one-off work on the data: encode reference images, then check the rewards on real images
         with args.main_process_first(desc="encoding reference images"):
-            train_dataset = self._encode(train_dataset, args, "training")
+            if self.trains_on_references:  # plain GRPO (data_beta=0) reads none
+                train_dataset = self._encode(train_dataset, args, "training")
             if eval_dataset is not None:
                 eval_dataset = self._encode(eval_dataset, args, "evaluation")
         self._check_rewards_on(train_dataset, args, validation_prompts)
@@ -271,6 +279,8 @@ class DDRLTrainer(ReportingMixin, SavingMixin, Trainer):
         self._micro_of_step = (-1, 0)  # (optimiser step, micro-steps done in it)
         #: The last logged rollout grid `(image, prompts, step)`, shown in the model card.
         self.last_samples = None
+        #: The `create_model_card` arguments given so far (title, dataset, tags, license), kept for later cards.
+        self.model_card_options: dict = {}
         #: Skips optimiser steps with non-finite losses or gradients (`guards.py`); before the EMA's callback.
         self.nonfinite_guard = NonFiniteStepGuard(self, args.max_consecutive_nonfinite_steps)
         self.add_callback(self.nonfinite_guard)
@@ -324,6 +334,7 @@ class DDRLTrainer(ReportingMixin, SavingMixin, Trainer):
                 self.args.num_iterations,
             )
             saved_info = check_same_run(checkpoint, run_info(self))
+            self._announce_resume(checkpoint)
             if self.data_beta_control is not None:
                 self.data_beta_control.load_state_dict(saved_info.get(STATE_KEY), checkpoint)
         if not self.reference.available:  # full fine-tuning: the base is gone once training starts
@@ -339,6 +350,29 @@ class DDRLTrainer(ReportingMixin, SavingMixin, Trainer):
             resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
         )
 
+    def _announce_resume(self, checkpoint: str) -> None:
+        """Say which checkpoint resumes at which step, and warn when the run's length changed (the most common
+        resume: "train N more steps"), whose learning-rate schedule `_load_optimizer_and_scheduler` rebuilds."""
+        step, saved_max_steps = saved_progress(checkpoint)
+        args = self.args
+        total = f"{args.max_steps}" if args.max_steps > 0 else f"{args.num_train_epochs:g} epochs"
+        if self.is_world_process_zero():
+            logger.info("Resuming from %s (step %d of %s).", checkpoint, step, total)
+        if args.max_steps > 0 and args.max_steps != saved_max_steps and self.is_world_process_zero():
+            logger.warning(
+                "Resuming %s with max_steps=%d; it was saved by a run of max_steps=%d. The learning-rate schedule is "
+                "rebuilt for %d steps and continues at step %d (steps 1-%d followed the %d-step schedule, so the "
+                "result differs from a %d-step run straight through). The new length is recorded in ddrl_run.json.",
+                checkpoint,
+                args.max_steps,
+                saved_max_steps,
+                args.max_steps,
+                step,
+                step,
+                saved_max_steps,
+                args.max_steps,
+            )
+
     @property
     def ref_denoiser(self) -> torch.nn.Module | None:
         """Deprecated: the frozen copy of the base denoiser is `reference.frozen_copy` (None with LoRA)."""
@@ -350,7 +384,7 @@ class DDRLTrainer(ReportingMixin, SavingMixin, Trainer):
     # ------------------------------------------------------------------------------------------------ data plumbing
     def _encode(self, dataset: Dataset, args: DDRLConfig, split: str) -> Dataset:
         return encode_reference_dataset(
-            dataset,
+            with_prompt_column(dataset, args.prompt_column, split),  # diffusers' "text" / "caption": as "prompt"
             self.adapter.encode_images,
             self.resolution,
             self.reference_column,
@@ -361,12 +395,19 @@ class DDRLTrainer(ReportingMixin, SavingMixin, Trainer):
         )
 
     def _check_rewards_on(self, dataset: Dataset, args: DDRLConfig, validation: ValidationPrompts | None) -> None:
-        """Call every reward on two decoded reference images: a wrong length or type fails before any rollout. With
-        validation prompts, also call the trained and evaluation rewards as validation will (those prompts and
-        columns), so a reward needing a column they lack fails now."""
+        """Call every reward on two decoded images, with the first rows' prompts and columns: a wrong length or type
+        fails before any rollout. The images are the rows' reference samples, or for prompt-only data (plain GRPO,
+        `data_beta=0`) decoded seeded random latents: images of the rollouts' shape, dtype and range, from the same
+        `decode_latents`, for the cost of one VAE decode (a rollout would cost every denoising step). With validation
+        prompts, also call the trained and evaluation rewards as validation will (those prompts and columns), so a
+        reward needing a column they lack fails now."""
         rows = [dataset[i] for i in range(min(2, len(dataset)))]
         batch = DDRLCollator(args.prompt_column)(rows)
-        images = self.adapter.decode_latents(batch["ref_latents"].to(self.adapter.denoiser.device))
+        latents, kind = batch["ref_latents"], "reference samples"
+        if latents is None:
+            latents = torch.randn((len(rows), *self.latent_shape), generator=torch.Generator().manual_seed(args.seed))
+            kind = "decoded random latents (the training data hold no reference samples)"
+        images = self.adapter.decode_latents(latents.to(self.adapter.denoiser.device))
         context = {"trainer_state": TrainerState()}
         if validation is not None:
             prompts, columns = validation.rows([i % len(validation.prompts) for i in range(len(images))], 1)
@@ -384,10 +425,11 @@ class DDRLTrainer(ReportingMixin, SavingMixin, Trainer):
         for name, column in zip(self.reward_names, scores.unbind(dim=1)):
             if torch.isnan(column).all():
                 logger.warning(
-                    "Reward %r gave no score (None/NaN) to any of %d reference samples: check that it suits "
+                    "Reward %r gave no score (None/NaN) to any of %d %s: check that it suits "
                     "this data; unscored samples get no advantage.",
                     name,
                     len(column),
+                    kind,
                 )
 
     def _get_train_sampler(self, train_dataset=None):
@@ -409,6 +451,13 @@ class DDRLTrainer(ReportingMixin, SavingMixin, Trainer):
         """One DDRL iteration on this process's rows: rollout → reward → advantage (`RolloutCollector`; with
         `num_iterations` > 1 the later iterations over a batch reuse it) → per-step loss and backward."""
         model.train()
+        if 0 < self.args.max_steps <= self.state.global_step:  # resumed at the end: Trainer would train past it
+            raise ValueError(
+                f"The checkpoint resumed was saved at step {self.state.global_step}, and max_steps is "
+                f"{self.args.max_steps}: there is nothing left to train. To train longer, raise max_steps (e.g. "
+                f"--max_steps {2 * self.state.global_step}); the learning-rate schedule is then rebuilt for the new "
+                f"length."
+            )
         if self.state.global_step != self._micro_of_step[0]:  # a new optimiser step: its micro-steps count from 0
             self._micro_of_step = (self.state.global_step, 0)
         micro = self._micro_of_step[1]

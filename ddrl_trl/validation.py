@@ -11,6 +11,7 @@ or the batch size, and the base model is sampled from the same noise.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 from collections.abc import Callable
@@ -27,6 +28,9 @@ from .guidance import UnconditionalPrompts
 from .reference import ReferencePolicy
 from .rewards import compute_rewards
 from .rollout import SeededNoise, generate_rollouts, stable_seed
+from .weight_files import atomic_write
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -174,7 +178,7 @@ class Validator:
                     cfg_scale=args.cfg_scale,
                 )
             context = {"trainer_state": trainer_state if trainer_state is not None else TrainerState()}
-            scores.append(compute_rewards(self.reward_funcs, rollout.images, prompts, columns, context))
+            scores.append(self._score(rollout.images, prompts, columns, context))
             images.append(rollout.images.float())
             latents.append(rollout.states[:, -1].float())
         gathered_rows = self.accelerator.gather(torch.tensor(local, device=device))
@@ -186,6 +190,28 @@ class Validator:
             valid = column[~torch.isnan(column)]
             rewards[name] = valid.mean().item() if len(valid) else float("nan")
         return ValidationResult(images, rewards, within_prompt_diversity(latents, self.per_prompt).item())
+
+    def _score(self, images: torch.Tensor, prompts: list[str], columns: dict, context: dict) -> torch.Tensor:
+        """`(B, F)` scores of every reward; a reward that fails (raises, or returns the wrong count or type) scores
+        NaN here with a warning: a measurement is never worth the training run it would abort."""
+        columns_out = []
+        for func, name in zip(self.reward_funcs, self.reward_names):
+            try:
+                columns_out.append(compute_rewards([func], images, prompts, columns, context)[:, 0])
+            except Exception as err:  # noqa: BLE001 — any reward failure: recorded as unmeasured, training goes on
+                step = context["trainer_state"].global_step
+                logger.warning(
+                    "Validation at step %d: reward %r failed on the validation samples (%s: %s); its "
+                    "eval_rewards/%s is NaN for this validation and training goes on. Fix the reward, then run "
+                    "trainer.evaluate() (or resume from a checkpoint) to measure it again.",
+                    step,
+                    name,
+                    type(err).__name__,
+                    err,
+                    name,
+                )
+                columns_out.append(torch.full((len(prompts),), float("nan")))
+        return torch.stack(columns_out, dim=1)
 
 
 def _first_occurrences(rows: list[int], count: int) -> list[int]:
@@ -200,15 +226,17 @@ def _first_occurrences(rows: list[int], count: int) -> list[int]:
 VALIDATION_DIR = "validation"
 
 
+def grid_path(output_dir: str, step: int) -> str:
+    """Where the validation grid of `step` is written: `<output_dir>/validation/step-<step>.png`."""
+    return os.path.join(output_dir, VALIDATION_DIR, f"step-{step:06d}.png")
+
+
 def save_grid(grid, output_dir: str, step: int) -> str:
-    """Write `grid` to `<output_dir>/validation/step-<step>.png` atomically (staged, renamed); returns the path."""
-    folder = os.path.join(output_dir, VALIDATION_DIR)
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"step-{step:06d}.png")
-    staging = f"{path}.tmp"
-    grid.save(staging, format="PNG")
-    os.replace(staging, path)
-    return path
+    """Write `grid` to `grid_path(output_dir, step)` atomically (staged, renamed; a failed write leaves nothing);
+    returns the path."""
+    path = grid_path(output_dir, step)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return atomic_write(path, lambda staging: grid.save(staging, format="PNG"))
 
 
 class ValidationCallback(TrainerCallback):

@@ -62,6 +62,20 @@ def atomic_directory_update(output_dir: str):
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def atomic_write(path: str, write) -> str:
+    """`write(staging)` into `<path>.tmp`, then rename it to `path` (atomic): a reader or a crash never meets a
+    half-written file, and a failed write (a full disk) leaves neither file behind. Returns `path`."""
+    staging = f"{path}.tmp"
+    try:
+        write(staging)
+        os.replace(staging, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(staging)
+        raise
+    return path
+
+
 def _read_safetensors(path: str, checkpoint_dir: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and header metadata of `path`; `CheckpointError` naming the file if it is missing, damaged or holds
     non-finite values."""

@@ -18,8 +18,10 @@ runs the same thing. See docs/examples.md.
 `train(resume_from_checkpoint=...)` → `save_model` → `push_to_hub`.
 """
 
-from ddrl_trl.scripts import main, make_parser
+from ddrl_trl.scripts import exit_on_usage_error, main, make_parser
 
 if __name__ == "__main__":
-    script_args, training_args, model_args, reward_args = make_parser(family="sd").parse_args_and_config()
-    main(script_args, training_args, model_args, reward_args)
+    parser = make_parser(family="sd")
+    with exit_on_usage_error("train_sd.py"):  # bad arguments: one line and exit code 2, before anything loads
+        script_args, training_args, model_args, reward_args, monitor_args = parser.parse_args_and_config()
+        main(script_args, training_args, model_args, reward_args, monitor_args)

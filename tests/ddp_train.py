@@ -88,7 +88,6 @@ args = DDRLConfig(
     report_to="none",
     log_sample_images_steps=0,
     seed=0,
-    dataloader_pin_memory=False,
     data_beta=1.5 if cli.cfg_scale > 1 else 0.5,  # the guided default at w = 2: no weak-anchor warning
     save_strategy="steps" if cli.save_steps else "no",
     save_steps=cli.save_steps or 1,

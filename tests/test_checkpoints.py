@@ -15,9 +15,13 @@ from peft import LoraConfig
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from test_trainer import lora, make_trainer
+from transformers import TrainerCallback
 
 import ddrl_trl.rollout_batch as rollout_batch
 import ddrl_trl.trainer as trainer_module
+from ddrl_trl.adaptive_beta import DataBetaControl
+from ddrl_trl.core.data_beta import AdaptiveDataBeta
+from ddrl_trl.resume import check_same_run, run_info
 from ddrl_trl.testing import tiny_sdxl_pipeline
 from ddrl_trl.weight_files import CheckpointError
 
@@ -227,3 +231,99 @@ def test_run_record_names_the_model_adapter_and_settings(tmp_path, saved_runs):
     assert record["identity"]["pipeline"] == "StableDiffusionPipeline"
     assert record["identity"]["lora"]["r"] == 4 and record["identity"]["lora"]["lora_alpha"] == 16
     assert record["settings"]["learning_rate"] == 0.01 and record["settings"]["num_generations"] == 2
+
+
+def test_a_damaged_or_hand_edited_run_record_is_refused_naming_the_file_and_the_checkpoint(
+    tmp_path, reference_dataset, saved_runs, no_rollouts, caplog
+):
+    """ddrl_run.json of another shape (a list, an identity string, a controller state with a string, a negative or an
+    unknown field) gave raw TypeError / AttributeError, or was ignored: each is now a CheckpointError naming the file
+    and the checkpoint, before any rollout. Keys this version does not know are ignored with a warning (checked on
+    the record alone: resuming the last checkpoint would roll out)."""
+    out, _ = copy_run(saved_runs, "lora", tmp_path)
+    record_file = out / "checkpoint-2" / "ddrl_run.json"
+    record = json.loads(record_file.read_text())
+    controller = AdaptiveDataBeta.starting_at(0.3, target=1.05, rate=0.05).state_dict()
+    cases = [
+        ([record], "its top level is a list, not an object"),
+        ({**record, "identity": "StableDiffusionPipeline"}, "identity is a string, not an object"),
+        ({k: v for k, v in record.items() if k != "identity"}, "it lacks identity"),
+        ({**record, "identity": {**record["identity"], "lora": "r=4"}}, "identity.lora is a string ('r=4')"),
+        ({**record, "settings": [1, 2]}, "settings is a list, not an object"),
+        (
+            {**record, "data_beta_controller": {**controller, "value": "0.3"}},
+            "adaptive data_beta state (data_beta_controller) is invalid: the controller's value must be a number",
+        ),
+        ({**record, "data_beta_controller": {**controller, "value": -0.3}}, "must start > 0"),
+        ({**record, "data_beta_controller": {**controller, "updates": -1}}, "updates must be a whole number ≥ 0"),
+        ({**record, "data_beta_controller": {**controller, "gain": 2.0}}, "has unknown fields ['gain']"),
+        ({**record, "data_beta_controller": [0.3]}, "must be an object of its fields, got list"),
+    ]
+    trainer = run(tmp_path, reference_dataset, lora())
+    for damaged, expected in cases:
+        record_file.write_text(json.dumps(damaged))
+        with pytest.raises(CheckpointError) as caught:
+            trainer.train(resume_from_checkpoint=True)
+        message = str(caught.value)
+        assert f"{record_file} in checkpoint {out / 'checkpoint-2'} is damaged or was edited by hand" in message
+        assert expected in message, message
+    # the adaptive controller refuses a damaged state the same way when it restores it
+    control = DataBetaControl(None, AdaptiveDataBeta.starting_at(0.3, target=1.05, rate=0.05))
+    with pytest.raises(
+        CheckpointError, match=r"checkpoint-9/ddrl_run.json in checkpoint .*checkpoint-9 holds a damaged"
+    ):
+        control.load_state_dict({**controller, "value": "0.3"}, str(tmp_path / "checkpoint-9"))
+    # unknown keys: ignored with a warning naming them (a later version may record more); the resume goes on
+    record_file.write_text(json.dumps({**record, "recorded_later": 1, "identity": {**record["identity"], "vae": "x"}}))
+    with caplog.at_level(logging.WARNING):
+        saved = check_same_run(str(out / "checkpoint-2"), run_info(trainer))
+    assert saved["recorded_later"] == 1
+    warning = next(r.getMessage() for r in caplog.records if "keys this version does not know" in r.getMessage())
+    assert f"{record_file} in checkpoint {out / 'checkpoint-2'}" in warning
+    assert "(recorded_later, identity.vae): they are ignored" in warning
+
+
+def test_resume_with_a_longer_run_says_so_and_rebuilds_the_lr_schedule(
+    tmp_path, reference_dataset, saved_runs, caplog
+):
+    """The most common resume, "train 2 more steps": the first resumed step trains at the new schedule's rate, not
+    at the old one's end (0 for the linear decay); the resume and the new length are said, and recorded."""
+    out, _ = copy_run(saved_runs, "lora", tmp_path)  # saved at step 2 of max_steps=2
+    with pytest.raises(ValueError, match=r"resumed was saved at step 2, and max_steps is 2: there is nothing left"):
+        run(tmp_path, reference_dataset, lora()).train(resume_from_checkpoint=True)  # Trainer would train a step 3
+
+    class LearningRates(TrainerCallback):
+        rates = []
+
+        def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+            self.rates.append(optimizer.param_groups[0]["lr"])
+
+    trainer = run(tmp_path, reference_dataset, lora(), max_steps=4, callbacks=[LearningRates()])
+    with caplog.at_level(logging.INFO, logger="ddrl_trl"):
+        trainer.train(resume_from_checkpoint="latest")
+    # linear decay over 4 steps from 1e-2, no warm-up: steps 3 and 4 train at 1e-2 · 2/4 and 1e-2 · 1/4
+    assert LearningRates.rates == pytest.approx([5e-3, 2.5e-3], rel=1e-6)
+    logged = [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h and h["step"] > 2]
+    assert logged == pytest.approx([5e-3, 2.5e-3], rel=1e-6)
+    messages = [r.getMessage() for r in caplog.records]
+    assert f"Resuming from {out / 'checkpoint-2'} (step 2 of 4)." in messages
+    assert any("with max_steps=4; it was saved by a run of max_steps=2" in m for m in messages)
+    assert not any("changed settings" in m for m in messages)  # the length is not a "changed setting"
+    saved = json.loads((out / "checkpoint-4" / "ddrl_run.json").read_text())
+    assert saved["settings"]["max_steps"] == 4
+
+
+def test_resume_latest_starts_a_new_run_when_there_is_no_checkpoint(tmp_path, reference_dataset, caplog):
+    """`latest` (restartable job scripts): no checkpoint yet → a new run, said in one line; `True` keeps refusing;
+    a folder with another run's final weights but no checkpoint is refused as any new run there."""
+    trainer = run(tmp_path, reference_dataset, lora(), max_steps=1, save_strategy="no")
+    with caplog.at_level(logging.WARNING):
+        trainer.train(resume_from_checkpoint="latest")
+    assert trainer.state.global_step == 1
+    assert any("no checkpoint-N in" in r.getMessage() and "starts a new run" in r.getMessage() for r in caplog.records)
+    trainer.save_model()  # final weights, no checkpoint
+    again = run(tmp_path, reference_dataset, lora(), max_steps=1, save_strategy="no")
+    with pytest.raises(ValueError, match="already holds another run's work"):
+        again.train(resume_from_checkpoint="latest")
+    with pytest.raises(ValueError, match="holds no checkpoint-N folder to resume.*'latest'"):
+        again.train(resume_from_checkpoint=True)

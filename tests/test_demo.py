@@ -99,7 +99,8 @@ def test_demo_comparison_runs_end_to_end(tmp_path, capsys, cfg_scale):
         grids = sorted(p.name for p in (tmp_path / run / "validation").iterdir())
         assert grids == ["step-000000.png", "step-000001.png", "step-000002.png"], grids
         grid = Image.open(tmp_path / run / "validation" / "step-000002.png")
-        assert grid.size == (2 * 16, 10 * 16)  # --validation-per-digit 2 columns, a row per digit
+        # --validation-per-digit 2 columns, a captioned row per digit; 16 px digits enlarged 8× to 128 px, 4 px apart
+        assert grid.size == (2 * 128 + 3 * 4, 10 * (18 + 128 + 4) + 4)
         assert results[run]["history"][0]["diversity_ratio"] == pytest.approx(1.0)  # step 0: the base itself
         assert 0 <= results[run]["history"][-1]["validation_judge"] <= 1
     assert "diversity" in out

@@ -287,7 +287,7 @@ def test_script_family_defaults_parse_and_suit_the_pipeline(name, tmp_path):
     (tmp_path / "model" / "model_index.json").write_text(f'{{"_class_name": "{type(pipe).__name__}"}}')
     family = infer_family(str(tmp_path / "model"))
     assert family == get_adapter(pipe).script_family and family in FAMILY_DEFAULTS
-    _, args, model_args, _ = make_parser(family).parse_args_and_config(
+    _, args, model_args, *_ = make_parser(family).parse_args_and_config(
         args=["--reward_funcs", "brightness", "--output_dir", str(tmp_path / "out"), "--use_cpu", "true"]
     )
     assert model_args.model_name_or_path == FAMILY_DEFAULTS[family]["model_name_or_path"]

@@ -74,8 +74,10 @@ def test_train_sd_example_with_yaml_and_cli_overrides(tmp_path, reference_datase
         "0.2",
     )
     assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
-    # validation at the end of training: the grid (2 prompt rows of 2), the evaluation reward in the logs
-    assert Image.open(tmp_path / "out" / "validation" / "step-000002.png").size == (2 * 32, 2 * 32)
+    # validation at the end of training: the grid (2 captioned prompt rows of 2 samples, 32 px enlarged to 128, 4 px
+    # apart), the evaluation reward in the logs
+    grid = Image.open(tmp_path / "out" / "validation" / "step-000002.png")
+    assert grid.size == (2 * 128 + 3 * 4, 2 * (18 + 128 + 4) + 4)
     assert "'eval_rewards/jpeg_compressibility'" in result.stdout and "'eval_diversity_ratio'" in result.stdout
     run = json.loads((tmp_path / "out" / "ddrl_run.json").read_text())
     assert run["data_beta_controller"]["updates"] == 2 and run["data_beta_controller"]["rate"] == 0.2
@@ -186,7 +188,7 @@ def test_resume_argument_forms():
         None,
         True,
         True,
-        True,
+        "latest",  # the newest checkpoint, or a new run when there is none (restartable jobs)
         None,
         None,
         "out/checkpoint-2",

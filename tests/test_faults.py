@@ -1,7 +1,10 @@
 """Faults during training: a reward that raises, a disk that fills up while saving. Nothing saved is lost or left
-half-written, and the error says what failed. (Corrupt rows, NaN rewards and killed runs: see docs/faults.md.)"""
+half-written, and the error says what failed. Config values that would train nothing (a fractional count, a
+guidance setting that blows up data_beta) are refused up front. (Corrupt rows, NaN rewards and killed runs: see
+docs/faults.md.)"""
 
 import errno
+import math
 
 import pytest
 import torch
@@ -9,6 +12,8 @@ from safetensors.torch import load_file
 from test_trainer import lora, make_trainer
 from transformers.trainer_utils import get_last_checkpoint
 
+from ddrl_trl import DDRLConfig
+from ddrl_trl.config import default_data_beta, guidance_amplification
 from ddrl_trl.testing import tiny_sd_pipeline
 
 
@@ -80,3 +85,59 @@ def test_disk_full_during_save_model_leaves_the_saved_weights_untouched(tmp_path
     after = load_file(weights)
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     assert not [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".tmp")]
+
+
+def config(**kw):
+    return DDRLConfig(output_dir="unused", report_to="none", **kw)
+
+
+def test_integer_fields_refuse_fractions_and_take_integral_floats():
+    """num_iterations=2.5 passed the config and failed only in train(): every field annotated int (DDRL's and
+    TrainingArguments') now refuses a non-integer naming the field; 2.0 (YAML) becomes 2."""
+    for name in ("num_iterations", "num_generations", "num_inference_steps", "train_step_stride", "max_steps"):
+        with pytest.raises(
+            ValueError, match=rf"^{name} must be a whole number \(an int; 2\.0 is taken as 2\), got 2\.5"
+        ):
+            config(**{name: 2.5})
+    for name, bad in (("validation_images_per_prompt", "4"), ("validation_steps", 1.5), ("num_generations", True)):
+        with pytest.raises(ValueError, match=rf"^{name} must be a whole number"):
+            config(**{name: bad})
+    with pytest.raises(
+        ValueError, match=r"train_step_indices must be a list of whole numbers \(ints\), got \[0, 1\.5\]"
+    ):
+        config(train_step_indices=[0, 1.5])
+    args = config(num_iterations=2.0, num_generations=4.0, validation_steps=3.0, train_step_indices=[0.0, 2])
+    assert (args.num_iterations, args.num_generations, args.validation_steps) == (2, 4, 3)
+    assert all(type(v) is int for v in (args.num_iterations, args.num_generations, args.validation_steps))
+    assert args.train_step_indices == [0, 2] and all(type(v) is int for v in args.train_step_indices)
+
+
+def test_guidance_settings_that_would_blow_up_data_beta_are_refused_naming_the_fields():
+    """cfg_scale=1e30 resolved data_beta to 9.4e59 (every step then non-finite, the run "succeeding" untrained),
+    cfg_scale=1e200 raised a bare OverflowError, data_prompt_dropout=1e-300 gave data_beta 1.5e299: each is a
+    ValueError naming the field and its bound; the formulas never overflow."""
+    for huge in (1e30, 1e200, 101.0):
+        with pytest.raises(ValueError, match=r"^cfg_scale must be ≤ 100, got .*Set the guidance scale you sample"):
+            config(cfg_scale=huge)
+    with pytest.raises(
+        ValueError, match=r"^data_prompt_dropout=1e-300 under guidance \(cfg_scale=2\) must be 0 or ≥ 0\.01"
+    ):
+        config(cfg_scale=2.0, data_prompt_dropout=1e-300)
+    with pytest.raises(
+        ValueError,
+        match=r"^cfg_scale=100 with data_prompt_dropout=0\.999 resolves the default data_beta to 1\.5e\+06, above its "
+        r"maximum 1e\+06",
+    ):
+        config(cfg_scale=100.0, data_prompt_dropout=0.999)
+    with pytest.raises(ValueError, match=r"^data_beta must be ≤ 1e\+06, got 1e\+07"):
+        config(data_beta=1e7)
+    assert config(cfg_scale=100.0).data_beta == pytest.approx(0.15 * (100**2 / 0.8 + 99**2 / 0.2))  # 9226: allowed
+    assert config(cfg_scale=2.0, data_prompt_dropout=0.01).data_beta == pytest.approx(0.15 * (4 / 0.99 + 1 / 0.01))
+    with pytest.warns(UserWarning, match="never trains the unconditional branch"):  # 0 stays allowed, with its warning
+        assert config(cfg_scale=2.0, data_prompt_dropout=0.0).data_prompt_dropout == 0.0
+    assert config(data_prompt_dropout=1e-300).data_beta == 0.3  # unguided: no amplification, no bound
+    for args in ((1e200, 0.2), (2.0, 1e-320), (math.nan, 0.2), (math.inf, 0.2)):
+        with pytest.raises(ValueError, match=r"overflows|must be a finite number"):
+            guidance_amplification(*args)
+    with pytest.raises(ValueError, match="overflows"):
+        default_data_beta(1e200)

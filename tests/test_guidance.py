@@ -160,7 +160,8 @@ def test_guided_gradient_equals_separate_passes(tmp_path, reference_dataset, dat
         cfg_scale=scale,
     )
     adv = group_advantages(torch.tensor(brightness_reward(rollout.images, batch["prompts"])), 2)
-    ref, noise = batch["ref_latents"][::2], rollout.states[::2, 0]
+    noise = rollout.states[::2, 0]
+    ref = batch["ref_latents"][::2] if data_beta else None  # data_beta=0 reads (and encodes) no references
     scheduler = DDIMScheduler.from_config(trainer.pipeline.scheduler.config)
     steps, drops = [0, 2], []
     total = 0.0

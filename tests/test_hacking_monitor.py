@@ -2,6 +2,8 @@
 weights."""
 
 import logging
+import math
+import re
 
 import pytest
 import torch
@@ -133,3 +135,121 @@ def test_under_guidance_the_guided_ratio_alone_can_flag_hacking(tmp_path, refere
     nan = {"eval_diffusion_loss_ratio": 1.0, "eval_guided_diffusion_loss_ratio": float("nan")}
     nan_monitor.on_evaluate(args, state, control, nan)
     assert nan_monitor.hacking_step == 3
+
+
+def test_settings_that_would_switch_the_monitor_off_are_refused_naming_the_argument():
+    """NaN/inf and fractional eval_steps, an infinite threshold, a non-finite drop or ratio, and a watch that is no
+    signal name were accepted (the monitor then never acted, or failed with a bare TypeError): each is a ValueError
+    naming the argument; an integral float eval_steps (10.0 from YAML) is taken as 10."""
+    for bad in (math.nan, math.inf, 2.5, 0, "10", True):
+        with pytest.raises(ValueError, match=r"eval_steps must be a whole number ≥ 1 .* set e\.g\. eval_steps=50"):
+            HackingMonitorCallback(eval_steps=bad)
+    monitor = HackingMonitorCallback(eval_steps=10.0)
+    assert monitor.eval_steps == 10 and isinstance(monitor.eval_steps, int)
+    for bad in (math.inf, math.nan, "1.2"):
+        with pytest.raises(ValueError, match=r"threshold must be > 1 and finite \(a ratio"):
+            HackingMonitorCallback(threshold=bad)
+    for bad in (math.inf, math.nan, 0.0):
+        with pytest.raises(ValueError, match=r"max_eval_reward_drop must be a finite number > 0"):
+            HackingMonitorCallback(max_eval_reward_drop=bad)
+    for bad in (math.nan, math.inf, 1.0):
+        with pytest.raises(ValueError, match=r"min_diversity_ratio must be a number in \(0, 1\)"):
+            HackingMonitorCallback(min_diversity_ratio=bad)
+    assert HackingMonitorCallback(watch={"diversity", "loss_ratio"}).watch == ("loss_ratio", "diversity")
+    for bad in (None, 123, {"loss_ratio": 1}):
+        with pytest.raises(
+            ValueError, match=r"watch must name one or more of \('loss_ratio', 'eval_rewards', 'diversity'\)"
+        ):
+            HackingMonitorCallback(watch=bad)
+    for bad in ("", ".", 5):
+        with pytest.raises(ValueError, match=r"last_good_dir must name a folder under output_dir"):
+            HackingMonitorCallback(last_good_dir=bad)
+
+
+def test_an_unwritable_last_good_dir_fails_when_the_trainer_is_built(tmp_path, reference_dataset):
+    """Before, the monitor failed at its first good evaluation, mid-run; now building the trainer fails, naming the
+    folder and last_good_dir. A writable one is checked without leaving a folder behind."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "last-good").write_text("a file where the folder should go")
+    with pytest.raises(
+        ValueError,
+        match=rf"cannot write the last good weights to '{re.escape(str(tmp_path / 'out' / 'last-good'))}' .* "
+        r"Set last_good_dir to a folder under output_dir that can be written \(now 'last-good'\)",
+    ):
+        make_trainer(
+            tmp_path,
+            reference_dataset,
+            peft_config=lora(),
+            eval_dataset=reference_dataset,
+            callbacks=[HackingMonitorCallback(last_good_dir="last-good")],
+        )
+    fine = tmp_path / "fine"
+    make_trainer(
+        fine,
+        reference_dataset,
+        peft_config=lora(),
+        eval_dataset=reference_dataset,
+        callbacks=[HackingMonitorCallback(last_good_dir="kept/last-good")],
+    )
+    assert not (fine / "out" / "kept").exists()
+
+
+def never_scores(images, prompts, **kwargs):
+    """An evaluation reward that scores nothing (a judge returning None for every sample)."""
+    return [None] * len(prompts)
+
+
+def test_a_watched_signal_that_cannot_be_measured_is_warned_about_logged_and_never_good(
+    tmp_path, reference_dataset, caplog
+):
+    """watch=("eval_rewards",) with a judge that scores no sample: before, nothing was logged and nothing warned (the
+    run looked watched). Now the evaluation warns naming the signal and why, logs hacking/unmeasured, and does not
+    become the last good one; likewise a diversity ratio that is NaN because the base model had no diversity."""
+    monitor = HackingMonitorCallback(watch=("eval_rewards",), eval_steps=1)
+    trainer = make_trainer(
+        tmp_path,
+        reference_dataset,
+        peft_config=lora(),
+        validation_prompts=["a red cat", "a blue dog"],
+        validation_images_per_prompt=2,
+        eval_reward_funcs=[never_scores],
+        callbacks=[monitor],
+    )
+    with caplog.at_level(logging.WARNING):
+        metrics = trainer.evaluate()
+    assert math.isnan(metrics["eval_rewards/never_scores"])
+    warning = next(r.getMessage() for r in caplog.records if "could not measure" in r.getMessage())
+    assert (
+        "could not measure a watched signal at step 0: eval_rewards: 'never_scores' scored neither the model's nor "
+        "the base model's validation samples (every score None, NaN or ±inf)" in warning
+    )
+    assert "not counted as good" in warning
+    logged = [{k: v for k, v in h.items() if k.startswith("hacking/")} for h in trainer.state.log_history]
+    assert [h for h in logged if h] == [
+        {"hacking/detected": 0.0, "hacking/unmeasured": 1.0, "hacking/last_good_step": -1.0}
+    ]
+    assert monitor.last_good_step is None and monitor.unmeasured_steps == [0]
+    assert not (tmp_path / "out" / "last-good").exists()
+    # the base scored, the model did not: still unmeasured, named as the model's
+    trainer.validator.base.rewards["never_scores"] = 0.5
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        monitor.on_evaluate(trainer.args, trainer.state, trainer.control, metrics)
+    assert any(
+        "'never_scores' scored none of the model's validation samples" in r.getMessage() for r in caplog.records
+    )
+    assert monitor.last_good_step is None and monitor.hacking_step is None
+    # diversity: NaN ratio because the base's samples had none
+    diversity = HackingMonitorCallback(watch="diversity", last_good_dir=None)
+    diversity.bind(trainer)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        diversity.on_evaluate(
+            trainer.args, trainer.state, trainer.control, {"eval_diversity": 0.2, "eval_diversity_ratio": math.nan}
+        )
+    assert any(
+        "diversity: the base model's validation samples have no within-prompt diversity" in r.getMessage()
+        for r in caplog.records
+    )
+    assert diversity.last_good_step is None
+    assert trainer.state.log_history[-1]["hacking/unmeasured"] == 1.0

@@ -111,7 +111,9 @@ def test_non_finite_gradients_in_a_row_stop_training_and_no_diverged_checkpoint_
     param.register_hook(lambda grad: grad * math.nan)
     with pytest.raises(NonFiniteTrainingError, match=r"3 optimiser steps in a row \(up to step 3\) had non-finite"):
         trainer.train()
-    assert sorted(os.listdir(tmp_path / "out")) == ["checkpoint-1", "checkpoint-2"]
+    written = sorted(os.listdir(tmp_path / "out"))
+    assert [n for n in written if n.startswith(("checkpoint", ".tmp"))] == ["checkpoint-1", "checkpoint-2"]
+    assert "README.md" in written  # the model card of the last checkpoint, as TRL writes it
     for name, value in lora_weights(trainer).items():
         torch.testing.assert_close(value, initial[name], rtol=0, atol=0, msg=name)
 
@@ -130,3 +132,20 @@ def test_non_finite_weights_are_never_saved_over_good_ones(tmp_path, reference_d
         trainer.save_model()
     assert saved.read_bytes() == before
     assert not [p for p in os.listdir(tmp_path / "out") if p.startswith(".tmp")]
+
+
+def test_a_run_whose_every_step_was_skipped_ends_with_an_error_not_a_success(tmp_path, reference_dataset):
+    """Fewer steps than max_consecutive_nonfinite_steps (2 < 3), every one with NaN gradients: before, train()
+    returned normally having trained nothing; it now ends with an error saying so (the weights are untouched)."""
+    trainer = make_trainer(tmp_path, reference_dataset, peft_config=lora(), max_steps=2)
+    initial = lora_weights(trainer)
+    next(p for p in trainer.model.parameters() if p.requires_grad).register_hook(lambda grad: grad * math.nan)
+    with pytest.raises(
+        NonFiniteTrainingError,
+        match=r"Nothing was trained: all 2 optimiser step\(s\) of this train\(\) call \(steps 1 to 2\) had non-finite "
+        r"\(NaN or infinite\) losses or gradients and were skipped",
+    ):
+        trainer.train()
+    assert trainer.state.global_step == 2 and trainer.nonfinite_guard.skipped_steps == 2
+    for name, value in lora_weights(trainer).items():
+        torch.testing.assert_close(value, initial[name], rtol=0, atol=0, msg=name)

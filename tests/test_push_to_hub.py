@@ -90,7 +90,8 @@ def test_push_uploads_diffusers_lora_and_a_complete_model_card(tmp_path, referen
     assert "![training curves](training_curves.png)" in readme
     assert "| step | reward | loss/data | eval_diffusion_loss_ratio |" in readme and "\n| 3 | " in readme
     assert "pipe.load_lora_weights" in readme
-    assert Image.open(uploaded / "samples.png").size == (2 * 32, 2 * 32)  # 4 samples of 32 px
+    # 4 samples of 32 px, a row per prompt (groups of 2), upscaled to 128 px with 4 px gaps and a caption strip each
+    assert Image.open(uploaded / "samples.png").size == (2 * 128 + 3 * 4, 2 * (18 + 128 + 4) + 4)
     pipe = tiny_sd_pipeline()
     pipe.load_lora_weights(str(uploaded))  # what was uploaded loads in plain diffusers
 
@@ -102,3 +103,53 @@ def test_a_readme_the_user_wrote_is_never_overwritten(tmp_path, reference_datase
     (tmp_path / "out" / "README.md").write_text("# my own card\n")
     trainer.push_to_hub()
     assert (hub.capture_dir / "README.md").read_text() == "# my own card\n"
+
+
+def test_training_writes_a_complete_model_card_into_output_dir(tmp_path, reference_dataset, monkeypatch):
+    """As TRL: README.md in output_dir at every checkpoint and at save_model(), with the real path to load from, no
+    template TODO, the evaluation rewards and the monitor's verdict in its table; curves drawn without offsets."""
+    import matplotlib.pyplot as plt
+
+    from ddrl_trl import HackingMonitorCallback
+    from ddrl_trl.model_card import curves
+
+    def judge(images, prompts, **kwargs):
+        return (1 - images.flatten(1).mean(1)).tolist()
+
+    figures = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig) or close(fig))
+    monitor = HackingMonitorCallback(eval_steps=1, watch=("loss_ratio", "eval_rewards"))
+    trainer = make_trainer(
+        tmp_path,
+        reference_dataset,
+        peft_config=lora(),
+        eval_dataset=reference_dataset,
+        eval_reward_funcs=[judge],
+        validation_prompts=["a red cat"],
+        validation_images_per_prompt=2,
+        callbacks=[monitor],
+        save_strategy="steps",
+        save_steps=1,
+    )
+    trainer.train()
+    out = tmp_path / "out"
+    at_checkpoint = (out / "README.md").read_text()  # written with checkpoint-2, before any save_model
+    assert "| 2 |" in at_checkpoint
+    trainer.save_model()
+    readme = (out / "README.md").read_text()
+    assert f'pipe.load_lora_weights("{out.resolve()}")' in readme and "<this repo>" not in readme
+    assert "TODO" not in readme and "How to use" not in readme and readme.count("## Use") == 1
+    header = next(line for line in readme.splitlines() if line.startswith("| step |"))
+    assert "eval_rewards/judge" in header and "eval_rewards/brightness_reward" in header
+    assert header.endswith("| hacking/detected |") and "\n| 2 | " in readme
+    verdict = "Hacking monitor (watching loss_ratio, eval_rewards): no signal tripped; last checked at step 2"
+    assert verdict + " (its weights: `last-good/`)." in readme
+    assert ("data_beta", "data_beta (fixed at 0.3)") in curves(trainer)
+    assert ("eval_rewards/judge", "judge on validation samples (not trained on: should hold)") in curves(trainer)
+    assert {"training_curves.png", "validation.png", "image_0.png"} <= {p.name for p in out.iterdir()}
+    assert not list(out.glob("*.tmp"))
+    figure = figures[-1]
+    figure.canvas.draw()
+    offsets = [ax.yaxis.get_major_formatter().get_offset() for ax in figure.axes]
+    assert len(offsets) >= 5 and offsets == [""] * len(offsets)  # plain tick labels, no "+1e-16" offset

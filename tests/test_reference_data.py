@@ -1,6 +1,8 @@
 """Reference samples are read by what they hold: 16-bit, integer, float, channels-first, transparent and rotated
 images come out as the picture they are (never white), anything ambiguous is refused naming the row and the fix;
-images and videos share one upscaling rule; bad prompts are found at construction."""
+images and videos share one upscaling rule; bad prompts are found at construction. Plain GRPO (data_beta=0) needs
+prompts only; diffusers' `text` / `caption` columns are prompts; synthetic references come from a pipeline or a
+folder."""
 
 import io
 import logging
@@ -8,12 +10,15 @@ import logging
 import numpy as np
 import pytest
 import torch
+from conftest import brightness_reward
 from datasets import Dataset
 from PIL import Image
-from test_trainer import lora, make_trainer
+from test_trainer import lora, make_args, make_trainer
 
 import ddrl_trl.trainer as trainer_module
+from ddrl_trl import build_synthetic_reference_dataset
 from ddrl_trl.data import ReferenceSampleError, load_image
+from ddrl_trl.testing import tiny_sd_pipeline
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -186,3 +191,140 @@ def test_bad_prompts_are_found_at_construction_before_any_encoding(
     data = Dataset.from_dict({"prompt": prompts, "image": reference_dataset["image"][:3]})
     with pytest.raises(ValueError, match=message):
         make_trainer(tmp_path, data, peft_config=lora())
+
+
+# ---- what the data needs: prompts alone for plain GRPO, diffusers' column names, synthetic references from a folder
+
+
+def test_plain_grpo_trains_on_prompts_alone_and_encodes_nothing(tmp_path, reference_dataset, monkeypatch):
+    """data_beta=0 (plain GRPO, the README's baseline) reads no reference: prompt-only data train, the rewards are
+    checked at construction on decoded random latents of the rollouts' shape, and a reference column that is there
+    anyway is neither encoded nor passed to the rewards. Held-out data still need references (and are encoded)."""
+    encoded = []
+    original = trainer_module.encode_reference_dataset
+
+    def recording(*args, **kwargs):
+        encoded.append(args[5])  # the split
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "encode_reference_dataset", recording)
+    calls = []
+
+    def reward(images, prompts, **columns):
+        calls.append((tuple(images.shape), [c for c in ("label", "image") if c in columns]))
+        return brightness_reward(images, prompts)
+
+    prompt_only = reference_dataset.remove_columns("image")
+    trainer = make_trainer(
+        tmp_path, prompt_only, peft_config=lora(), reward=reward, data_beta=0.0, max_steps=1, num_inference_steps=2
+    )
+    assert calls == [((2, 3, 32, 32), ["label"])]  # the construction-time check, on images of the rollouts' size
+    trainer.train()
+    assert trainer.state.global_step == 1 and len(calls) == 2 and calls[1][0] == (4, 3, 32, 32)
+    assert encoded == [] and trainer.train_dataset.column_names == ["prompt", "label"]
+
+    with_images = make_trainer(tmp_path / "images", reference_dataset, peft_config=lora(), reward=reward, data_beta=0)
+    assert encoded == [] and with_images.train_dataset.column_names == ["prompt", "label"]
+    assert calls[-1] == ((2, 3, 32, 32), ["label"])  # the image column is not a reward column
+
+    with pytest.raises(ValueError, match=r"evaluation dataset has no column 'image' .*held-out diffusion loss"):
+        make_trainer(tmp_path / "eval", prompt_only, peft_config=lora(), data_beta=0, eval_dataset=prompt_only)
+    held_out = make_trainer(
+        tmp_path / "eval", prompt_only, peft_config=lora(), data_beta=0, eval_dataset=reference_dataset.select([0, 1])
+    )
+    assert encoded == ["evaluation"] and "ddrl_ref_latents" in held_out.eval_dataset.column_names
+
+
+def test_the_data_term_without_references_names_every_fix(tmp_path, reference_dataset):
+    with pytest.raises(ValueError) as info:
+        make_trainer(tmp_path, reference_dataset.remove_columns("image"), peft_config=lora(), data_beta=0.3)
+    message = str(info.value)
+    for part in (
+        "The training dataset has no column 'image' (its columns: ['prompt', 'label'])",
+        "the data term (data_beta > 0) trains on them",
+        "reference_column",
+        "build_synthetic_reference_dataset(pipeline, prompts)",
+        "--synthetic_references_per_prompt K",
+        "set data_beta=0 for plain GRPO, which needs prompts only",
+    ):
+        assert part in message, message
+
+
+@pytest.mark.parametrize("column", ["text", "caption"])
+def test_diffusers_text_and_caption_columns_are_the_prompts(tmp_path, reference_dataset, caplog, column):
+    """As diffusers' train_text_to_image.py reads `text` (its --caption_column default): with prompt_column left at
+    "prompt" and no such column, the `text` or `caption` column holds the prompts, of the eval dataset too."""
+    data = reference_dataset.rename_column("prompt", column)
+    with caplog.at_level(logging.INFO, logger="ddrl_trl.data"):
+        trainer = make_trainer(tmp_path, data, peft_config=lora(), eval_dataset=data.select([0, 1]))
+    assert f"The training dataset has no 'prompt' column: using its {column!r} column as the prompts" in caplog.text
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert set(batch["prompts"]) <= {"a red cat", "a blue dog", "a green bird"}
+    assert list(batch["columns"]) == ["label"]  # the prompts are not passed again as a reward column
+    assert "ddrl_ref_latents" in trainer.eval_dataset.column_names
+
+
+def test_a_missing_prompt_column_lists_the_columns_and_names_the_setting(tmp_path, reference_dataset):
+    """An explicit prompt_column stays strict (no fallback to `text`); a missing one names prompt_column= and
+    --prompt_column."""
+    data = reference_dataset.rename_column("prompt", "text")
+    with pytest.raises(
+        ValueError,
+        match=r"no column 'title' with the prompts \(its columns: \['text', 'image', 'label'\]\)\. Name the column "
+        r"holding them with prompt_column= in DDRLConfig \(--prompt_column on the command line\), or rename it",
+    ):
+        make_trainer(tmp_path, data, peft_config=lora(), prompt_column="title")
+    with pytest.raises(
+        ValueError, match=r"no column 'prompt' .*prompt_column=.*'text' and 'caption' columns are read"
+    ):
+        make_trainer(tmp_path, reference_dataset.rename_column("prompt", "title"), peft_config=lora())
+
+
+def test_synthetic_references_from_a_saved_pipeline_folder(tmp_path, monkeypatch):
+    """`build_synthetic_reference_dataset` takes a folder (or Hub id) as the trainer does: loaded with
+    `DiffusionPipeline.from_pretrained`, in the frozen parts' dtype of the config given (bf16 here), else float32; the
+    same images as the pipeline object."""
+    from diffusers import DiffusionPipeline
+
+    pipe = tiny_sd_pipeline()
+    pipe.save_pretrained(tmp_path / "pipe")
+    dtypes = []
+    original = DiffusionPipeline.from_pretrained.__func__
+
+    def recording(cls, *args, **kwargs):
+        dtypes.append(kwargs.get("dtype"))  # diffusers 0.42: `dtype` (torch_dtype is deprecated)
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", classmethod(recording))
+    prompts, kwargs = ["a red cat", "a blue dog"], dict(num_inference_steps=2, guidance_scale=1.0)
+    from_folder = build_synthetic_reference_dataset(str(tmp_path / "pipe"), prompts, **kwargs)
+    from_object = build_synthetic_reference_dataset(pipe, prompts, **kwargs)
+    assert dtypes == [torch.float32] and from_folder["prompt"] == prompts
+    assert [np.asarray(i).tolist() for i in from_folder["image"]] == [
+        np.asarray(i).tolist() for i in from_object["image"]
+    ]
+    config = make_args(tmp_path, bf16=True, use_cpu=True, num_inference_steps=2)
+    in_bf16 = build_synthetic_reference_dataset(tmp_path / "pipe", prompts[:1], config=config)
+    assert dtypes[-1] == torch.bfloat16 and in_bf16[0]["image"].size == (32, 32)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(prompts="a red cat"), r"got a single string as prompts \('a red cat'\).*pass a list of prompts"),
+        (dict(prompts=["a red cat", "  ", ""]), r"prompt 1 is '  ', not a non-empty string \(2 such prompt"),
+        (dict(prompts=["a red cat", None]), r"prompt 1 is None, not a non-empty string"),
+        (dict(images_per_prompt=0), r"images_per_prompt must be a whole number ≥ 1, got 0"),
+        (dict(images_per_prompt=float("nan")), r"images_per_prompt must be a whole number ≥ 1, got nan"),
+        (dict(images_per_prompt=float("inf")), r"images_per_prompt must be a whole number ≥ 1, got inf"),
+        (dict(images_per_prompt=1.5), r"images_per_prompt must be a whole number ≥ 1, got 1.5"),
+    ],
+    ids=["one-string", "blank", "none", "zero", "nan", "inf", "fraction"],
+)
+def test_synthetic_builder_refuses_bad_arguments_before_loading_or_sampling(kwargs, message):
+    def never_called(**call_kwargs):
+        raise AssertionError("the pipeline was called with bad arguments")
+
+    for pipeline in (never_called, "no-such/pipeline"):  # a pipeline object, and a Hub id that is never loaded
+        with pytest.raises(ValueError, match=message):
+            build_synthetic_reference_dataset(**{"pipeline": pipeline, "prompts": ["a red cat"], **kwargs})

@@ -1,7 +1,9 @@
 """The reward service for real: `ddrl-trl serve-reward` on loopback, `RemoteReward` clients, a DDRL training."""
 
 import json
+import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -468,3 +470,175 @@ def test_query_strings_are_not_logged_docs_are_not_served_and_a_bad_token_file_i
         [sys.executable, "-m", "ddrl_trl.cli", "serve-reward", "--help"], capture_output=True, text=True, timeout=120
     )
     assert "is code the server runs" in " ".join(helped.stdout.split())
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_upload(srv, body: bytes, sent: int) -> socket.socket:
+    """A raw connection sending an authenticated `POST /v1/score` and the first `sent` bytes of its body, then pausing
+    (a slow upload)."""
+    sock = socket.create_connection(("127.0.0.1", srv.port))
+    head = (
+        f"POST /v1/score HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    sock.sendall(head.encode() + body[:sent])
+    return sock
+
+
+def read_response(sock: socket.socket, timeout=10) -> tuple[int, dict]:
+    """The status and JSON body of the answer on a raw connection; AssertionError if it is closed first."""
+    sock.settimeout(timeout)
+    data = b""
+    while True:
+        head, complete, body = data.partition(b"\r\n\r\n")
+        if complete and len(body) >= int(re.search(rb"(?i)content-length: *(\d+)", head).group(1)):
+            return int(head.split()[1]), json.loads(body)
+        try:
+            chunk = sock.recv(65536)
+        except OSError as err:  # reset by the server, or no answer in time
+            raise AssertionError(f"no answer on the connection ({err!r}; got {data!r})") from None
+        if not chunk:
+            raise AssertionError(f"the server closed the connection without answering (got {data!r})")
+        data += chunk
+
+
+def wait_for_health(srv, key, value, timeout=10):
+    deadline = time.monotonic() + timeout
+    while srv.health()[key] != value:
+        assert time.monotonic() < deadline, (key, value, srv.health())
+        time.sleep(0.05)
+
+
+def is_closed(sock: socket.socket, timeout=5) -> bool:
+    sock.settimeout(timeout)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_a_flood_of_idle_connections_evicts_them_not_a_paused_authenticated_upload(server):
+    """Before: past --max-connections the connection quiet for longest went first, i.e. an upload paused mid-body,
+    while the never-spoken sockets of the flood stayed."""
+    srv = server("brightness", "--max-connections", "8", "--request-timeout-s", "30")
+    _, body = sample_request()
+    payload = json.dumps(body).encode()
+    upload = start_upload(srv, payload, sent=len(payload) // 2)
+    time.sleep(0.3)
+    assert srv.health()["status"] == "ok"  # the server has taken the headers and half the body by now
+    idle = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(40)]  # a flood past the limit of 8
+    upload.sendall(payload[len(payload) // 2 :])
+    status, answer = read_response(upload)
+    assert (status, answer["status"]) == (202, "queued")  # the paused upload completed and was answered
+    assert all(is_closed(sock) for sock in idle[:32])  # the oldest never-spoken sockets made room
+    assert wait_for(srv, answer["id"])["status"] == "done"
+    for sock in [upload, *idle]:
+        sock.close()
+
+
+def test_a_short_token_file_is_refused_in_one_line_with_exit_code_2(tmp_path, capsys, monkeypatch):
+    import ddrl_trl.service.server as server_module
+    from ddrl_trl.cli import main
+
+    def serve(*args, **kwargs):
+        raise AssertionError("the server started with a one-character token")
+
+    monkeypatch.setattr(server_module, "serve", serve)
+    token_file = tmp_path / "short.txt"
+    token_file.write_text("x\n")
+    with pytest.raises(SystemExit) as exited:
+        main(["serve-reward", "--reward", "brightness", "--token-file", str(token_file)])
+    assert exited.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ddrl-trl serve-reward: error: ")
+    assert "holds a 1-character token" in lines[0] and "at least 16 characters" in lines[0]
+    assert 'python -c "import secrets; print(secrets.token_urlsafe(32))"' in lines[0]
+    token_file.write_text("x" * 15)
+    with pytest.raises(ValueError, match="holds a 15-character token"):
+        server_module.read_token_file(str(token_file))
+    token_file.write_text("x" * 16 + "\n")
+    assert server_module.read_token_file(str(token_file)) == "x" * 16
+
+
+def test_the_client_never_sleeps_past_its_timeout_for_retry_after_and_keeps_the_servers_reason(server):
+    """Before: a stuck server's Retry-After of 30 s was honoured past RemoteReward(timeout=2)."""
+    srv = server("remote_rewards:sleeps_on_hang", "--batch-timeout-s", "0.5", "--max-stuck-batches", "1")
+    images = torch.rand(2, 3, 8, 8)
+    assert wait_for(srv, submit(srv, images, ["hang", "x"]).json()["id"])["status"] == "error"
+    refused = submit(srv, images, ["x", "y"])
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "30"
+    outcome = {}
+
+    def call():
+        start = time.monotonic()
+        try:
+            RemoteReward(srv.url, token=TOKEN, timeout=2)(images, ["x", "y"])
+        except ConnectionError as err:
+            outcome["error"] = str(err)
+        outcome["elapsed"] = time.monotonic() - start
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    thread.join(timeout=15)
+    assert "elapsed" in outcome, "RemoteReward(timeout=2) was still waiting after 15 s"
+    assert 1.9 < outcome["elapsed"] < 3.5
+    message = outcome["error"]
+    assert "the call's timeout=2 s" in message
+    assert "it said: HTTP 503: the reward is stuck: 1 calls have run past" in message
+    assert "restart the server" in message
+    assert "--resume_from_checkpoint latest" in message
+
+
+def test_retries_last_a_time_budget_and_the_final_error_says_how_long_and_how_to_resume():
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there: a stopped server
+    assert RemoteReward(url, token=TOKEN).retry_budget_s >= 120  # longer than a reward model takes to restart
+    for bad in (0, -1.0, math.inf, math.nan, "300"):
+        with pytest.raises(ValueError, match=r"retry_budget_s=.* must be a finite number of seconds > 0"):
+            RemoteReward(url, token=TOKEN, retry_budget_s=bad)
+    remote = RemoteReward(url, token=TOKEN, retry_budget_s=1.5, backoff=0.05)
+    start = time.monotonic()
+    with pytest.raises(ConnectionError) as raised:
+        remote(torch.rand(1, 3, 8, 8), ["x"])
+    elapsed = time.monotonic() - start
+    assert 1.5 <= elapsed < 2.5
+    message = str(raised.value)
+    attempts = int(re.search(r"did not answer POST /v1/score after (\d+) attempts over \d+\.\d s", message).group(1))
+    assert attempts >= 5  # backoff 0.05, 0.1, 0.2, ... within the budget
+    assert "retry_budget_s=1.5 ran out" in message and "ConnectionError" in message
+    assert "can be resumed from its last checkpoint" in message and "--resume_from_checkpoint latest" in message
+
+
+def test_uploads_in_flight_are_bounded_in_bytes(server):
+    """Before: nothing bounded the bytes of bodies being received at once (256 connections × 64 MiB)."""
+    srv = server("brightness", "--max-inflight-upload-mb", str(4096 / 2**20), "--request-timeout-s", "30")
+    _, body = sample_request()
+    small = json.dumps(body).encode()
+    paused = small + b" " * (3600 - len(small))  # 3,600 bytes declared, 100 sent
+    upload = start_upload(srv, paused, sent=100)
+    wait_for_health(srv, "uploading_bytes", 3600)
+    headers = {**auth(), "Content-Type": "application/json"}
+    refused = requests.post(srv.url + "/v1/score", data=small, headers=headers, timeout=10)
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+    assert (
+        f"3600 bytes of other uploads are being received; {len(small)} more would pass "
+        "max_inflight_upload_bytes=4096" in refused.json()["detail"]
+    )
+    alone = requests.post(srv.url + "/v1/score", data=small + b" " * 4000, headers=headers, timeout=10)
+    assert alone.status_code == 413
+    assert f"{len(small) + 4000}-byte body is over max_inflight_upload_bytes=4096" in alone.json()["detail"]
+    upload.sendall(paused[100:])
+    assert read_response(upload)[0] == 202
+    upload.close()
+    assert srv.health()["uploading_bytes"] == 0
+    assert requests.post(srv.url + "/v1/score", data=small, headers=headers, timeout=10).status_code == 202
+    dropped = start_upload(srv, paused, sent=100)
+    wait_for_health(srv, "uploading_bytes", 3600)
+    dropped.close()  # a client that goes away mid-body gives its share back
+    wait_for_health(srv, "uploading_bytes", 0)

@@ -123,7 +123,8 @@ def test_gradient_equals_grpo_plus_data_term_computed_separately(tmp_path, refer
     rollout = generate_rollouts(adapter, sampler, cond_rep, trainer.latent_shape, noise_source, range(4))
     rewards = torch.tensor(brightness_reward(rollout.images, batch["prompts"]))
     adv = group_advantages(rewards, 2)
-    ref, noise = batch["ref_latents"][::2], rollout.states[::2, 0]
+    noise = rollout.states[::2, 0]
+    ref = batch["ref_latents"][::2] if data_beta else None  # data_beta=0 reads (and encodes) no references
     scheduler = DDIMScheduler.from_config(trainer.pipeline.scheduler.config)
     steps = [0, 2]
     total = 0.0
@@ -307,22 +308,30 @@ def test_checkpoints_and_tensorboard_images(tmp_path, reference_dataset):
         report_to="tensorboard",
         log_sample_images_steps=1,
         num_sample_images=4,
-        validation_prompts=["a red cat", "a blue dog"],  # sampled at the last step: the "validation" grid
+        validation_prompts=["a red cat", "a blue dog"],  # sampled at every step: the "validation" grid
         validation_images_per_prompt=2,
+        validation_steps=1,
     )
     trainer.train()
+    # a validation inside a step (on_step_end) does not cancel that step's own training log
+    for key in ("loss", "reward", "grad_norm", "learning_rate"):
+        assert [h["step"] for h in trainer.state.log_history if key in h] == [1, 2], key
     out = tmp_path / "out"
     assert (out / "checkpoint-2" / "pytorch_lora_weights.safetensors").is_file()
     assert (out / "checkpoint-2" / "optimizer.pt").is_file()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run_dirs = [os.path.join(dp) for dp, _, files in os.walk(out / "runs") if any("tfevents" in f for f in files)]
-    images = set()
+    images, scalars = set(), {}
     for run_dir in run_dirs:
-        acc = EventAccumulator(run_dir, size_guidance={"images": 0})
+        acc = EventAccumulator(run_dir, size_guidance={"images": 0, "scalars": 0})
         acc.Reload()
         images.update(acc.Tags()["images"])
+        for tag in acc.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend(event.step for event in acc.Scalars(tag))
     assert {"samples", "validation"} <= images
+    assert scalars["train/loss"] == scalars["train/reward"] == [1, 2]  # the trackers got every training log
+    assert scalars["eval/diversity"] == [1, 2]
 
 
 def test_gradient_checkpointing_uses_the_diffusers_switch(tmp_path, reference_dataset):

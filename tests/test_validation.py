@@ -83,11 +83,11 @@ def test_config_errors(tmp_path, kwargs, message):
 
 
 def test_missing_columns(tmp_path, reference_dataset):
-    with pytest.raises(ValueError, match="no column 'prompt'.*prompt_column"):
-        build(tmp_path, reference_dataset.rename_column("prompt", "caption"))
+    with pytest.raises(ValueError, match="no column 'prompt'.*prompt_column"):  # "caption" would be read: diffusers'
+        build(tmp_path, reference_dataset.rename_column("prompt", "title"))
     with pytest.raises(ValueError, match="no column 'image'.*build_synthetic_reference_dataset"):
         build(tmp_path, reference_dataset.remove_columns("image"))
-    build(tmp_path, reference_dataset.rename_column("prompt", "caption"), prompt_column="caption")
+    build(tmp_path, reference_dataset.rename_column("prompt", "title"), prompt_column="title")
 
 
 def test_unreadable_image_names_the_row(tmp_path, reference_dataset):

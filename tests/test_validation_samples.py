@@ -67,9 +67,10 @@ def test_fixed_seeds_reproduce_the_grid_and_rewards_equal_a_hand_computation(tmp
     other = validating_trainer(tmp_path / "b")
     other.validate()
     torch.testing.assert_close(other.last_validation[3], images, rtol=0, atol=0)
-    # the grid on disk: 2 prompt rows of 3 samples (rollouts are 32 px here)
+    # the grid on disk: 2 prompt rows of 3 samples (rollouts are 32 px here, upscaled 4× to 128 px), 4 px apart, each
+    # row under an 18 px caption strip
     saved = Image.open(tmp_path / "a" / "out" / "validation" / "step-000000.png")
-    assert saved.size == (3 * 32, 2 * 32)
+    assert saved.size == (3 * 128 + 4 * 4, 2 * (18 + 128 + 4) + 4)
     np.testing.assert_array_equal(np.asarray(saved), np.asarray(trainer.last_validation[0]))
     # training moves the samples away from the base's, on the same seeds
     trainer.train()
@@ -81,6 +82,8 @@ def test_validation_every_k_steps_and_at_the_end_without_an_eval_dataset(tmp_pat
     trainer.train()
     validated = [h["step"] for h in trainer.state.log_history if "eval_diversity" in h]
     assert validated == [2, 3]
+    # the validations at steps 2 and 3 left those steps' training logs in place
+    assert [h["step"] for h in trainer.state.log_history if "loss" in h and "reward" in h] == [1, 2, 3]
     grids = sorted(p.name for p in (tmp_path / "out" / "validation").iterdir())
     assert grids == ["step-000002.png", "step-000003.png"]
 
@@ -127,6 +130,11 @@ def test_eval_dataset_rows_give_prompts_and_columns_to_the_rewards(tmp_path):
 def test_bad_validation_settings_fail_before_any_work(tmp_path, reference_dataset):
     with pytest.raises(ValueError, match="validation_steps is set but there is nothing to validate on"):
         make_trainer(tmp_path, reference_dataset, validation_steps=2)
+    # a string is one prompt (a YAML scalar), never a list of one-character prompts; blank prompts are refused
+    single = make_trainer(tmp_path, reference_dataset, validation_prompts="a red cat")
+    assert single.validator.prompts.prompts == ["a red cat"]
+    with pytest.raises(ValueError, match=r"validation_prompts must be non-blank strings; entry 1 is ' '"):
+        make_trainer(tmp_path, reference_dataset, validation_prompts=["a cat", " "])
     with pytest.raises(ValueError, match="validation_images_per_prompt must be ≥ 2"):
         make_trainer(tmp_path, reference_dataset, validation_prompts=PROMPTS, validation_images_per_prompt=1)
     with pytest.raises(ValueError, match="Reward names must be distinct"):
@@ -188,3 +196,68 @@ def test_model_card_shows_the_validation_gallery(tmp_path):
     assert "data_beta adapted from 0.3 to 0.3 to hold the data loss ratio at 1.05" in card
     first = np.asarray(Image.open(tmp_path / "out" / "image_1.png"))
     np.testing.assert_array_equal(first, (trainer.last_validation[3][3].permute(1, 2, 0) * 255).round().byte().numpy())
+
+
+def test_a_failing_evaluation_reward_or_a_full_disk_never_costs_the_checkpoint(tmp_path, caplog, monkeypatch):
+    """At the last step an evaluation reward raises, another returns the wrong count and the disk is full for the
+    grid: the step's checkpoint is still written, the rewards log NaN with a warning naming them, no `.tmp` stays."""
+
+    def flaky(prompts, completions, trainer_state, **kwargs):
+        if trainer_state.global_step == 2:
+            raise RuntimeError("judge server down")
+        return [0.5] * len(prompts)
+
+    def short(prompts, completions, trainer_state, **kwargs):
+        return [0.5] * (len(prompts) - (trainer_state.global_step == 2))
+
+    save = Image.Image.save
+
+    def full_disk(image, fp, *args, **kwargs):
+        if isinstance(fp, str) and "step-000002.png" in fp:
+            with open(fp, "wb") as file:
+                file.write(b"\x89PNG half")
+            raise OSError(28, "No space left on device", fp)
+        return save(image, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    trainer = make_trainer(
+        tmp_path,
+        _dataset(),
+        peft_config=lora(),
+        validation_prompts=PROMPTS,
+        validation_images_per_prompt=2,
+        eval_reward_funcs=[flaky, short],
+        save_strategy="steps",
+        save_steps=1,
+    )
+    with caplog.at_level(logging.WARNING):
+        trainer.train()
+    out = tmp_path / "out"
+    assert (out / "checkpoint-2" / "pytorch_lora_weights.safetensors").is_file()
+    last = [h for h in trainer.state.log_history if "eval_rewards/flaky" in h][-1]
+    assert last["step"] == 2 and np.isnan(last["eval_rewards/flaky"]) and np.isnan(last["eval_rewards/short"])
+    assert not np.isnan(last["eval_rewards/brightness_reward"])
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "reward 'flaky' failed on the validation samples (RuntimeError: judge server down)" in messages
+    assert "reward 'short' failed on the validation samples (ValueError" in messages
+    assert f"Could not write the validation grid {out / 'validation' / 'step-000002.png'}" in messages
+    assert sorted(p.name for p in (out / "validation").iterdir()) == []  # no half-written grid, no .tmp
+
+
+def test_grids_upscale_small_tiles_keep_gaps_and_caption_each_row():
+    from ddrl_trl.tracking import image_grid
+
+    images = torch.rand(5, 3, 16, 24, generator=torch.Generator().manual_seed(0))
+    captions = ["a red cat", "a red cat", "a blue dog", "a blue dog", "a blue dog"]
+    grid = np.asarray(image_grid(images, cols=2, captions=captions))
+    # 16 px tiles upscaled by 8 (the whole factor reaching 128 px) to 128 × 192; 3 rows; 4 px gaps; 18 px captions
+    assert grid.shape == (3 * (18 + 128 + 4) + 4, 2 * 192 + 3 * 4, 3)
+    tile = np.asarray(Image.fromarray((images[3].permute(1, 2, 0) * 255).round().byte().numpy()))
+    top, left = 4 + (18 + 128 + 4) + 18, 4 + 192 + 4  # row 1, column 1: image 3
+    np.testing.assert_array_equal(grid[top : top + 128 : 8, left : left + 192 : 8], tile)
+    assert (grid[:, left - 4 : left] == 255).all()  # the gap between columns is white
+    assert (grid[4 + 2 : 4 + 16, 4:200] < 128).any()  # row 0's caption is written...
+    assert (grid[4 + 150 + 2 : 4 + 150 + 16, 4:400] < 128).any()  # ...and row 1's ("a red cat | a blue dog")
+    assert (grid[2 * 150 + 4 + 18 :, left:] == 255).all()  # the sixth place, with no image, stays background
+    plain = image_grid(torch.rand(4, 3, 256, 256))  # big tiles are not scaled, and no caption strip without captions
+    assert plain.size == (2 * 256 + 3 * 4, 2 * (256 + 4) + 4)

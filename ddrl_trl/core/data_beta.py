@@ -21,7 +21,7 @@ long quiet stretch from drifting so low that it needs many steps to recover (int
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 
 @dataclass
@@ -87,12 +87,37 @@ class AdaptiveDataBeta:
         """Everything that decides the next updates (JSON-serialisable; checkpointed with the run)."""
         return asdict(self)
 
+    @classmethod
+    def from_state_dict(cls, state) -> AdaptiveDataBeta:
+        """A controller from a saved `state_dict()`, validated as a whole: `ValueError` naming what is wrong for
+        anything but a dict of this class's fields holding finite numbers within their ranges (a file written by hand
+        or damaged: a list, a string where a number belongs, a negative β, an unknown or missing field)."""
+        if not isinstance(state, dict):
+            raise ValueError(f"the controller state must be an object of its fields, got {type(state).__name__}")
+        names = [spec.name for spec in fields(cls)]
+        unknown = sorted(str(key) for key in state if key not in names)
+        if unknown:
+            raise ValueError(f"the controller state has unknown fields {unknown} (its fields: {names})")
+        missing = [name for name in ("value", "target") if name not in state]
+        if missing:
+            raise ValueError(f"the controller state lacks {missing}")
+        for name, value in state.items():
+            if name == "signal" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"the controller's {name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"the controller's {name} must be finite, got {value!r}")
+        updates = state.get("updates", 0)
+        if not isinstance(updates, int) or updates < 0:
+            raise ValueError(f"the controller's updates must be a whole number ≥ 0, got {updates!r}")
+        return cls(**state)  # validates the ranges and bounds
+
     def load_state_dict(self, state: dict) -> None:
         """Restore where a saved controller was — β, the smoothed signal, the count of updates — from its
         `state_dict()`; the target, rate, smoothing and bounds stay this controller's (the current configuration's),
-        and β is clamped into its bounds. Refuses a state that is not a controller's or holds non-finite numbers."""
-        restored = type(self)(**state)  # validates the saved state as a whole
-        if restored.signal is not None and not math.isfinite(restored.signal):
-            raise ValueError(f"AdaptiveDataBeta.signal must be finite, got {restored.signal}.")
+        and β is clamped into its bounds. Refuses (`ValueError`) a state that is not a controller's or holds
+        non-finite or out-of-range numbers (`from_state_dict`)."""
+        restored = self.from_state_dict(state)
         self.value = min(self.max_value, max(self.min_value, restored.value))
         self.signal, self.updates = restored.signal, restored.updates

@@ -5,15 +5,17 @@
 
 Endpoints (JSON):
 - `GET /health` → `{"status": "ok" | "degraded" | "stuck", "reward": name, "queued", "pending_jobs",
-  "stored_results", "stored_scores", "held_bytes", "stuck_batches", "requests", "batches", "samples"}` (503 while
-  stuck); no token needed, reveals nothing but the reward's name and counters.
+  "stored_results", "stored_scores", "held_bytes", "uploading_bytes", "stuck_batches", "requests", "batches",
+  "samples"}` (503 while stuck); no token needed, reveals nothing but the reward's name and counters.
 - `POST /v1/score` (bearer token) with a `wire.ScoreRequest` → 202 `{"id": job_id, "status": "queued"}`.
 - `GET /v1/score/{job_id}` (bearer token) → `{"id", "status": "queued" | "running" | "done" | "error",
   "scores": [float | null] | null, "error": str | null}`; finished jobs are kept `result_ttl_s` seconds.
 No other route is served (no `/docs`, no `/openapi.json`).
 
 Bounds, so that no client can exhaust the server (`ServerLimits`):
-- memory: a body over `max_request_bytes` → 413 before it is read in full; one holding more than `max_json_values`
+- memory: a body over `max_request_bytes` → 413 before it is read in full; bodies being received (and parsed) at
+  once hold at most `max_inflight_upload_bytes`, reserved from their declared length before any is read (503 with
+  Retry-After while others fill it, 413 for a body over it alone); one holding more than `max_json_values`
   JSON values → 413 before it is parsed (parsed JSON costs ~50× its bytes); samples wait as uint8 pixels; more than
   `max_pending_jobs` unscored jobs, or `max_pending_bytes` of their pixels → 503 with Retry-After; a scored job keeps
   its scores only (its pixels are freed at once), expires after `result_ttl_s` on a timer, and at most
@@ -21,8 +23,11 @@ Bounds, so that no client can exhaust the server (`ServerLimits`):
 - time: a reward call running longer than `batch_timeout_s` fails its jobs with that error and goes on in its own
   daemon thread (a stuck call never blocks a restart); `/health` says "degraded" while calls are stuck, and "stuck"
   (503) past `max_stuck_batches`, when new work is refused and queued work fails at once;
-- connections: at most `max_connections` (past it the one that has sent nothing for longest is closed), and a
-  connection must deliver each whole request within `request_timeout_s` of being opened or answered.
+- connections: at most `max_connections`; past it a new connection makes room by closing, in this order, the
+  oldest connection that has never sent a byte, the one idle longest between requests, the one stalled longest in a
+  request without the right token (headers incomplete, or a wrong token); an authenticated request being uploaded or
+  answered is never closed for room (if nothing else can go, the new connection is closed). A connection must
+  deliver each whole request within `request_timeout_s` of being opened or answered.
 A reward that raises fails its jobs; when several requests shared the failing call, each is scored alone again, so
 only the guilty request fails. The token is compared in constant time and never logged, nor are query strings.
 """
@@ -91,6 +96,7 @@ class ServerLimits:
     """Bounds of one server. Defaults suit a GPU reward model scoring 512-px images."""
 
     max_request_bytes: int = 64 * 2**20  # ~ 80 images of 512x512 after base64
+    max_inflight_upload_bytes: int = 512 * 2**20  # bodies being received or parsed at once, by declared length
     max_json_values: int = 200_000  # JSON values (list items, keys) in one body: bounds the cost of parsing it
     max_samples_per_request: int = 1024
     max_batch_samples: int = 64  # micro-batch size across requests
@@ -122,6 +128,7 @@ class _State:
     stuck: set = field(default_factory=set)  # reward calls still running past batch_timeout_s
     pending: int = 0
     held_bytes: int = 0
+    uploading_bytes: int = 0  # reserved by bodies being received or parsed
     stored_scores: int = 0
     counters: dict[str, int] = field(default_factory=lambda: {"requests": 0, "batches": 0, "samples": 0})
 
@@ -312,15 +319,37 @@ def create_app(reward_fn: Callable, token: str, limits: ServerLimits | None = No
                 headers={"Retry-After": "1"},
             )
 
-    async def read_body(request: Request) -> bytes:
+    def reserve_upload(request: Request) -> int:
+        """Reserve the body's bytes in the budget of uploads in flight, before any of it is read: its declared
+        length (a body of undeclared length reserves the most it may hold); 413 or 503 (Retry-After) if it does not
+        fit."""
         declared = request.headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limits.max_request_bytes):
             raise HTTPException(413, f"request body over the limit of {limits.max_request_bytes} bytes")
+        budget = limits.max_inflight_upload_bytes
+        size = int(declared) if declared is not None else min(limits.max_request_bytes, budget)
+        if size > budget:
+            raise HTTPException(
+                413,
+                f"a {size}-byte body is over max_inflight_upload_bytes={budget} (the bytes of uploads the server "
+                f"receives at once) on its own: send smaller batches",
+            )
+        if state.uploading_bytes + size > budget:
+            raise HTTPException(
+                503,
+                f"{state.uploading_bytes} bytes of other uploads are being received; {size} more would pass "
+                f"max_inflight_upload_bytes={budget}; retry later",
+                headers={"Retry-After": "1"},
+            )
+        state.uploading_bytes += size
+        return size
+
+    async def read_body(request: Request, limit: int) -> bytes:
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
-            if len(body) > limits.max_request_bytes:
-                raise HTTPException(413, f"request body over the limit of {limits.max_request_bytes} bytes")
+            if len(body) > limit:
+                raise HTTPException(413, f"request body over the limit of {limit} bytes")
         return bytes(body)
 
     def parse(body: bytes) -> tuple[ScoreRequest, torch.Tensor]:
@@ -359,6 +388,7 @@ def create_app(reward_fn: Callable, token: str, limits: ServerLimits | None = No
             "stored_results": len(state.finished),
             "stored_scores": state.stored_scores,
             "held_bytes": state.held_bytes,
+            "uploading_bytes": state.uploading_bytes,
             "stuck_batches": len(state.stuck),
             **state.counters,
         }
@@ -368,9 +398,13 @@ def create_app(reward_fn: Callable, token: str, limits: ServerLimits | None = No
     async def submit(request: Request) -> dict:
         authorize(request)
         refuse_if_busy()
-        body = await read_body(request)
-        payload, samples = await asyncio.to_thread(parse, body)
-        del body
+        reserved = reserve_upload(request)
+        try:  # the reservation holds until the body is parsed and dropped (or the client goes away)
+            body = await read_body(request, reserved)
+            payload, samples = await asyncio.to_thread(parse, body)
+            del body
+        finally:
+            state.uploading_bytes -= reserved
         refuse_if_busy()  # again: others may have queued while this body was read and parsed
         job = Job(uuid.uuid4().hex, samples, payload.prompts, payload.columns)
         state.jobs[job.job_id] = job
@@ -393,29 +427,55 @@ def create_app(reward_fn: Callable, token: str, limits: ServerLimits | None = No
     return app
 
 
-def guarded_protocol(limits: ServerLimits) -> type[H11Protocol]:
+def guarded_protocol(limits: ServerLimits, token: str) -> type[H11Protocol]:
     """uvicorn's h11 protocol with a connection limit and a request deadline (uvicorn has neither: a connection that
-    sends nothing, or half a request, stays open forever, and enough of them lock every client out)."""
+    sends nothing, or half a request, stays open forever, and enough of them lock every client out).
+
+    Past `max_connections`, a new connection makes room by closing another, in the order of `_eviction_rank`: first
+    the oldest that has never sent a byte, then the one idle longest between requests, then the one stalled longest
+    in a request without the right token. A connection uploading an authenticated request, or whose whole request is
+    with the app, is never closed for room: if only those remain, the new connection is the one closed."""
+    expected = f"Bearer {token}".encode()
 
     class GuardedH11Protocol(H11Protocol):
         _timer: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
-            self._quiet_since = self.loop.time()
-            if len(self.connections) > limits.max_connections:  # make room: close the one quiet for longest
-                idle = [
-                    c
+            self._opened_at = self._quiet_since = self.loop.time()
+            self._spoken = False  # sent a byte yet
+            if len(self.connections) > limits.max_connections:
+                ranked = [
+                    (rank, c)
                     for c in self.connections
-                    if c is not self and not c.transport.is_closing() and c._waiting_for_request()
+                    if c is not self and not c.transport.is_closing() and (rank := c._eviction_rank()) is not None
                 ]
-                victim = min(idle, key=lambda c: c._quiet_since) if idle else self
+                victim = min(ranked, key=lambda pair: pair[0])[1] if ranked else self
                 victim.transport.close()
             self._arm()
 
         def data_received(self, data: bytes) -> None:
-            self._quiet_since = self.loop.time()  # an upload in progress is not idle
+            self._spoken = True
+            self._quiet_since = self.loop.time()
             super().data_received(data)
+
+        def _eviction_rank(self) -> tuple[int, float] | None:
+            """The lowest rank is closed first to make room; None: never closed for room."""
+            if not self._spoken:
+                return 0, self._opened_at  # never sent a byte: the oldest goes first
+            if not self._waiting_for_request():
+                return None  # its whole request is with the app
+            if self.conn.their_state is h11.IDLE and not self.conn.trailing_data[0]:
+                return 1, self._quiet_since  # idle between requests
+            if self._uploading_with_token():
+                return None  # an authenticated upload: bounded by request_timeout_s, never closed for room
+            return 2, self._quiet_since  # headers still arriving, or a body without the right token
+
+        def _uploading_with_token(self) -> bool:
+            if self.cycle is None or self.cycle.response_complete or self.conn.their_state is not h11.SEND_BODY:
+                return False
+            given = next((value for name, value in self.headers if name == b"authorization"), b"")
+            return hmac.compare_digest(given, expected)
 
         def _waiting_for_request(self) -> bool:
             """No complete request of this connection is with the app: idle, or a request still arriving."""
@@ -455,17 +515,27 @@ class RedactQueryStrings(logging.Filter):
         return True
 
 
+#: The shortest bearer token the server accepts: a short one can be guessed (the server does not limit attempts).
+MIN_TOKEN_CHARS = 16
+
+
 def read_token_file(path: str) -> str:
-    """The bearer token in `path` (surrounding whitespace stripped); a clear error if missing, empty or unusable."""
+    """The bearer token in `path` (surrounding whitespace stripped); a clear error if missing, empty, unusable or
+    shorter than `MIN_TOKEN_CHARS`."""
+    make_one = f'`python -c "import secrets; print(secrets.token_urlsafe(32))" > {path}`'
     try:
         with open(path, encoding="utf-8") as file:
             token = file.read().strip()
     except (OSError, UnicodeDecodeError) as err:
         raise ValueError(
-            f"Cannot read the token file {path!r} ({err}). Write a secret into it, e.g. "
-            f'`python -c "import secrets; print(secrets.token_urlsafe(32))" > {path}`.'
+            f"Cannot read the token file {path!r} ({err}). Write a secret into it, e.g. {make_one}."
         ) from err
     check_token(token, f"the token file {path!r}")
+    if len(token) < MIN_TOKEN_CHARS:
+        raise ValueError(
+            f"The token file {path!r} holds a {len(token)}-character token: use at least {MIN_TOKEN_CHARS} "
+            f"characters, a random secret that cannot be guessed, e.g. {make_one} (43 characters)."
+        )
     return token
 
 
@@ -478,5 +548,9 @@ def serve(reward_fn: Callable, token: str, host: str, port: int, limits: ServerL
     logging.getLogger("uvicorn.access").addFilter(RedactQueryStrings())
     logger.info("serving reward %s on http://%s:%d", reward_name(reward_fn), host, port)
     uvicorn.run(
-        create_app(reward_fn, token, limits), host=host, port=port, log_level="info", http=guarded_protocol(limits)
+        create_app(reward_fn, token, limits),
+        host=host,
+        port=port,
+        log_level="info",
+        http=guarded_protocol(limits, token),
     )
