@@ -162,7 +162,7 @@ def test_help_shows_the_diffusion_flags_and_every_family(capsys):
         assert hidden not in shown, hidden
     text = " ".join(shown.split())
     assert "None: the model family's default target modules" in text
-    assert "a checkpoint folder, or `true` / `latest`" in text
+    assert "`latest` for the newest one, or a new run when there is none yet" in text
     assert len(shown.splitlines()) < 400
     with pytest.raises(SystemExit):
         main(["--help"])
