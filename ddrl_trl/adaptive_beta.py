@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 #: The key of the controller's state in `ddrl_run.json` (saved with every checkpoint).
 STATE_KEY = "data_beta_controller"
-#: The run record every save writes (`resume.RUN_INFO_NAME`, which imports this module).
+#: The run record every save writes (defined here, the lower module: `resume` imports it from this one).
 RUN_INFO_NAME = "ddrl_run.json"
 
 

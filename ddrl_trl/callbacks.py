@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
 import os
 
 from transformers import TrainerCallback
+
+from .config import _as_integer, _is_real
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +32,9 @@ class HackingMonitorCallback(TrainerCallback):
     - `"loss_ratio"`: the held-out diffusion-loss ratio passes `threshold` (under guidance: the conditional or the
       guided output's ratio, whichever is higher; a non-finite one counts as the worst);
     - `"eval_rewards"`: an evaluation reward (the trainer's `eval_reward_funcs`, not trained on) falls by more than
-      `max_eval_reward_drop` of the base model's value on the same validation seeds, (base − now) / |base|;
+      `max_eval_reward_drop` of the base model's value on the same validation seeds, (base − now) / |base|, or it
+      scored the base model's samples but none of the model's (a judge that can no longer score the policy's images
+      is itself a sign of hacking: they stopped looking like what it judges);
     - `"diversity"`: the validation samples' within-prompt diversity falls under `min_diversity_ratio` of the base
       model's (`eval_diversity_ratio`).
 
@@ -42,9 +45,10 @@ class HackingMonitorCallback(TrainerCallback):
     stopped for hacking, or one you stop yourself, keeps its last good model. Logged: `hacking/last_good_step`,
     `hacking/detected` (0 or 1) and `hacking/unmeasured` (how many watched signals the evaluation could not measure).
 
-    A watched signal the evaluation should measure but cannot — every evaluation score of the model's or the base
-    model's samples None/NaN, a base model without within-prompt diversity — is never taken for good: it is warned
-    about (naming the signal and why), counted in `hacking/unmeasured`, and that evaluation does not move last-good.
+    A watched signal the evaluation should measure but cannot, for want of a base value to compare with — every
+    evaluation score of the base model's samples None/NaN, a base model without within-prompt diversity — is never
+    taken for good: it is warned about (naming the signal and why), counted in `hacking/unmeasured`, and that
+    evaluation does not move last-good.
 
     Args:
         threshold: the loss ratio above which the run counts as hacking (the paper's 1.10); finite, > 1.
@@ -77,7 +81,7 @@ class HackingMonitorCallback(TrainerCallback):
                 f"threshold must be > 1 and finite (a ratio to the base model's held-out loss; the paper uses "
                 f"1.10), got {threshold!r}: set e.g. threshold=1.10."
             )
-        steps = _whole_number(eval_steps)
+        steps = _as_integer(eval_steps)
         if steps is None or steps < 1:
             raise ValueError(
                 f"eval_steps must be a whole number ≥ 1 (optimiser steps between evaluations), got {eval_steps!r}: "
@@ -156,34 +160,16 @@ class HackingMonitorCallback(TrainerCallback):
         before any training, that the last good weights can be written under `output_dir` (on the saving process)."""
         self.check_inputs(trainer.eval_dataset, trainer.validator is not None, trainer.eval_reward_names)
         if self.last_good_dir is not None and getattr(trainer.args, "should_save", True):
-            self._check_writable(os.path.join(trainer.args.output_dir, os.fspath(self.last_good_dir)))
-        self.trainer = trainer
+            from .resume import check_output_dir_writable  # here: resume imports diffusers, the trainer did already
 
-    def _check_writable(self, path: str) -> None:
-        """Prove a file can be written in `path`, creating it (and removing again what was created); raise
-        `ValueError` naming `last_good_dir` and the folder if not."""
-        missing, parent = [], os.path.abspath(path)
-        while not os.path.exists(parent):
-            missing.append(parent)
-            parent = os.path.dirname(parent)
-        try:
-            os.makedirs(path, exist_ok=True)
-            probe = os.path.join(path, f".ddrl-write-test-{os.getpid()}")
-            with open(probe, "w") as file:
-                file.write("ok")
-            os.remove(probe)
-        except OSError as err:
-            raise ValueError(
-                f"HackingMonitorCallback cannot write the last good weights to {path!r} ({err.strerror or err}): "
-                f"they would be lost at the first good evaluation. Set last_good_dir to a folder under output_dir "
-                f"that can be written (now {self.last_good_dir!r}), or None to not keep them."
-            ) from err
-        finally:
-            for folder in missing:  # deepest first: leave output_dir as it was
-                try:
-                    os.rmdir(folder)
-                except OSError:
-                    pass
+            check_output_dir_writable(
+                os.path.join(trainer.args.output_dir, os.fspath(self.last_good_dir)),
+                setting=f"last_good_dir (--hacking_last_good_dir), under output_dir (now {self.last_good_dir!r}), or "
+                f"None to not keep them",
+                lost="HackingMonitorCallback's last good weights would be lost at the first good evaluation",
+                keep_created=False,
+            )
+        self.trainer = trainer
 
     @property
     def last_good_path(self) -> str | None:
@@ -224,17 +210,25 @@ class HackingMonitorCallback(TrainerCallback):
                 now = metrics.get(f"eval_rewards/{name}")
                 if now is None:  # not a validation: nothing to measure here
                     continue
+                if metrics.get(f"eval_rewards/{name}/failed"):  # it raised or broke its contract: no verdict
+                    missing.append(f"{name!r} failed on the validation samples (see the warning naming it)")
+                    continue
                 reference = base.rewards.get(name, math.nan) if base is not None else math.nan
-                scored_now, scored_base = _finite(now), _finite(reference)
-                if not (scored_now and scored_base):
+                if not _finite(reference):  # nothing to compare with
                     whose = (
-                        "neither the model's nor the base model's"
-                        if not scored_now and not scored_base
-                        else "none of the model's"
-                        if not scored_now
-                        else "none of the base model's"
+                        "neither the model's nor the base model's" if not _finite(now) else "none of the base model's"
                     )
                     missing.append(f"{name!r} scored {whose} validation samples (every score None, NaN or ±inf)")
+                    continue
+                if not _finite(now):  # the judge scored the base's samples but cannot score the model's: hacking
+                    compared += 1
+                    reasons.append(
+                        f"the evaluation reward {name!r} scored none of the model's validation samples (it scored the "
+                        f"base model's: {reference:.4g})"
+                        if not (_is_real(now) and math.isinf(now))
+                        else f"the evaluation reward {name!r} is {now} on the model's validation samples (not a "
+                        f"finite number; the base model's: {reference:.4g})"
+                    )
                     continue
                 compared += 1
                 drop = (reference - now) / abs(reference) if reference else reference - now
@@ -329,18 +323,5 @@ class HackingMonitorCallback(TrainerCallback):
             control.should_training_stop = True
 
 
-def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 def _finite(value) -> bool:
     return _is_real(value) and math.isfinite(value)
-
-
-def _whole_number(value) -> int | None:
-    """`value` as an int if it is a whole number (an int, or an integral float such as 10.0), else None."""
-    if not _is_real(value):
-        return None
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    return int(value) if math.isfinite(value) and float(value).is_integer() else None

@@ -73,6 +73,7 @@ def default_data_beta(cfg_scale: float = 1.0, prompt_dropout: float | None = Non
 
 
 def _is_real(value) -> bool:
+    """A real number, not a bool (the one check of numeric settings here and in `callbacks.py`)."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
@@ -91,8 +92,8 @@ def _integer_kind(spec) -> str | None:
 
 def _as_integer(value) -> int | None:
     """`value` as an int if it is a whole number (an int, or an integral float such as 2.0 read from YAML), else
-    None."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    None. The `int` fields here and the monitor's `eval_steps` (`callbacks.py`) use it."""
+    if not _is_real(value):
         return None
     if isinstance(value, numbers.Integral):
         return int(value)
@@ -333,9 +334,9 @@ class DDRLConfig(TrainingArguments):
             Also sample the validation grid every that many optimiser steps, with or without an eval dataset; `None`:
             only with each `evaluate()` and at the end of training.
         log_sample_images_steps (`int`, defaults to `50`):
-            Every that many optimiser steps (steps 1, 1 + k, 1 + 2k, ...), a grid of that step's rollout images goes
-            to the trackers in `report_to` (TensorBoard, W&B) at the step's own number, one row per prompt with the
-            prompt written above it. `0` turns it off.
+            Every that many optimiser steps (steps k, 2k, ...), a grid of that step's rollout images goes to the
+            trackers in `report_to` (TensorBoard, W&B) at the step's own number (the step whose training log shows
+            their rewards), one row per prompt with the prompt written above it. `0` turns it off.
         num_sample_images (`int`, defaults to `8`):
             Images in that grid.
     """

@@ -530,7 +530,10 @@ def build_synthetic_reference_dataset(
     """
     rows = _synthetic_rows(prompts, images_per_prompt, batch_size)
     if isinstance(pipeline, (str, os.PathLike)):
-        pipeline = _load_pipeline_for_references(pipeline, config)
+        from .model_setup import load_pipeline
+
+        device = config.device if config is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        pipeline = load_pipeline(pipeline, config, device)  # as the trainer loads its model
     images: list[Image.Image] = []
     device = getattr(pipeline, "device", torch.device("cpu"))
     adapter = None
@@ -581,15 +584,6 @@ def _synthetic_rows(prompts, images_per_prompt, batch_size) -> list[str]:
             f"all, e.g. {bad[:5]}): drop or fix them; a reference must show its prompt."
         )
     return [p for p in prompts for _ in range(int(images_per_prompt))]
-
-
-def _load_pipeline_for_references(name_or_path, config):
-    """The pipeline at `name_or_path`, loaded as the trainer loads its model (`model_setup.load_pipeline`), on the
-    config's device; without a config, in float32 on the GPU if there is one."""
-    from .model_setup import load_pipeline
-
-    device = config.device if config is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return load_pipeline(name_or_path, config).to(device)
 
 
 def _single_images(output) -> list[Image.Image]:

@@ -183,7 +183,7 @@ def _description(
     config = {name: getattr(args, name) for name in CONFIG_FIELDS if hasattr(args, name)}
     if "data_prompt_dropout" in config:
         config["data_prompt_dropout"] = args.resolved_data_prompt_dropout  # as used, not None
-    step = trainer.state.global_step
+    step = trainer.restored_step if trainer.restored_step is not None else trainer.state.global_step
     lines = [
         CARD_MARKER,
         f"# {model_name or os.path.basename(os.path.abspath(args.output_dir))}",
@@ -337,6 +337,11 @@ def _monitor_verdict(trainer) -> list[str]:
         text = f"Hacking monitor (watching {watched}): no signal tripped; last checked at step {good}{kept}."
     else:
         text = f"Hacking monitor (watching {watched}): no evaluation measured every watched signal yet."
+    if trainer.restored_step is not None:
+        text += (
+            f" The weights here are those last good ones, of step {trainer.restored_step}; training ran to step "
+            f"{trainer.state.global_step}."
+        )
     unmeasured = getattr(monitor, "unmeasured_steps", [])
     if unmeasured:
         steps = ", ".join(map(str, unmeasured[:8])) + (", …" if len(unmeasured) > 8 else "")

@@ -19,15 +19,16 @@ def frozen_dtype(args) -> torch.dtype:
     return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
 
 
-def load_pipeline(name_or_path: str | os.PathLike, args=None):
+def load_pipeline(name_or_path: str | os.PathLike, args=None, device: torch.device | str | None = None):
     """The diffusers pipeline at a Hub id or local folder, loaded as `DDRLTrainer` loads its model: in the frozen
     parts' dtype (`frozen_dtype`) with `args.model_init_kwargs` (revision, variant, ...); float32 without `args`.
-    Left on the CPU."""
+    Moved to `device` if given (the trainer places the parts itself: `prepare_for_training`)."""
     from diffusers import DiffusionPipeline
 
     dtype = frozen_dtype(args) if args is not None else torch.float32
     kwargs = dict(args.model_init_kwargs or {}) if args is not None else {}
-    return DiffusionPipeline.from_pretrained(os.fspath(name_or_path), dtype=dtype, **kwargs)
+    pipeline = DiffusionPipeline.from_pretrained(os.fspath(name_or_path), dtype=dtype, **kwargs)
+    return pipeline.to(device) if device is not None else pipeline
 
 
 def prepare_for_training(adapter: PipelineAdapter, args, peft_config: LoraConfig | None) -> bool:

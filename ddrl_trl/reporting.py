@@ -134,20 +134,34 @@ class ReportingMixin:
         super().save_model(output_dir, _internal_call)
         target = output_dir if output_dir is not None else self.args.output_dir
         if not _internal_call and os.path.abspath(target) == os.path.abspath(self.args.output_dir):
-            self.create_model_card()
+            self._update_model_card()
 
     def _save_checkpoint(self, model, trial) -> None:
         """Trainer's checkpoint, then the model card in `output_dir` brought up to date (as TRL's trainers do)."""
         super()._save_checkpoint(model, trial)
         if self.args.should_save:
+            self._update_model_card()
+
+    def _update_model_card(self) -> None:
+        """`create_model_card` after a save; a card that cannot be written (a full disk, a plotting error) is a
+        warning: the weights are saved, and the card is never worth the run."""
+        try:
             self.create_model_card()
+        except Exception as err:  # noqa: BLE001 — whatever failed, the saved weights stand and training goes on
+            logger.warning(
+                "Could not write the model card in %s (%s: %s); the weights are saved and training goes on.",
+                self.args.output_dir,
+                type(err).__name__,
+                err,
+            )
 
     # ------------------------------------------------------------------------------------------------ logging
     def _maybe_log_images(self, images: torch.Tensor, prompts: list[str]) -> None:
-        """A grid of rollout images to the trackers (and the model card) for optimiser steps 1, 1 + k, 1 + 2k, ...
-        (k = `log_sample_images_steps`), tagged with that step: the one whose training log shows their rewards."""
+        """A grid of rollout images to the trackers (and the model card) for optimiser steps k, 2k, ...
+        (k = `log_sample_images_steps`), tagged with the step they train: the step whose training log shows their
+        rewards when k is a multiple of `logging_steps`."""
         every, step = self.args.log_sample_images_steps, self.state.global_step + 1
-        if not every or (step - 1) % every:
+        if not every or step % every:
             return
         if self.accelerator.is_main_process:
             n = self.args.num_sample_images

@@ -22,6 +22,7 @@ from typing import Any
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from .adaptive_beta import RUN_INFO_NAME
 from .adaptive_beta import STATE_KEY as DATA_BETA_STATE_KEY
 from .core.data_beta import AdaptiveDataBeta
 from .data import arrow_column
@@ -30,7 +31,6 @@ from .weight_files import LORA_WEIGHTS_NAME, CheckpointError, load_checkpoint_fi
 
 logger = logging.getLogger(__name__)
 
-RUN_INFO_NAME = "ddrl_run.json"
 TRAINER_STATE_NAME = "trainer_state.json"
 SCHEDULER_NAME = "scheduler.pt"
 _CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-\d+$")
@@ -83,8 +83,21 @@ TRAJECTORY_SETTINGS = (
 LENGTH_SETTINGS = ("max_steps", "num_train_epochs")
 
 
-def check_output_dir_writable(output_dir: str) -> None:
-    """Create `output_dir` if needed and prove a file can be written there; raise naming the folder if not."""
+def check_output_dir_writable(
+    output_dir: str,
+    *,
+    setting: str = "output_dir (--output_dir)",
+    lost: str = "checkpoints and weights would be lost at the first save",
+    keep_created: bool = True,
+) -> None:
+    """Create `output_dir` if needed and prove a file can be written there; raise `ValueError` if not, naming the
+    folder, what would be `lost`, and the `setting` that chooses the folder (its name first, then its CLI flag in
+    parentheses and any advice: "output_dir (--output_dir)"). With `keep_created=False` the folders it created are
+    removed again (for a folder the run writes only later, such as the monitor's `last_good_dir`)."""
+    created, parent = [], os.path.abspath(output_dir)
+    while not keep_created and not os.path.exists(parent):
+        created.append(parent)  # deepest first
+        parent = os.path.dirname(parent)
     try:
         os.makedirs(output_dir, exist_ok=True)
         probe = os.path.join(output_dir, f".ddrl-write-test-{os.getpid()}")
@@ -93,9 +106,15 @@ def check_output_dir_writable(output_dir: str) -> None:
         os.remove(probe)
     except OSError as err:
         raise ValueError(
-            f"output_dir {output_dir!r} cannot be written ({err.strerror or err}): checkpoints and weights would be "
-            f"lost at the first save. Choose a folder you can write to (output_dir / --output_dir)."
+            f"{setting.split(' ', 1)[0]} {output_dir!r} cannot be written ({err.strerror or err}): {lost}. Choose a "
+            f"folder you can write to for {setting}."
         ) from err
+    finally:
+        for folder in created:
+            try:
+                os.rmdir(folder)
+            except OSError:
+                pass
 
 
 def checkpoint_folders(output_dir: str) -> list[str]:
@@ -181,15 +200,19 @@ def prepare_output_dir(args, resume_from_checkpoint, is_main_process: bool) -> N
             )
 
 
-def resolve_checkpoint(output_dir: str, resume_from_checkpoint: str | bool | None) -> str | None:
+def resolve_checkpoint(
+    output_dir: str, resume_from_checkpoint: str | bool | None, announce: bool = True
+) -> str | None:
     """The checkpoint folder to resume: `True` → the newest in `output_dir` (refused when there is none); "latest"
     → the newest, or None (a new run, said in one line) when there is none, as diffusers' scripts do for restartable
-    jobs; a path as given; else None."""
+    jobs; a path as given; else None. `announce`: log that "latest" starts a new run (the main process only)."""
     if resume_from_checkpoint in (None, False):
         return None
     if resume_from_checkpoint is True or resume_from_checkpoint == LATEST:
         last = _newest_checkpoint(output_dir)
         if last is None and resume_from_checkpoint == LATEST:
+            if not announce:
+                return None
             logger.warning(
                 "resume_from_checkpoint='latest': no checkpoint-N in %s yet, so this starts a new run.", output_dir
             )

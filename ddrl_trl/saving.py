@@ -64,6 +64,8 @@ class SavingMixin:
 
     ema: EMAModel | None = None
     _checkpoint_root: str | None = None
+    #: The step of the weights in the model when they are not the last step's (`restore_last_good`), else None.
+    restored_step: int | None = None
 
     @property
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
@@ -131,18 +133,36 @@ class SavingMixin:
             self._warn_if_saving_hacked_weights(output_dir or self.args.output_dir)
         super().save_model(output_dir, _internal_call)
 
+    def restore_last_good(self, monitor) -> int:
+        """Load the weights `monitor` (a `HackingMonitorCallback`) kept as the last good ones into the model, so that
+        `save_model` and `push_to_hub` write those and not the hacked final ones; returns their step. With an EMA,
+        the kept weights are the EMA's (a final save writes those), and the average restarts from them."""
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise ValueError(
+                "The last good weights cannot be loaded into a DeepSpeed / FSDP-sharded model: use the files in "
+                f"{monitor.last_good_path} as the output."
+            )
+        self._load_from_checkpoint_weights(monitor.last_good_path)
+        if self.ema is not None:
+            self.ema = EMAModel(self.trainable_parameters, decay=self.args.ema_decay)
+        self.restored_step = monitor.last_good_step
+        return monitor.last_good_step
+
     def _warn_if_saving_hacked_weights(self, output_dir: str) -> None:
         """Warn when the weights being saved are from after a `HackingMonitorCallback` detected reward hacking (and
         are not the last good ones), naming the last good weights, so that a hacked model is never saved silently."""
         from .callbacks import HackingMonitorCallback
 
+        if not self.is_world_process_zero():
+            return
+        step = self.restored_step if self.restored_step is not None else self.state.global_step
         for monitor in self.callback_handler.callbacks:
             if not isinstance(monitor, HackingMonitorCallback) or monitor.hacking_step is None:
                 continue
             good = monitor.last_good_path
             if good is not None and os.path.abspath(output_dir) == os.path.abspath(good):
                 continue  # the monitor saving the last good weights
-            if monitor.last_good_step is not None and monitor.last_good_step >= self.state.global_step:
+            if monitor.last_good_step is not None and monitor.last_good_step >= step:
                 continue  # these weights are the last good ones
             last_good = (
                 f"the last good weights (step {monitor.last_good_step}) are in {good}"
@@ -158,11 +178,15 @@ class SavingMixin:
                 last_good,
             )
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+    def _load_from_checkpoint_weights(self, folder: str) -> None:
+        """The trained weights saved in `folder` (a checkpoint, or `save_model`'s output), into the denoiser."""
         if self.is_lora:
-            load_lora_into_denoiser(self.adapter.denoiser, resume_from_checkpoint, self.adapter.denoiser_name)
+            load_lora_into_denoiser(self.adapter.denoiser, folder, self.adapter.denoiser_name)
         else:
-            load_full_denoiser(self.adapter.denoiser, resume_from_checkpoint, self.adapter.denoiser_name)
+            load_full_denoiser(self.adapter.denoiser, folder, self.adapter.denoiser_name)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        self._load_from_checkpoint_weights(resume_from_checkpoint)
         if self.ema is not None:
             path = os.path.join(resume_from_checkpoint, EMA_STATE_NAME)
             if not os.path.isfile(path):

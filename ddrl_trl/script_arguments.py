@@ -43,7 +43,7 @@ class DDRLScriptArguments(ScriptArguments):
     synthetic_references_per_prompt: int | None = field(
         default=None,
         metadata={
-            "help": "Train on prompts only: before training, sample K reference images per prompt with the base "
+            "help": "Train on prompts only: before training, sample N reference images per prompt with the base "
             "pipeline, as its rollouts are sampled (ddrl_trl.build_synthetic_reference_dataset), and pair them "
             "with the prompts for the data term (the paper's synthetic data). The data then need only the prompt "
             "column; a dataset that already has a reference column is refused."
@@ -80,8 +80,8 @@ class HackingMonitorArguments:
         default=False,
         metadata={
             "help": "Watch for reward hacking while training: evaluate every --hacking_eval_steps steps, keep the "
-            "last good weights in <output_dir>/last-good, warn when a watched signal trips (and stop with "
-            "--hacking_stop_training)."
+            "last good weights in <output_dir>/<--hacking_last_good_dir>, warn when a watched signal trips (and "
+            "stop with --hacking_stop_training)."
         },
     )
     hacking_watch: list[str] = field(
@@ -101,9 +101,13 @@ class HackingMonitorArguments:
     hacking_stop_training: bool = field(
         default=False,
         metadata={
-            "help": "Stop training when hacking is detected; the last good weights are then saved as the run's "
-            "output (copied from <output_dir>/last-good)."
+            "help": "Stop training when hacking is detected; the last good weights are then the run's output (and "
+            "what --push_to_hub uploads)."
         },
+    )
+    hacking_last_good_dir: str = field(
+        default="last-good",
+        metadata={"help": "The folder under --output_dir where the monitor keeps the last good weights."},
     )
     hacking_max_eval_reward_drop: float = field(
         default=0.10,

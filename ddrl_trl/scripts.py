@@ -5,10 +5,10 @@
 
 `main` reads top to bottom as TRL's `scripts/grpo.py`: checks → data → `DDRLTrainer(...)` →
 `train(resume_from_checkpoint=...)` → `save_model` → `push_to_hub`. Arguments are parsed by `DDRLParser` (a
-`trl.TrlParser`, `script_arguments.py`) from `DDRLScriptArguments` (dataset), `DDRLConfig` (training), `ModelConfig` (model and LoRA),
-`RewardArguments` and `HackingMonitorArguments`, over the model family's defaults (`FAMILY_DEFAULTS`); a YAML
-`--config` overrides those and command-line flags override both. `--help` shows the flags that mean something for a
-diffusion pipeline; TRL's and transformers' language-model flags are hidden.
+`trl.TrlParser`, in `script_arguments.py`) from `DDRLScriptArguments` (dataset), `DDRLConfig` (training),
+`ModelConfig` (model and LoRA), `RewardArguments` and `HackingMonitorArguments`, over the model family's defaults
+(`FAMILY_DEFAULTS`); a YAML `--config` overrides those and command-line flags override both. `--help` shows the flags
+that mean something for a diffusion pipeline; TRL's and transformers' language-model flags are hidden.
 
 - `--reward_funcs` is required (there is no safe default reward).
 - `--resume_from_checkpoint` takes a checkpoint folder, `true` for the newest one in `--output_dir`, or `latest` for
@@ -70,6 +70,7 @@ def main(
 ) -> DDRLTrainer:
     """Train with DDRL from parsed arguments, resume if asked, save, and push to the Hub if asked. Bad arguments
     raise `UsageError` before the model is loaded (and before training, for those only found in the data)."""
+    from .model_setup import load_pipeline
     from .trainer import DDRLTrainer
 
     warn_if_accelerate_started_one_process()
@@ -99,7 +100,7 @@ def main(
     model: Any = model_args.model_name_or_path
     with construction_errors():
         if k is not None:
-            model = load_pipeline(model, training_args)
+            model = load_pipeline(model, training_args, training_args.device)
             train_dataset = with_synthetic_references(model, train_dataset, k, training_args, "training")
             if eval_dataset is not None and not has_reference_column(eval_dataset, training_args):
                 eval_dataset = with_synthetic_references(model, eval_dataset, k, training_args, "evaluation")
@@ -153,10 +154,24 @@ def check_arguments(
     monitor_args: HackingMonitorArguments | None = None,
 ) -> None:
     """What can be checked before loading the model and data: a reward is named, no flag would be ignored,
-    `output_dir` may be used, the data and the model exist, and the flags agree with each other. Raises
-    `UsageError` naming the flags."""
-    from .resume import check_output_dir_free, check_output_dir_writable
+    `output_dir` may be used and the checkpoint to resume has steps left, the data and the model exist, and the flags
+    agree with each other. Raises `UsageError` naming the flags."""
+    check_flags(script_args, model_args, reward_args)
+    check_output_and_resume(training_args, resume)
+    check_sources(script_args, model_args)
+    validation = bool(training_args.validation_prompts) or training_args.num_validation_prompts > 0
+    if reward_args.eval_reward_funcs and not validation:
+        raise UsageError(
+            "--eval_reward_funcs score the validation samples, but there are none: add --validation_prompts "
+            '"a prompt" "another prompt", or --num_validation_prompts K to validate on the first K rows of the test '
+            "split (--dataset_test_split)."
+        )
+    if monitor_args is not None:
+        check_monitor_arguments(monitor_args, reward_args, validation)
 
+
+def check_flags(script_args: ScriptArguments, model_args: ModelConfig, reward_args: RewardArguments) -> None:
+    """A reward and a model are named, and no flag is set that a diffusion pipeline would ignore."""
     if not reward_args.reward_funcs:
         raise UsageError(
             f"--reward_funcs is required: name the reward(s) to train on, each {REWARD_SPEC_HELP}. There is no "
@@ -181,12 +196,32 @@ def check_arguments(
             f"--dtype {model_args.dtype}: the trainer chooses dtypes itself (float32 trained weights, the frozen "
             "parts in bf16/fp16 under --bf16 / --fp16). Use --bf16 or --fp16 instead."
         )
+
+
+def check_output_and_resume(training_args: DDRLConfig, resume: str | bool | None) -> None:
+    """`--output_dir` can be written and holds no other run's work (unless resuming or overwriting), and the
+    checkpoint to resume, if any, has steps left to train under `--max_steps`."""
+    from .resume import check_output_dir_free, check_output_dir_writable, resolve_checkpoint, saved_progress
+
     try:
         if training_args.should_save:
             check_output_dir_writable(training_args.output_dir)
         check_output_dir_free(training_args, resume)
+        checkpoint = resolve_checkpoint(training_args.output_dir, resume, announce=False)
+        step = saved_progress(checkpoint)[0] if checkpoint is not None else None
     except ValueError as err:
         raise UsageError(str(err)) from err
+    if step is not None and 0 < training_args.max_steps <= step:
+        raise UsageError(
+            f"--resume_from_checkpoint: {checkpoint} was saved at step {step}, and --max_steps is "
+            f"{training_args.max_steps}: there is nothing left to train. Raise --max_steps (e.g. to {2 * step}) to "
+            "train longer; the learning-rate schedule is then rebuilt for the new length."
+        )
+
+
+def check_sources(script_args: ScriptArguments, model_args: ModelConfig) -> None:
+    """The dataset and the model name a folder that exists or a Hub id, and `--synthetic_references_per_prompt` is a
+    count."""
     name = script_args.dataset_name
     if name is None:
         raise UsageError(
@@ -207,15 +242,6 @@ def check_arguments(
     k = getattr(script_args, "synthetic_references_per_prompt", None)
     if k is not None and k < 1:
         raise UsageError(f"--synthetic_references_per_prompt must be ≥ 1 (reference images per prompt), got {k}.")
-    validation = bool(training_args.validation_prompts) or training_args.num_validation_prompts > 0
-    if reward_args.eval_reward_funcs and not validation:
-        raise UsageError(
-            "--eval_reward_funcs score the validation samples, but there are none: add --validation_prompts "
-            '"a prompt" "another prompt", or --num_validation_prompts K to validate on the first K rows of the test '
-            "split (--dataset_test_split)."
-        )
-    if monitor_args is not None:
-        check_monitor_arguments(monitor_args, reward_args, validation)
 
 
 def check_monitor_arguments(
@@ -232,7 +258,7 @@ def check_monitor_arguments(
         if changed:
             raise UsageError(f"{', '.join(changed)} set without --hacking_monitor: add --hacking_monitor to use it.")
         return
-    watch = _watched(monitor_args)
+    watch = hacking_monitor(monitor_args).watch
     if {"eval_rewards", "diversity"} & set(watch) and not validation:
         raise UsageError(
             f"--hacking_watch {' '.join(watch)} watches the validation samples, but there are none: add "
@@ -243,12 +269,6 @@ def check_monitor_arguments(
             "--hacking_watch eval_rewards needs --eval_reward_funcs (rewards not trained on, whose fall the monitor "
             "watches)."
         )
-
-
-def _watched(monitor_args: HackingMonitorArguments) -> list[str]:
-    """`--hacking_watch` as a list (a YAML `--config` may give one name as a string)."""
-    watch = monitor_args.hacking_watch
-    return [watch] if isinstance(watch, str) else list(watch or [])
 
 
 def hacking_monitor(monitor_args: HackingMonitorArguments | None) -> HackingMonitorCallback | None:
@@ -262,12 +282,13 @@ def hacking_monitor(monitor_args: HackingMonitorArguments | None) -> HackingMoni
             threshold=monitor_args.hacking_threshold,
             eval_steps=monitor_args.hacking_eval_steps,
             stop_training=monitor_args.hacking_stop_training,
-            watch=tuple(_watched(monitor_args)),
+            last_good_dir=monitor_args.hacking_last_good_dir,
+            watch=monitor_args.hacking_watch,  # one name (a YAML string) or several
             max_eval_reward_drop=monitor_args.hacking_max_eval_reward_drop,
             min_diversity_ratio=monitor_args.hacking_min_diversity_ratio,
         )
     except ValueError as err:  # "threshold must be > 1 ..., set e.g. threshold=1.10" → "--hacking_threshold ..."
-        names = "threshold|eval_steps|stop_training|watch|max_eval_reward_drop|min_diversity_ratio"
+        names = "threshold|eval_steps|stop_training|last_good_dir|watch|max_eval_reward_drop|min_diversity_ratio"
         message = re.sub(
             rf"(?<![\w./'\"-])({names})(=|\b)",
             lambda m: f"--hacking_{m.group(1)}{' ' if m.group(2) == '=' else ''}",
@@ -352,31 +373,22 @@ def load_data(script_args: ScriptArguments, max_train_samples: int | None = None
 
 def has_reference_column(dataset: Dataset, training_args: DDRLConfig) -> bool:
     """Whether `dataset` holds paired reference samples (`--reference_column`, else an image or video column)."""
-    configured = training_args.reference_column or training_args.image_column
-    names = [configured] if configured else ["image", "video"]
-    return any(name in dataset.column_names for name in names)
+    from .data import reference_column_of
 
-
-def load_pipeline(model: str, training_args: DDRLConfig):
-    """The pipeline `--model_name_or_path` names, loaded as `DDRLTrainer` loads it (`model_setup.load_pipeline`), on
-    the training device: loaded once, for the synthetic references and the trainer."""
-    from .model_setup import load_pipeline as load
-
-    return load(model, training_args).to(training_args.device)
+    return reference_column_of(dataset, training_args.reference_column) in dataset.column_names
 
 
 def check_prompt_only(dataset: Dataset, k: int, training_args: DDRLConfig, split: str) -> None:
     """Before the pipeline loads: refuse `--synthetic_references_per_prompt` for data that already hold references
     (they would be ignored), and for data without the prompt column."""
-    from .data import with_prompt_column
+    from .data import reference_column_of, with_prompt_column
 
     if has_reference_column(dataset, training_args):
-        configured = training_args.reference_column or training_args.image_column
-        column = configured or ("image" if "image" in dataset.column_names else "video")
         raise UsageError(
             f"--synthetic_references_per_prompt {k}: the {split} data already have reference samples (column "
-            f"{column!r}). Drop --synthetic_references_per_prompt to train on them, or remove the column "
-            "(dataset.remove_columns) to train on synthetic references instead."
+            f"{reference_column_of(dataset, training_args.reference_column)!r}). Drop "
+            "--synthetic_references_per_prompt to train on them, or remove the column (dataset.remove_columns) to "
+            "train on synthetic references instead."
         )
     if training_args.prompt_column not in with_prompt_column(dataset, training_args.prompt_column, split).column_names:
         raise UsageError(
@@ -385,25 +397,67 @@ def check_prompt_only(dataset: Dataset, k: int, training_args: DDRLConfig, split
         )
 
 
+#: Where the synthetic references are kept under `--output_dir`, one folder per split and content (`_references_key`).
+SYNTHETIC_REFERENCES_DIR = "synthetic_references"
+
+
 def with_synthetic_references(pipeline, dataset: Dataset, k: int, training_args: DDRLConfig, split: str) -> Dataset:
     """`dataset` (prompts only) with `k` reference images per prompt sampled by the base `pipeline`, exactly as
     `build_synthetic_reference_dataset(pipeline, prompts, images_per_prompt=k, config=training_args)` makes them;
-    each row is repeated `k` times, so its other columns still reach the rewards."""
-    from datasets import concatenate_datasets
+    each row is repeated `k` times, so its other columns still reach the rewards.
 
-    from .data import build_synthetic_reference_dataset, with_prompt_column
+    The main process samples them once and keeps them in `<output_dir>/synthetic_references/<split>-<key>` (written
+    whole or not at all); the other processes, and a resumed or repeated run with the same prompts, model and
+    sampling settings (the key), load that copy: every process trains on the same references, sampled once."""
+    from datasets import concatenate_datasets, load_from_disk
+
+    from .data import build_synthetic_reference_dataset, reference_column_of, with_prompt_column
 
     check_prompt_only(dataset, k, training_args, split)
     dataset = with_prompt_column(dataset, training_args.prompt_column, split)
     prompts = list(dataset[training_args.prompt_column])
-    logger.info("Sampling %d synthetic reference image(s) for each of the %d %s prompts.", k, len(prompts), split)
-    references = build_synthetic_reference_dataset(pipeline, prompts, images_per_prompt=k, config=training_args)
-    column = training_args.reference_column or training_args.image_column or "image"
+    cache = os.path.join(
+        training_args.output_dir,
+        SYNTHETIC_REFERENCES_DIR,
+        f"{split}-{_references_key(pipeline, prompts, k, training_args)}",
+    )
+    with training_args.main_process_first(desc=f"synthetic {split} references"):
+        if os.path.isdir(cache):
+            logger.info("Using the synthetic %s references sampled earlier, in %s.", split, cache)
+            references = load_from_disk(cache)
+        else:
+            logger.info(
+                "Sampling %d synthetic reference image(s) for each of the %d %s prompts.", k, len(prompts), split
+            )
+            references = build_synthetic_reference_dataset(
+                pipeline, prompts, images_per_prompt=k, config=training_args
+            )
+            if training_args.should_save:
+                staging = f"{cache}.tmp"
+                shutil.rmtree(staging, ignore_errors=True)
+                references.save_to_disk(staging)
+                os.replace(staging, cache)
+    column = reference_column_of(dataset, training_args.reference_column)
     references = references.select_columns(["image"])
     if column != "image":
         references = references.rename_column("image", column)
     repeated = dataset.select([row for row in range(len(dataset)) for _ in range(k)])
     return concatenate_datasets([repeated, references], axis=1)
+
+
+def _references_key(pipeline, prompts: list[str], k: int, training_args: DDRLConfig) -> str:
+    """What the synthetic references depend on: the model, the prompts, `k` and the settings they are sampled with."""
+    import hashlib
+
+    settings = ("num_inference_steps", "resolution", "num_frames", "cfg_scale", "negative_prompt", "guidance_scale")
+    settings += ("max_sequence_length", "seed", "bf16", "fp16", "model_init_kwargs")
+    content = {
+        "model": str(getattr(pipeline, "name_or_path", "")),
+        "prompts": prompts,
+        "k": k,
+        **{name: getattr(training_args, name, None) for name in settings},
+    }
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 @contextlib.contextmanager
@@ -440,32 +494,22 @@ def _raised_by_ddrl_trl(err: BaseException) -> bool:
 
 def save_output(trainer: DDRLTrainer, monitor: HackingMonitorCallback | None, output_dir: str) -> str:
     """Save the run's weights to `output_dir`, and return where they are. After a run the monitor stopped for reward
-    hacking, the output is the last good weights (copied from `<output_dir>/last-good`), not the hacked final ones;
-    without last good weights, or when training went on, the final weights (and `save_model`'s warning)."""
+    hacking, the model is given back its last good weights first (`restore_last_good`), so the output, its model
+    card and a `--push_to_hub` upload are those, not the hacked final ones; without last good weights, or when
+    training went on, the final weights are saved (with `save_model`'s warning)."""
     stopped = monitor is not None and monitor.stop_training and monitor.hacking_step is not None
-    last_good = monitor.last_good_path if stopped else None
-    if not (stopped and monitor.last_good_step is not None and last_good and os.path.isdir(last_good)):
-        trainer.save_model(output_dir)
-        return output_dir
-    if trainer.args.should_save:
-        from .weight_files import atomic_directory_update
-
-        with atomic_directory_update(output_dir) as staging:
-            for name in os.listdir(last_good):
-                if name.startswith(".tmp-"):
-                    continue
-                source = os.path.join(last_good, name)
-                copy = shutil.copytree if os.path.isdir(source) else shutil.copy2
-                copy(source, os.path.join(staging, name))
-    trainer.accelerator.wait_for_everyone()
-    logger.warning(
-        "Training stopped: reward hacking was detected at step %d. The weights saved in %s are the last good ones, of "
-        "step %d (copied from %s), not the final step's.",
-        monitor.hacking_step,
-        output_dir,
-        monitor.last_good_step,
-        last_good,
-    )
+    if stopped and monitor.last_good_step is not None and monitor.last_good_path is not None:
+        step = trainer.restore_last_good(monitor)
+        if trainer.is_world_process_zero():
+            logger.warning(
+                "Training stopped: reward hacking was detected at step %d. The weights saved in %s (and pushed, "
+                "with --push_to_hub) are the last good ones, of step %d (from %s), not the final step's.",
+                monitor.hacking_step,
+                output_dir,
+                step,
+                monitor.last_good_path,
+            )
+    trainer.save_model(output_dir)
     return output_dir
 
 

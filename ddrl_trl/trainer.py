@@ -322,7 +322,7 @@ class DDRLTrainer(ReportingMixin, SavingMixin, Trainer):
         the weights are still the base's here, also when resuming: `Trainer.train` loads the checkpoint later)."""
         prepare_output_dir(self.args, resume_from_checkpoint, self.is_world_process_zero())
         self.accelerator.wait_for_everyone()
-        checkpoint = resolve_checkpoint(self.args.output_dir, resume_from_checkpoint)
+        checkpoint = resolve_checkpoint(self.args.output_dir, resume_from_checkpoint, self.is_world_process_zero())
         if checkpoint is not None:
             verify_checkpoint(
                 checkpoint,
@@ -334,7 +334,7 @@ class DDRLTrainer(ReportingMixin, SavingMixin, Trainer):
                 self.args.num_iterations,
             )
             saved_info = check_same_run(checkpoint, run_info(self))
-            self._announce_resume(checkpoint)
+            self._announce_resume(checkpoint, saved_info.get("settings", {}))
             if self.data_beta_control is not None:
                 self.data_beta_control.load_state_dict(saved_info.get(STATE_KEY), checkpoint)
         if not self.reference.available:  # full fine-tuning: the base is gone once training starts
@@ -350,15 +350,40 @@ class DDRLTrainer(ReportingMixin, SavingMixin, Trainer):
             resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
         )
 
-    def _announce_resume(self, checkpoint: str) -> None:
+    def _announce_resume(self, checkpoint: str, saved_settings: dict) -> None:
         """Say which checkpoint resumes at which step, and warn when the run's length changed (the most common
         resume: "train N more steps"), whose learning-rate schedule `_load_optimizer_and_scheduler` rebuilds."""
         step, saved_max_steps = saved_progress(checkpoint)
         args = self.args
-        total = f"{args.max_steps}" if args.max_steps > 0 else f"{args.num_train_epochs:g} epochs"
-        if self.is_world_process_zero():
-            logger.info("Resuming from %s (step %d of %s).", checkpoint, step, total)
-        if args.max_steps > 0 and args.max_steps != saved_max_steps and self.is_world_process_zero():
+        if 0 < args.max_steps <= step:  # Trainer would train a step past max_steps, or return having done nothing
+            raise ValueError(
+                f"{checkpoint} was saved at step {step}, and max_steps is {args.max_steps}: there is nothing left to "
+                f"train. To train longer, raise max_steps (e.g. to {2 * step}); the learning-rate schedule is then "
+                f"rebuilt for the new length."
+            )
+        if not self.is_world_process_zero():
+            return
+        if args.max_steps > 0:
+            logger.info("Resuming from %s (step %d of max_steps=%d).", checkpoint, step, args.max_steps)
+        else:
+            logger.info(
+                "Resuming from %s (step %d; the run's length is num_train_epochs=%g).",
+                checkpoint,
+                step,
+                args.num_train_epochs,
+            )
+        saved_epochs = saved_settings.get("num_train_epochs")
+        if args.max_steps <= 0 and saved_epochs is not None and saved_epochs != args.num_train_epochs:
+            logger.warning(
+                "Resuming %s with num_train_epochs=%g; it was saved by a run of num_train_epochs=%g. The learning-"
+                "rate schedule is rebuilt for the new length and continues at step %d (the result differs from a run "
+                "of that length straight through). The new length is recorded in ddrl_run.json.",
+                checkpoint,
+                args.num_train_epochs,
+                saved_epochs,
+                step,
+            )
+        if args.max_steps > 0 and args.max_steps != saved_max_steps:
             logger.warning(
                 "Resuming %s with max_steps=%d; it was saved by a run of max_steps=%d. The learning-rate schedule is "
                 "rebuilt for %d steps and continues at step %d (steps 1-%d followed the %d-step schedule, so the "
@@ -451,13 +476,6 @@ class DDRLTrainer(ReportingMixin, SavingMixin, Trainer):
         """One DDRL iteration on this process's rows: rollout → reward → advantage (`RolloutCollector`; with
         `num_iterations` > 1 the later iterations over a batch reuse it) → per-step loss and backward."""
         model.train()
-        if 0 < self.args.max_steps <= self.state.global_step:  # resumed at the end: Trainer would train past it
-            raise ValueError(
-                f"The checkpoint resumed was saved at step {self.state.global_step}, and max_steps is "
-                f"{self.args.max_steps}: there is nothing left to train. To train longer, raise max_steps (e.g. "
-                f"--max_steps {2 * self.state.global_step}); the learning-rate schedule is then rebuilt for the new "
-                f"length."
-            )
         if self.state.global_step != self._micro_of_step[0]:  # a new optimiser step: its micro-steps count from 0
             self._micro_of_step = (self.state.global_step, 0)
         micro = self._micro_of_step[1]

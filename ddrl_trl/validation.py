@@ -16,7 +16,7 @@ import math
 import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from datasets import Dataset
@@ -68,6 +68,8 @@ class ValidationResult:
     images: torch.Tensor
     rewards: dict[str, float]
     diversity: float
+    #: The rewards that failed on some sample (raised, or broke the reward contract), on any process.
+    failed: set[str] = field(default_factory=set)
 
 
 class Validator:
@@ -133,6 +135,7 @@ class Validator:
             self.measure_base(trainer_state)
         result = self.run(None, trainer_state)
         metrics = {f"{prefix}_rewards/{name}": value for name, value in result.rewards.items()}
+        metrics.update({f"{prefix}_rewards/{name}/failed": 1.0 for name in sorted(result.failed)})
         metrics[f"{prefix}_diversity"] = result.diversity
         base = self.base.diversity
         metrics[f"{prefix}_diversity_ratio"] = result.diversity / base if base > 0 else float("nan")
@@ -157,7 +160,7 @@ class Validator:
         local = list(range(rank, self.num_rows, processes))
         local += [local[-1] if local else 0] * (per_process - len(local))  # equal counts for the gather
         noise = SeededNoise(stable_seed(args.seed, "validation"), device, self.per_prompt)
-        images, latents, scores = [], [], []
+        images, latents, scores, failed = [], [], [], torch.zeros(len(self.reward_names), device=device)
         for start in range(0, len(local), args.per_device_eval_batch_size):
             rows = local[start : start + args.per_device_eval_batch_size]
             prompts, columns = self.prompts.rows(rows, self.per_prompt)
@@ -178,7 +181,7 @@ class Validator:
                     cfg_scale=args.cfg_scale,
                 )
             context = {"trainer_state": trainer_state if trainer_state is not None else TrainerState()}
-            scores.append(self._score(rollout.images, prompts, columns, context))
+            scores.append(self._score(rollout.images, prompts, columns, context, failed))
             images.append(rollout.images.float())
             latents.append(rollout.states[:, -1].float())
         gathered_rows = self.accelerator.gather(torch.tensor(local, device=device))
@@ -189,11 +192,21 @@ class Validator:
         for name, column in zip(self.reward_names, scores.unbind(dim=1)):
             valid = column[~torch.isnan(column)]
             rewards[name] = valid.mean().item() if len(valid) else float("nan")
-        return ValidationResult(images, rewards, within_prompt_diversity(latents, self.per_prompt).item())
+        failed_anywhere = self.accelerator.reduce(failed, reduction="sum").tolist()  # one verdict on every process
+        failures = {name for name, count in zip(self.reward_names, failed_anywhere) if count > 0}
+        diversity = within_prompt_diversity(latents, self.per_prompt).item()
+        return ValidationResult(images, rewards, diversity, failures)
 
-    def _score(self, images: torch.Tensor, prompts: list[str], columns: dict, context: dict) -> torch.Tensor:
-        """`(B, F)` scores of every reward; a reward that fails (raises, or returns the wrong count or type) scores
-        NaN here with a warning: a measurement is never worth the training run it would abort."""
+    def _score(
+        self, images: torch.Tensor, prompts: list[str], columns: dict, context: dict, failed: torch.Tensor
+    ) -> torch.Tensor:
+        """`(B, F)` scores of every reward (async ones concurrently); a reward that fails (raises, or returns the wrong
+        count or type) scores NaN here with a warning: a measurement is never worth the training run it would abort.
+        After a failure the rewards are called one by one, to find which failed."""
+        try:
+            return compute_rewards(self.reward_funcs, images, prompts, columns, context)
+        except Exception:  # noqa: BLE001 — found and reported reward by reward below
+            pass
         columns_out = []
         for func, name in zip(self.reward_funcs, self.reward_names):
             try:
@@ -211,6 +224,7 @@ class Validator:
                     name,
                 )
                 columns_out.append(torch.full((len(prompts),), float("nan")))
+                failed[self.reward_names.index(name)] = 1.0
         return torch.stack(columns_out, dim=1)
 
 

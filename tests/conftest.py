@@ -4,9 +4,12 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
+import transformers.trainer
 from datasets import Dataset
 from PIL import Image
 
@@ -38,3 +41,26 @@ def reference_videos():
     rng = np.random.default_rng(1)
     videos = [[Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)) for _ in range(9)] for _ in range(6)]
     return Dataset.from_dict({"prompt": PROMPTS * 2, "video": videos})
+
+
+class RecordingHubApi:
+    """Stands in for `huggingface_hub.HfApi`: records the calls and copies the folder that would be uploaded."""
+
+    def __init__(self, capture_dir):
+        self.capture_dir, self.calls = capture_dir, []
+
+    def create_repo(self, repo_id, token=None, private=None, exist_ok=False, **kwargs):
+        self.calls.append(("create_repo", repo_id))
+        return type("RepoUrl", (), {"repo_id": f"someone/{repo_id}"})()
+
+    def upload_folder(self, repo_id, folder_path, ignore_patterns=(), **kwargs):
+        self.calls.append(("upload_folder", repo_id))
+        shutil.copytree(folder_path, self.capture_dir, ignore=shutil.ignore_patterns(*ignore_patterns))
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """The Hub API replaced by a `RecordingHubApi` (the Hub cannot be reached from tests)."""
+    api = RecordingHubApi(tmp_path / "uploaded")
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: api)
+    return api

@@ -32,6 +32,12 @@ def run(tmp_path, reference_dataset, peft_config=None, **kw):
     return make_trainer(tmp_path, reference_dataset, peft_config=peft_config, **{**values, **kw})
 
 
+def resumed(tmp_path, reference_dataset, peft_config=None, **kw):
+    """A trainer resuming the saved runs (checkpoint-2 of a 2-step run) for one more step: resuming a checkpoint saved
+    at max_steps is refused, with nothing left to train."""
+    return run(tmp_path, reference_dataset, peft_config, **{"max_steps": 3, **kw})
+
+
 def trained_weights(trainer) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
 
@@ -86,7 +92,7 @@ def test_a_truncated_file_fails_resume_naming_the_file_and_the_checkpoint(
     out, _ = copy_run(saved_runs, kind, tmp_path)
     damaged = out / "checkpoint-2" / name
     truncate(damaged)
-    trainer = run(tmp_path, reference_dataset, lora() if kind == "lora" else None)
+    trainer = resumed(tmp_path, reference_dataset, lora() if kind == "lora" else None)
     with pytest.raises(CheckpointError) as caught:
         trainer.train(resume_from_checkpoint=True)
     message = str(caught.value)
@@ -107,7 +113,7 @@ def test_an_incomplete_checkpoint_is_refused(tmp_path, reference_dataset, saved_
     """transformers would skip a missing optimizer/scheduler pair silently and resume with fresh Adam moments."""
     out, _ = copy_run(saved_runs, "lora", tmp_path)
     (out / "checkpoint-2" / name).unlink()
-    trainer = run(tmp_path, reference_dataset, lora())
+    trainer = resumed(tmp_path, reference_dataset, lora())
     expected = f"lacks {name} \\({what}\\)" if what else f"has no {name}"
     with pytest.raises(CheckpointError, match=rf"Checkpoint .*checkpoint-2 (is incomplete: it )?{expected}"):
         trainer.train(resume_from_checkpoint=True)
@@ -144,7 +150,7 @@ def test_non_finite_weights_or_optimizer_state_in_a_checkpoint_are_refused(
     with pytest.raises(
         CheckpointError, match=rf"{re.escape(str(weights_file))} .* holds non-finite values .*{re.escape(key)}"
     ):
-        run(tmp_path, reference_dataset, lora()).train(resume_from_checkpoint=True)
+        resumed(tmp_path, reference_dataset, lora()).train(resume_from_checkpoint=True)
 
     optimizer_file = out / "checkpoint-1" / "optimizer.pt"
     state = torch.load(optimizer_file, weights_only=True)
@@ -163,13 +169,13 @@ def test_a_checkpoint_of_another_model_or_adapter_is_refused_and_changed_setting
         match=r"checkpoint-2 was written by another run \(lora: checkpoint .*'r': 4"
         r".* this run .*'r': 8",
     ):
-        run(tmp_path, reference_dataset, LoraConfig(r=8, lora_alpha=16)).train(resume_from_checkpoint=True)
+        resumed(tmp_path, reference_dataset, LoraConfig(r=8, lora_alpha=16)).train(resume_from_checkpoint=True)
     with pytest.raises(
         CheckpointError,
         match=r"another run \(pipeline: checkpoint 'StableDiffusionPipeline', this "
         r"run 'StableDiffusionXLPipeline'",
     ):
-        run(tmp_path, reference_dataset, lora(), pipeline=tiny_sdxl_pipeline()).train(resume_from_checkpoint=True)
+        resumed(tmp_path, reference_dataset, lora(), pipeline=tiny_sdxl_pipeline()).train(resume_from_checkpoint=True)
     # without the run record (an older checkpoint), the LoRA file's own config still catches a strength mismatch
     (out / "checkpoint-2" / "ddrl_run.json").unlink()
     with pytest.raises(
@@ -177,7 +183,7 @@ def test_a_checkpoint_of_another_model_or_adapter_is_refused_and_changed_setting
         match=r"holds a LoRA of another shape or strength .*lora_alpha: file 16, "
         r"trainer 8",
     ):
-        run(tmp_path, reference_dataset, LoraConfig(r=4, lora_alpha=8)).train(resume_from_checkpoint=True)
+        resumed(tmp_path, reference_dataset, LoraConfig(r=4, lora_alpha=8)).train(resume_from_checkpoint=True)
     # the same model with other settings resumes, saying what changed
     monkeypatch.undo()
     out2, _ = copy_run(saved_runs, "lora", tmp_path / "again")
@@ -289,7 +295,7 @@ def test_resume_with_a_longer_run_says_so_and_rebuilds_the_lr_schedule(
     """The most common resume, "train 2 more steps": the first resumed step trains at the new schedule's rate, not
     at the old one's end (0 for the linear decay); the resume and the new length are said, and recorded."""
     out, _ = copy_run(saved_runs, "lora", tmp_path)  # saved at step 2 of max_steps=2
-    with pytest.raises(ValueError, match=r"resumed was saved at step 2, and max_steps is 2: there is nothing left"):
+    with pytest.raises(ValueError, match=r"checkpoint-2 was saved at step 2, and max_steps is 2: there is nothing"):
         run(tmp_path, reference_dataset, lora()).train(resume_from_checkpoint=True)  # Trainer would train a step 3
 
     class LearningRates(TrainerCallback):
@@ -306,7 +312,7 @@ def test_resume_with_a_longer_run_says_so_and_rebuilds_the_lr_schedule(
     logged = [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h and h["step"] > 2]
     assert logged == pytest.approx([5e-3, 2.5e-3], rel=1e-6)
     messages = [r.getMessage() for r in caplog.records]
-    assert f"Resuming from {out / 'checkpoint-2'} (step 2 of 4)." in messages
+    assert f"Resuming from {out / 'checkpoint-2'} (step 2 of max_steps=4)." in messages
     assert any("with max_steps=4; it was saved by a run of max_steps=2" in m for m in messages)
     assert not any("changed settings" in m for m in messages)  # the length is not a "changed setting"
     saved = json.loads((out / "checkpoint-4" / "ddrl_run.json").read_text())

@@ -6,9 +6,9 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
+import torch
 from datasets import Dataset, DatasetDict
 
 from ddrl_trl.families import FAMILY_DEFAULTS
@@ -92,6 +92,17 @@ def test_bad_data_and_config_files_give_one_line_naming_the_flag(folders, capsys
     (tmp / "pipe" / "model_index.json").write_text('{"unet": ["diffusers", "UNet2DConditionModel"]}')
     line = error_line(capsys, ["--model_name_or_path", str(tmp / "pipe"), "--reward_funcs", "brightness"])
     assert "names no pipeline class" in line and "_class_name" in line and "--family" in line
+
+
+def test_resuming_a_finished_run_is_one_line_naming_max_steps(folders, capsys):
+    """A restartable job run again after it finished: its newest checkpoint is at --max_steps, nothing is left to
+    train (transformers would train one step past it): one line naming the flags, before the model loads."""
+    checkpoint = folders / "out" / "checkpoint-4"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text('{"global_step": 4, "max_steps": 4}')
+    line = error_line(capsys, base_args(folders, "--resume_from_checkpoint", "latest", "--max_steps", "4"))
+    assert f"--resume_from_checkpoint: {checkpoint} was saved at step 4, and --max_steps is 4" in line
+    assert "Raise --max_steps (e.g. to 8)" in line
 
 
 def test_bad_rewards_give_one_line_naming_the_flag(folders, capsys):
@@ -225,11 +236,13 @@ def test_hacking_monitor_flags_build_the_callback_main_passes_to_the_trainer(fol
 
     flags = ["--hacking_monitor", "--hacking_threshold", "1.2", "--hacking_watch", "loss_ratio", "diversity"]
     flags += ["--hacking_eval_steps", "7", "--hacking_stop_training", "--hacking_min_diversity_ratio", "0.4"]
+    flags += ["--hacking_last_good_dir", "best-so-far"]
     parsed = make_parser("sd").parse_args_and_config(args=base_args(folders, *flags)[2:])
     monitor = hacking_monitor(parsed[-1])
     assert isinstance(monitor, HackingMonitorCallback)
     assert (monitor.threshold, monitor.eval_steps, monitor.stop_training) == (1.2, 7, True)
     assert monitor.watch == ("loss_ratio", "diversity") and monitor.min_diversity_ratio == 0.4
+    assert monitor.last_good_dir == "best-so-far"
     assert hacking_monitor(make_parser("sd").parse_args_and_config(args=[])[-1]) is None  # off by default
 
     built = {}
@@ -264,47 +277,46 @@ def test_hacking_monitor_flags_build_the_callback_main_passes_to_the_trainer(fol
     assert "--hacking_watch loss_ratio needs held-out data" in line and "--dataset_test_split" in line
 
 
-def test_a_run_stopped_for_hacking_saves_its_last_good_weights_and_save_model_warns(tmp_path, caplog):
-    """After the monitor stopped a run, the output is the last good weights (copied from last-good); a save of
-    weights from after hacking was detected warns, naming the step and the last good folder."""
-    from ddrl_trl.callbacks import HackingMonitorCallback
-    from ddrl_trl.saving import SavingMixin
+def test_a_run_stopped_for_hacking_saves_and_pushes_its_last_good_weights(tmp_path, reference_dataset, hub, caplog):
+    """A run the monitor stopped (full fine-tuning pushed to hack on purpose): the script's output, its model card and
+    the Hub upload are the last good weights, not the final ones; a save of the final weights warns."""
+    from safetensors.torch import load_file
+    from test_hacking_monitor import hacking_trainer
+
+    from ddrl_trl import HackingMonitorCallback
     from ddrl_trl.scripts import save_output
 
+    monitor = HackingMonitorCallback(threshold=1.15, eval_steps=1, stop_training=True)
+    trainer = hacking_trainer(tmp_path, reference_dataset, monitor)
+    trainer.train()
     out = tmp_path / "out"
-    (out / "last-good").mkdir(parents=True)
-    (out / "last-good" / "pytorch_lora_weights.safetensors").write_bytes(b"step 4")
-    (out / "last-good" / "ddrl_run.json").write_text("{}")
-    saved = []
-    trainer = SimpleNamespace(
-        args=SimpleNamespace(output_dir=str(out), should_save=True),
-        state=SimpleNamespace(global_step=6),
-        accelerator=SimpleNamespace(wait_for_everyone=lambda: None),
-        save_model=saved.append,
-    )
-    monitor = HackingMonitorCallback(stop_training=True)
-    monitor.trainer, monitor.last_good_step, monitor.hacking_step = trainer, 4, 6
-    trainer.callback_handler = SimpleNamespace(callbacks=[monitor])
-    with caplog.at_level("WARNING"):
-        assert save_output(trainer, monitor, str(out)) == str(out)
-    assert (out / "pytorch_lora_weights.safetensors").read_bytes() == b"step 4" and not saved
-    assert "the last good ones, of step 4" in caplog.text
-    monitor.stop_training = False  # training went on: its final weights are the output, saved by save_model
-    save_output(trainer, monitor, str(out))
-    assert saved == [str(out)]
-    caplog.clear()
+    assert monitor.hacking_step == trainer.state.global_step and monitor.last_good_step == monitor.hacking_step - 1
     with caplog.at_level("WARNING", logger="ddrl_trl.saving"):
-        SavingMixin._warn_if_saving_hacked_weights(trainer, str(out))
-        SavingMixin._warn_if_saving_hacked_weights(trainer, str(out / "last-good"))  # the monitor's own save
-    (warning,) = [r.getMessage() for r in caplog.records]
-    assert "weights of step 6, from after reward hacking was detected at step 6" in warning
-    assert f"the last good weights (step 4) are in {out / 'last-good'}" in warning
+        trainer.save_model(str(tmp_path / "final"))  # the hacked final weights, saved on purpose: warned
+    assert f"the last good weights (step {monitor.last_good_step}) are in {out / 'last-good'}" in caplog.text
+    final = load_file(tmp_path / "final" / "unet" / "diffusion_pytorch_model.safetensors")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        save_output(trainer, monitor, str(out))
+        trainer.push_to_hub()  # transformers saves the model in memory again before uploading
+    assert f"are the last good ones, of step {monitor.last_good_step}" in caplog.text
+    assert "from after reward hacking was detected" not in caplog.text
+    good = load_file(out / "last-good" / "unet" / "diffusion_pytorch_model.safetensors")
+    for folder in (out, hub.capture_dir):
+        saved = load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+        assert saved.keys() == good.keys() and all(torch.equal(saved[k], good[k]) for k in good), folder
+    assert any(not torch.equal(final[k], good[k]) for k in good)  # the final weights were other
+    card = (hub.capture_dir / "README.md").read_text()
+    assert f"reward hacking suspected at step {monitor.hacking_step}" in card
+    assert f"The weights here are those last good ones, of step {monitor.last_good_step}" in card
 
 
-def test_prompt_only_data_train_on_synthetic_references(tmp_path, capsys):
+def test_prompt_only_data_train_on_synthetic_references(tmp_path, capsys, monkeypatch):
     """`--synthetic_references_per_prompt 2` on a dataset of prompts only: the base pipeline (loaded once) samples 2
     references per prompt, the run trains 2 steps and says where the weights are."""
-    from ddrl_trl.scripts import train_command
+    from datasets import load_from_disk
+
+    from ddrl_trl.scripts import train_command, with_synthetic_references
     from ddrl_trl.testing import tiny_sd_pipeline
 
     tiny_sd_pipeline().save_pretrained(tmp_path / "pipe")
@@ -344,6 +356,22 @@ def test_prompt_only_data_train_on_synthetic_references(tmp_path, capsys):
     assert any("loss/data" in entry for entry in trainer.state.log_history)  # the data term trained on them
     assert f"weights saved to {tmp_path / 'out'}" in capsys.readouterr().out
     tiny_sd_pipeline().load_lora_weights(str(tmp_path / "out"))
+    # sampled once (by the main process) and kept whole in output_dir: the other processes, and a resumed run, load
+    # that copy instead of sampling again
+    (kept,) = (tmp_path / "out" / "synthetic_references").iterdir()
+    assert kept.name.startswith("training-") and len(load_from_disk(str(kept))) == 4
+    import ddrl_trl.data
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("the references were sampled again")
+
+    monkeypatch.setattr(ddrl_trl.data, "build_synthetic_reference_dataset", no_sampling)
+    prompts = Dataset.from_dict({"prompt": ["a red cat", "a blue dog"], "label": [0, 1]})
+    again = with_synthetic_references(trainer.pipeline, prompts, 2, trainer.args, "training")
+    assert again["prompt"] == ["a red cat", "a red cat", "a blue dog", "a blue dog"]
+    assert [list(i.getdata()) for i in again["image"]] == [
+        list(i.getdata()) for i in load_from_disk(str(kept))["image"]
+    ]
 
 
 def test_model_revision_on_the_command_line_is_kept(monkeypatch, tmp_path):

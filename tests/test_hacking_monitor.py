@@ -4,6 +4,7 @@ weights."""
 import logging
 import math
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -173,8 +174,10 @@ def test_an_unwritable_last_good_dir_fails_when_the_trainer_is_built(tmp_path, r
     (tmp_path / "out" / "last-good").write_text("a file where the folder should go")
     with pytest.raises(
         ValueError,
-        match=rf"cannot write the last good weights to '{re.escape(str(tmp_path / 'out' / 'last-good'))}' .* "
-        r"Set last_good_dir to a folder under output_dir that can be written \(now 'last-good'\)",
+        match=rf"last_good_dir '{re.escape(str(tmp_path / 'out' / 'last-good'))}' cannot be written .* "
+        r"HackingMonitorCallback's last good weights would be lost at the first good evaluation\. Choose a folder you "
+        r"can write to for last_good_dir \(--hacking_last_good_dir\), under output_dir \(now 'last-good'\), or None "
+        r"to not keep them\.",
     ):
         make_trainer(
             tmp_path,
@@ -199,12 +202,101 @@ def never_scores(images, prompts, **kwargs):
     return [None] * len(prompts)
 
 
+class _StubTrainer:
+    """What `HackingMonitorCallback.assess` / `on_evaluate` read of a trainer: the evaluation rewards' names, the base
+    model's validation rewards, and `log`."""
+
+    def __init__(self, base_rewards):
+        self.eval_reward_names = list(base_rewards)
+        self.validator = SimpleNamespace(base=SimpleNamespace(rewards=dict(base_rewards)))
+        self.logged = []
+
+    def log(self, logs):
+        self.logged.append(logs)
+
+
+def test_a_judge_that_scored_the_base_but_none_of_the_models_samples_trips_the_eval_rewards_signal(caplog):
+    """Unit level, no model. Before, an evaluation reward that scored the base model's validation samples but none of
+    the model's only counted as unmeasured; a judge that can no longer score the policy's images is itself a sign of
+    hacking, so now the signal trips, naming the reward and the base's score. Without a base score there is nothing to
+    compare with: still unmeasured, warned about, never good."""
+    monitor = HackingMonitorCallback(watch="eval_rewards", last_good_dir=None)
+    monitor.trainer = _StubTrainer({"judge": 0.93, "other": 0.5})
+    reasons, measured, unmeasured = monitor.assess({"eval_rewards/judge": math.nan, "eval_rewards/other": 0.5})
+    assert reasons == [
+        "the evaluation reward 'judge' scored none of the model's validation samples (it scored the base "
+        "model's: 0.93)"
+    ]
+    assert measured == {"eval_rewards"} and unmeasured == []
+    reasons, _, unmeasured = monitor.assess({"eval_rewards/judge": math.inf, "eval_rewards/other": 0.5})
+    assert reasons == [
+        "the evaluation reward 'judge' is inf on the model's validation samples (not a finite number; the base "
+        "model's: 0.93)"
+    ]
+    assert unmeasured == []
+    # a judge that failed (raised: an outage, not a verdict; validation logs NaN and `/failed`) is unmeasured
+    failed = {"eval_rewards/judge": math.nan, "eval_rewards/judge/failed": 1.0, "eval_rewards/other": 0.5}
+    reasons, measured, unmeasured = monitor.assess(failed)
+    assert reasons == [] and measured == set()
+    assert unmeasured == ["eval_rewards: 'judge' failed on the validation samples (see the warning naming it)"]
+    # the base unmeasured: nothing to compare with, whatever the model scored
+    monitor.trainer.validator.base.rewards["judge"] = math.nan
+    for now, whose in ((0.9, "none of the base model's"), (math.nan, "neither the model's nor the base model's")):
+        reasons, measured, unmeasured = monitor.assess({"eval_rewards/judge": now, "eval_rewards/other": 0.5})
+        assert reasons == [] and measured == set()
+        assert unmeasured == [
+            f"eval_rewards: 'judge' scored {whose} validation samples (every score None, NaN or ±inf)"
+        ]
+    # through on_evaluate: the trip is logged as detected and stops a monitor that stops
+    stopper = HackingMonitorCallback(watch="eval_rewards", last_good_dir=None, stop_training=True)
+    stopper.trainer = _StubTrainer({"judge": 0.93})
+    state, control = SimpleNamespace(global_step=4), SimpleNamespace(should_training_stop=False)
+    with caplog.at_level(logging.WARNING):
+        stopper.on_evaluate(None, state, control, {"eval_rewards/judge": math.nan})
+    assert stopper.hacking_step == 4 and control.should_training_stop and stopper.last_good_step is None
+    assert stopper.trainer.logged == [
+        {"hacking/detected": 1.0, "hacking/unmeasured": 0.0, "hacking/last_good_step": -1.0}
+    ]
+    assert "scored none of the model's validation samples (it scored the base model's: 0.93)" in caplog.text
+
+
+def test_the_last_good_dir_write_check_names_the_setting_and_its_flag_and_leaves_no_folder(tmp_path):
+    """Unit level: the monitor reuses `resume.check_output_dir_writable`, whose message names the setting and its CLI
+    flag; `keep_created=False` removes again every folder it created, output_dir's own default keeps it."""
+    from ddrl_trl.resume import check_output_dir_writable
+
+    check_output_dir_writable(str(tmp_path / "a" / "b" / "c"), keep_created=False)
+    assert list(tmp_path.iterdir()) == []
+    check_output_dir_writable(str(tmp_path / "out"))
+    assert (tmp_path / "out").is_dir() and list((tmp_path / "out").iterdir()) == []
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(
+        ValueError,
+        match=r"^output_dir '.*a-file/out' cannot be written \(.*\): checkpoints and weights would be lost at the "
+        r"first save\. Choose a folder you can write to for output_dir \(--output_dir\)\.$",
+    ):
+        check_output_dir_writable(str(tmp_path / "a-file" / "out"))
+    monitor = HackingMonitorCallback(last_good_dir="a-file/last-good", watch="diversity")
+    trainer = SimpleNamespace(
+        eval_dataset=None,
+        validator=object(),
+        eval_reward_names=[],
+        args=SimpleNamespace(output_dir=str(tmp_path), should_save=True),
+    )
+    with pytest.raises(
+        ValueError, match=r"^last_good_dir '.*a-file/last-good' cannot be written .*\(--hacking_last_good"
+    ):
+        monitor.bind(trainer)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "out"]
+
+
 def test_a_watched_signal_that_cannot_be_measured_is_warned_about_logged_and_never_good(
     tmp_path, reference_dataset, caplog
 ):
-    """watch=("eval_rewards",) with a judge that scores no sample: before, nothing was logged and nothing warned (the
-    run looked watched). Now the evaluation warns naming the signal and why, logs hacking/unmeasured, and does not
-    become the last good one; likewise a diversity ratio that is NaN because the base model had no diversity."""
+    """watch=("eval_rewards",) with a judge that scores no sample, the base model's neither: before, nothing was logged
+    and nothing warned (the run looked watched). Now the evaluation warns naming the signal and why, logs
+    hacking/unmeasured, and does not become the last good one; likewise a diversity ratio that is NaN because the base
+    model had no diversity. A judge that scored the base's samples but none of the model's trips the signal."""
     monitor = HackingMonitorCallback(watch=("eval_rewards",), eval_steps=1)
     trainer = make_trainer(
         tmp_path,
@@ -230,15 +322,19 @@ def test_a_watched_signal_that_cannot_be_measured_is_warned_about_logged_and_nev
     ]
     assert monitor.last_good_step is None and monitor.unmeasured_steps == [0]
     assert not (tmp_path / "out" / "last-good").exists()
-    # the base scored, the model did not: still unmeasured, named as the model's
+    # the base scored, the model did not: the judge can no longer score the policy's images, which trips the signal
     trainer.validator.base.rewards["never_scores"] = 0.5
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         monitor.on_evaluate(trainer.args, trainer.state, trainer.control, metrics)
     assert any(
-        "'never_scores' scored none of the model's validation samples" in r.getMessage() for r in caplog.records
+        "Reward hacking suspected at step 0: the evaluation reward 'never_scores' scored none of the model's "
+        "validation samples (it scored the base model's: 0.5)" in r.getMessage()
+        for r in caplog.records
     )
-    assert monitor.last_good_step is None and monitor.hacking_step is None
+    assert not any("could not measure" in r.getMessage() for r in caplog.records)
+    assert monitor.last_good_step is None and monitor.hacking_step == 0
+    assert trainer.state.log_history[-1]["hacking/detected"] == 1.0
     # diversity: NaN ratio because the base's samples had none
     diversity = HackingMonitorCallback(watch="diversity", last_good_dir=None)
     diversity.bind(trainer)

@@ -1,38 +1,12 @@
 """`trainer.push_to_hub()`: what would be uploaded (the Hub API is replaced by a recorder; the Hub cannot be
 reached)."""
 
-import shutil
-
-import pytest
 import torch
-import transformers.trainer
 import yaml
 from PIL import Image
 from test_trainer import assert_reloads_to_trained_outputs, lora, make_trainer
 
 from ddrl_trl.testing import tiny_sd_pipeline
-
-
-class RecordingHubApi:
-    """Stands in for `huggingface_hub.HfApi`: records the calls and copies the folder that would be uploaded."""
-
-    def __init__(self, capture_dir):
-        self.capture_dir, self.calls = capture_dir, []
-
-    def create_repo(self, repo_id, token=None, private=None, exist_ok=False, **kwargs):
-        self.calls.append(("create_repo", repo_id))
-        return type("RepoUrl", (), {"repo_id": f"someone/{repo_id}"})()
-
-    def upload_folder(self, repo_id, folder_path, ignore_patterns=(), **kwargs):
-        self.calls.append(("upload_folder", repo_id))
-        shutil.copytree(folder_path, self.capture_dir, ignore=shutil.ignore_patterns(*ignore_patterns))
-
-
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
-    api = RecordingHubApi(tmp_path / "uploaded")
-    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: api)
-    return api
 
 
 def front_matter(readme: str) -> dict:
@@ -108,17 +82,12 @@ def test_a_readme_the_user_wrote_is_never_overwritten(tmp_path, reference_datase
 def test_training_writes_a_complete_model_card_into_output_dir(tmp_path, reference_dataset, monkeypatch):
     """As TRL: README.md in output_dir at every checkpoint and at save_model(), with the real path to load from, no
     template TODO, the evaluation rewards and the monitor's verdict in its table; curves drawn without offsets."""
-    import matplotlib.pyplot as plt
-
     from ddrl_trl import HackingMonitorCallback
     from ddrl_trl.model_card import curves
 
     def judge(images, prompts, **kwargs):
         return (1 - images.flatten(1).mean(1)).tolist()
 
-    figures = []
-    close = plt.close
-    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig) or close(fig))
     monitor = HackingMonitorCallback(eval_steps=1, watch=("loss_ratio", "eval_rewards"))
     trainer = make_trainer(
         tmp_path,
@@ -149,7 +118,20 @@ def test_training_writes_a_complete_model_card_into_output_dir(tmp_path, referen
     assert ("eval_rewards/judge", "judge on validation samples (not trained on: should hold)") in curves(trainer)
     assert {"training_curves.png", "validation.png", "image_0.png"} <= {p.name for p in out.iterdir()}
     assert not list(out.glob("*.tmp"))
-    figure = figures[-1]
-    figure.canvas.draw()
-    offsets = [ax.yaxis.get_major_formatter().get_offset() for ax in figure.axes]
-    assert len(offsets) >= 5 and offsets == [""] * len(offsets)  # plain tick labels, no "+1e-16" offset
+
+
+def test_curves_are_drawn_with_plain_tick_labels(tmp_path, monkeypatch):
+    """A near-constant curve (a reward moving in its 7th digit, a fixed data_beta) is labelled with its values, not
+    with matplotlib's offset notation ("1e-7 + 2.500001e-1")."""
+    import matplotlib.pyplot as plt
+
+    from ddrl_trl.model_card import _plot_curves
+
+    figures, close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig) or close(fig))
+    history = [{"step": step, "reward": 0.25 + 1e-7 * step, "data_beta": 0.3} for step in range(1, 6)]
+    assert _plot_curves([("reward", "reward"), ("data_beta", "data_beta (fixed at 0.3)")], history, tmp_path / "c.png")
+    figures[-1].canvas.draw()
+    assert [ax.yaxis.get_major_formatter().get_offset() for ax in figures[-1].axes] == ["", ""]
+    assert [ax.get_title() for ax in figures[-1].axes] == ["reward", "data_beta (fixed at 0.3)"]
+    assert (tmp_path / "c.png").stat().st_size > 1000 and not list(tmp_path.glob("*.tmp"))

@@ -567,6 +567,31 @@ def test_a_short_token_file_is_refused_in_one_line_with_exit_code_2(tmp_path, ca
     assert server_module.read_token_file(str(token_file)) == "x" * 16
 
 
+def test_every_way_of_starting_the_server_refuses_a_short_token(monkeypatch):
+    """Before, only `read_token_file` (the CLI) enforced the 16-character minimum: `create_app(...)` and
+    `serve(token=...)` took a 1-character token. Now `create_app` refuses it, with the token file's message, so
+    `serve` fails before uvicorn starts."""
+    import uvicorn
+
+    import ddrl_trl.service.server as server_module
+
+    def run(*args, **kwargs):
+        raise AssertionError("uvicorn started with a one-character token")
+
+    monkeypatch.setattr(uvicorn, "run", run)
+    for short in ("x", "y" * 15):
+        with pytest.raises(ValueError) as refused:
+            server_module.create_app(brightness, short)
+        message = str(refused.value)
+        assert message.startswith(f"The reward server's token (token=) holds a {len(short)}-character token: ")
+        assert "use at least 16 characters" in message and "secrets.token_urlsafe(32)" in message
+    with pytest.raises(ValueError, match="holds a 1-character token: use at least 16 characters"):
+        server_module.serve(brightness, "x", "127.0.0.1", 0)
+    with pytest.raises(ValueError, match="is empty"):
+        server_module.create_app(brightness, "")
+    assert server_module.create_app(brightness, "z" * 16) is not None
+
+
 def test_the_client_never_sleeps_past_its_timeout_for_retry_after_and_keeps_the_servers_reason(server):
     """Before: a stuck server's Retry-After of 30 s was honoured past RemoteReward(timeout=2)."""
     srv = server("remote_rewards:sleeps_on_hang", "--batch-timeout-s", "0.5", "--max-stuck-batches", "1")

@@ -306,7 +306,7 @@ def test_checkpoints_and_tensorboard_images(tmp_path, reference_dataset):
         save_strategy="steps",
         save_steps=1,
         report_to="tensorboard",
-        log_sample_images_steps=1,
+        log_sample_images_steps=2,
         num_sample_images=4,
         validation_prompts=["a red cat", "a blue dog"],  # sampled at every step: the "validation" grid
         validation_images_per_prompt=2,
@@ -327,9 +327,12 @@ def test_checkpoints_and_tensorboard_images(tmp_path, reference_dataset):
         acc = EventAccumulator(run_dir, size_guidance={"images": 0, "scalars": 0})
         acc.Reload()
         images.update(acc.Tags()["images"])
+        if "samples" in acc.Tags()["images"]:
+            sample_steps = [event.step for event in acc.Images("samples")]
         for tag in acc.Tags()["scalars"]:
             scalars.setdefault(tag, []).extend(event.step for event in acc.Scalars(tag))
     assert {"samples", "validation"} <= images
+    assert sample_steps == [2]  # every 2 steps: step 2's rollouts, at the step whose training log has their rewards
     assert scalars["train/loss"] == scalars["train/reward"] == [1, 2]  # the trackers got every training log
     assert scalars["eval/diversity"] == [1, 2]
 

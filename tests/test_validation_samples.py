@@ -165,6 +165,8 @@ def test_monitor_acts_on_falling_eval_rewards_and_collapsing_diversity(tmp_path,
         monitor.on_evaluate(args, state, control, {**metrics, "eval_rewards/darkness": base * 0.8})
         assert monitor.hacking_step == 5 and control.should_training_stop
         monitor.on_evaluate(args, state, control, {**metrics, "eval_diversity_ratio": 0.3})
+        # a judge that scored the base's samples but none of the model's: hacking, not "unmeasured"
+        monitor.on_evaluate(args, state, control, {**metrics, "eval_rewards/darkness": float("nan")})
     # a validation without the held-out loss cannot show a run watched on both to be good
     both = HackingMonitorCallback(watch=("loss_ratio", "diversity"), last_good_dir=None)
     both.bind(validating_trainer(tmp_path / "both", eval_dataset=_dataset()))
@@ -175,6 +177,11 @@ def test_monitor_acts_on_falling_eval_rewards_and_collapsing_diversity(tmp_path,
     warnings = [r.getMessage() for r in caplog.records if "Reward hacking suspected" in r.getMessage()]
     assert "the evaluation reward 'darkness' fell to" in warnings[0] and "(more than 10%)" in warnings[0]
     assert "diversity is 0.30× the base model's (minimum 0.50)" in warnings[1]
+    assert (
+        f"the evaluation reward 'darkness' scored none of the model's validation samples (it scored the base model's: "
+        f"{base:.4g})" in warnings[2]
+    )
+    assert not any("could not measure" in r.getMessage() for r in caplog.records)
     with pytest.raises(ValueError, match="no eval_reward_funcs"):
         make_trainer(
             tmp_path,
@@ -200,7 +207,8 @@ def test_model_card_shows_the_validation_gallery(tmp_path):
 
 def test_a_failing_evaluation_reward_or_a_full_disk_never_costs_the_checkpoint(tmp_path, caplog, monkeypatch):
     """At the last step an evaluation reward raises, another returns the wrong count and the disk is full for the
-    grid: the step's checkpoint is still written, the rewards log NaN with a warning naming them, no `.tmp` stays."""
+    grid and the model card: every checkpoint is still written, the rewards log NaN with a warning naming them, the
+    grid and the card a warning each, no `.tmp` stays."""
 
     def flaky(prompts, completions, trainer_state, **kwargs):
         if trainer_state.global_step == 2:
@@ -220,6 +228,12 @@ def test_a_failing_evaluation_reward_or_a_full_disk_never_costs_the_checkpoint(t
         return save(image, fp, *args, **kwargs)
 
     monkeypatch.setattr(Image.Image, "save", full_disk)
+    from matplotlib.figure import Figure
+
+    def no_space(*args, **kwargs):  # the model card written with each checkpoint: its curves' image
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", no_space)
     trainer = make_trainer(
         tmp_path,
         _dataset(),
@@ -237,10 +251,15 @@ def test_a_failing_evaluation_reward_or_a_full_disk_never_costs_the_checkpoint(t
     last = [h for h in trainer.state.log_history if "eval_rewards/flaky" in h][-1]
     assert last["step"] == 2 and np.isnan(last["eval_rewards/flaky"]) and np.isnan(last["eval_rewards/short"])
     assert not np.isnan(last["eval_rewards/brightness_reward"])
+    # the failures are logged as such (the hacking monitor reads them as unmeasured, not as a hacked judge)
+    assert last["eval_rewards/flaky/failed"] == last["eval_rewards/short/failed"] == 1.0
+    assert "eval_rewards/brightness_reward/failed" not in last
     messages = " ".join(r.getMessage() for r in caplog.records)
     assert "reward 'flaky' failed on the validation samples (RuntimeError: judge server down)" in messages
     assert "reward 'short' failed on the validation samples (ValueError" in messages
     assert f"Could not write the validation grid {out / 'validation' / 'step-000002.png'}" in messages
+    assert f"Could not write the model card in {out} (OSError: [Errno 28] No space left on device)" in messages
+    assert (out / "checkpoint-1").is_dir() and not list(out.glob("*.tmp"))
     assert sorted(p.name for p in (out / "validation").iterdir()) == []  # no half-written grid, no .tmp
 
 

@@ -140,8 +140,9 @@ def count_json_values(body: bytes) -> int:
 
 
 def create_app(reward_fn: Callable, token: str, limits: ServerLimits | None = None) -> FastAPI:
-    """The FastAPI app serving `reward_fn` behind bearer `token` (uvicorn runs it; tests too)."""
-    check_token(token, "the reward server's token")
+    """The FastAPI app serving `reward_fn` behind bearer `token` (uvicorn runs it; tests too). `token` must be at
+    least `MIN_TOKEN_CHARS` characters of printable ASCII (`ValueError` otherwise), whichever way the server starts."""
+    check_server_token(token, "the reward server's token (token=)")
     limits = limits or ServerLimits()
     name = reward_name(reward_fn)
     state = _State()
@@ -517,12 +518,25 @@ class RedactQueryStrings(logging.Filter):
 
 #: The shortest bearer token the server accepts: a short one can be guessed (the server does not limit attempts).
 MIN_TOKEN_CHARS = 16
+#: How to make a good token (43 characters).
+MAKE_TOKEN = 'python -c "import secrets; print(secrets.token_urlsafe(32))"'
+
+
+def check_server_token(token: str, source: str, make_one: str = f"`{MAKE_TOKEN}`") -> None:
+    """Raise `ValueError` naming `source` unless `token` can be a bearer token (`wire.check_token`) and is at least
+    `MIN_TOKEN_CHARS` characters long; `make_one` says how to make one."""
+    check_token(token, source)
+    if len(token) < MIN_TOKEN_CHARS:
+        raise ValueError(
+            f"{source[:1].upper()}{source[1:]} holds a {len(token)}-character token: use at least {MIN_TOKEN_CHARS} "
+            f"characters, a random secret that cannot be guessed, e.g. {make_one} (43 characters)."
+        )
 
 
 def read_token_file(path: str) -> str:
     """The bearer token in `path` (surrounding whitespace stripped); a clear error if missing, empty, unusable or
-    shorter than `MIN_TOKEN_CHARS`."""
-    make_one = f'`python -c "import secrets; print(secrets.token_urlsafe(32))" > {path}`'
+    shorter than `MIN_TOKEN_CHARS` (checked here, before the reward model loads, and again by `create_app`)."""
+    make_one = f"`{MAKE_TOKEN} > {path}`"
     try:
         with open(path, encoding="utf-8") as file:
             token = file.read().strip()
@@ -530,12 +544,7 @@ def read_token_file(path: str) -> str:
         raise ValueError(
             f"Cannot read the token file {path!r} ({err}). Write a secret into it, e.g. {make_one}."
         ) from err
-    check_token(token, f"the token file {path!r}")
-    if len(token) < MIN_TOKEN_CHARS:
-        raise ValueError(
-            f"The token file {path!r} holds a {len(token)}-character token: use at least {MIN_TOKEN_CHARS} "
-            f"characters, a random secret that cannot be guessed, e.g. {make_one} (43 characters)."
-        )
+    check_server_token(token, f"the token file {path!r}", make_one)
     return token
 
 
