@@ -150,11 +150,6 @@ class HackingMonitorCallback(TrainerCallback):
                 "trained on): pass eval_reward_funcs=[...] to DDRLTrainer, or drop 'eval_rewards' from watch."
             )
 
-    @staticmethod
-    def check_eval_data(eval_dataset) -> None:
-        """Deprecated: `check_inputs` checks every watched signal. Raises when there is no held-out data."""
-        HackingMonitorCallback().check_inputs(eval_dataset, validation=False, eval_reward_names=[])
-
     def bind(self, trainer) -> None:
         """Called by `DDRLTrainer` when the callback is given to it: the monitor saves through the trainer. Checks,
         before any training, that the last good weights can be written under `output_dir` (on the saving process)."""

@@ -202,7 +202,7 @@ class DDRLConfig(TrainingArguments):
             reward (a large model, a remote `RemoteReward`) overlaps generation instead of stalling it. Results are
             identical to `overlap_rewards=False` with the same `rollout_chunk_groups`: only the timing changes. This
             is not about `async def` reward functions, which always run concurrently with each other
-            (docs/rewards.md). Formerly `async_rewards`, which is still accepted, with a warning.
+            (docs/rewards.md).
         rollout_chunk_groups (`int` or `None`, defaults to `None`):
             Groups rolled out together. `None` rolls out the whole batch at once (the most parallel rollout), or one
             group at a time when `overlap_rewards` is on. Chunking changes how the seeded noise is drawn, not its
@@ -283,7 +283,7 @@ class DDRLConfig(TrainingArguments):
             Dataset column with each prompt's paired reference sample: an image (PIL image, path, bytes or array), or
             for video pipelines a video (frames, an array or a file). `None`: the column named `"image"`, else the one
             named `"video"`. Samples are resized and centre-cropped to `resolution` and VAE-encoded once, before
-            training. Formerly `image_column`, which is still accepted, with a warning.
+            training.
         preprocess_batch_size (`int`, defaults to `16`):
             Batch size of that one-off VAE encoding.
         max_reference_upscale (`float`, defaults to `2.0`):
@@ -371,7 +371,6 @@ class DDRLConfig(TrainingArguments):
     # Rewards and advantages
     reward_weights: list[float] | None = field(default=None, metadata={"help": "Weights of the reward functions."})
     overlap_rewards: bool = field(default=False, metadata={"help": "Score chunk k while chunk k+1 is rolled out."})
-    async_rewards: bool | None = field(default=None, metadata={"help": "Deprecated name of overlap_rewards."})
     rollout_chunk_groups: int | None = field(default=None, metadata={"help": "Groups per rollout chunk; None = all."})
     multi_objective_aggregation: str = field(
         default="sum_then_normalize", metadata={"help": "'sum_then_normalize' or 'normalize_then_sum'."}
@@ -406,7 +405,6 @@ class DDRLConfig(TrainingArguments):
     reference_column: str | None = field(
         default=None, metadata={"help": "Paired reference image/video column; None: 'image', else 'video'."}
     )
-    image_column: str | None = field(default=None, metadata={"help": "Deprecated name of reference_column."})
     preprocess_batch_size: int = field(default=16, metadata={"help": "Batch size of the one-off VAE encoding."})
     max_reference_upscale: float = field(
         default=2.0, metadata={"help": "Largest upscaling factor of a reference sample to `resolution`."}
@@ -469,26 +467,6 @@ class DDRLConfig(TrainingArguments):
         too_large = [w for w in self.reward_weights or [] if abs(w) > torch.finfo(torch.float32).max]
         if too_large:
             raise ValueError(f"reward_weights must fit in float32 (|w| ≤ 3.4e38), got {too_large}.")
-        if self.image_column is not None:
-            warnings.warn(
-                "image_column is now called reference_column (it holds videos for video pipelines): set "
-                "reference_column instead.",
-                FutureWarning,
-                stacklevel=3,
-            )
-            self.reference_column, self.image_column = self.image_column, None
-        if self.async_rewards is not None:
-            if self.overlap_rewards and not self.async_rewards:
-                raise ValueError(
-                    "overlap_rewards=True and async_rewards=False (its old name) disagree: set only overlap_rewards."
-                )
-            warnings.warn(
-                "async_rewards is now called overlap_rewards (it overlaps scoring with the rollout; async "
-                "def rewards always run concurrently): set overlap_rewards instead.",
-                FutureWarning,
-                stacklevel=3,
-            )
-            self.overlap_rewards, self.async_rewards = self.async_rewards, None
         super().__post_init__()
         if self.num_generations < 2:
             raise ValueError(
@@ -739,18 +717,6 @@ class DDRLConfig(TrainingArguments):
         if self.rollout_chunk_groups is not None:
             return self.rollout_chunk_groups
         return 1 if self.overlap_rewards else None
-
-    @property
-    def rollout_chunk_size(self) -> int | None:
-        """Deprecated name of `resolved_rollout_chunk_groups` (it counts groups, not rows)."""
-        warnings.warn("rollout_chunk_size is now resolved_rollout_chunk_groups.", FutureWarning, stacklevel=2)
-        return self.resolved_rollout_chunk_groups
-
-    @property
-    def trained_step_indices(self) -> list[int]:
-        """Deprecated name of `resolved_train_step_indices`."""
-        warnings.warn("trained_step_indices is now resolved_train_step_indices.", FutureWarning, stacklevel=2)
-        return self.resolved_train_step_indices
 
     @property
     def resolved_train_step_indices(self) -> list[int]:

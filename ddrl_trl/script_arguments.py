@@ -139,8 +139,6 @@ MODEL_FLAGS_SHOWN = frozenset(
     | {"lora_target_modules", "use_rslora", "use_dora"}
 )
 DATASET_FLAGS_SHOWN = frozenset({"dataset_name", "dataset_config", "dataset_train_split", "dataset_test_split"})
-#: DDRLConfig fields kept only as deprecated aliases: parsed, not shown.
-DEPRECATED_FLAGS = frozenset({"image_column", "async_rewards"})
 #: Help texts that say what a flag means here (TRL's are written for language models).
 HELP_OVERRIDES = {
     "model_name_or_path": "The diffusers pipeline to train: a Hub id or a local folder (its model_index.json names "
@@ -307,7 +305,7 @@ def make_parser(family: str = "sd", prog: str | None = None, usage: str | None =
         "data": DATASET_FLAGS_SHOWN | {"synthetic_references_per_prompt", "max_train_samples"},
         "model and LoRA": MODEL_FLAGS_SHOWN,
         "rewards": {f.name for f in fields(RewardArguments)} - {"max_train_samples"},
-        "DDRL (DDRLConfig)": ours - DEPRECATED_FLAGS,
+        "DDRL (DDRLConfig)": ours,
         "training (transformers' TrainingArguments)": TRAINING_FLAGS_SHOWN,
         "reward-hacking monitor (HackingMonitorCallback)": {f.name for f in fields(HackingMonitorArguments)},
     }

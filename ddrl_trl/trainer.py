@@ -14,7 +14,6 @@ import contextlib
 import logging
 import os
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -397,14 +396,6 @@ class DDRLTrainer(ReportingMixin, SavingMixin, Trainer):
                 saved_max_steps,
                 args.max_steps,
             )
-
-    @property
-    def ref_denoiser(self) -> torch.nn.Module | None:
-        """Deprecated: the frozen copy of the base denoiser is `reference.frozen_copy` (None with LoRA)."""
-        warnings.warn(
-            "DDRLTrainer.ref_denoiser is now DDRLTrainer.reference.frozen_copy.", FutureWarning, stacklevel=2
-        )
-        return self.reference.frozen_copy
 
     # ------------------------------------------------------------------------------------------------ data plumbing
     def _encode(self, dataset: Dataset, args: DDRLConfig, split: str) -> Dataset:

@@ -64,3 +64,14 @@ def hub(tmp_path, monkeypatch):
     api = RecordingHubApi(tmp_path / "uploaded")
     monkeypatch.setattr(transformers.trainer, "hf_api", lambda: api)
     return api
+
+
+@pytest.fixture
+def no_rollouts(monkeypatch):
+    """Fails the test if a rollout starts: for checks that must refuse bad input before any expensive work."""
+    import ddrl_trl.rollout_batch as rollout_batch
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a rollout started before the input was checked")
+
+    monkeypatch.setattr(rollout_batch, "rollout_and_score", forbidden)

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from test_trainer import lora, make_args, make_trainer
+from helpers import lora, make_args, make_trainer
 
 from ddrl_trl.core.data_beta import AdaptiveDataBeta
 

@@ -11,13 +11,12 @@ import shutil
 import pytest
 import torch
 from conftest import make_reference_dataset
+from helpers import lora, make_trainer
 from peft import LoraConfig
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from test_trainer import lora, make_trainer
 from transformers import TrainerCallback
 
-import ddrl_trl.rollout_batch as rollout_batch
 import ddrl_trl.trainer as trainer_module
 from ddrl_trl.adaptive_beta import DataBetaControl
 from ddrl_trl.core.data_beta import AdaptiveDataBeta
@@ -53,14 +52,6 @@ def saved_runs(tmp_path_factory):
         trainer.train()
         runs[kind] = (folder / "out", trained_weights(trainer))
     return runs
-
-
-@pytest.fixture
-def no_rollouts(monkeypatch):
-    def forbidden(*args, **kwargs):
-        raise AssertionError("a rollout started before the checkpoint was checked")
-
-    monkeypatch.setattr(rollout_batch, "rollout_and_score", forbidden)
 
 
 def copy_run(saved_runs, kind, tmp_path):

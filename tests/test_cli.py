@@ -280,8 +280,8 @@ def test_hacking_monitor_flags_build_the_callback_main_passes_to_the_trainer(fol
 def test_a_run_stopped_for_hacking_saves_and_pushes_its_last_good_weights(tmp_path, reference_dataset, hub, caplog):
     """A run the monitor stopped (full fine-tuning pushed to hack on purpose): the script's output, its model card and
     the Hub upload are the last good weights, not the final ones; a save of the final weights warns."""
+    from helpers import hacking_trainer
     from safetensors.torch import load_file
-    from test_hacking_monitor import hacking_trainer
 
     from ddrl_trl import HackingMonitorCallback
     from ddrl_trl.scripts import save_output
@@ -369,9 +369,7 @@ def test_prompt_only_data_train_on_synthetic_references(tmp_path, capsys, monkey
     prompts = Dataset.from_dict({"prompt": ["a red cat", "a blue dog"], "label": [0, 1]})
     again = with_synthetic_references(trainer.pipeline, prompts, 2, trainer.args, "training")
     assert again["prompt"] == ["a red cat", "a red cat", "a blue dog", "a blue dog"]
-    assert [list(i.getdata()) for i in again["image"]] == [
-        list(i.getdata()) for i in load_from_disk(str(kept))["image"]
-    ]
+    assert [i.tobytes() for i in again["image"]] == [i.tobytes() for i in load_from_disk(str(kept))["image"]]
 
 
 def test_model_revision_on_the_command_line_is_kept(monkeypatch, tmp_path):

@@ -19,8 +19,7 @@ from diffusers import (
     QwenImagePipeline,
     UniPCMultistepScheduler,
 )
-from test_flow_families import record
-from test_trainer import lora, make_trainer
+from helpers import lora, make_trainer, record
 
 from ddrl_trl import DDRLConfig
 from ddrl_trl.adapters import (

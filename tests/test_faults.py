@@ -8,8 +8,8 @@ import math
 
 import pytest
 import torch
+from helpers import lora, make_trainer
 from safetensors.torch import load_file
-from test_trainer import lora, make_trainer
 from transformers.trainer_utils import get_last_checkpoint
 
 from ddrl_trl import DDRLConfig

@@ -8,10 +8,9 @@ guidance and timestep scaling all right), the data-term target of diffusers' tra
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
-from test_trainer import lora, make_trainer
+from helpers import lora, make_trainer, record
 
 import ddrl_trl.rollout_batch as rollout_batch
-import ddrl_trl.trainer as trainer_module
 from ddrl_trl import DDRLConfig
 from ddrl_trl.adapters import FluxAdapter, StableDiffusion3Adapter, WanAdapter, get_adapter
 from ddrl_trl.samplers import FlowSDESampler
@@ -36,18 +35,6 @@ FAMILIES = {
     "wan": (tiny_wan_pipeline, WAN_CALL, WAN_CONFIG),
     "wan2.2-ti2v": (tiny_wan22_ti2v_pipeline, WAN_CALL, WAN_CONFIG),
 }
-
-
-def record(monkeypatch, name, sink, index, module=trainer_module):
-    """Wrap `module.<name>` so every call also appends element `index` of its result to `sink`."""
-    original = getattr(module, name)
-
-    def recording(*args, **kwargs):
-        out = original(*args, **kwargs)
-        sink.append(out[index])
-        return out
-
-    monkeypatch.setattr(module, name, recording)
 
 
 def configured_adapter(pipe, **config):

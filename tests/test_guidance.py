@@ -6,9 +6,8 @@ import pytest
 import torch
 from conftest import brightness_reward
 from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline
+from helpers import lora, make_args, make_trainer, record
 from peft import LoraConfig
-from test_flow_families import record
-from test_trainer import lora, make_args, make_trainer
 from transformers import HfArgumentParser
 
 from ddrl_trl import DDRLConfig

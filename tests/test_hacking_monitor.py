@@ -8,29 +8,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import HACKING_THRESHOLD as THRESHOLD
+from helpers import assert_reloads_to_trained_outputs, hacking_trainer, lora, make_trainer
 from safetensors.torch import load_file
-from test_trainer import assert_reloads_to_trained_outputs, lora, make_trainer
 
 import ddrl_trl.trainer as trainer_module
 from ddrl_trl import HackingMonitorCallback
 from ddrl_trl.testing import tiny_sd_pipeline
-
-THRESHOLD = 1.15
-
-
-def hacking_trainer(tmp_path, reference_dataset, monitor, **kw):
-    """Full fine-tuning with data_beta=0 and a large learning rate on brightness: the held-out loss ratio climbs past
-    1.15 within a few steps (1.00, 1.04, 1.03, 1.10, 1.18, ... on this seed)."""
-    return make_trainer(
-        tmp_path,
-        reference_dataset,
-        eval_dataset=reference_dataset,
-        data_beta=0.0,
-        learning_rate=1e-2,
-        max_steps=8,
-        callbacks=[monitor],
-        **kw,
-    )
 
 
 def test_stops_at_the_first_hacked_evaluation_and_keeps_the_last_good_weights(tmp_path, reference_dataset, caplog):

@@ -6,7 +6,7 @@ import time
 
 import pytest
 import torch
-from test_trainer import lora, make_trainer
+from helpers import lora, make_trainer
 
 import ddrl_trl.rollout_batch as rollout_batch
 import ddrl_trl.trainer as trainer_module

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from test_trainer import lora, make_trainer
+from helpers import lora, make_trainer
 
 import ddrl_trl.trainer as trainer_module
 from ddrl_trl.guards import NonFiniteTrainingError

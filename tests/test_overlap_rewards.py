@@ -4,7 +4,7 @@ import threading
 import time
 
 import torch
-from test_trainer import lora, make_trainer
+from helpers import lora, make_trainer
 
 
 def test_async_scoring_overlaps_rollout_and_leaves_results_unchanged(tmp_path, reference_dataset):

@@ -3,8 +3,8 @@ reached)."""
 
 import torch
 import yaml
+from helpers import assert_reloads_to_trained_outputs, lora, make_trainer
 from PIL import Image
-from test_trainer import assert_reloads_to_trained_outputs, lora, make_trainer
 
 from ddrl_trl.testing import tiny_sd_pipeline
 

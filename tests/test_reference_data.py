@@ -12,8 +12,8 @@ import pytest
 import torch
 from conftest import brightness_reward
 from datasets import Dataset
+from helpers import lora, make_args, make_trainer
 from PIL import Image
-from test_trainer import lora, make_args, make_trainer
 
 import ddrl_trl.trainer as trainer_module
 from ddrl_trl import build_synthetic_reference_dataset

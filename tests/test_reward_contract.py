@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from test_trainer import lora, make_trainer
+from helpers import lora, make_trainer
 
 from ddrl_trl import DDRLConfig
 from ddrl_trl.core import aggregate_rewards, group_advantages
@@ -188,19 +188,6 @@ def test_normalize_then_sum_trains_and_logs_the_std_it_used(tmp_path, reference_
         match="multi_objective_aggregation must be 'sum_then_normalize' or 'normalize_then_sum', got 'average'",
     ):
         DDRLConfig(output_dir=str(tmp_path), multi_objective_aggregation="average", report_to="none")
-
-
-def test_renamed_options_are_still_accepted_with_a_warning(tmp_path):
-    with pytest.warns(FutureWarning, match="async_rewards is now called overlap_rewards"):
-        args = DDRLConfig(output_dir=str(tmp_path), async_rewards=True, report_to="none")
-    assert args.overlap_rewards is True and args.resolved_rollout_chunk_groups == 1
-    with pytest.warns(FutureWarning, match="image_column is now called reference_column"):
-        args = DDRLConfig(output_dir=str(tmp_path), image_column="photo", report_to="none")
-    assert args.reference_column == "photo" and args.image_column is None
-    with pytest.raises(ValueError, match="overlap_rewards=True and async_rewards=False"):
-        DDRLConfig(output_dir=str(tmp_path), async_rewards=False, overlap_rewards=True, report_to="none")
-    with pytest.warns(FutureWarning, match="trained_step_indices is now resolved_train_step_indices"):
-        assert args.trained_step_indices == args.resolved_train_step_indices
 
 
 def test_the_reference_column_is_found_by_name_or_given(tmp_path, reference_dataset):

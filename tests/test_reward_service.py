@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 import torch
-from test_trainer import lora, make_trainer
+from helpers import lora, make_trainer
 from transformers import TrainerCallback
 
 from ddrl_trl.rewards import brightness

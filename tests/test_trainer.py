@@ -7,82 +7,15 @@ import pytest
 import torch
 from conftest import brightness_reward
 from diffusers import DDIMScheduler, UNet2DConditionModel
+from helpers import assert_reloads_to_trained_outputs, lora, make_trainer
 from peft import LoraConfig
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 import ddrl_trl.trainer as trainer_module
-from ddrl_trl import DDRLConfig, DDRLTrainer
 from ddrl_trl.core import group_advantages
 from ddrl_trl.rollout import SeededNoise, generate_rollouts, stable_seed
 from ddrl_trl.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
-
-
-def make_args(tmp_path, **overrides):
-    values = dict(
-        output_dir=str(tmp_path / "out"),
-        num_generations=2,
-        per_device_train_batch_size=4,
-        num_inference_steps=4,
-        train_step_stride=1,
-        max_steps=2,
-        learning_rate=1e-3,
-        warmup_steps=0,
-        logging_steps=1,
-        report_to="none",
-        log_sample_images_steps=0,
-        save_strategy="no",
-        seed=0,
-        per_device_eval_batch_size=4,
-        dataloader_pin_memory=False,
-    )
-    values.update(overrides)
-    return DDRLConfig(**values)
-
-
-def lora(patterns: bool = False) -> LoraConfig:
-    """A LoRA with alpha ≠ r, as users pass them (TRL's ModelConfig: r 16 / alpha 32; train_sd3.py: 32 / 64);
-    `patterns` adds per-module ranks and alphas (peft's rank_pattern / alpha_pattern)."""
-    extra = dict(rank_pattern={"to_q": 8}, alpha_pattern={"to_v": 2}) if patterns else {}
-    return LoraConfig(r=4, lora_alpha=16, init_lora_weights="gaussian", **extra)
-
-
-def assert_reloads_to_trained_outputs(trainer, plain_pipeline, inputs) -> None:
-    """`plain_pipeline` (a fresh base pipeline after the user's reload) gives the trained denoiser's outputs on
-    `inputs` = (latents, timesteps, conditioning), and they differ from the base model's."""
-    from ddrl_trl.adapters import get_adapter
-
-    reloaded_adapter = get_adapter(plain_pipeline)
-    reloaded_adapter.configure(trainer.args)
-    with torch.no_grad():
-        trained = trainer.adapter.predict(*inputs)
-        reloaded = reloaded_adapter.predict(*inputs)
-    base = trainer.reference.predict(*inputs)  # the LoRA switched off
-    assert (trained - base).abs().max() > 1e-4  # the training did change the model
-    torch.testing.assert_close(reloaded, trained, rtol=1e-5, atol=1e-6)
-
-
-def make_trainer(
-    tmp_path,
-    dataset,
-    peft_config=None,
-    pipeline=None,
-    reward=brightness_reward,
-    eval_dataset=None,
-    callbacks=None,
-    eval_reward_funcs=None,
-    **kw,
-):
-    return DDRLTrainer(
-        model=pipeline if pipeline is not None else tiny_sd_pipeline(),
-        reward_funcs=reward,
-        args=make_args(tmp_path, **kw),
-        train_dataset=dataset,
-        eval_dataset=eval_dataset,
-        peft_config=peft_config,
-        callbacks=callbacks,
-        eval_reward_funcs=eval_reward_funcs,
-    )
 
 
 def test_on_policy_ratio_is_one_in_float32(tmp_path, reference_dataset, monkeypatch):

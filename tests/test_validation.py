@@ -6,18 +6,12 @@ from conftest import brightness_reward
 from datasets import Dataset
 from peft import LoraConfig
 
-import ddrl_trl.rollout_batch as rollout_batch
 from ddrl_trl import DDRLConfig, DDRLTrainer, build_synthetic_reference_dataset, register_adapter
 from ddrl_trl.adapters import StableDiffusionAdapter, get_adapter
 from ddrl_trl.testing import tiny_sd_pipeline
 
-
-@pytest.fixture(autouse=True)
-def no_rollouts(monkeypatch):
-    def forbidden(*args, **kwargs):
-        raise AssertionError("a rollout started before the input was checked")
-
-    monkeypatch.setattr(rollout_batch, "rollout_and_score", forbidden)
+#: Every test here refuses bad input before any rollout.
+pytestmark = pytest.mark.usefixtures("no_rollouts")
 
 
 def args(tmp_path, **kw):
@@ -160,8 +154,8 @@ def test_synthetic_reference_dataset_is_paired_and_seeded():
     second = build_synthetic_reference_dataset(pipe, ["a red cat", "a blue dog"], images_per_prompt=2, **kwargs)
     assert first["prompt"] == ["a red cat", "a red cat", "a blue dog", "a blue dog"]
     assert first[0]["image"].size == (32, 32)
-    assert list(first[0]["image"].getdata()) == list(second[0]["image"].getdata())
-    assert list(first[0]["image"].getdata()) != list(first[1]["image"].getdata())
+    assert first[0]["image"].tobytes() == second[0]["image"].tobytes()
+    assert first[0]["image"].tobytes() != first[1]["image"].tobytes()
 
 
 def test_synthetic_references_follow_the_runs_guidance(tmp_path):

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
+from helpers import lora, make_trainer
 from PIL import Image
-from test_trainer import lora, make_trainer
 
 from ddrl_trl import HackingMonitorCallback
 from ddrl_trl.core.diversity import within_prompt_diversity

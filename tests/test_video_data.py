@@ -10,18 +10,12 @@ from diffusers.utils import export_to_video
 from peft import LoraConfig
 from PIL import Image
 
-import ddrl_trl.rollout_batch as rollout_batch
 from ddrl_trl import DDRLConfig, DDRLTrainer
 from ddrl_trl.data import load_video_frames, video_to_tensor
 from ddrl_trl.testing import tiny_wan_pipeline
 
-
-@pytest.fixture(autouse=True)
-def no_rollouts(monkeypatch):
-    def forbidden(*args, **kwargs):
-        raise AssertionError("a rollout started before the input was checked")
-
-    monkeypatch.setattr(rollout_batch, "rollout_and_score", forbidden)
+#: Every test here refuses bad input before any rollout.
+pytestmark = pytest.mark.usefixtures("no_rollouts")
 
 
 def frames(count, height=20, width=24, seed=0):
