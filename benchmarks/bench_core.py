@@ -37,9 +37,9 @@ from PIL import Image
 
 from ddrl_trl import DDRLConfig, DDRLTrainer
 from ddrl_trl.adapters import get_adapter, repeat_conditioning
-from ddrl_trl.guidance import UnconditionalPrompts
 from ddrl_trl.rewards import brightness
-from ddrl_trl.rollout import SeededNoise, generate_rollouts
+from ddrl_trl.step.policy import UnconditionalPrompts
+from ddrl_trl.step.rollout import SeededNoise, generate_rollouts
 from ddrl_trl.testing import (
     tiny_cosmos_pipeline,
     tiny_flux2_klein_pipeline,

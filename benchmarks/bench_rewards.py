@@ -108,7 +108,7 @@ def load(args_ns) -> None:
             [
                 sys.executable,
                 "-m",
-                "ddrl_trl.cli",
+                "ddrl_trl.cli.command",
                 "serve-reward",
                 "--reward",
                 "brightness",

@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "DDRLConfig": ".config",
     "DDRLTrainer": ".trainer",
-    "HackingMonitorCallback": ".callbacks",
+    "HackingMonitorCallback": ".monitoring.hacking_monitor",
     "PipelineAdapter": ".adapters",
     "RemoteReward": ".service",
     "build_synthetic_reference_dataset": ".data",
@@ -46,9 +46,9 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # static analysers and IDEs see the names (re-exported through __all__)
     from .adapters import PipelineAdapter, get_adapter, register_adapter, supported_pipelines
-    from .callbacks import HackingMonitorCallback
     from .config import DDRLConfig
     from .data import build_synthetic_reference_dataset
+    from .monitoring.hacking_monitor import HackingMonitorCallback
     from .rewards import load_reward
     from .service import RemoteReward
     from .trainer import DDRLTrainer

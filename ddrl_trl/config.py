@@ -73,7 +73,7 @@ def default_data_beta(cfg_scale: float = 1.0, prompt_dropout: float | None = Non
 
 
 def _is_real(value) -> bool:
-    """A real number, not a bool (the one check of numeric settings here and in `callbacks.py`)."""
+    """A real number, not a bool (the one check of numeric settings here and in `monitoring/hacking_monitor.py`)."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
@@ -92,7 +92,7 @@ def _integer_kind(spec) -> str | None:
 
 def _as_integer(value) -> int | None:
     """`value` as an int if it is a whole number (an int, or an integral float such as 2.0 read from YAML), else
-    None. The `int` fields here and the monitor's `eval_steps` (`callbacks.py`) use it."""
+    None. The `int` fields here and the monitor's `eval_steps` (`monitoring/hacking_monitor.py`) use it."""
     if not _is_real(value):
         return None
     if isinstance(value, numbers.Integral):
@@ -101,6 +101,147 @@ def _as_integer(value) -> int | None:
 
 
 _DATA_CHOICES = ("rollout", "random")
+
+
+def _positive_or_none(value) -> bool:
+    return value is None or value >= 1
+
+
+#: The range checks of `DDRLConfig`, in order: (field, valid(value), message with the field's range and why).
+_RANGE_CHECKS = (
+    (
+        "num_generations",
+        lambda v: v >= 2,
+        "num_generations must be at least 2 (advantages are relative to the group), got {value}.",
+    ),
+    (
+        "num_inference_steps",
+        lambda v: v >= 2,
+        "num_inference_steps must be ≥ 2 (the last step is never trained), got {value}.",
+    ),
+    (
+        "eta",
+        lambda v: 0 < v <= 1,
+        "eta must be in (0, 1]: > 0 so DDIM steps have a log-probability, ≤ 1 because above it DDIM's variance "
+        "exceeds what the step allows (the sampler would stop being DDIM), got {value}.",
+    ),
+    (
+        "flow_noise_level",
+        lambda v: v > 0,
+        "flow_noise_level must be > 0 so sampler steps have a log-probability, got {value}.",
+    ),
+    (
+        "cfg_scale",
+        lambda v: v >= 1,
+        "cfg_scale must be ≥ 1 (1 turns classifier-free guidance off, as diffusers does for any scale ≤ 1), got "
+        "{value}.",
+    ),
+    (
+        "cfg_scale",
+        lambda v: v <= MAX_CFG_SCALE,
+        f"cfg_scale must be ≤ {MAX_CFG_SCALE:g}, got {{value:g}}: models are sampled at 1.5 to 20, and far beyond "
+        "that the guided data_beta explodes and every step turns non-finite. Set the guidance scale you sample the "
+        "model with (e.g. 4.5).",
+    ),
+    (
+        "data_prompt_dropout",
+        lambda v: v is None or 0 <= v < 1,
+        "data_prompt_dropout must be in [0, 1) (the share of data-term samples trained unconditionally) or None for "
+        "the default, got {value}.",
+    ),
+    (
+        "data_beta",
+        lambda v: v is None or v >= 0,
+        "data_beta must be ≥ 0 (0 turns the data term off: plain GRPO), got {value}.",
+    ),
+    (
+        "data_beta",
+        lambda v: v is None or v <= MAX_DATA_BETA,
+        f"data_beta must be ≤ {MAX_DATA_BETA:g}, got {{value:g}}: beyond it the reward's gradient is lost in float32 "
+        "rounding next to the data term's (the guided default is 1.5 at cfg_scale 2, 13 at 4.5).",
+    ),
+    ("kl_beta", lambda v: v >= 0, "kl_beta must be ≥ 0 (0 turns the reverse-KL term off), got {value}."),
+    ("epsilon", lambda v: v > 0, "epsilon (the PPO clip range) must be > 0, got {value}."),
+    (
+        "advantage_clip",
+        lambda v: v > 0,
+        "advantage_clip must be > 0 (advantages are clamped to ±advantage_clip), got {value}.",
+    ),
+    (
+        "reward_clip",
+        lambda v: v is None or v > 0,
+        "reward_clip must be > 0 (rewards are clipped to ±reward_clip) or None to turn clipping off, got {value}.",
+    ),
+    (
+        "max_reference_upscale",
+        lambda v: v >= 1,
+        "max_reference_upscale must be ≥ 1 (1 refuses any upscaling of reference samples), got {value}.",
+    ),
+    ("max_consecutive_nonfinite_steps", lambda v: v >= 1, "max_consecutive_nonfinite_steps must be ≥ 1, got {value}."),
+    (
+        "num_iterations",
+        lambda v: v >= 1,
+        "num_iterations must be ≥ 1 (optimiser steps per rollout batch), got {value}.",
+    ),
+    ("train_step_stride", lambda v: v >= 1, "train_step_stride must be ≥ 1, got {value}."),
+    ("data_noise", lambda v: v in _DATA_CHOICES, f"data_noise must be one of {_DATA_CHOICES}, got {{value!r}}."),
+    (
+        "data_timesteps",
+        lambda v: v in _DATA_CHOICES,
+        f"data_timesteps must be one of {_DATA_CHOICES}, got {{value!r}}.",
+    ),
+    (
+        "multi_objective_aggregation",
+        lambda v: v in ("sum_then_normalize", "normalize_then_sum"),
+        "multi_objective_aggregation must be 'sum_then_normalize' or 'normalize_then_sum', got {value!r}.",
+    ),
+    (
+        "scale_rewards",
+        lambda v: v in ("group", "batch", "none"),
+        "scale_rewards must be 'group', 'batch' or 'none', got {value!r}.",
+    ),
+    (
+        "target_loss_ratio",
+        lambda v: v is None or v > 1,
+        "target_loss_ratio must be > 1 (the data term's diffusion loss "
+        "over the base model's, e.g. 1.05), got {value}; None keeps data_beta fixed.",
+    ),
+    (
+        "data_beta_adapt_rate",
+        lambda v: 0 < v <= 1,
+        "data_beta_adapt_rate must be in (0, 1] (the largest change of log(data_beta) per step), got {value}.",
+    ),
+    ("resolution", lambda v: v is None or v > 0, "resolution must be a positive number of pixels, got {value}."),
+    ("ema_decay", lambda v: v is None or 0 < v < 1, "ema_decay must be in (0, 1) (e.g. 0.999) or None, got {value}."),
+    *(
+        (name, lambda v: v >= 1, f"{name} must be ≥ 1, got {{value}}.")
+        for name in ("preprocess_batch_size", "eval_noise_draws", "num_sample_images")
+    ),
+    (
+        "validation_images_per_prompt",
+        lambda v: v >= 2,
+        "validation_images_per_prompt must be ≥ 2 (diversity is "
+        "measured between the samples of a prompt), got {value}.",
+    ),
+    ("num_validation_prompts", lambda v: v >= 0, "num_validation_prompts must be ≥ 0, got {value}."),
+    *(
+        (name, _positive_or_none, f"{name} must be a positive integer or None, got {{value}}.")
+        for name in ("num_frames", "max_sequence_length", "rollout_chunk_groups", "validation_steps")
+    ),
+)
+
+
+def _checked_prompts(prompts) -> list[str]:
+    """`validation_prompts` as a list of non-blank strings, or a ValueError naming the first bad entry."""
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError(f"validation_prompts must be a non-empty list of prompts, got {prompts!r}.")
+    blank = [i for i, p in enumerate(prompts) if not (isinstance(p, str) and p.strip())]
+    if blank:
+        raise ValueError(
+            f"validation_prompts must be non-blank strings; entry {blank[0]} is {prompts[blank[0]]!r} (of "
+            f"{prompts!r}): remove it or write the prompt."
+        )
+    return list(prompts)
 
 
 @dataclass
@@ -450,6 +591,29 @@ class DDRLConfig(TrainingArguments):
     def __post_init__(self):
         self._check_numbers_are_finite()  # before anything compares them: every comparison with NaN is False
         self._check_integer_fields()  # before anything counts with them: num_iterations=2.5 fails much later
+        self._read_model_init_kwargs()
+        too_large = [w for w in self.reward_weights or [] if abs(w) > torch.finfo(torch.float32).max]
+        if too_large:
+            raise ValueError(f"reward_weights must fit in float32 (|w| ≤ 3.4e38), got {too_large}.")
+        super().__post_init__()
+        for name, valid, message in _RANGE_CHECKS:
+            value = getattr(self, name)
+            if not valid(value):
+                raise ValueError(message.format(value=value, name=name))
+        self._check_batch_layout()
+        self._resolve_data_beta()
+        self._check_combinations()
+        if isinstance(self.validation_prompts, str):  # one prompt (a YAML scalar), never a string of 1-char prompts
+            self.validation_prompts = [self.validation_prompts]
+        if self.validation_prompts is not None:
+            self.validation_prompts = _checked_prompts(self.validation_prompts)
+        _ = self.resolved_train_step_indices  # raises on invalid explicit indices
+        if self.dataloader_pin_memory and self.device.type == "cpu":
+            # pinning needs an accelerator (torch warns otherwise); the batches here are prompts and small latents
+            self.dataloader_pin_memory = False
+
+    def _read_model_init_kwargs(self) -> None:
+        """`model_init_kwargs` as a dict (a JSON string on the command line), without a dtype of its own."""
         if isinstance(self.model_init_kwargs, str):
             try:
                 self.model_init_kwargs = json.loads(self.model_init_kwargs)
@@ -464,15 +628,9 @@ class DDRLConfig(TrainingArguments):
                 "model_init_kwargs must not set the dtype: the trainer loads the frozen parts in the "
                 "training dtype; use bf16=True or fp16=True."
             )
-        too_large = [w for w in self.reward_weights or [] if abs(w) > torch.finfo(torch.float32).max]
-        if too_large:
-            raise ValueError(f"reward_weights must fit in float32 (|w| ≤ 3.4e38), got {too_large}.")
-        super().__post_init__()
-        if self.num_generations < 2:
-            raise ValueError(
-                "num_generations must be at least 2 (advantages are relative to the group), got "
-                f"{self.num_generations}."
-            )
+
+    def _check_batch_layout(self) -> None:
+        """The processes transformers set up are the ones launched, and a micro-step holds whole groups."""
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         if launched > 1 and self.world_size == 1:
             raise ValueError(
@@ -488,40 +646,10 @@ class DDRLConfig(TrainingArguments):
                 f"{global_batch} rollouts per micro-step, not a multiple of num_generations ({self.num_generations}): "
                 f"groups would be cut. E.g. set per_device_train_batch_size={suggestion}."
             )
-        if self.num_inference_steps < 2:
-            raise ValueError(
-                f"num_inference_steps must be ≥ 2 (the last step is never trained), got {self.num_inference_steps}."
-            )
-        if not 0 < self.eta <= 1:
-            raise ValueError(
-                f"eta must be in (0, 1]: > 0 so DDIM steps have a log-probability, ≤ 1 because above it DDIM's "
-                f"variance exceeds what the step allows (the sampler would stop being DDIM), got {self.eta}."
-            )
-        if self.flow_noise_level <= 0:
-            raise ValueError(
-                f"flow_noise_level must be > 0 so sampler steps have a log-probability, got {self.flow_noise_level}."
-            )
-        if self.cfg_scale < 1:
-            raise ValueError(
-                f"cfg_scale must be ≥ 1 (1 turns classifier-free guidance off, as diffusers does for any scale ≤ 1), "
-                f"got {self.cfg_scale}."
-            )
-        if self.cfg_scale > MAX_CFG_SCALE:
-            raise ValueError(
-                f"cfg_scale must be ≤ {MAX_CFG_SCALE:g}, got {self.cfg_scale:g}: models are sampled at 1.5 to 20, and "
-                f"far beyond that the guided data_beta explodes and every step turns non-finite. Set the guidance "
-                f"scale you sample the model with (e.g. 4.5)."
-            )
-        if self.negative_prompt is not None and self.negative_prompt_column is not None:
-            raise ValueError(
-                "negative_prompt and negative_prompt_column are both set: give one negative prompt for every row, or "
-                "a column of them, not both."
-            )
-        if self.data_prompt_dropout is not None and not 0 <= self.data_prompt_dropout < 1:
-            raise ValueError(
-                f"data_prompt_dropout must be in [0, 1) (the share of data-term samples trained unconditionally) or "
-                f"None for the default, got {self.data_prompt_dropout}."
-            )
+
+    def _resolve_data_beta(self) -> None:
+        """`data_beta` unset → its default for the guidance used (`default_data_beta`), bounded; warnings for a data
+        term that guidance outgrows."""
         if self.cfg_scale > 1 and self.data_prompt_dropout and self.data_prompt_dropout < MIN_GUIDED_PROMPT_DROPOUT:
             raise ValueError(
                 f"data_prompt_dropout={self.data_prompt_dropout:g} under guidance (cfg_scale={self.cfg_scale:g}) "
@@ -535,7 +663,7 @@ class DDRLConfig(TrainingArguments):
                 f"cfg_scale={self.cfg_scale:g} with data_prompt_dropout=0: the data term never trains the "
                 "unconditional branch that guidance follows, so nothing holds it to the data (docs/concepts.md). "
                 "Leave data_prompt_dropout unset (0.2 under guidance).",
-                stacklevel=3,
+                stacklevel=4,
             )
         if self.data_beta is None:
             if guided_default > MAX_DATA_BETA:
@@ -546,12 +674,6 @@ class DDRLConfig(TrainingArguments):
                     f"data_prompt_dropout unset (0.2), or set data_beta yourself."
                 )
             self.data_beta = guided_default
-        elif self.data_beta > MAX_DATA_BETA:
-            raise ValueError(
-                f"data_beta must be ≤ {MAX_DATA_BETA:g}, got {self.data_beta:g}: beyond it the reward's gradient is "
-                f"lost in float32 rounding next to the data term's (the guided default is 1.5 at cfg_scale 2, 13 at "
-                f"4.5)."
-            )
         elif self.cfg_scale > 1 and 0 < self.data_beta < guided_default:
             warnings.warn(
                 f"cfg_scale={self.cfg_scale:g} with data_beta={self.data_beta:g}, under the guided default "
@@ -560,106 +682,31 @@ class DDRLConfig(TrainingArguments):
                 "accuracy 1.00 → 0.10) while the conditional held-out ratio stayed under 1.08, and 1.0 let the judge "
                 "slip from step 70; the default 1.5 held it. Leave data_beta unset, and watch "
                 "eval_guided_diffusion_loss_ratio and what the rewards judge.",
-                stacklevel=3,
+                stacklevel=4,
+            )
+
+    def _check_combinations(self) -> None:
+        """Settings that are each valid but not together."""
+        if self.negative_prompt is not None and self.negative_prompt_column is not None:
+            raise ValueError(
+                "negative_prompt and negative_prompt_column are both set: give one negative prompt for every row, or "
+                "a column of them, not both."
             )
         if (self.negative_prompt is not None or self.negative_prompt_column is not None) and self.cfg_scale == 1:
             raise ValueError(
                 "A negative prompt is set but guidance is off: it is the unconditional branch of classifier-free "
                 "guidance; set cfg_scale > 1 (e.g. 4.5) or drop the negative prompt."
             )
-        if self.epsilon <= 0:
-            raise ValueError(f"epsilon (the PPO clip range) must be > 0, got {self.epsilon}.")
-        if self.advantage_clip <= 0:
+        if self.target_loss_ratio is not None and self.data_beta == 0:
             raise ValueError(
-                f"advantage_clip must be > 0 (advantages are clamped to ±advantage_clip), got {self.advantage_clip}."
+                "target_loss_ratio adapts data_beta from its starting value, but data_beta=0 turns the data term "
+                "off: leave data_beta unset (or > 0) to adapt it, or drop target_loss_ratio."
             )
-        if self.reward_clip is not None and self.reward_clip <= 0:
+        if self.validation_prompts is not None and self.negative_prompt_column is not None:
             raise ValueError(
-                f"reward_clip must be > 0 (rewards are clipped to ±reward_clip) or None to turn clipping off, got "
-                f"{self.reward_clip}."
+                "validation_prompts have no negative_prompt_column values for the guidance's unconditional "
+                "branch: leave validation_prompts unset to validate on eval-dataset rows, or use negative_prompt."
             )
-        if self.max_reference_upscale < 1:
-            raise ValueError(
-                f"max_reference_upscale must be ≥ 1 (1 refuses any upscaling of reference samples), got "
-                f"{self.max_reference_upscale}."
-            )
-        if self.max_consecutive_nonfinite_steps < 1:
-            raise ValueError(
-                f"max_consecutive_nonfinite_steps must be ≥ 1, got {self.max_consecutive_nonfinite_steps}."
-            )
-        if self.num_iterations < 1:
-            raise ValueError(
-                f"num_iterations must be ≥ 1 (optimiser steps per rollout batch), got {self.num_iterations}."
-            )
-        if self.train_step_stride < 1:
-            raise ValueError(f"train_step_stride must be ≥ 1, got {self.train_step_stride}.")
-        for name in ("data_noise", "data_timesteps"):
-            if getattr(self, name) not in _DATA_CHOICES:
-                raise ValueError(f"{name} must be one of {_DATA_CHOICES}, got {getattr(self, name)!r}.")
-        if self.multi_objective_aggregation not in ("sum_then_normalize", "normalize_then_sum"):
-            raise ValueError(
-                f"multi_objective_aggregation must be 'sum_then_normalize' or 'normalize_then_sum', got "
-                f"{self.multi_objective_aggregation!r}."
-            )
-        if self.scale_rewards not in ("group", "batch", "none"):
-            raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {self.scale_rewards!r}.")
-        if self.data_beta < 0 or self.kl_beta < 0:
-            raise ValueError(f"data_beta and kl_beta must be ≥ 0, got {self.data_beta} and {self.kl_beta}.")
-        if self.target_loss_ratio is not None:
-            if self.target_loss_ratio <= 1:
-                raise ValueError(
-                    f"target_loss_ratio must be > 1 (the data term's diffusion loss over the base model's, e.g. "
-                    f"1.05), got {self.target_loss_ratio}; None keeps data_beta fixed."
-                )
-            if self.data_beta == 0:
-                raise ValueError(
-                    "target_loss_ratio adapts data_beta from its starting value, but data_beta=0 turns the data term "
-                    "off: leave data_beta unset (or > 0) to adapt it, or drop target_loss_ratio."
-                )
-            if not 0 < self.data_beta_adapt_rate <= 1:
-                raise ValueError(
-                    f"data_beta_adapt_rate must be in (0, 1] (the largest change of log(data_beta) per step), got "
-                    f"{self.data_beta_adapt_rate}."
-                )
-        if self.resolution is not None and self.resolution <= 0:
-            raise ValueError(f"resolution must be a positive number of pixels, got {self.resolution}.")
-        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
-            raise ValueError(f"ema_decay must be in (0, 1) (e.g. 0.999) or None, got {self.ema_decay}.")
-        for name in ("preprocess_batch_size", "eval_noise_draws", "num_sample_images"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}.")
-        if self.validation_images_per_prompt < 2:
-            raise ValueError(
-                f"validation_images_per_prompt must be ≥ 2 (diversity is measured between the samples of a prompt), "
-                f"got {self.validation_images_per_prompt}."
-            )
-        if self.num_validation_prompts < 0:
-            raise ValueError(f"num_validation_prompts must be ≥ 0, got {self.num_validation_prompts}.")
-        if isinstance(self.validation_prompts, str):  # one prompt (a YAML scalar), never a string of 1-char prompts
-            self.validation_prompts = [self.validation_prompts]
-        if self.validation_prompts is not None:
-            prompts = self.validation_prompts
-            if not isinstance(prompts, (list, tuple)) or not prompts:
-                raise ValueError(f"validation_prompts must be a non-empty list of prompts, got {prompts!r}.")
-            blank = [i for i, p in enumerate(prompts) if not (isinstance(p, str) and p.strip())]
-            if blank:
-                raise ValueError(
-                    f"validation_prompts must be non-blank strings; entry {blank[0]} is {prompts[blank[0]]!r} (of "
-                    f"{prompts!r}): remove it or write the prompt."
-                )
-            self.validation_prompts = list(prompts)
-            if self.negative_prompt_column is not None:
-                raise ValueError(
-                    "validation_prompts have no negative_prompt_column values for the guidance's unconditional "
-                    "branch: leave validation_prompts unset to validate on eval-dataset rows, or use negative_prompt."
-                )
-        for name in ("num_frames", "max_sequence_length", "rollout_chunk_groups", "validation_steps"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer or None, got {getattr(self, name)}.")
-        _ = self.resolved_train_step_indices  # raises on invalid explicit indices
-        if self.dataloader_pin_memory and self.device.type == "cpu":
-            # pinning needs an accelerator (torch warns otherwise); the batches here are prompts and small latents
-            self.dataloader_pin_memory = False
 
     def _check_integer_fields(self) -> None:
         """Refuse a non-integer in every field annotated `int` (or `list[int]`), naming the field; an integral float

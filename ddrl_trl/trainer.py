@@ -1,11 +1,11 @@
 """`DDRLTrainer`: orchestrates one DDRL iteration — rollout → reward → advantage → loss → step.
 
-The math lives elsewhere (`core`, `samplers`, `data_term.py`), the model-family specifics in `adapters`, the rewards
-in `rewards`; model preparation, the reference (base) policy, the held-out evaluation, the validation samples, the
-adaptive data_beta, saving and resuming each have a module of their own, and what the trainer reports (evaluate,
-validate, logs, model card) lives in `reporting.py`. This file wires them into `transformers.Trainer`, which keeps
-providing the optimiser, LR schedule, gradient clipping, accumulation, logging, callbacks, checkpoints and
-multi-device launch.
+The math lives elsewhere (`core`, `samplers`), one step's parts in `step` (rollouts, the rollout batch collector,
+the policy's forward, the data term, the reference policy, metrics), the model-family specifics in `adapters`, the
+rewards in `rewards`, the reference data in `data`; what the trainer measures and reports (held-out loss,
+validation, the hacking monitor, the adaptive data_beta, logs, model card) in `monitoring`, saving and resuming in
+`checkpoints`. This file wires them into `transformers.Trainer`, which keeps providing the optimiser, LR schedule,
+gradient clipping, accumulation, logging, callbacks, checkpoints and multi-device launch.
 """
 
 from __future__ import annotations
@@ -24,8 +24,20 @@ from peft import LoraConfig
 from transformers import Trainer, TrainerState
 
 from .adapters import PipelineAdapter, get_adapter
-from .adaptive_beta import STATE_KEY, DataBetaControl
-from .callbacks import HackingMonitorCallback
+from .adapters.preparation import load_pipeline, prepare_for_training
+from .checkpoints.resume import (
+    check_output_dir_writable,
+    check_same_run,
+    data_signature,
+    load_rollout_buffer,
+    prepare_output_dir,
+    resolve_checkpoint,
+    run_info,
+    saved_progress,
+    verify_checkpoint,
+    warn_if_output_dir_taken,
+)
+from .checkpoints.saving import SavingMixin
 from .config import DDRLConfig
 from .core import (
     clipped_policy_loss,
@@ -44,32 +56,20 @@ from .data import (
     reference_column_of,
     with_prompt_column,
 )
-from .data_term import DataTermBatch
-from .evaluation import HeldOutEvaluator
-from .guards import NonFiniteStepGuard
-from .guidance import ExtraRows, predict_policy
-from .metrics import TrainingMetrics
-from .model_setup import load_pipeline, prepare_for_training
-from .reference import ReferencePolicy
-from .reporting import ReportingMixin
-from .resume import (
-    check_output_dir_writable,
-    check_same_run,
-    data_signature,
-    load_rollout_buffer,
-    prepare_output_dir,
-    resolve_checkpoint,
-    run_info,
-    saved_progress,
-    verify_checkpoint,
-    warn_if_output_dir_taken,
-)
+from .monitoring.adaptive_beta import STATE_KEY, DataBetaControl
+from .monitoring.guards import NonFiniteStepGuard
+from .monitoring.hacking_monitor import HackingMonitorCallback
+from .monitoring.held_out import HeldOutEvaluator
+from .monitoring.reporting import ReportingMixin
+from .monitoring.validation import ValidationCallback, ValidationPrompts, Validator
 from .rewards import compute_rewards, resolve_reward, reward_name
 from .rewards.calling import check_column_names
-from .rollout import synchronize
-from .rollout_batch import RolloutBatch, RolloutCollector
-from .saving import SavingMixin
-from .validation import ValidationCallback, ValidationPrompts, Validator
+from .step.collector import RolloutBatch, RolloutCollector
+from .step.data_term import DataTermBatch
+from .step.metrics import TrainingMetrics
+from .step.policy import ExtraRows, predict_policy
+from .step.reference import ReferencePolicy
+from .step.rollout import synchronize
 
 logger = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ class DDRLTrainer(ReportingMixin, SavingMixin, Trainer):
             if isinstance(callback, HackingMonitorCallback):
                 callback.check_inputs(eval_dataset, validation_prompts is not None, self.eval_reward_names)
 
-        # ---- the model: its family's adapter, prepared for training (model_setup.py), and the base to compare with
+        # ---- the model: its family's adapter, prepared for training (adapters/preparation.py), and the base
         in_memory = not isinstance(model, (str, os.PathLike))
         pipeline = model if in_memory else load_pipeline(model, args)
         #: Hub id or path of the base pipeline, for the model card (None for a pipeline built in memory).
@@ -253,7 +253,7 @@ class DDRLTrainer(ReportingMixin, SavingMixin, Trainer):
         )
         #: DDRL's training metrics since the last log (docs/metrics.md).
         self.metrics = TrainingMetrics()
-        #: Makes each micro-step's rollout batch and keeps those later iterations reuse (`rollout_batch.py`).
+        #: Makes each micro-step's rollout batch and keeps those later iterations reuse (`step/collector.py`).
         self.rollouts = RolloutCollector(
             self.adapter,
             self.sampler,
@@ -280,7 +280,7 @@ class DDRLTrainer(ReportingMixin, SavingMixin, Trainer):
         self.last_samples = None
         #: The `create_model_card` arguments given so far (title, dataset, tags, license), kept for later cards.
         self.model_card_options: dict = {}
-        #: Skips optimiser steps with non-finite losses or gradients (`guards.py`); before the EMA's callback.
+        #: Skips optimiser steps with non-finite losses or gradients (`monitoring/guards.py`); before the EMA callback.
         self.nonfinite_guard = NonFiniteStepGuard(self, args.max_consecutive_nonfinite_steps)
         self.add_callback(self.nonfinite_guard)
         self._setup_ema()
@@ -316,9 +316,10 @@ class DDRLTrainer(ReportingMixin, SavingMixin, Trainer):
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
         """`Trainer.train`, after deciding, before any work, that the run may use `output_dir` and that the checkpoint
-        to resume (`True`: the newest in `output_dir`) is complete, readable and of this run (`resume.py`); and after
-        measuring the base model's held-out loss when nothing could later (full fine-tuning keeps no copy of the base;
-        the weights are still the base's here, also when resuming: `Trainer.train` loads the checkpoint later)."""
+        to resume (`True`: the newest in `output_dir`) is complete, readable, of this run and not finished
+        (`checkpoints/resume.py`); and after measuring the base model's held-out loss when nothing could later (full
+        fine-tuning keeps no copy of the base; the weights are still the base's here, also when resuming:
+        `Trainer.train` loads the checkpoint later)."""
         prepare_output_dir(self.args, resume_from_checkpoint, self.is_world_process_zero())
         self.accelerator.wait_for_everyone()
         checkpoint = resolve_checkpoint(self.args.output_dir, resume_from_checkpoint, self.is_world_process_zero())

@@ -13,12 +13,12 @@ or reward models by Hub id or folder. Add `--resume_from_checkpoint true` to con
 `--output_dir`, `--push_to_hub` to publish the adapter with a model card. `ddrl-trl train` (installed with the package)
 runs the same thing. See docs/examples.md.
 
-`main` (ddrl_trl/scripts.py) reads as TRL's `scripts/grpo.py`: check the arguments → load the data →
+`main` (ddrl_trl/cli/train.py) reads as TRL's `scripts/grpo.py`: check the arguments → load the data →
 `DDRLTrainer(model, reward_funcs, args, train_dataset, eval_dataset, peft_config)` →
 `train(resume_from_checkpoint=...)` → `save_model` → `push_to_hub`.
 """
 
-from ddrl_trl.scripts import exit_on_usage_error, main, make_parser
+from ddrl_trl.cli.train import exit_on_usage_error, main, make_parser
 
 if __name__ == "__main__":
     parser = make_parser(family="sd")

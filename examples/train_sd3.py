@@ -4,15 +4,15 @@
         --dataset_name <hub dataset with "prompt" and "image" columns> \
         --reward_funcs mypackage.rewards:ocr --output_dir sd35m-ddrl --report_to tensorboard
 
-The defaults are the SD3.5-Medium setup of docs/examples.md (`FAMILY_DEFAULTS["sd3"]` in ddrl_trl/families.py:
+The defaults are the SD3.5-Medium setup of docs/examples.md (`FAMILY_DEFAULTS["sd3"]` in ddrl_trl/cli/families.py:
 LoRA r 32 / alpha 64 on the attention projections, 512 px, bf16 with gradient checkpointing); every one can be
 overridden on the command line or in a `--config` YAML. For FLUX.1, run `ddrl-trl train --family flux ...`
 (FLUX.1-dev's defaults, its distilled guidance embedding at `--guidance_scale 3.5`), or this script with
-`--model_name_or_path black-forest-labs/FLUX.1-dev`. The flow is `main` in ddrl_trl/scripts.py, as in
+`--model_name_or_path black-forest-labs/FLUX.1-dev`. The flow is `main` in ddrl_trl/cli/train.py, as in
 examples/train_sd.py.
 """
 
-from ddrl_trl.scripts import exit_on_usage_error, main, make_parser
+from ddrl_trl.cli.train import exit_on_usage_error, main, make_parser
 
 if __name__ == "__main__":
     parser = make_parser(family="sd3")

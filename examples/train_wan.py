@@ -7,11 +7,11 @@
 The `video` column holds, per row, a list of frames (a `datasets` Sequence of Image), an (F, H, W, 3) array or a video
 file path (MP4 needs `pip install "ddrl-trl[video]"`). Every video must have exactly `--num_frames` frames (4k + 1);
 anything else is refused, naming the row, before training starts. Defaults (`FAMILY_DEFAULTS["wan"]` in
-ddrl_trl/families.py): Wan 2.1 T2V 1.3B, 33-frame 480x480 clips, LoRA r 32, bf16 with gradient checkpointing; see
-docs/examples.md for memory. The flow is `main` in ddrl_trl/scripts.py, as in examples/train_sd.py.
+ddrl_trl/cli/families.py): Wan 2.1 T2V 1.3B, 33-frame 480x480 clips, LoRA r 32, bf16 with gradient checkpointing; see
+docs/examples.md for memory. The flow is `main` in ddrl_trl/cli/train.py, as in examples/train_sd.py.
 """
 
-from ddrl_trl.scripts import exit_on_usage_error, main, make_parser
+from ddrl_trl.cli.train import exit_on_usage_error, main, make_parser
 
 if __name__ == "__main__":
     parser = make_parser(family="wan")

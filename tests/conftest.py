@@ -69,7 +69,7 @@ def hub(tmp_path, monkeypatch):
 @pytest.fixture
 def no_rollouts(monkeypatch):
     """Fails the test if a rollout starts: for checks that must refuse bad input before any expensive work."""
-    import ddrl_trl.rollout_batch as rollout_batch
+    import ddrl_trl.step.collector as rollout_batch
 
     def forbidden(*args, **kwargs):
         raise AssertionError("a rollout started before the input was checked")

@@ -18,7 +18,7 @@ from datasets import Dataset
 from peft import LoraConfig
 from PIL import Image
 
-import ddrl_trl.rollout_batch as rollout_batch
+import ddrl_trl.step.collector as rollout_batch
 import ddrl_trl.trainer as trainer_module
 from ddrl_trl import DDRLConfig, DDRLTrainer
 from ddrl_trl.testing import tiny_sd_pipeline

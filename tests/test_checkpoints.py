@@ -18,11 +18,11 @@ from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
 import ddrl_trl.trainer as trainer_module
-from ddrl_trl.adaptive_beta import DataBetaControl
+from ddrl_trl.checkpoints.resume import check_same_run, run_info
+from ddrl_trl.checkpoints.weight_files import CheckpointError
 from ddrl_trl.core.data_beta import AdaptiveDataBeta
-from ddrl_trl.resume import check_same_run, run_info
+from ddrl_trl.monitoring.adaptive_beta import DataBetaControl
 from ddrl_trl.testing import tiny_sdxl_pipeline
-from ddrl_trl.weight_files import CheckpointError
 
 
 def run(tmp_path, reference_dataset, peft_config=None, **kw):

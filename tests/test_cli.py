@@ -11,7 +11,7 @@ import pytest
 import torch
 from datasets import Dataset, DatasetDict
 
-from ddrl_trl.families import FAMILY_DEFAULTS
+from ddrl_trl.cli.families import FAMILY_DEFAULTS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,7 +47,7 @@ def base_args(tmp_path: Path, *extra: str, reward: str = "brightness") -> list[s
 
 def error_line(capsys, argv: list[str]) -> str:
     """Run `ddrl-trl train argv` in-process; it must exit with code 2 and one error line, no traceback."""
-    from ddrl_trl.cli import main
+    from ddrl_trl.cli.command import main
 
     with pytest.raises(SystemExit) as exited:
         main(["train", *argv])
@@ -146,7 +146,7 @@ def test_a_missing_prompt_column_is_one_line_naming_prompt_column(folders, capsy
 
 
 def test_help_shows_the_diffusion_flags_and_every_family(capsys):
-    from ddrl_trl.cli import main
+    from ddrl_trl.cli.command import main
 
     with pytest.raises(SystemExit) as exited:
         main(["train", "--help"])
@@ -180,7 +180,7 @@ def test_help_shows_the_diffusion_flags_and_every_family(capsys):
     top = capsys.readouterr().out
     assert all(family in top for family in FAMILY_DEFAULTS) and "sd|sd3|flux|wan" not in top
     # diffusers' LoRA dropout (0) for every family, not TRL's language-model 0.05
-    from ddrl_trl.scripts import make_parser
+    from ddrl_trl.cli.train import make_parser
 
     assert all(defaults["lora_dropout"] == 0.0 for defaults in FAMILY_DEFAULTS.values())
     assert make_parser("sd").parse_args_and_config(args=[])[2].lora_dropout == 0.0
@@ -189,7 +189,7 @@ def test_help_shows_the_diffusion_flags_and_every_family(capsys):
 def test_a_real_exit_code_and_help_without_the_trainer(tmp_path):
     """One subprocess: `--help` does not import the trainer, and a bad command exits with code 2, one line."""
     code = (
-        "import sys\nfrom ddrl_trl.cli import main\ntry:\n    main(['train', '--help'])\nexcept SystemExit:\n"
+        "import sys\nfrom ddrl_trl.cli.command import main\ntry:\n    main(['train', '--help'])\nexcept SystemExit:\n"
         "    pass\nprint('trainer imported:', 'ddrl_trl.trainer' in sys.modules)\n"
         "main(['train', '--model_name_or_path', 'owner/model', '--family', 'sd', '--reward_funcs', 'brightness', "
         "'--output_dir', 'out'])\n"
@@ -210,12 +210,12 @@ def test_a_real_exit_code_and_help_without_the_trainer(tmp_path):
 def test_a_single_process_accelerate_launch_that_asked_for_more_is_reported(folders, capsys, caplog, monkeypatch):
     """accelerate's simple launcher (`accelerate launch --num_processes 2` without --multi_gpu, e.g. on CPU) starts
     one process: it sets MASTER_ADDR / MASTER_PORT (only when more were asked for) but no WORLD_SIZE."""
-    from ddrl_trl.scripts import warn_if_accelerate_started_one_process
+    from ddrl_trl.cli.train import warn_if_accelerate_started_one_process
 
     for name, value in (("ACCELERATE_MIXED_PRECISION", "no"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")):
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    with caplog.at_level("WARNING", logger="ddrl_trl.scripts"):
+    with caplog.at_level("WARNING", logger="ddrl_trl.cli.train"):
         error_line(capsys, base_args(folders, "--dataset_name", "/no/data"))  # said before main's checks
     said = [r.getMessage() for r in caplog.records if "accelerate launch started ONE process" in r.getMessage()]
     assert len(said) == 1 and "\n" not in said[0]
@@ -229,8 +229,8 @@ def test_a_single_process_accelerate_launch_that_asked_for_more_is_reported(fold
 
 def test_hacking_monitor_flags_build_the_callback_main_passes_to_the_trainer(folders, capsys, monkeypatch):
     import ddrl_trl.trainer
-    from ddrl_trl.callbacks import SIGNALS, HackingMonitorCallback
-    from ddrl_trl.scripts import HACKING_SIGNALS, hacking_monitor, main, make_parser
+    from ddrl_trl.cli.train import HACKING_SIGNALS, hacking_monitor, main, make_parser
+    from ddrl_trl.monitoring.hacking_monitor import SIGNALS, HackingMonitorCallback
 
     assert HACKING_SIGNALS == SIGNALS  # the parser's choices are the callback's signals
 
@@ -284,14 +284,14 @@ def test_a_run_stopped_for_hacking_saves_and_pushes_its_last_good_weights(tmp_pa
     from safetensors.torch import load_file
 
     from ddrl_trl import HackingMonitorCallback
-    from ddrl_trl.scripts import save_output
+    from ddrl_trl.cli.train import save_output
 
     monitor = HackingMonitorCallback(threshold=1.15, eval_steps=1, stop_training=True)
     trainer = hacking_trainer(tmp_path, reference_dataset, monitor)
     trainer.train()
     out = tmp_path / "out"
     assert monitor.hacking_step == trainer.state.global_step and monitor.last_good_step == monitor.hacking_step - 1
-    with caplog.at_level("WARNING", logger="ddrl_trl.saving"):
+    with caplog.at_level("WARNING", logger="ddrl_trl.checkpoints.saving"):
         trainer.save_model(str(tmp_path / "final"))  # the hacked final weights, saved on purpose: warned
     assert f"the last good weights (step {monitor.last_good_step}) are in {out / 'last-good'}" in caplog.text
     final = load_file(tmp_path / "final" / "unet" / "diffusion_pytorch_model.safetensors")
@@ -316,7 +316,7 @@ def test_prompt_only_data_train_on_synthetic_references(tmp_path, capsys, monkey
     references per prompt, the run trains 2 steps and says where the weights are."""
     from datasets import load_from_disk
 
-    from ddrl_trl.scripts import train_command, with_synthetic_references
+    from ddrl_trl.cli.train import train_command, with_synthetic_references
     from ddrl_trl.testing import tiny_sd_pipeline
 
     tiny_sd_pipeline().save_pretrained(tmp_path / "pipe")
@@ -375,7 +375,7 @@ def test_prompt_only_data_train_on_synthetic_references(tmp_path, capsys, monkey
 def test_model_revision_on_the_command_line_is_kept(monkeypatch, tmp_path):
     """`ddrl-trl train --model_revision R` reaches the parsed arguments (it was read to infer the family and then
     dropped, so the family's or "main" revision loaded instead)."""
-    import ddrl_trl.scripts as scripts
+    import ddrl_trl.cli.train as scripts
 
     seen = []
     monkeypatch.setattr(scripts, "main", lambda *parsed: seen.append(parsed))

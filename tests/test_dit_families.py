@@ -32,7 +32,7 @@ from ddrl_trl.adapters import (
     get_adapter,
 )
 from ddrl_trl.core import combine_guidance, rescale_to_conditional_norm
-from ddrl_trl.guidance import UnconditionalPrompts, predict_policy
+from ddrl_trl.step.policy import UnconditionalPrompts, predict_policy
 from ddrl_trl.testing import (
     tiny_cosmos_pipeline,
     tiny_flux2_klein_pipeline,
@@ -279,7 +279,7 @@ def test_guidance_the_pipeline_cannot_sample_is_refused_at_configure(name, confi
 def test_script_family_defaults_parse_and_suit_the_pipeline(name, tmp_path):
     """`ddrl-trl train` infers each family from the pipeline class in model_index.json, and that family's defaults
     (`FAMILY_DEFAULTS`: the Hub model, guidance, frames) parse into a config the family's adapter accepts."""
-    from ddrl_trl.scripts import FAMILY_DEFAULTS, infer_family, make_parser
+    from ddrl_trl.cli.train import FAMILY_DEFAULTS, infer_family, make_parser
 
     pipe = FAMILIES[name].build()
     (tmp_path / "model").mkdir()
@@ -316,7 +316,7 @@ def test_model_card_tells_how_to_sample_as_the_rollouts_did(name, config, expect
     the way it takes a negative prompt (klein: embeddings only)."""
     from types import SimpleNamespace
 
-    from ddrl_trl.model_card import _guidance_note
+    from ddrl_trl.monitoring.model_card import _guidance_note
 
     family = FAMILIES[name]
     adapter, args = configured(family.build(), **{**family.config, **config})
@@ -328,7 +328,7 @@ def test_family_is_inferred_at_the_model_revision(monkeypatch, tmp_path):
     """Cosmos keeps its diffusers files on a branch: the Hub lookup of model_index.json asks for that revision."""
     import huggingface_hub
 
-    from ddrl_trl.scripts import infer_family
+    from ddrl_trl.cli.train import infer_family
 
     asked = []
 

@@ -141,7 +141,7 @@ def test_flow_family_examples_train_with_their_defaults(script, tmp_path, refere
 def test_reward_funcs_is_required_and_output_dir_is_checked_before_loading_anything(tmp_path):
     """No default reward (the old default, brightness, trains toward white); these checks run before the model loads
     (the model path here does not exist, and the errors are not about it)."""
-    from ddrl_trl.scripts import train_command
+    from ddrl_trl.cli.train import train_command
 
     base = [
         "--family",
@@ -182,7 +182,7 @@ def test_reward_funcs_is_required_and_output_dir_is_checked_before_loading_anyth
 
 
 def test_resume_argument_forms():
-    from ddrl_trl.scripts import resume_argument
+    from ddrl_trl.cli.train import resume_argument
 
     assert [resume_argument(v) for v in (None, "true", "True", "latest", "false", "", "out/checkpoint-2")] == [
         None,
@@ -305,7 +305,7 @@ def test_script_help_lists_every_accepted_reward_form():
 
 
 def test_accelerate_configs_are_package_data_and_printable():
-    from ddrl_trl.cli import ACCELERATE_CONFIGS, main
+    from ddrl_trl.cli.command import ACCELERATE_CONFIGS, main
 
     result = subprocess.run(
         [sys.executable, "-m", "ddrl_trl.cli", "accelerate-config", "--name", "deepspeed_zero2"],
@@ -327,8 +327,8 @@ def test_accelerate_configs_are_package_data_and_printable():
 
 
 def test_ddrl_trl_train_explains_family_infers_it_and_keeps_tracebacks_of_runs(tmp_path, capsys):
-    from ddrl_trl.cli import main
-    from ddrl_trl.scripts import infer_family
+    from ddrl_trl.cli.command import main
+    from ddrl_trl.cli.train import infer_family
 
     tiny_sd3_pipeline().save_pretrained(tmp_path / "sd3")
     assert infer_family(str(tmp_path / "sd3")) == "sd3"

@@ -10,7 +10,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 from helpers import lora, make_trainer, record
 
-import ddrl_trl.rollout_batch as rollout_batch
+import ddrl_trl.step.collector as rollout_batch
 from ddrl_trl import DDRLConfig
 from ddrl_trl.adapters import FluxAdapter, StableDiffusion3Adapter, WanAdapter, get_adapter
 from ddrl_trl.samplers import FlowSDESampler

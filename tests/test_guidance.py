@@ -14,10 +14,10 @@ from ddrl_trl import DDRLConfig
 from ddrl_trl.adapters import StableDiffusionAdapter, get_adapter
 from ddrl_trl.config import default_data_beta, guidance_amplification
 from ddrl_trl.core import group_advantages
-from ddrl_trl.data_term import DataTermBatch
-from ddrl_trl.guidance import UnconditionalPrompts, combine_guidance, predict_policy
-from ddrl_trl.layout import GroupLayout
-from ddrl_trl.rollout import SeededNoise, generate_rollouts, stable_seed
+from ddrl_trl.step.data_term import DataTermBatch
+from ddrl_trl.step.groups import GroupLayout
+from ddrl_trl.step.policy import UnconditionalPrompts, combine_guidance, predict_policy
+from ddrl_trl.step.rollout import SeededNoise, generate_rollouts, stable_seed
 from ddrl_trl.testing import (
     tiny_flux_pipeline,
     tiny_sd3_pipeline,

@@ -247,7 +247,7 @@ def test_a_judge_that_scored_the_base_but_none_of_the_models_samples_trips_the_e
 def test_the_last_good_dir_write_check_names_the_setting_and_its_flag_and_leaves_no_folder(tmp_path):
     """Unit level: the monitor reuses `resume.check_output_dir_writable`, whose message names the setting and its CLI
     flag; `keep_created=False` removes again every folder it created, output_dir's own default keeps it."""
-    from ddrl_trl.resume import check_output_dir_writable
+    from ddrl_trl.checkpoints.resume import check_output_dir_writable
 
     check_output_dir_writable(str(tmp_path / "a" / "b" / "c"), keep_created=False)
     assert list(tmp_path.iterdir()) == []

@@ -13,7 +13,7 @@ def run(code: str) -> str:
 
 def test_the_reward_server_loads_neither_diffusers_nor_trl_until_needed():
     loaded = run(
-        "import sys, ddrl_trl.service.server, ddrl_trl.cli; ddrl_trl.cli.build_parser(); "
+        "import sys, ddrl_trl.service.server, ddrl_trl.cli.command; ddrl_trl.cli.command.build_parser(); "
         "print(sorted(m for m in ('diffusers', 'trl', 'peft', 'ddrl_trl.trainer') if m in sys.modules))"
     )
     assert loaded == "[]"

@@ -8,10 +8,10 @@ import pytest
 import torch
 from helpers import lora, make_trainer
 
-import ddrl_trl.rollout_batch as rollout_batch
+import ddrl_trl.step.collector as rollout_batch
 import ddrl_trl.trainer as trainer_module
+from ddrl_trl.checkpoints.weight_files import CheckpointError
 from ddrl_trl.data import RepeatSampler
-from ddrl_trl.weight_files import CheckpointError
 
 
 def lora_weights(trainer) -> dict[str, torch.Tensor]:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ddrl_trl.layout import GroupLayout
+from ddrl_trl.step.groups import GroupLayout
 from ddrl_trl.testing import tiny_sd_pipeline
 
 TESTS = Path(__file__).resolve().parent

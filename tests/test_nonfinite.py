@@ -11,8 +11,8 @@ import torch
 from helpers import lora, make_trainer
 
 import ddrl_trl.trainer as trainer_module
-from ddrl_trl.guards import NonFiniteTrainingError
-from ddrl_trl.weight_files import NonFiniteWeightsError
+from ddrl_trl.checkpoints.weight_files import NonFiniteWeightsError
+from ddrl_trl.monitoring.guards import NonFiniteTrainingError
 
 
 def lora_weights(trainer) -> dict[str, torch.Tensor]:

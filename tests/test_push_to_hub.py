@@ -83,7 +83,7 @@ def test_training_writes_a_complete_model_card_into_output_dir(tmp_path, referen
     """As TRL: README.md in output_dir at every checkpoint and at save_model(), with the real path to load from, no
     template TODO, the evaluation rewards and the monitor's verdict in its table; curves drawn without offsets."""
     from ddrl_trl import HackingMonitorCallback
-    from ddrl_trl.model_card import curves
+    from ddrl_trl.monitoring.model_card import curves
 
     def judge(images, prompts, **kwargs):
         return (1 - images.flatten(1).mean(1)).tolist()
@@ -125,7 +125,7 @@ def test_curves_are_drawn_with_plain_tick_labels(tmp_path, monkeypatch):
     with matplotlib's offset notation ("1e-7 + 2.500001e-1")."""
     import matplotlib.pyplot as plt
 
-    from ddrl_trl.model_card import _plot_curves
+    from ddrl_trl.monitoring.model_card import _plot_curves
 
     figures, close = [], plt.close
     monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig) or close(fig))

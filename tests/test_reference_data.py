@@ -17,7 +17,8 @@ from PIL import Image
 
 import ddrl_trl.trainer as trainer_module
 from ddrl_trl import build_synthetic_reference_dataset
-from ddrl_trl.data import ReferenceSampleError, load_image
+from ddrl_trl.data import load_image
+from ddrl_trl.errors import ReferenceSampleError
 from ddrl_trl.testing import tiny_sd_pipeline
 
 

@@ -467,7 +467,10 @@ def test_query_strings_are_not_logged_docs_are_not_served_and_a_bad_token_file_i
     )
     assert result.returncode == 2 and "a line break" in result.stderr and "no client could ever match" in result.stderr
     helped = subprocess.run(
-        [sys.executable, "-m", "ddrl_trl.cli", "serve-reward", "--help"], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "ddrl_trl.cli", "serve-reward", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert "is code the server runs" in " ".join(helped.stdout.split())
 
@@ -545,7 +548,7 @@ def test_a_flood_of_idle_connections_evicts_them_not_a_paused_authenticated_uplo
 
 def test_a_short_token_file_is_refused_in_one_line_with_exit_code_2(tmp_path, capsys, monkeypatch):
     import ddrl_trl.service.server as server_module
-    from ddrl_trl.cli import main
+    from ddrl_trl.cli.command import main
 
     def serve(*args, **kwargs):
         raise AssertionError("the server started with a one-character token")

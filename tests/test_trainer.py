@@ -14,7 +14,7 @@ from transformers import TrainerCallback
 
 import ddrl_trl.trainer as trainer_module
 from ddrl_trl.core import group_advantages
-from ddrl_trl.rollout import SeededNoise, generate_rollouts, stable_seed
+from ddrl_trl.step.rollout import SeededNoise, generate_rollouts, stable_seed
 from ddrl_trl.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
 
 

@@ -264,7 +264,7 @@ def test_a_failing_evaluation_reward_or_a_full_disk_never_costs_the_checkpoint(t
 
 
 def test_grids_upscale_small_tiles_keep_gaps_and_caption_each_row():
-    from ddrl_trl.tracking import image_grid
+    from ddrl_trl.monitoring.tracking import image_grid
 
     images = torch.rand(5, 3, 16, 24, generator=torch.Generator().manual_seed(0))
     captions = ["a red cat", "a red cat", "a blue dog", "a blue dog", "a blue dog"]

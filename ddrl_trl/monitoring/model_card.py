@@ -16,9 +16,9 @@ import os
 from diffusers.utils.hub_utils import populate_model_card
 from huggingface_hub import ModelCard, ModelCardData
 
-from .rewards import to_pil
+from ..checkpoints.weight_files import atomic_write
+from ..rewards import to_pil
 from .tracking import still_images
-from .weight_files import atomic_write
 
 CARD_MARKER = "<!-- written by ddrl-trl: regenerated at each save and push -->"
 #: Older cards of ours, still regenerated.
@@ -320,7 +320,7 @@ def curves(trainer) -> list[tuple[str, str]]:
 
 def _monitor_verdict(trainer) -> list[str]:
     """What the hacking monitor (if the run had one) concluded, with where the last good weights are."""
-    from .callbacks import HackingMonitorCallback
+    from .hacking_monitor import HackingMonitorCallback
 
     monitors = [c for c in trainer.callback_handler.callbacks if isinstance(c, HackingMonitorCallback)]
     if not monitors:

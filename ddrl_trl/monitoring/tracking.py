@@ -1,17 +1,16 @@
-"""Sending rollout images to the experiment trackers the Trainer was configured with (`report_to`)."""
+"""Image grids of rollouts and validation samples, readable (enlarged, captioned), and sending them to the
+experiment trackers the Trainer was configured with (`report_to`)."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
 import torch
-from diffusers.configuration_utils import FrozenDict
 from PIL import Image, ImageDraw, ImageFont
 from transformers.integrations import TensorBoardCallback
 
-from .rewards import to_pil
+from ..rewards import to_pil
 
 
 def still_images(images: torch.Tensor) -> torch.Tensor:
@@ -82,24 +81,3 @@ def log_image_grid(callbacks, grid: Image.Image, captions: list[str], step: int,
                 run.log({tag: callback._wandb.Image(grid, caption=" | ".join(captions))}, commit=False)
                 logged = True
     return logged
-
-
-class TrackerFriendlyConfig(FrozenDict):
-    """A diffusers config that also answers `to_dict()` / `to_json_string()`, as transformers' trackers expect.
-
-    TensorBoard, MLflow and others log `model.config` through those methods of `PretrainedConfig`; a diffusers
-    model's `FrozenDict` config lacks them and crashes `on_train_begin`.
-    """
-
-    def to_dict(self) -> dict:
-        return dict(self)
-
-    def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True, default=str)
-
-
-def make_config_tracker_friendly(model: torch.nn.Module) -> None:
-    """Swap `model.config` for an equal `TrackerFriendlyConfig` (still a `FrozenDict`, so diffusers is unaffected)."""
-    config = getattr(model, "_internal_dict", None)
-    if config is not None and not isinstance(config, TrackerFriendlyConfig):
-        model._internal_dict = TrackerFriendlyConfig(config)

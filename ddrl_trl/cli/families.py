@@ -1,6 +1,6 @@
 """The model families of `ddrl-trl train --family` and `examples/train_*.py`, with their defaults.
 
-Kept apart from `scripts.py` (which imports TRL) so that `ddrl-trl --help` can list the families without loading
+Kept apart from `train.py` (which imports TRL) so that `ddrl-trl --help` can list the families without loading
 TRL, transformers or torch.
 """
 

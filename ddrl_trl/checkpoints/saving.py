@@ -129,54 +129,22 @@ class SavingMixin:
                 "and checkpoints are never overwritten with a diverged model; lower learning_rate and resume from "
                 "the last checkpoint."
             )
-        if not _internal_call:  # checkpoints say nothing: they are a run's history, not its output
-            self._warn_if_saving_hacked_weights(output_dir or self.args.output_dir)
         super().save_model(output_dir, _internal_call)
 
-    def restore_last_good(self, monitor) -> int:
-        """Load the weights `monitor` (a `HackingMonitorCallback`) kept as the last good ones into the model, so that
-        `save_model` and `push_to_hub` write those and not the hacked final ones; returns their step. With an EMA,
-        the kept weights are the EMA's (a final save writes those), and the average restarts from them."""
+    def restore_last_good(self, folder: str, step: int) -> int:
+        """Load the weights a `HackingMonitorCallback` kept in `folder` as the last good ones (of `step`) into the
+        model, so that `save_model` and `push_to_hub` write those and not the hacked final ones; returns `step`. With
+        an EMA, the kept weights are the EMA's (a final save writes those), and the average restarts from them."""
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             raise ValueError(
                 "The last good weights cannot be loaded into a DeepSpeed / FSDP-sharded model: use the files in "
-                f"{monitor.last_good_path} as the output."
+                f"{folder} as the output."
             )
-        self._load_from_checkpoint_weights(monitor.last_good_path)
+        self._load_from_checkpoint_weights(folder)
         if self.ema is not None:
             self.ema = EMAModel(self.trainable_parameters, decay=self.args.ema_decay)
-        self.restored_step = monitor.last_good_step
-        return monitor.last_good_step
-
-    def _warn_if_saving_hacked_weights(self, output_dir: str) -> None:
-        """Warn when the weights being saved are from after a `HackingMonitorCallback` detected reward hacking (and
-        are not the last good ones), naming the last good weights, so that a hacked model is never saved silently."""
-        from .callbacks import HackingMonitorCallback
-
-        if not self.is_world_process_zero():
-            return
-        step = self.restored_step if self.restored_step is not None else self.state.global_step
-        for monitor in self.callback_handler.callbacks:
-            if not isinstance(monitor, HackingMonitorCallback) or monitor.hacking_step is None:
-                continue
-            good = monitor.last_good_path
-            if good is not None and os.path.abspath(output_dir) == os.path.abspath(good):
-                continue  # the monitor saving the last good weights
-            if monitor.last_good_step is not None and monitor.last_good_step >= step:
-                continue  # these weights are the last good ones
-            last_good = (
-                f"the last good weights (step {monitor.last_good_step}) are in {good}"
-                if monitor.last_good_step is not None and good is not None
-                else "no evaluation before it was good, so there are no last good weights"
-            )
-            logger.warning(
-                "Saving to %s the weights of step %d, from after reward hacking was detected at step %d "
-                "(HackingMonitorCallback): %s.",
-                output_dir,
-                self.state.global_step,
-                monitor.hacking_step,
-                last_good,
-            )
+        self.restored_step = step
+        return step
 
     def _load_from_checkpoint_weights(self, folder: str) -> None:
         """The trained weights saved in `folder` (a checkpoint, or `save_model`'s output), into the denoiser."""

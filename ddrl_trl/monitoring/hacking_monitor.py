@@ -18,7 +18,7 @@ import os
 
 from transformers import TrainerCallback
 
-from .config import _as_integer, _is_real
+from ..config import _as_integer, _is_real
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +155,9 @@ class HackingMonitorCallback(TrainerCallback):
         before any training, that the last good weights can be written under `output_dir` (on the saving process)."""
         self.check_inputs(trainer.eval_dataset, trainer.validator is not None, trainer.eval_reward_names)
         if self.last_good_dir is not None and getattr(trainer.args, "should_save", True):
-            from .resume import check_output_dir_writable  # here: resume imports diffusers, the trainer did already
+            from ..checkpoints.resume import (
+                check_output_dir_writable,  # here: resume imports diffusers, the trainer did already
+            )
 
             check_output_dir_writable(
                 os.path.join(trainer.args.output_dir, os.fspath(self.last_good_dir)),

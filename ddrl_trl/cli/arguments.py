@@ -1,7 +1,7 @@
 """The command-line arguments of `ddrl-trl train` and `examples/train_*.py`: the argument dataclasses beside TRL's
 (`DDRLScriptArguments`, `RewardArguments`, `HackingMonitorArguments`), and `DDRLParser`, a `trl.TrlParser` whose
 `--help` shows the flags that apply to a diffusion pipeline and whose errors are one line naming the flags.
-`make_parser` builds it over a model family's defaults (`families.py`); `scripts.py` runs what it parses.
+`make_parser` builds it over a model family's defaults (`families.py`); `train.py` runs what it parses.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from typing import Any
 import yaml
 from trl import ModelConfig, ScriptArguments, TrlParser
 
-from .errors import UsageError
+from ..errors import UsageError
+from ..rewards import REWARD_SPEC_HELP
 from .families import FAMILIES, FAMILY_DEFAULTS
-from .rewards import REWARD_SPEC_HELP
 
 #: Flags of TRL's argument classes that mean nothing for a diffusion pipeline, with their only accepted value.
 UNSUPPORTED_FLAGS = {
@@ -286,7 +286,7 @@ def make_parser(family: str = "sd", prog: str | None = None, usage: str | None =
     flags that apply to diffusion (ours and the common training ones, grouped); the rest parse but are hidden."""
     from transformers import TrainingArguments
 
-    from .config import DDRLConfig
+    from ..config import DDRLConfig
 
     if family not in FAMILY_DEFAULTS:
         raise UsageError(f"Unknown model family {family!r}: use one of {', '.join(FAMILIES)}.")

@@ -22,15 +22,17 @@ from typing import Any
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from .adaptive_beta import RUN_INFO_NAME
-from .adaptive_beta import STATE_KEY as DATA_BETA_STATE_KEY
-from .core.data_beta import AdaptiveDataBeta
-from .data import arrow_column
-from .rollout import SavedRollout
+from ..core.data_beta import AdaptiveDataBeta
+from ..data import arrow_column
+from ..step.rollout import SavedRollout
 from .weight_files import LORA_WEIGHTS_NAME, CheckpointError, load_checkpoint_file
 
 logger = logging.getLogger(__name__)
 
+#: The run record every save writes (`run_info`).
+RUN_INFO_NAME = "ddrl_run.json"
+#: The key of the adaptive data_beta controller's state in `ddrl_run.json` (`monitoring/adaptive_beta.py`).
+DATA_BETA_STATE_KEY = "data_beta_controller"
 TRAINER_STATE_NAME = "trainer_state.json"
 SCHEDULER_NAME = "scheduler.pt"
 _CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-\d+$")
@@ -358,7 +360,7 @@ def run_info(trainer) -> dict[str, Any]:
         "train_data": trainer.train_data_signature,
     }
     control = getattr(trainer, "data_beta_control", None)
-    if control is not None:  # the adaptive data_beta's state, restored on resume (`adaptive_beta.py`)
+    if control is not None:  # the adaptive data_beta's state, restored on resume (`monitoring/adaptive_beta.py`)
         info[DATA_BETA_STATE_KEY] = control.state_dict()
     return json.loads(json.dumps(info, default=str))  # as it reads back from disk: lists, not tuples
 

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import torch
 
-from .adapters import Conditioning, PipelineAdapter
-from .guidance import predict_policy
+from ..adapters import Conditioning, PipelineAdapter
+from .policy import predict_policy
 
 
 class ReferencePolicy:

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .adapters import Conditioning, PipelineAdapter, select_conditioning
-from .guidance import predict_policy
+from ..adapters import Conditioning, PipelineAdapter, select_conditioning
+from .policy import predict_policy
 
 
 def stable_seed(*parts: int | str) -> int:

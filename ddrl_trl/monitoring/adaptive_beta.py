@@ -17,15 +17,12 @@ import os
 import torch
 from transformers import TrainerCallback
 
-from .core.data_beta import AdaptiveDataBeta
-from .weight_files import CheckpointError
+from ..checkpoints.resume import DATA_BETA_STATE_KEY as STATE_KEY
+from ..checkpoints.resume import RUN_INFO_NAME
+from ..core.data_beta import AdaptiveDataBeta
+from ..errors import CheckpointError
 
 logger = logging.getLogger(__name__)
-
-#: The key of the controller's state in `ddrl_run.json` (saved with every checkpoint).
-STATE_KEY = "data_beta_controller"
-#: The run record every save writes (defined here, the lower module: `resume` imports it from this one).
-RUN_INFO_NAME = "ddrl_run.json"
 
 
 class DataBetaControl(TrainerCallback):

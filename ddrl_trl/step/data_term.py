@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .adapters import Conditioning
-from .guidance import drop_conditioning
-from .layout import GroupLayout
+from ..adapters import Conditioning
+from .groups import GroupLayout
+from .policy import drop_conditioning
 from .rollout import SeededNoise
 
 

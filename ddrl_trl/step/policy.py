@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .adapters import Conditioning, PipelineAdapter, concat_conditioning, repeat_conditioning
-from .core.guidance import combine_guidance  # noqa: F401  (re-exported: the linear default)
+from ..adapters import Conditioning, PipelineAdapter, concat_conditioning, repeat_conditioning
+from ..core.guidance import combine_guidance  # noqa: F401  (re-exported: the linear default)
 
 
 @dataclass

@@ -5,7 +5,7 @@
 
 `main` reads top to bottom as TRL's `scripts/grpo.py`: checks → data → `DDRLTrainer(...)` →
 `train(resume_from_checkpoint=...)` → `save_model` → `push_to_hub`. Arguments are parsed by `DDRLParser` (a
-`trl.TrlParser`, in `script_arguments.py`) from `DDRLScriptArguments` (dataset), `DDRLConfig` (training),
+`trl.TrlParser`, in `arguments.py`) from `DDRLScriptArguments` (dataset), `DDRLConfig` (training),
 `ModelConfig` (model and LoRA), `RewardArguments` and `HackingMonitorArguments`, over the model family's defaults
 (`FAMILY_DEFAULTS`); a YAML `--config` overrides those and command-line flags override both. `--help` shows the flags
 that mean something for a diffusion pipeline; TRL's and transformers' language-model flags are hidden.
@@ -36,10 +36,9 @@ from typing import TYPE_CHECKING, Any
 
 from trl import ModelConfig, ScriptArguments
 
-from .errors import UsageError
-from .families import FAMILIES, FAMILY_DEFAULTS  # noqa: F401 — FAMILY_DEFAULTS is read from here too
-from .rewards import REWARD_SPEC_HELP
-from .script_arguments import (  # the parser's names are also read from here (tests, examples)
+from ..errors import UsageError
+from ..rewards import REWARD_SPEC_HELP
+from .arguments import (  # the parser's names are also read from here (tests, examples)
     HACKING_SIGNALS,  # noqa: F401
     UNSUPPORTED_FLAGS,
     DDRLScriptArguments,
@@ -49,13 +48,14 @@ from .script_arguments import (  # the parser's names are also read from here (t
     make_parser,
     read_config,
 )
+from .families import FAMILIES, FAMILY_DEFAULTS  # noqa: F401 — FAMILY_DEFAULTS is read from here too
 
 if TYPE_CHECKING:
     from datasets import Dataset
 
-    from .callbacks import HackingMonitorCallback
-    from .config import DDRLConfig
-    from .trainer import DDRLTrainer
+    from ..config import DDRLConfig
+    from ..monitoring.hacking_monitor import HackingMonitorCallback
+    from ..trainer import DDRLTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +70,8 @@ def main(
 ) -> DDRLTrainer:
     """Train with DDRL from parsed arguments, resume if asked, save, and push to the Hub if asked. Bad arguments
     raise `UsageError` before the model is loaded (and before training, for those only found in the data)."""
-    from .model_setup import load_pipeline
-    from .trainer import DDRLTrainer
+    from ..adapters.preparation import load_pipeline
+    from ..trainer import DDRLTrainer
 
     warn_if_accelerate_started_one_process()
     _find_modules_in_working_dir()
@@ -127,7 +127,7 @@ def resume_argument(value: str | bool | None) -> str | bool | None:
     """`--resume_from_checkpoint` as `DDRLTrainer.train` takes it: `true` → True (the newest checkpoint in
     `--output_dir`, which must hold one), `latest` → "latest" (the newest one, or a new run when there is none, for
     restartable jobs), `false` / `none` / empty → None, anything else a checkpoint folder."""
-    from .resume import LATEST
+    from ..checkpoints.resume import LATEST
 
     if value is None or isinstance(value, bool):
         return value or None
@@ -201,7 +201,12 @@ def check_flags(script_args: ScriptArguments, model_args: ModelConfig, reward_ar
 def check_output_and_resume(training_args: DDRLConfig, resume: str | bool | None) -> None:
     """`--output_dir` can be written and holds no other run's work (unless resuming or overwriting), and the
     checkpoint to resume, if any, has steps left to train under `--max_steps`."""
-    from .resume import check_output_dir_free, check_output_dir_writable, resolve_checkpoint, saved_progress
+    from ..checkpoints.resume import (
+        check_output_dir_free,
+        check_output_dir_writable,
+        resolve_checkpoint,
+        saved_progress,
+    )
 
     try:
         if training_args.should_save:
@@ -275,7 +280,7 @@ def hacking_monitor(monitor_args: HackingMonitorArguments | None) -> HackingMoni
     """The `HackingMonitorCallback` the `--hacking_*` flags ask for, or None without `--hacking_monitor`."""
     if monitor_args is None or not monitor_args.hacking_monitor:
         return None
-    from .callbacks import HackingMonitorCallback
+    from ..monitoring.hacking_monitor import HackingMonitorCallback
 
     try:
         return HackingMonitorCallback(
@@ -300,8 +305,8 @@ def hacking_monitor(monitor_args: HackingMonitorArguments | None) -> HackingMoni
 def resolve_rewards(reward_args: RewardArguments) -> tuple[list, list]:
     """The reward functions `--reward_funcs` and `--eval_reward_funcs` name, resolved before the model loads (a bad
     name or import path is a `UsageError`); the trainer takes the functions."""
-    from .rewards import resolve_reward
-    from .rewards.calling import reward_name
+    from ..rewards import resolve_reward
+    from ..rewards.calling import reward_name
 
     resolved = []
     for flag, specs in (
@@ -373,7 +378,7 @@ def load_data(script_args: ScriptArguments, max_train_samples: int | None = None
 
 def has_reference_column(dataset: Dataset, training_args: DDRLConfig) -> bool:
     """Whether `dataset` holds paired reference samples (`--reference_column`, else an image or video column)."""
-    from .data import reference_column_of
+    from ..data import reference_column_of
 
     return reference_column_of(dataset, training_args.reference_column) in dataset.column_names
 
@@ -381,7 +386,7 @@ def has_reference_column(dataset: Dataset, training_args: DDRLConfig) -> bool:
 def check_prompt_only(dataset: Dataset, k: int, training_args: DDRLConfig, split: str) -> None:
     """Before the pipeline loads: refuse `--synthetic_references_per_prompt` for data that already hold references
     (they would be ignored), and for data without the prompt column."""
-    from .data import reference_column_of, with_prompt_column
+    from ..data import reference_column_of, with_prompt_column
 
     if has_reference_column(dataset, training_args):
         raise UsageError(
@@ -411,7 +416,7 @@ def with_synthetic_references(pipeline, dataset: Dataset, k: int, training_args:
     sampling settings (the key), load that copy: every process trains on the same references, sampled once."""
     from datasets import concatenate_datasets, load_from_disk
 
-    from .data import build_synthetic_reference_dataset, reference_column_of, with_prompt_column
+    from ..data import build_synthetic_reference_dataset, reference_column_of, with_prompt_column
 
     check_prompt_only(dataset, k, training_args, split)
     dataset = with_prompt_column(dataset, training_args.prompt_column, split)
@@ -472,7 +477,7 @@ def construction_errors() -> Iterator[None]:
     except ValueError as err:
         if not _raised_by_ddrl_trl(err):
             raise
-        from .config import DDRLConfig
+        from ..config import DDRLConfig
 
         names = {f.name for f in fields(DDRLConfig)} | {f.name for c in _ARGUMENT_CLASSES for f in fields(c)}
         raise UsageError(flag_names(str(err), names)) from err
@@ -488,7 +493,7 @@ def _raised_by_ddrl_trl(err: BaseException) -> bool:
         return False
     while tb.tb_next is not None:
         tb = tb.tb_next
-    package = os.path.dirname(os.path.abspath(__file__))
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # ddrl_trl/, above cli/
     return os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(package + os.sep)
 
 
@@ -499,7 +504,7 @@ def save_output(trainer: DDRLTrainer, monitor: HackingMonitorCallback | None, ou
     training went on, the final weights are saved (with `save_model`'s warning)."""
     stopped = monitor is not None and monitor.stop_training and monitor.hacking_step is not None
     if stopped and monitor.last_good_step is not None and monitor.last_good_path is not None:
-        step = trainer.restore_last_good(monitor)
+        step = trainer.restore_last_good(monitor.last_good_path, monitor.last_good_step)
         if trainer.is_world_process_zero():
             logger.warning(
                 "Training stopped: reward hacking was detected at step %d. The weights saved in %s (and pushed, "
@@ -592,7 +597,7 @@ def infer_family(model_name_or_path: str, revision: str | None = None) -> str:
         )
     import diffusers
 
-    from .adapters import adapter_class
+    from ..adapters import adapter_class
 
     adapter = adapter_class(getattr(diffusers, pipeline, type(None)))
     if adapter is None or adapter.script_family is None:
@@ -655,7 +660,7 @@ def exit_on_usage_error(prog: str) -> Iterator[None]:
 TRAIN_HELP = f"""ddrl-trl train: DDRL training with TRL-style arguments, as examples/train_*.py.
 
   --family {{{",".join(FAMILIES)}}}
-                        the model family whose defaults apply (ddrl_trl.families.FAMILY_DEFAULTS); by default
+                        the model family whose defaults apply (ddrl_trl.cli.families.FAMILY_DEFAULTS); by default
                         inferred from --model_name_or_path's model_index.json (here or in --config)
 """
 

@@ -9,7 +9,7 @@ from collections import defaultdict
 
 import torch
 
-from .core import AggregatedRewards, group_reward_std
+from ..core import AggregatedRewards, group_reward_std
 
 logger = logging.getLogger(__name__)
 

@@ -23,11 +23,9 @@ import logging
 import torch
 from transformers import TrainerCallback
 
+from ..errors import NonFiniteTrainingError  # noqa: F401 — raised here, imported from here too
+
 logger = logging.getLogger(__name__)
-
-
-class NonFiniteTrainingError(RuntimeError):
-    """Training produced non-finite losses, gradients or weights that could not be skipped."""
 
 
 def all_finite(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:

@@ -14,12 +14,12 @@ from contextlib import AbstractContextManager
 import torch
 from datasets import Dataset
 
-from .adapters import PipelineAdapter, concat_conditioning
-from .core import diffusion_loss
-from .data import DDRLCollator
-from .guidance import UnconditionalPrompts
-from .reference import ReferencePolicy
-from .rollout import SeededNoise
+from ..adapters import PipelineAdapter, concat_conditioning
+from ..core import diffusion_loss
+from ..data import DDRLCollator
+from ..step.policy import UnconditionalPrompts
+from ..step.reference import ReferencePolicy
+from ..step.rollout import SeededNoise
 
 
 class HeldOutEvaluator:

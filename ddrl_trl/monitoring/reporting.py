@@ -2,7 +2,7 @@
 rollout image grids and DDRL's metrics in the logs, and the model card.
 
 A mixin of `DDRLTrainer` (needs its `args`, `state`, `evaluator`, `validator`, `metrics`, `accelerator`, ...); the
-measurements themselves live in `evaluation.py` and `validation.py`.
+measurements themselves live in `held_out.py` and `validation.py`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import os
 
 import torch
 
-from .data import REF_LATENTS_COLUMN, check_evaluation_dataset
+from ..data import REF_LATENTS_COLUMN, check_evaluation_dataset
+from .hacking_monitor import HackingMonitorCallback
 from .model_card import write_model_card
 from .tracking import image_grid, log_image_grid
 from .validation import grid_path, save_grid
@@ -130,11 +131,42 @@ class ReportingMixin:
             write_model_card(self, **options)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """`Trainer.save_model`; a save into `output_dir` itself also writes the model card there, as TRL does."""
+        """`Trainer.save_model`; a save into `output_dir` itself also writes the model card there, as TRL does, and a
+        save of weights from after the hacking monitor detected hacking says so."""
+        if not _internal_call:  # checkpoints say nothing: they are a run's history, not its output
+            self._warn_if_saving_hacked_weights(output_dir or self.args.output_dir)
         super().save_model(output_dir, _internal_call)
         target = output_dir if output_dir is not None else self.args.output_dir
         if not _internal_call and os.path.abspath(target) == os.path.abspath(self.args.output_dir):
             self._update_model_card()
+
+    def _warn_if_saving_hacked_weights(self, output_dir: str) -> None:
+        """Warn when the weights being saved are from after a `HackingMonitorCallback` detected reward hacking (and
+        are not the last good ones), naming the last good weights, so that a hacked model is never saved silently."""
+        if not self.is_world_process_zero():
+            return
+        step = self.restored_step if self.restored_step is not None else self.state.global_step
+        for monitor in self.callback_handler.callbacks:
+            if not isinstance(monitor, HackingMonitorCallback) or monitor.hacking_step is None:
+                continue
+            good = monitor.last_good_path
+            if good is not None and os.path.abspath(output_dir) == os.path.abspath(good):
+                continue  # the monitor saving the last good weights
+            if monitor.last_good_step is not None and monitor.last_good_step >= step:
+                continue  # these weights are the last good ones
+            last_good = (
+                f"the last good weights (step {monitor.last_good_step}) are in {good}"
+                if monitor.last_good_step is not None and good is not None
+                else "no evaluation before it was good, so there are no last good weights"
+            )
+            logger.warning(
+                "Saving to %s the weights of step %d, from after reward hacking was detected at step %d "
+                "(HackingMonitorCallback): %s.",
+                output_dir,
+                self.state.global_step,
+                monitor.hacking_step,
+                last_good,
+            )
 
     def _save_checkpoint(self, model, trial) -> None:
         """Trainer's checkpoint, then the model card in `output_dir` brought up to date (as TRL's trainers do)."""

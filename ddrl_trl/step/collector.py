@@ -12,12 +12,12 @@ from dataclasses import dataclass
 import torch
 from transformers import TrainerState
 
-from .adapters import Conditioning, PipelineAdapter, repeat_conditioning
-from .core import aggregate_rewards, group_advantages
-from .guidance import UnconditionalPrompts
-from .layout import GroupLayout
+from ..adapters import Conditioning, PipelineAdapter, repeat_conditioning
+from ..core import aggregate_rewards, group_advantages
+from ..rewards import compute_rewards
+from .groups import GroupLayout
 from .metrics import TrainingMetrics
-from .rewards import compute_rewards
+from .policy import UnconditionalPrompts
 from .rollout import Rollout, SavedRollout, SeededNoise, rollout_and_score, stable_seed
 
 

@@ -4,8 +4,8 @@
     ddrl-trl accelerate-config --name deepspeed_zero2        # print a shipped accelerate config
     ddrl-trl serve-reward --reward ... --token-file ...      # the HTTP reward service
 
-FAMILY: a model family of `ddrl_trl.families.FAMILY_DEFAULTS` (listed below), inferred from --model_name_or_path
-when not given.
+FAMILY: a model family of `ddrl_trl.cli.families.FAMILY_DEFAULTS` (listed below), inferred from
+--model_name_or_path when not given.
 `ddrl-trl train --help` lists the training arguments. The embedded demo is `ddrl-trl-demo`. For several GPUs:
 `accelerate launch --config_file <config> -m ddrl_trl.cli train ...`.
 """
@@ -17,7 +17,7 @@ import logging
 import sys
 from importlib import resources
 
-from .errors import UsageError
+from ..errors import UsageError
 
 #: The accelerate configs shipped with the package (`ddrl_trl/accelerate_configs/<name>.yaml`).
 ACCELERATE_CONFIGS = resources.files("ddrl_trl") / "accelerate_configs"
@@ -40,8 +40,8 @@ def _accelerate_config(args: argparse.Namespace) -> None:
 
 
 def _serve_reward(args: argparse.Namespace) -> None:
-    from .rewards import resolve_reward
-    from .service.server import ServerLimits, read_token_file, serve
+    from ..rewards import resolve_reward
+    from ..service.server import ServerLimits, read_token_file, serve
 
     try:
         limits = ServerLimits(
@@ -68,8 +68,8 @@ def _serve_reward(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ..rewards import REWARD_SPEC_HELP
     from .families import FAMILIES
-    from .rewards import REWARD_SPEC_HELP
 
     parser = argparse.ArgumentParser(
         prog="ddrl-trl",
@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         add_help=False,
         help="DDRL training with TRL-style arguments (`ddrl-trl train --help` lists them)",
-    )  # its arguments are parsed by ddrl_trl.scripts.train_command
+    )  # its arguments are parsed by ddrl_trl.cli.train.train_command
     config = commands.add_parser(
         "accelerate-config",
         help="print a shipped accelerate config (for `accelerate launch --config_file`)",
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if argv[:1] == ["train"]:  # TRL-style arguments, parsed by TrlParser
-        from .scripts import train_command
+        from .train import train_command
 
         command, run = "train", lambda: train_command(argv[1:])
     else:

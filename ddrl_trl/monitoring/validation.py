@@ -22,13 +22,13 @@ import torch
 from datasets import Dataset
 from transformers import TrainerCallback, TrainerState
 
-from .adapters import PipelineAdapter
-from .core.diversity import within_prompt_diversity
-from .guidance import UnconditionalPrompts
-from .reference import ReferencePolicy
-from .rewards import compute_rewards
-from .rollout import SeededNoise, generate_rollouts, stable_seed
-from .weight_files import atomic_write
+from ..adapters import PipelineAdapter
+from ..checkpoints.weight_files import atomic_write
+from ..core.diversity import within_prompt_diversity
+from ..rewards import compute_rewards
+from ..step.policy import UnconditionalPrompts
+from ..step.reference import ReferencePolicy
+from ..step.rollout import SeededNoise, generate_rollouts, stable_seed
 
 logger = logging.getLogger(__name__)
 

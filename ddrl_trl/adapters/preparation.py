@@ -4,14 +4,15 @@ weights, gradient checkpointing wired to diffusers, dropout off. `DDRLTrainer` c
 from __future__ import annotations
 
 import copy
+import json
 import os
 
 import torch
+from diffusers.configuration_utils import FrozenDict
 from peft import LoraConfig
 from trl.trainer.utils import disable_dropout_in_model
 
-from .adapters import PipelineAdapter
-from .tracking import make_config_tracker_friendly
+from . import PipelineAdapter
 
 
 def frozen_dtype(args) -> torch.dtype:
@@ -100,3 +101,24 @@ def _enable_checkpointing(denoiser: torch.nn.Module, args) -> None:
         denoiser.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint)
 
     denoiser.activation_checkpointing_enable = denoiser.gradient_checkpointing_enable = enable_as_set
+
+
+class TrackerFriendlyConfig(FrozenDict):
+    """A diffusers config that also answers `to_dict()` / `to_json_string()`, as transformers' trackers expect.
+
+    TensorBoard, MLflow and others log `model.config` through those methods of `PretrainedConfig`; a diffusers
+    model's `FrozenDict` config lacks them and crashes `on_train_begin`.
+    """
+
+    def to_dict(self) -> dict:
+        return dict(self)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def make_config_tracker_friendly(model: torch.nn.Module) -> None:
+    """Swap `model.config` for an equal `TrackerFriendlyConfig` (still a `FrozenDict`, so diffusers is unaffected)."""
+    config = getattr(model, "_internal_dict", None)
+    if config is not None and not isinstance(config, TrackerFriendlyConfig):
+        model._internal_dict = TrackerFriendlyConfig(config)

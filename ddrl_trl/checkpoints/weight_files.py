@@ -15,19 +15,13 @@ from peft import set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from ..errors import CheckpointError, NonFiniteWeightsError  # noqa: F401 — raised here, imported from here too
+
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 #: Where diffusers' `save_lora_weights` stores the LoRA config (`*_lora_adapter_metadata`) in the safetensors header.
 LORA_METADATA_KEY = "lora_adapter_metadata"
 #: LoRA config fields that set the adapter's shape and strength: a checkpoint must match the live adapter on them.
 LORA_STRENGTH_FIELDS = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint or weight file that is incomplete, unreadable, non-finite or from another run."""
-
-
-class NonFiniteWeightsError(ValueError):
-    """Weights holding NaN or ±inf, refused for saving or loading."""
 
 
 def first_non_finite(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> str | None:

@@ -1,0 +1,1 @@
+"""Saving and resuming: weights in diffusers' formats, atomic checkpoints, exact resume, and the checks on both."""
