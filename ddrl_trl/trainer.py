@@ -26,16 +26,13 @@ from transformers import Trainer, TrainerState
 from .adapters import PipelineAdapter, get_adapter
 from .adapters.preparation import load_pipeline, prepare_for_training
 from .checkpoints.resume import (
-    check_output_dir_writable,
     check_same_run,
-    data_signature,
     load_rollout_buffer,
     prepare_output_dir,
     resolve_checkpoint,
     run_info,
     saved_progress,
     verify_checkpoint,
-    warn_if_output_dir_taken,
 )
 from .checkpoints.saving import SavingMixin
 from .config import DDRLConfig
@@ -48,22 +45,17 @@ from .core.data_beta import AdaptiveDataBeta
 from .data import (
     DDRLCollator,
     RepeatSampler,
-    check_columns,
-    check_evaluation_dataset,
-    check_negative_prompts,
-    check_prompts,
     encode_reference_dataset,
-    reference_column_of,
     with_prompt_column,
 )
+from .inputs import check_inputs
 from .monitoring.adaptive_beta import STATE_KEY, DataBetaControl
 from .monitoring.guards import NonFiniteStepGuard
 from .monitoring.hacking_monitor import HackingMonitorCallback
 from .monitoring.held_out import HeldOutEvaluator
 from .monitoring.reporting import ReportingMixin
 from .monitoring.validation import ValidationCallback, ValidationPrompts, Validator
-from .rewards import compute_rewards, resolve_reward, reward_name
-from .rewards.calling import check_column_names
+from .rewards import compute_rewards
 from .step.collector import RolloutBatch, RolloutCollector
 from .step.data_term import DataTermBatch
 from .step.metrics import TrainingMetrics
@@ -137,83 +129,19 @@ class DDRLTrainer(ReportingMixin, SavingMixin, Trainer):
         if not isinstance(args, DDRLConfig):
             raise TypeError(f"args must be a DDRLConfig, got {type(args).__name__}.")
 
-        # ---- cheap checks first: nothing expensive happens before the inputs are known to be usable
-        funcs = reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
-        if not funcs:
-            raise ValueError("reward_funcs is empty: pass at least one reward function.")
-        self.reward_funcs = [resolve_reward(f) for f in funcs]
-        self.reward_names = [reward_name(f) for f in self.reward_funcs]
-        weights = args.reward_weights if args.reward_weights is not None else [1.0] * len(self.reward_funcs)
-        if len(weights) != len(self.reward_funcs):
-            raise ValueError(
-                f"reward_weights has {len(weights)} entries for {len(self.reward_funcs)} reward functions; give one "
-                f"weight per function."
-            )
-        self.reward_weights = torch.tensor(weights, dtype=torch.float32)
-        extra = eval_reward_funcs if isinstance(eval_reward_funcs, (list, tuple)) else [eval_reward_funcs]
-        self.eval_reward_funcs = [resolve_reward(f) for f in extra if f is not None]
-        self.eval_reward_names = [reward_name(f) for f in self.eval_reward_funcs]
-        names = self.reward_names + self.eval_reward_names
-        if len(set(names)) != len(names):
-            raise ValueError(
-                f"Reward names must be distinct across reward_funcs and eval_reward_funcs (they name the logged "
-                f"eval_rewards/<name>), got {names}: rename a function (its __name__)."
-            )
-        if train_dataset is None:
-            raise ValueError(
-                "DDRLTrainer needs a train_dataset with prompts (and, for the data term, paired reference images)."
-            )
-        # diffusers' "text" / "caption" prompt columns are read when the default "prompt" is missing (renamed to it)
-        train_dataset = with_prompt_column(train_dataset, args.prompt_column, "training")
-        if eval_dataset is not None:
-            eval_dataset = with_prompt_column(eval_dataset, args.prompt_column, "evaluation")
+        # ---- cheap checks first: nothing expensive happens before the inputs are known to be usable (`inputs.py`)
+        inputs = check_inputs(args, reward_funcs, eval_reward_funcs, train_dataset, eval_dataset, callbacks)
+        self.reward_funcs, self.reward_names = inputs.reward_funcs, inputs.reward_names
+        self.reward_weights = inputs.reward_weights
+        self.eval_reward_funcs, self.eval_reward_names = inputs.eval_reward_funcs, inputs.eval_reward_names
+        train_dataset, eval_dataset = inputs.train_dataset, inputs.eval_dataset
         #: Whether the training data's paired references are used: by the data term only (data_beta > 0).
-        self.trains_on_references = args.data_beta > 0 or args.target_loss_ratio is not None
+        self.trains_on_references = inputs.trains_on_references
         #: The dataset column with the paired reference samples (`reference_column`, else "image" or "video").
-        self.reference_column = reference_column_of(train_dataset, args.reference_column, fallback=eval_dataset)
-        check_columns(train_dataset, args.prompt_column, self.reference_column, "training", self.trains_on_references)
-        if not self.trains_on_references and self.reference_column in train_dataset.column_names:
-            train_dataset = train_dataset.remove_columns(self.reference_column)  # plain GRPO: never encoded nor read
-        check_prompts(train_dataset, args.prompt_column, "training")
-        if args.negative_prompt_column is not None:
-            check_negative_prompts(
-                train_dataset, args.negative_prompt_column, args.prompt_column, self.reference_column, "training"
-            )
-        if args.num_iterations > 1 and len(train_dataset) < args.groups_per_optimizer_step:
-            raise ValueError(
-                f"num_iterations={args.num_iterations} reuses whole optimiser steps of "
-                f"{args.groups_per_optimizer_step} prompts, but the training dataset has {len(train_dataset)}: lower "
-                f"per_device_train_batch_size or gradient_accumulation_steps, or use more prompts."
-            )
-        check_column_names(
-            [c for c in train_dataset.column_names if c not in (args.prompt_column, self.reference_column)], "training"
-        )
-        if eval_dataset is not None:
-            check_evaluation_dataset(eval_dataset, args, self.reference_column)
-        validation_prompts = ValidationPrompts.from_config(args, eval_dataset, self.reference_column)
-        nothing_to_validate = (
-            "set DDRLConfig.validation_prompts, or num_validation_prompts > 0 with an eval_dataset (its first rows "
-            "are the validation prompts)"
-        )
-        if args.validation_steps is not None and validation_prompts is None:
-            raise ValueError(f"validation_steps is set but there is nothing to validate on: {nothing_to_validate}.")
-        if self.eval_reward_funcs and validation_prompts is None:
-            raise ValueError(
-                f"eval_reward_funcs score the validation samples, but there are none: {nothing_to_validate}."
-            )
-        if args.num_validation_prompts > 0 and args.validation_prompts is None and eval_dataset is None:
-            raise ValueError(
-                f"num_validation_prompts={args.num_validation_prompts} takes the validation prompts from the eval "
-                "dataset, but there is none: pass eval_dataset, or set validation_prompts."
-            )
-        if args.should_save:
-            check_output_dir_writable(args.output_dir)
-        warn_if_output_dir_taken(args)
+        self.reference_column = inputs.reference_column
+        validation_prompts = inputs.validation_prompts
         #: Which training data this run uses (`resume.data_signature`), recorded with every save.
-        self.train_data_signature = data_signature(train_dataset, args.prompt_column)
-        for callback in callbacks or []:
-            if isinstance(callback, HackingMonitorCallback):
-                callback.check_inputs(eval_dataset, validation_prompts is not None, self.eval_reward_names)
+        self.train_data_signature = inputs.train_data_signature
 
         # ---- the model: its family's adapter, prepared for training (adapters/preparation.py), and the base
         in_memory = not isinstance(model, (str, os.PathLike))

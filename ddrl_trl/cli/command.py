@@ -39,26 +39,105 @@ def _accelerate_config(args: argparse.Namespace) -> None:
     sys.stdout.write((ACCELERATE_CONFIGS / f"{args.name}.yaml").read_text(encoding="utf-8"))
 
 
+#: The reward server's limits on the command line: (flag, type, default, help, `ServerLimits` field, unit in bytes or
+#: None). The MiB flags are converted to the byte counts `ServerLimits` holds.
+SERVER_LIMIT_FLAGS = (
+    ("--max-request-mb", float, 64.0, "largest request body accepted (MiB)", "max_request_bytes", 2**20),
+    (
+        "--max-inflight-upload-mb",
+        float,
+        512.0,
+        "request bodies being received (and parsed) at once, by declared length (MiB); a body that does not fit gets "
+        "503 with Retry-After before it is read, one larger than this alone gets 413",
+        "max_inflight_upload_bytes",
+        2**20,
+    ),
+    (
+        "--max-json-values",
+        int,
+        200_000,
+        "most JSON values (list items, keys) in one body: bounds the memory parsing it takes",
+        "max_json_values",
+        None,
+    ),
+    ("--max-samples-per-request", int, 1024, "most samples in one request", "max_samples_per_request", None),
+    ("--max-batch-samples", int, 64, "micro-batch size across requests", "max_batch_samples", None),
+    ("--max-wait-ms", float, 10.0, "how long a request waits for company", "max_wait_ms", None),
+    (
+        "--max-pending-jobs",
+        int,
+        256,
+        "jobs waiting or being scored; past it, new requests get 503 with Retry-After",
+        "max_pending_jobs",
+        None,
+    ),
+    (
+        "--max-pending-mb",
+        float,
+        2048.0,
+        "pixels of jobs waiting or being scored (MiB); past it, new requests get 503",
+        "max_pending_bytes",
+        2**20,
+    ),
+    ("--result-ttl-s", float, 600.0, "how long finished scores can be polled", "result_ttl_s", None),
+    (
+        "--max-stored-scores",
+        int,
+        2_000_000,
+        "scores of finished results kept for polling at most; the oldest results go first",
+        "max_stored_scores",
+        None,
+    ),
+    (
+        "--batch-timeout-s",
+        float,
+        600.0,
+        "a reward call running longer fails its requests and counts as stuck",
+        "batch_timeout_s",
+        None,
+    ),
+    (
+        "--max-stuck-batches",
+        int,
+        2,
+        "stuck reward calls after which new work is refused (503) and /health says stuck; while fewer are stuck, "
+        "/health says degraded",
+        "max_stuck_batches",
+        None,
+    ),
+    (
+        "--max-connections",
+        int,
+        256,
+        "open connections at most; past it a new one closes the oldest that has never sent a byte, then the longest "
+        "idle between requests, then the longest stalled in a request without the right token; authenticated uploads "
+        "are never closed for room (the new connection is, if nothing else can go)",
+        "max_connections",
+        None,
+    ),
+    (
+        "--request-timeout-s",
+        float,
+        60.0,
+        "a connection must deliver each whole request within this many seconds",
+        "request_timeout_s",
+        None,
+    ),
+)
+
+
 def _serve_reward(args: argparse.Namespace) -> None:
     from ..rewards import resolve_reward
     from ..service.server import ServerLimits, read_token_file, serve
 
     try:
         limits = ServerLimits(
-            max_request_bytes=int(args.max_request_mb * 2**20),
-            max_inflight_upload_bytes=int(args.max_inflight_upload_mb * 2**20),
-            max_json_values=args.max_json_values,
-            max_samples_per_request=args.max_samples_per_request,
-            max_batch_samples=args.max_batch_samples,
-            max_wait_ms=args.max_wait_ms,
-            max_pending_jobs=args.max_pending_jobs,
-            max_pending_bytes=int(args.max_pending_mb * 2**20),
-            result_ttl_s=args.result_ttl_s,
-            max_stored_scores=args.max_stored_scores,
-            batch_timeout_s=args.batch_timeout_s,
-            max_stuck_batches=args.max_stuck_batches,
-            max_connections=args.max_connections,
-            request_timeout_s=args.request_timeout_s,
+            **{
+                field: int(getattr(args, flag[2:].replace("-", "_")) * unit)
+                if unit
+                else getattr(args, flag[2:].replace("-", "_"))
+                for flag, _, _, _, field, unit in SERVER_LIMIT_FLAGS
+            }
         )
         token = read_token_file(args.token_file)  # before loading a reward model: bad input fails fast
         reward_fn = resolve_reward(args.reward)
@@ -106,69 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="file holding the bearer token clients must send (one line of visible ASCII, at least 16 characters)",
     )
-    serve.add_argument("--max-request-mb", type=float, default=64.0, help="largest request body accepted (MiB)")
-    serve.add_argument(
-        "--max-inflight-upload-mb",
-        type=float,
-        default=512.0,
-        help="request bodies being received (and parsed) at once, by declared length (MiB); a body that does not "
-        "fit gets 503 with Retry-After before it is read, one larger than this alone gets 413",
-    )
-    serve.add_argument(
-        "--max-json-values",
-        type=int,
-        default=200_000,
-        help="most JSON values (list items, keys) in one body: bounds the memory parsing it takes",
-    )
-    serve.add_argument("--max-samples-per-request", type=int, default=1024)
-    serve.add_argument("--max-batch-samples", type=int, default=64, help="micro-batch size across requests")
-    serve.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a request waits for company")
-    serve.add_argument(
-        "--max-pending-jobs",
-        type=int,
-        default=256,
-        help="jobs waiting or being scored; past it, new requests get 503 with Retry-After",
-    )
-    serve.add_argument(
-        "--max-pending-mb",
-        type=float,
-        default=2048.0,
-        help="pixels of jobs waiting or being scored (MiB); past it, new requests get 503",
-    )
-    serve.add_argument("--result-ttl-s", type=float, default=600.0, help="how long finished scores can be polled")
-    serve.add_argument(
-        "--max-stored-scores",
-        type=int,
-        default=2_000_000,
-        help="scores of finished results kept for polling at most; the oldest results go first",
-    )
-    serve.add_argument(
-        "--batch-timeout-s",
-        type=float,
-        default=600.0,
-        help="a reward call running longer fails its requests and counts as stuck",
-    )
-    serve.add_argument(
-        "--max-stuck-batches",
-        type=int,
-        default=2,
-        help="stuck reward calls after which new work is refused (503) and /health says stuck; "
-        "while fewer are stuck, /health says degraded",
-    )
-    serve.add_argument(
-        "--max-connections",
-        type=int,
-        default=256,
-        help="open connections at most; past it a new one closes the oldest that has never sent a byte, then the "
-        "longest idle between requests, then the longest stalled in a request without the right token; "
-        "authenticated uploads are never closed for room (the new connection is, if nothing else can go)",
-    )
-    serve.add_argument(
-        "--request-timeout-s",
-        type=float,
-        default=60.0,
-        help="a connection must deliver each whole request within this many seconds",
-    )
+    for flag, kind, default, help_text, _, _ in SERVER_LIMIT_FLAGS:
+        serve.add_argument(flag, type=kind, default=default, help=help_text)
     serve.set_defaults(func=_serve_reward)
     return parser
 

@@ -161,28 +161,10 @@ def weights_location(trainer) -> str:
 def _description(
     trainer, has_samples: bool, has_curves: bool, model_name: str | None, dataset_name: str | None
 ) -> str:
+    """The card's text: title and summary, how to load the weights, intended uses and the monitor's verdict, the
+    training setup, samples, validation samples, curves, citation."""
     args, base = trainer.args, trainer.base_model_id or "<base model>"
     what = "LoRA adapter" if trainer.is_lora else f"fine-tuned `{trainer.adapter.denoiser_name}`"
-    pipeline_class = type(trainer.pipeline).__name__
-    revision = (args.model_init_kwargs or {}).get("revision")
-    base_args = f'"{base}"' + (f', revision="{revision}"' if revision not in (None, "main") else "")
-    weights = weights_location(trainer)
-    if trainer.is_lora:
-        usage = f'pipe = {pipeline_class}.from_pretrained({base_args})\npipe.load_lora_weights("{weights}")'
-    else:
-        denoiser_class = type(trainer.adapter.denoiser).__name__
-        usage = (
-            f'{trainer.adapter.denoiser_name} = {denoiser_class}.from_pretrained("{weights}", '
-            f'subfolder="{trainer.adapter.denoiser_name}")\n'
-            f"pipe = {pipeline_class}.from_pretrained({base_args}, {trainer.adapter.denoiser_name}="
-            f"{trainer.adapter.denoiser_name})"
-        )
-    rewards = ", ".join(
-        f"`{name}` (weight {weight:g})" for name, weight in zip(trainer.reward_names, trainer.reward_weights.tolist())
-    )
-    config = {name: getattr(args, name) for name in CONFIG_FIELDS if hasattr(args, name)}
-    if "data_prompt_dropout" in config:
-        config["data_prompt_dropout"] = args.resolved_data_prompt_dropout  # as used, not None
     step = trainer.restored_step if trainer.restored_step is not None else trainer.state.global_step
     lines = [
         CARD_MARKER,
@@ -196,9 +178,7 @@ def _description(
         "",
         "## Use",
         "",
-        f"```python\nfrom diffusers import {pipeline_class}"
-        + (f", {type(trainer.adapter.denoiser).__name__}" if not trainer.is_lora else "")
-        + f"\n\n{usage}\n```",
+        _usage(trainer, base),
         "",
         *_guidance_note(trainer),
         "## Intended uses & limitations",
@@ -208,42 +188,10 @@ def _description(
         "evaluation rewards below before relying on it.",
         "",
         *_monitor_verdict(trainer),
-        "## Training",
-        "",
-        f"Rewards: {rewards}.",
-        "",
-        "```json\n" + json.dumps(config, indent=2, default=str) + "\n```",
-    ]
-    if has_samples:
-        _, prompts, sample_step = trainer.last_samples
-        lines += [
-            "",
-            f"## Samples (rollouts at step {sample_step})",
-            "",
-            f"![samples]({SAMPLES_FILE})",
-            "",
-            "Prompts: " + " | ".join(prompts),
-        ]
-    if trainer.last_validation is not None:
-        _, prompts, validation_step, _ = trainer.last_validation
-        per_prompt = args.validation_images_per_prompt
-        lines += [
-            "",
-            f"## Validation samples (step {validation_step})",
-            "",
-            f"Fixed prompts and seeds, {per_prompt} samples per prompt (one row each), sampled as the rollouts are:",
-            "",
-            f"![validation samples]({VALIDATION_FILE})",
-            "",
-            "Prompts: " + " | ".join(prompts),
-        ]
-    curves_table = _curve_table(curves(trainer), trainer.state.log_history)
-    if curves_table:
-        lines += ["", "## Reward and diffusion-loss curves", ""]
-        if has_curves:
-            lines += [f"![training curves]({CURVES_FILE})", ""]
-        lines += curves_table
-    lines += [
+        *_training_setup(trainer),
+        *(_samples_section(trainer) if has_samples else []),
+        *_validation_section(trainer),
+        *_curves_section(trainer, has_curves),
         "",
         "## Citation",
         "",
@@ -251,6 +199,80 @@ def _description(
         "\n  eprint={2512.04332},\n  archivePrefix={arXiv}\n}\n```",
     ]
     return "\n".join(lines)
+
+
+def _usage(trainer, base: str) -> str:
+    """A Python block that loads the weights with plain diffusers, from where they are (`weights_location`)."""
+    args, pipeline_class = trainer.args, type(trainer.pipeline).__name__
+    revision = (args.model_init_kwargs or {}).get("revision")
+    base_args = f'"{base}"' + (f', revision="{revision}"' if revision not in (None, "main") else "")
+    weights, name = weights_location(trainer), trainer.adapter.denoiser_name
+    if trainer.is_lora:
+        imports = pipeline_class
+        usage = f'pipe = {pipeline_class}.from_pretrained({base_args})\npipe.load_lora_weights("{weights}")'
+    else:
+        denoiser_class = type(trainer.adapter.denoiser).__name__
+        imports = f"{pipeline_class}, {denoiser_class}"
+        usage = (
+            f'{name} = {denoiser_class}.from_pretrained("{weights}", subfolder="{name}")\n'
+            f"pipe = {pipeline_class}.from_pretrained({base_args}, {name}={name})"
+        )
+    return f"```python\nfrom diffusers import {imports}\n\n{usage}\n```"
+
+
+def _training_setup(trainer) -> list[str]:
+    """The rewards with their weights, and the configuration (the data-term prompt dropout as used)."""
+    args = trainer.args
+    rewards = ", ".join(
+        f"`{name}` (weight {weight:g})" for name, weight in zip(trainer.reward_names, trainer.reward_weights.tolist())
+    )
+    config = {name: getattr(args, name) for name in CONFIG_FIELDS if hasattr(args, name)}
+    if "data_prompt_dropout" in config:
+        config["data_prompt_dropout"] = args.resolved_data_prompt_dropout  # as used, not None
+    return [
+        "## Training",
+        "",
+        f"Rewards: {rewards}.",
+        "",
+        "```json\n" + json.dumps(config, indent=2, default=str) + "\n```",
+    ]
+
+
+def _samples_section(trainer) -> list[str]:
+    _, prompts, sample_step = trainer.last_samples
+    return [
+        "",
+        f"## Samples (rollouts at step {sample_step})",
+        "",
+        f"![samples]({SAMPLES_FILE})",
+        "",
+        "Prompts: " + " | ".join(prompts),
+    ]
+
+
+def _validation_section(trainer) -> list[str]:
+    if trainer.last_validation is None:
+        return []
+    _, prompts, validation_step, _ = trainer.last_validation
+    per_prompt = trainer.args.validation_images_per_prompt
+    return [
+        "",
+        f"## Validation samples (step {validation_step})",
+        "",
+        f"Fixed prompts and seeds, {per_prompt} samples per prompt (one row each), sampled as the rollouts are:",
+        "",
+        f"![validation samples]({VALIDATION_FILE})",
+        "",
+        "Prompts: " + " | ".join(prompts),
+    ]
+
+
+def _curves_section(trainer, has_curves: bool) -> list[str]:
+    table = _curve_table(curves(trainer), trainer.state.log_history)
+    if not table:
+        return []
+    figure = [f"![training curves]({CURVES_FILE})", ""] if has_curves else []
+    return ["", "## Reward and diffusion-loss curves", "", *figure, *table]
 
 
 def _link(base: str) -> str:
