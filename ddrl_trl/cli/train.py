@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import sys
 from collections.abc import Iterator
 from dataclasses import fields
@@ -416,6 +415,7 @@ def with_synthetic_references(pipeline, dataset: Dataset, k: int, training_args:
     sampling settings (the key), load that copy: every process trains on the same references, sampled once."""
     from datasets import concatenate_datasets, load_from_disk
 
+    from ..checkpoints.weight_files import atomic_directory_update
     from ..data import build_synthetic_reference_dataset, reference_column_of, with_prompt_column
 
     check_prompt_only(dataset, k, training_args, split)
@@ -438,10 +438,8 @@ def with_synthetic_references(pipeline, dataset: Dataset, k: int, training_args:
                 pipeline, prompts, images_per_prompt=k, config=training_args
             )
             if training_args.should_save:
-                staging = f"{cache}.tmp"
-                shutil.rmtree(staging, ignore_errors=True)
-                references.save_to_disk(staging)
-                os.replace(staging, cache)
+                with atomic_directory_update(os.path.dirname(cache)) as staging:
+                    references.save_to_disk(os.path.join(staging, os.path.basename(cache)))
     column = reference_column_of(dataset, training_args.reference_column)
     references = references.select_columns(["image"])
     if column != "image":
