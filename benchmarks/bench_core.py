@@ -36,10 +36,9 @@ from peft import LoraConfig
 from PIL import Image
 
 from ddrl_trl import DDRLConfig, DDRLTrainer
-from ddrl_trl.adapters import get_adapter, repeat_conditioning
+from ddrl_trl.adapters import get_adapter
 from ddrl_trl.rewards import brightness
-from ddrl_trl.step.policy import UnconditionalPrompts
-from ddrl_trl.step.rollout import SeededNoise, generate_rollouts
+from ddrl_trl.step.rollout import SeededNoise
 from ddrl_trl.testing import (
     tiny_cosmos_pipeline,
     tiny_flux2_klein_pipeline,
@@ -151,24 +150,9 @@ def bench_family(name: str, args_ns) -> tuple[float, float]:
             trainer.training_step(trainer.model, batch)
             trainer.model.zero_grad(set_to_none=True)
 
-        guided = ddrl.args.cfg_scale > 1
-        unconditional = UnconditionalPrompts(ddrl.adapter, ddrl.args.negative_prompt, None)
-
         def rollout():  # what a training step's rollout does: encode the prompts (and negatives), then sample
-            with torch.no_grad():
-                cond = repeat_conditioning(ddrl.adapter.encode_prompts(unique), ddrl.args.num_generations)
-                uncond = unconditional.for_rows({}, range(len(prompts))) if guided else None
-                noise = SeededNoise(0, device, ddrl.args.num_generations)
-                generate_rollouts(
-                    ddrl.adapter,
-                    ddrl.sampler,
-                    cond,
-                    ddrl.latent_shape,
-                    noise,
-                    range(len(prompts)),
-                    uncond=uncond,
-                    cfg_scale=ddrl.args.cfg_scale,
-                )
+            conditions = ddrl.policy.conditioning(unique).repeat(ddrl.args.num_generations)
+            ddrl.policy.rollout(conditions, SeededNoise(0, device, ddrl.args.num_generations), range(len(prompts)))
 
         pipe = ddrl.pipeline
         if name == "sd":  # the stochastic DDIM the rollout uses, so both do the same work

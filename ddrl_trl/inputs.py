@@ -4,15 +4,18 @@ inputs. Each refusal names the problem and the fix."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from datasets import Dataset
+from transformers import TrainerState
 
 from .checkpoints.resume import check_output_dir_writable, data_signature, warn_if_output_dir_taken
 from .config import DDRLConfig
 from .data import (
+    DDRLCollator,
     check_columns,
     check_evaluation_dataset,
     check_negative_prompts,
@@ -22,8 +25,10 @@ from .data import (
 )
 from .monitoring.hacking_monitor import HackingMonitorCallback
 from .monitoring.validation import ValidationPrompts
-from .rewards import resolve_reward, reward_name
+from .rewards import compute_rewards, resolve_reward, reward_name
 from .rewards.calling import check_column_names
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -162,3 +167,45 @@ def _validation_prompts(
             "dataset, but there is none: pass eval_dataset, or set validation_prompts."
         )
     return validation_prompts
+
+
+def check_rewards_on_samples(
+    inputs: TrainerInputs, dataset: Dataset, adapter, latent_shape: tuple[int, ...], args: DDRLConfig
+) -> None:
+    """Call every reward on two decoded images, with the first rows' prompts and columns: a wrong length or type
+    fails before any rollout. The images are the rows' reference samples, or for prompt-only data (plain GRPO,
+    `data_beta=0`) decoded seeded random latents: images of the rollouts' shape, dtype and range, from the same
+    `decode_latents`, for the cost of one VAE decode (a rollout would cost every denoising step). With validation
+    prompts, also call the trained and evaluation rewards as validation will (those prompts and columns), so a
+    reward needing a column they lack fails now."""
+    rows = [dataset[i] for i in range(min(2, len(dataset)))]
+    batch = DDRLCollator(args.prompt_column)(rows)
+    latents, kind = batch["ref_latents"], "reference samples"
+    if latents is None:
+        latents = torch.randn((len(rows), *latent_shape), generator=torch.Generator().manual_seed(args.seed))
+        kind = "decoded random latents (the training data hold no reference samples)"
+    images = adapter.decode_latents(latents.to(adapter.denoiser.device))
+    context = {"trainer_state": TrainerState()}
+    validation = inputs.validation_prompts
+    if validation is not None:
+        prompts, columns = validation.rows([i % len(validation.prompts) for i in range(len(images))], 1)
+        try:
+            compute_rewards(inputs.reward_funcs + inputs.eval_reward_funcs, images, prompts, columns, context)
+        except (TypeError, ValueError) as err:
+            fix = (
+                "validation_prompts carry no dataset columns: validate on eval-dataset rows instead "
+                "(num_validation_prompts > 0, validation_prompts unset), or use rewards that need none"
+                if not validation.columns
+                else "check that the eval dataset's rows give the reward what it needs"
+            )
+            raise type(err)(f"A reward failed on the validation prompts ({err}); {fix}.") from err
+    scores = compute_rewards(inputs.reward_funcs, images, batch["prompts"], batch["columns"], context)
+    for name, column in zip(inputs.reward_names, scores.unbind(dim=1)):
+        if torch.isnan(column).all():
+            logger.warning(
+                "Reward %r gave no score (None/NaN) to any of %d %s: check that it suits "
+                "this data; unscored samples get no advantage.",
+                name,
+                len(column),
+                kind,
+            )

@@ -1,7 +1,7 @@
 """`DDRLTrainer`: orchestrates one DDRL iteration — rollout → reward → advantage → loss → step.
 
-The math lives elsewhere (`core`, `samplers`), one step's parts in `step` (rollouts, the rollout batch collector,
-the policy's forward, the data term, the reference policy, metrics), the model-family specifics in `adapters`, the
+The math lives elsewhere (`core`, `samplers`), one step's parts in `step` (the policy and the reference policy,
+rollouts, the rollout batch collector, the loss of a trained step, the data term, metrics), the model-family specifics in `adapters`, the
 rewards in `rewards`, the reference data in `data`; what the trainer measures and reports (held-out loss,
 validation, the hacking monitor, the adaptive data_beta, logs, model card) in `monitoring`, saving and resuming in
 `checkpoints`. This file wires them into `transformers.Trainer`, which keeps providing the optimiser, LR schedule,
@@ -15,70 +15,55 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from datasets import Dataset
 from peft import LoraConfig
-from transformers import Trainer, TrainerState
+from transformers import Trainer
 
 from .adapters import PipelineAdapter, get_adapter
 from .adapters.preparation import load_pipeline, prepare_for_training
 from .checkpoints.resume import (
+    announce_resume,
     check_same_run,
     load_rollout_buffer,
     prepare_output_dir,
     resolve_checkpoint,
     run_info,
-    saved_progress,
     verify_checkpoint,
 )
 from .checkpoints.saving import SavingMixin
 from .config import DDRLConfig
-from .core import (
-    clipped_policy_loss,
-    diffusion_loss,
-    reverse_kl_loss,
-)
 from .core.data_beta import AdaptiveDataBeta
 from .data import (
+    REF_LATENTS_COLUMN,
     DDRLCollator,
     RepeatSampler,
+    check_evaluation_dataset,
     encode_reference_dataset,
     with_prompt_column,
 )
-from .inputs import check_inputs
+from .inputs import TrainerInputs, check_inputs, check_rewards_on_samples
 from .monitoring.adaptive_beta import STATE_KEY, DataBetaControl
 from .monitoring.guards import NonFiniteStepGuard
 from .monitoring.hacking_monitor import HackingMonitorCallback
 from .monitoring.held_out import HeldOutEvaluator
-from .monitoring.reporting import ReportingMixin
+from .monitoring.model_card import write_model_card
+from .monitoring.reporting import Reporter
 from .monitoring.validation import ValidationCallback, ValidationPrompts, Validator
-from .rewards import compute_rewards
 from .step.collector import RolloutBatch, RolloutCollector
 from .step.data_term import DataTermBatch
+from .step.loss import StepLoss
 from .step.metrics import TrainingMetrics
-from .step.policy import ExtraRows, predict_policy
+from .step.policy import Policy, UnconditionalPrompts
 from .step.reference import ReferencePolicy
 from .step.rollout import synchronize
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class StepTerms:
-    """The loss of one trained denoising step and its parts (for the metrics)."""
-
-    loss: torch.Tensor
-    policy: torch.Tensor
-    ratio: torch.Tensor
-    clipped: torch.Tensor
-    data: torch.Tensor | None = None
-    kl: torch.Tensor | None = None
-
-
-class DDRLTrainer(ReportingMixin, SavingMixin, Trainer):
+class DDRLTrainer(SavingMixin, Trainer):
     """Trainer for Data-regularized Diffusion Reinforcement Learning (DDRL, arXiv 2512.04332).
 
     Each optimiser step rolls out `num_generations` samples per prompt with the current policy (stochastic sampler,
@@ -134,16 +119,29 @@ class DDRLTrainer(ReportingMixin, SavingMixin, Trainer):
         self.reward_funcs, self.reward_names = inputs.reward_funcs, inputs.reward_names
         self.reward_weights = inputs.reward_weights
         self.eval_reward_funcs, self.eval_reward_names = inputs.eval_reward_funcs, inputs.eval_reward_names
-        train_dataset, eval_dataset = inputs.train_dataset, inputs.eval_dataset
         #: Whether the training data's paired references are used: by the data term only (data_beta > 0).
         self.trains_on_references = inputs.trains_on_references
         #: The dataset column with the paired reference samples (`reference_column`, else "image" or "video").
         self.reference_column = inputs.reference_column
-        validation_prompts = inputs.validation_prompts
         #: Which training data this run uses (`resume.data_signature`), recorded with every save.
         self.train_data_signature = inputs.train_data_signature
 
-        # ---- the model: its family's adapter, prepared for training (adapters/preparation.py), and the base
+        self._build_policy(model, args, peft_config)
+        train_dataset, eval_dataset = self._prepare_data(inputs, args)
+        super().__init__(
+            model=self.adapter.denoiser,
+            args=args,
+            data_collator=DDRLCollator(args.prompt_column),
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )
+        self._build_components(args, inputs.validation_prompts)
+
+    def _build_policy(self, model: Any, args: DDRLConfig, peft_config: LoraConfig | None) -> None:
+        """The model: its family's adapter, prepared for training (`adapters/preparation.py`), the policy and the
+        base model."""
         in_memory = not isinstance(model, (str, os.PathLike))
         pipeline = model if in_memory else load_pipeline(model, args)
         #: Hub id or path of the base pipeline, for the model card (None for a pipeline built in memory).
@@ -155,89 +153,91 @@ class DDRLTrainer(ReportingMixin, SavingMixin, Trainer):
         self.pipeline = pipeline
         self.latent_shape = self.adapter.latent_shape(self.resolution)
         self.is_lora = prepare_for_training(self.adapter, args, peft_config)
+        self.sampler = self.adapter.make_sampler(args, args.device)
+        #: The trained (guided) policy: how it is conditioned, called and sampled (`step/policy.py`).
+        self.policy = Policy(
+            self.adapter,
+            self.sampler,
+            self.latent_shape,
+            self.compute_loss_context_manager,
+            args.cfg_scale,
+            UnconditionalPrompts(self.adapter, args.negative_prompt, args.negative_prompt_column),
+        )
         #: The base model, for the KL term, the adaptive data_beta's signal and the held-out ratio (LoRA disabled, or
         #: a frozen copy when kl_beta > 0 or target_loss_ratio is set).
         keep_copy = args.kl_beta > 0 or args.target_loss_ratio is not None
-        self.reference = ReferencePolicy(self.adapter, self.is_lora, keep_copy=keep_copy)
-        self.sampler = self.adapter.make_sampler(args, args.device)
+        self.reference = ReferencePolicy(self.policy, self.is_lora, keep_copy=keep_copy)
         self.trained_steps = args.resolved_train_step_indices
 
-        # ---- one-off work on the data: encode reference images, then check the rewards on real images
+    def _prepare_data(self, inputs: TrainerInputs, args: DDRLConfig) -> tuple[Dataset, Dataset | None]:
+        """One-off work on the data: encode the reference images, then check the rewards on real images."""
+        train_dataset, eval_dataset = inputs.train_dataset, inputs.eval_dataset
         with args.main_process_first(desc="encoding reference images"):
             if self.trains_on_references:  # plain GRPO (data_beta=0) reads none
                 train_dataset = self._encode(train_dataset, args, "training")
             if eval_dataset is not None:
                 eval_dataset = self._encode(eval_dataset, args, "evaluation")
-        self._check_rewards_on(train_dataset, args, validation_prompts)
+        check_rewards_on_samples(inputs, train_dataset, self.adapter, self.latent_shape, args)
+        return train_dataset, eval_dataset
 
-        super().__init__(
-            model=self.adapter.denoiser,
-            args=args,
-            data_collator=DDRLCollator(args.prompt_column),
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            callbacks=callbacks,
-            optimizers=optimizers,
-        )
+    def _build_components(self, args: DDRLConfig, validation_prompts: ValidationPrompts | None) -> None:
+        """What the iteration and the monitoring need, once `Trainer` made the accelerator and the callbacks."""
         #: DDRL's training metrics since the last log (docs/metrics.md).
         self.metrics = TrainingMetrics()
         #: Makes each micro-step's rollout batch and keeps those later iterations reuse (`step/collector.py`).
         self.rollouts = RolloutCollector(
-            self.adapter,
-            self.sampler,
-            self.latent_shape,
+            self.policy,
             self.reward_funcs,
             self.reward_names,
             self.reward_weights,
             args,
             self.accelerator,
             self.metrics,
-            self.compute_loss_context_manager,
         )
-        self.evaluator = HeldOutEvaluator(
-            self.adapter,
-            self.sampler,
-            self.reference,
-            args,
-            self.accelerator,
-            self.compute_loss_context_manager,
-            unconditional=self.rollouts.negatives,
-        )
+        self.evaluator = HeldOutEvaluator(self.policy, self.reference, args, self.accelerator)
         self._micro_of_step = (-1, 0)  # (optimiser step, micro-steps done in it)
-        #: The last logged rollout grid `(image, prompts, step)`, shown in the model card.
-        self.last_samples = None
-        #: The `create_model_card` arguments given so far (title, dataset, tags, license), kept for later cards.
-        self.model_card_options: dict = {}
         #: Skips optimiser steps with non-finite losses or gradients (`monitoring/guards.py`); before the EMA callback.
-        self.nonfinite_guard = NonFiniteStepGuard(self, args.max_consecutive_nonfinite_steps)
+        self.nonfinite_guard = NonFiniteStepGuard(
+            self.accelerator,
+            lambda: self.trainable_parameters,
+            args.max_consecutive_nonfinite_steps,
+            deepspeed=self.is_deepspeed_enabled,
+        )
         self.add_callback(self.nonfinite_guard)
         self._setup_ema()
+        #: The rollout and validation grids, the validation's metrics and DDRL's metrics in the training logs.
+        self.reporter = Reporter(
+            args, self.accelerator, self.callback_handler.callbacks, self.metrics, self.nonfinite_guard
+        )
+        #: The `create_model_card` arguments given so far (title, dataset, tags, license), kept for later cards.
+        self.model_card_options: dict = {}
         #: Samples, scores and measures the validation prompts (None when there are none).
         self.validator = None
         if validation_prompts is not None:
             self.validator = Validator(
-                self.adapter,
-                self.sampler,
-                self.latent_shape,
+                self.policy,
                 self.reference,
                 args,
                 self.accelerator,
-                self.compute_loss_context_manager,
                 self.reward_funcs + self.eval_reward_funcs,
                 self.reward_names + self.eval_reward_names,
                 validation_prompts,
-                unconditional=self.rollouts.negatives,
             )
-            self.add_callback(ValidationCallback(self))
-        #: The last validation `(grid, prompts, step, images)` (main process), and its step on every process.
-        self.last_validation, self.last_validation_step = None, None
-        self._last_validation_metrics = None
+            self.add_callback(ValidationCallback(self.validate, self.reporter))
         #: The adaptive data_beta (`target_loss_ratio`), or None when it is fixed.
         self.data_beta_control = None
         if args.target_loss_ratio is not None:
             start = AdaptiveDataBeta.starting_at(args.data_beta, args.target_loss_ratio, args.data_beta_adapt_rate)
-            self.data_beta_control = DataBetaControl(self, start)
+            self.data_beta_control = DataBetaControl(start, self.accelerator, self.metrics, self.nonfinite_guard)
             self.add_callback(self.data_beta_control)
+        #: loss_j of one trained step (`step/loss.py`).
+        self.step_loss = StepLoss(
+            self.policy,
+            self.reference,
+            args.epsilon,
+            args.kl_beta,
+            record_data_losses=self.data_beta_control.record if self.data_beta_control is not None else None,
+        )
         for callback in self.callback_handler.callbacks:
             if isinstance(callback, HackingMonitorCallback):  # it saves the last good weights through the trainer
                 callback.bind(self)
@@ -262,7 +262,7 @@ class DDRLTrainer(ReportingMixin, SavingMixin, Trainer):
                 self.args.num_iterations,
             )
             saved_info = check_same_run(checkpoint, run_info(self))
-            self._announce_resume(checkpoint, saved_info.get("settings", {}))
+            announce_resume(checkpoint, saved_info.get("settings", {}), self.args, self.is_world_process_zero())
             if self.data_beta_control is not None:
                 self.data_beta_control.load_state_dict(saved_info.get(STATE_KEY), checkpoint)
         if not self.reference.available:  # full fine-tuning: the base is gone once training starts
@@ -278,104 +278,144 @@ class DDRLTrainer(ReportingMixin, SavingMixin, Trainer):
             resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
         )
 
-    def _announce_resume(self, checkpoint: str, saved_settings: dict) -> None:
-        """Say which checkpoint resumes at which step, and warn when the run's length changed (the most common
-        resume: "train N more steps"), whose learning-rate schedule `_load_optimizer_and_scheduler` rebuilds."""
-        step, saved_max_steps = saved_progress(checkpoint)
-        args = self.args
-        if 0 < args.max_steps <= step:  # Trainer would train a step past max_steps, or return having done nothing
+    # ------------------------------------------------------------------------------------------------ reporting
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Held-out diffusion loss and its ratio to the base model's (> 1.10: the paper's reward-hacking signal); under
+        guidance (`cfg_scale` > 1) also the guided output's (`eval_guided_diffusion_loss_ratio`), which sees the
+        drift guidance amplifies.
+
+        Each held-out sample's noise and timesteps are seeded by (`args.seed`, its index), identical for the model and
+        the base, so the ratio compares the two on the same draws; the samples are split across processes
+        (`monitoring.held_out.HeldOutEvaluator`). `eval_dataset` may be raw (prompts and paired images) or already
+        encoded.
+
+        With validation prompts (`validation_prompts`, or the trainer's eval dataset's first rows) it also samples
+        them (`validate`): `eval_rewards/<name>`, `eval_diversity`, `eval_diversity_ratio`, and the grid; a validation
+        already taken at this step (by `validation_steps` or at the last step) is reused, not sampled again.
+        """
+        if eval_dataset is None:
+            eval_dataset = self.eval_dataset
+        else:  # checked before any encoding (the trainer's own eval_dataset was checked at construction)
+            check_evaluation_dataset(eval_dataset, self.args, self.reference_column)
+            if REF_LATENTS_COLUMN not in eval_dataset.column_names:
+                eval_dataset = self._encode(eval_dataset, self.args, "evaluation")
+        if eval_dataset is None and self.validator is None:
             raise ValueError(
-                f"{checkpoint} was saved at step {step}, and max_steps is {args.max_steps}: there is nothing left to "
-                f"train. To train longer, raise max_steps (e.g. to {2 * step}); the learning-rate schedule is then "
-                f"rebuilt for the new length."
+                "evaluate() needs an eval_dataset (held-out prompts with paired reference images) or "
+                "validation_prompts."
             )
-        if not self.is_world_process_zero():
-            return
-        if args.max_steps > 0:
-            logger.info("Resuming from %s (step %d of max_steps=%d).", checkpoint, step, args.max_steps)
-        else:
-            logger.info(
-                "Resuming from %s (step %d; the run's length is num_train_epochs=%g).",
-                checkpoint,
-                step,
-                args.num_train_epochs,
+        metrics = {}
+        if eval_dataset is not None:
+            started = self.state.global_step > 0
+            metrics.update(self.evaluator.metrics(eval_dataset, metric_key_prefix, training_started=started))
+        if self.validator is not None:  # validated at this step already (validation_steps, the last step): reused
+            validated = self.reporter.validated(self.state.global_step, metric_key_prefix)
+            metrics.update(validated or self.reporter.validation(self.validator, self.state, metric_key_prefix))
+        return self._report_measurement(metrics)
+
+    def validate(self, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Sample the validation prompts now (fixed seeds, the policy's sampler), score them with the trained and
+        the evaluation rewards, measure their diversity; log the metrics and the grid (trackers, tag "validation";
+        `output_dir/validation/step-N.png`) and tell the callbacks, as an evaluation does (the hacking monitor acts
+        on it). Runs every `validation_steps` steps and at the end of training; `evaluate()` includes it."""
+        if self.validator is None:
+            raise ValueError(
+                "There are no validation prompts: set DDRLConfig.validation_prompts, or pass an eval_dataset."
             )
-        saved_epochs = saved_settings.get("num_train_epochs")
-        if args.max_steps <= 0 and saved_epochs is not None and saved_epochs != args.num_train_epochs:
+        return self._report_measurement(self.reporter.validation(self.validator, self.state, metric_key_prefix))
+
+    def _report_measurement(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Log an evaluation's or validation's metrics and tell the callbacks (the hacking monitor acts on them)."""
+        self.log(metrics, measurement=True)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def log(self, logs: dict[str, float], start_time: float | None = None, *, measurement: bool = False) -> None:
+        """`Trainer.log`. A training log (the default) also carries DDRL's metrics since the last one
+        (`step.metrics.TrainingMetrics`, averaged over processes); a `measurement` (an evaluation, a validation, the
+        hacking monitor's verdict) carries only its own, and leaves the step's pending training log in place:
+        transformers' callback handler clears `should_log` after any `on_log`, so a measurement from inside a step
+        (`on_step_end`) would otherwise cancel that step's own log (loss, reward, grad_norm, learning rate)."""
+        if not measurement:
+            logs.update(self.reporter.training_metrics())
+        pending_training_log = self.control.should_log
+        super().log(logs, start_time)
+        if measurement:
+            self.control.should_log = pending_training_log
+
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        dataset_name: str | None = None,
+        tags: str | list[str] | None = None,
+        license: str | None = None,
+        **kwargs,
+    ) -> None:
+        """Write the diffusers model card into `output_dir` (README.md, samples.png, training_curves.png, the
+        validation gallery): base model, paper, how to load the weights (from the Hub repo being pushed to, else the
+        output folder), rewards, configuration, the hacking monitor's verdict, samples and curves
+        (`monitoring/model_card.py`). The trainer writes it at every checkpoint and at `save_model()`;
+        `push_to_hub()` uploads it.
+
+        Args:
+            model_name: the card's title (`push_to_hub` passes the repo's name; default: the output folder's name).
+            dataset_name: the reference data's Hub id or name, in the card's metadata and text.
+            tags: tags added to the trainer's (`_tag_names`: ddrl, trl, diffusers-training) and the task's.
+            license: the license in the card's metadata.
+
+        The arguments given are remembered: the cards written at later saves keep them.
+        """
+        if kwargs:
+            logger.warning("create_model_card: ignoring arguments it does not use: %s", ", ".join(sorted(kwargs)))
+        given = dict(model_name=model_name, dataset_name=dataset_name, tags=tags, license=license)
+        self.model_card_options.update({key: value for key, value in given.items() if value is not None})
+        if self.is_world_process_zero():
+            options = dict(self.model_card_options)
+            options["tags"] = [options["tags"]] if isinstance(options.get("tags"), str) else options.get("tags")
+            write_model_card(self, **options)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """`Trainer.save_model`; a save into `output_dir` itself also writes the model card there, as TRL does, and a
+        save of weights from after the hacking monitor detected hacking says so."""
+        target = output_dir if output_dir is not None else self.args.output_dir
+        if not _internal_call and self.is_world_process_zero():  # checkpoints say nothing: they are history
+            step = self.restored_step if self.restored_step is not None else self.state.global_step
+            for monitor in self.callback_handler.callbacks:
+                if isinstance(monitor, HackingMonitorCallback):
+                    monitor.warn_if_hacked(target, step, self.state.global_step)
+        super().save_model(output_dir, _internal_call)
+        if not _internal_call and os.path.abspath(target) == os.path.abspath(self.args.output_dir):
+            self._update_model_card()
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Trainer's checkpoint, then the model card in `output_dir` brought up to date (as TRL's trainers do)."""
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            self._update_model_card()
+
+    def _update_model_card(self) -> None:
+        """`create_model_card` after a save; a card that cannot be written (a full disk, a plotting error) is a
+        warning: the weights are saved, and the card is never worth the run."""
+        try:
+            self.create_model_card()
+        except Exception as err:  # noqa: BLE001 — whatever failed, the saved weights stand and training goes on
             logger.warning(
-                "Resuming %s with num_train_epochs=%g; it was saved by a run of num_train_epochs=%g. The learning-"
-                "rate schedule is rebuilt for the new length and continues at step %d (the result differs from a run "
-                "of that length straight through). The new length is recorded in ddrl_run.json.",
-                checkpoint,
-                args.num_train_epochs,
-                saved_epochs,
-                step,
-            )
-        if args.max_steps > 0 and args.max_steps != saved_max_steps:
-            logger.warning(
-                "Resuming %s with max_steps=%d; it was saved by a run of max_steps=%d. The learning-rate schedule is "
-                "rebuilt for %d steps and continues at step %d (steps 1-%d followed the %d-step schedule, so the "
-                "result differs from a %d-step run straight through). The new length is recorded in ddrl_run.json.",
-                checkpoint,
-                args.max_steps,
-                saved_max_steps,
-                args.max_steps,
-                step,
-                step,
-                saved_max_steps,
-                args.max_steps,
+                "Could not write the model card in %s (%s: %s); the weights are saved and training goes on.",
+                self.args.output_dir,
+                type(err).__name__,
+                err,
             )
 
     # ------------------------------------------------------------------------------------------------ data plumbing
     def _encode(self, dataset: Dataset, args: DDRLConfig, split: str) -> Dataset:
         return encode_reference_dataset(
             with_prompt_column(dataset, args.prompt_column, split),  # diffusers' "text" / "caption": as "prompt"
-            self.adapter.encode_images,
-            self.resolution,
+            self.adapter,
             self.reference_column,
             args.preprocess_batch_size,
             split,
-            num_frames=self.adapter.num_frames,
             max_upscale=args.max_reference_upscale,
         )
-
-    def _check_rewards_on(self, dataset: Dataset, args: DDRLConfig, validation: ValidationPrompts | None) -> None:
-        """Call every reward on two decoded images, with the first rows' prompts and columns: a wrong length or type
-        fails before any rollout. The images are the rows' reference samples, or for prompt-only data (plain GRPO,
-        `data_beta=0`) decoded seeded random latents: images of the rollouts' shape, dtype and range, from the same
-        `decode_latents`, for the cost of one VAE decode (a rollout would cost every denoising step). With validation
-        prompts, also call the trained and evaluation rewards as validation will (those prompts and columns), so a
-        reward needing a column they lack fails now."""
-        rows = [dataset[i] for i in range(min(2, len(dataset)))]
-        batch = DDRLCollator(args.prompt_column)(rows)
-        latents, kind = batch["ref_latents"], "reference samples"
-        if latents is None:
-            latents = torch.randn((len(rows), *self.latent_shape), generator=torch.Generator().manual_seed(args.seed))
-            kind = "decoded random latents (the training data hold no reference samples)"
-        images = self.adapter.decode_latents(latents.to(self.adapter.denoiser.device))
-        context = {"trainer_state": TrainerState()}
-        if validation is not None:
-            prompts, columns = validation.rows([i % len(validation.prompts) for i in range(len(images))], 1)
-            try:
-                compute_rewards(self.reward_funcs + self.eval_reward_funcs, images, prompts, columns, context)
-            except (TypeError, ValueError) as err:
-                fix = (
-                    "validation_prompts carry no dataset columns: validate on eval-dataset rows instead "
-                    "(num_validation_prompts > 0, validation_prompts unset), or use rewards that need none"
-                    if not validation.columns
-                    else "check that the eval dataset's rows give the reward what it needs"
-                )
-                raise type(err)(f"A reward failed on the validation prompts ({err}); {fix}.") from err
-        scores = compute_rewards(self.reward_funcs, images, batch["prompts"], batch["columns"], context)
-        for name, column in zip(self.reward_names, scores.unbind(dim=1)):
-            if torch.isnan(column).all():
-                logger.warning(
-                    "Reward %r gave no score (None/NaN) to any of %d %s: check that it suits "
-                    "this data; unscored samples get no advantage.",
-                    name,
-                    len(column),
-                    kind,
-                )
 
     def _get_train_sampler(self, train_dataset=None):
         args = self.args
@@ -401,7 +441,7 @@ class DDRLTrainer(ReportingMixin, SavingMixin, Trainer):
         micro = self._micro_of_step[1]
         batch = self.rollouts.batch(model, inputs, self.state.global_step, micro, self.state)
         if batch.rollout.images is not None and micro == 0:
-            self._maybe_log_images(batch.rollout.images, inputs["prompts"])
+            self.reporter.rollout_grid(batch.rollout.images, inputs["prompts"], self.state.global_step + 1)
         began = time.perf_counter()
         loss = self._policy_and_data_backward(model, batch)
         synchronize(loss.device)
@@ -443,7 +483,7 @@ class DDRLTrainer(ReportingMixin, SavingMixin, Trainer):
             with_data = data is not None and (not args.data_on_first_step_only or position == 0)
             with self._gradient_sync(model, last, batch_syncs) as backward:
                 with self.compute_loss_context_manager():
-                    terms = self._step_terms(model, batch, position, step_index, data if with_data else None)
+                    terms = self.step_loss(model, batch, position, step_index, data if with_data else None, data_beta)
                 self.nonfinite_guard.record_loss(terms.loss)
                 backward(terms.loss / (num_trained * self._accumulation_steps))
             total = total + terms.loss.detach() / num_trained
@@ -454,43 +494,6 @@ class DDRLTrainer(ReportingMixin, SavingMixin, Trainer):
         if data_beta == 0:
             self.metrics.add("loss/data", zero)
         return total
-
-    def _step_terms(
-        self, model, batch: RolloutBatch, position: int, step_index: int, data: DataTermBatch | None
-    ) -> StepTerms:
-        """loss_j = L_pg + data_beta · L_data + kl_beta · L_kl at trained step `step_index` (the `position`-th), from
-        one denoiser forward over the rollout states (both guidance branches under `cfg_scale`) and, with `data`, the
-        noised references (`guidance.predict_policy`)."""
-        args, sampler, states = self.args, self.sampler, batch.rollout.states
-        timestep = sampler.timesteps[step_index].expand(states.shape[0])
-        uncond = batch.row_uncond  # None without guidance
-        extra = None
-        if data is not None:
-            data_t = data.timesteps(sampler, position, step_index)
-            noised = sampler.add_noise(data.ref_latents, data.noise, data_t)
-            extra = ExtraRows(noised, data_t, data.cond(position))
-            target = sampler.training_target(data.ref_latents, data.noise, data_t)
-        output, data_output = predict_policy(
-            self.adapter, states[:, step_index], timestep, batch.row_cond, uncond, args.cfg_scale, extra, model
-        )
-        log_prob, mean = sampler.log_prob(output, step_index, states[:, step_index], states[:, step_index + 1])
-        policy, ratio, clipped = clipped_policy_loss(
-            log_prob, batch.rollout.log_probs[:, step_index], batch.advantages, args.epsilon
-        )
-        terms = StepTerms(loss=policy, policy=policy, ratio=ratio, clipped=clipped)
-        if data is not None:
-            terms.data = diffusion_loss(data_output, target, data.weights)
-            terms.loss = terms.loss + self.data_beta * terms.data
-            if self.data_beta_control is not None:  # the controller's paired signal: the base on the same rows
-                base_output = self.reference.predict(extra.latents, extra.timesteps, extra.cond)
-                base = diffusion_loss(base_output, target, data.weights)
-                self.data_beta_control.record(terms.data * len(data.groups), base * len(data.groups))
-        if args.kl_beta > 0:
-            reference = self.reference.predict(states[:, step_index], timestep, batch.row_cond, uncond, args.cfg_scale)
-            ref_mean = sampler.step_mean(reference, step_index, states[:, step_index])
-            terms.kl = reverse_kl_loss(mean, ref_mean, sampler.stds[step_index])
-            terms.loss = terms.loss + args.kl_beta * terms.kl
-        return terms
 
     @contextlib.contextmanager
     def _gradient_sync(self, model, last: bool, batch_syncs: bool) -> Iterator[Callable[[torch.Tensor], None]]:

@@ -1,3 +1,4 @@
+import contextlib
 import os
 
 # Before anything imports huggingface_hub, which reads these once: the Hub is never reached from tests.
@@ -67,11 +68,20 @@ def hub(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def no_rollouts(monkeypatch):
-    """Fails the test if a rollout starts: for checks that must refuse bad input before any expensive work."""
-    import ddrl_trl.step.collector as rollout_batch
+def observe():
+    """`observe(event, callback)`: a step hook (`ddrl_trl.step.hooks`) for the rest of the test."""
+    from ddrl_trl.step.hooks import observing
 
-    def forbidden(*args, **kwargs):
+    with contextlib.ExitStack() as stack:
+        yield lambda event, callback: stack.enter_context(observing(event, callback))
+
+
+@pytest.fixture
+def no_rollouts(observe):
+    """Fails the test if a rollout starts: for checks that must refuse bad input before any expensive work. Its
+    value's `remove()` lifts it for the rest of the test."""
+
+    def forbidden(rows):
         raise AssertionError("a rollout started before the input was checked")
 
-    monkeypatch.setattr(rollout_batch, "rollout_and_score", forbidden)
+    return observe("rollout_start", forbidden)  # `.remove()` lets a test go on to train

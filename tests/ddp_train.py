@@ -18,9 +18,8 @@ from datasets import Dataset
 from peft import LoraConfig
 from PIL import Image
 
-import ddrl_trl.step.collector as rollout_batch
-import ddrl_trl.trainer as trainer_module
 from ddrl_trl import DDRLConfig, DDRLTrainer
+from ddrl_trl.step.hooks import register
 from ddrl_trl.testing import tiny_sd_pipeline
 
 torch.set_num_threads(1)
@@ -53,28 +52,19 @@ dataset = Dataset.from_dict(
 )
 
 initial_noise = []
-original = rollout_batch.rollout_and_score
+register("rollout_end", lambda rollout, scores: initial_noise.append(rollout.initial_noise))
 
 
-def recording(*args, **kwargs):
-    rollout, *rest = original(*args, **kwargs)
-    initial_noise.append(rollout.initial_noise)
-    return rollout, *rest
-
-
-rollout_batch.rollout_and_score = recording
-original_policy_loss = trainer_module.clipped_policy_loss
-
-
-def nan_at_step(*args, **kwargs):
-    loss, ratio, clipped = original_policy_loss(*args, **kwargs)
+def nan_at_step(step_index, terms):
+    """The policy loss made NaN at `--nan-loss-at-step` (the loss alone: its gradients stay finite, so no NaN reaches
+    DDP's all-reduce)."""
     rank_hit = cli.nan_rank in (-1, trainer.accelerator.process_index)
     if trainer.state.global_step + 1 == cli.nan_loss_at_step and rank_hit:
-        loss = loss + float("nan")  # the loss alone: its gradients stay finite (no NaN reaches DDP's all-reduce)
-    return loss, ratio, clipped
+        terms.loss = terms.loss + float("nan")
+        terms.policy = terms.policy + float("nan")
 
 
-trainer_module.clipped_policy_loss = nan_at_step
+register("step_terms", nan_at_step)
 args = DDRLConfig(
     output_dir=cli.out,
     num_generations=4,

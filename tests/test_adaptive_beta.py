@@ -1,6 +1,7 @@
 """Adaptive data_beta (`target_loss_ratio`): the controller's update by hand, its direction on a synthetic signal, its
 signal and β in the logs, its state across checkpoint and resume, and the config's refusals."""
 
+import dataclasses
 import json
 import logging
 import math
@@ -75,27 +76,33 @@ def replay(log_history, start, target, rate):
     return expected
 
 
+def shifted(output, by: float):
+    """A `PolicyOutput` with every output moved by `by`."""
+    extra = output.extra + by if output.extra is not None else None
+    return dataclasses.replace(output, policy=output.policy + by, conditional=output.conditional + by, extra=extra)
+
+
 @pytest.mark.parametrize("direction", ["up", "down"])
 def test_trainer_moves_data_beta_with_the_measured_signal(tmp_path, reference_dataset, direction):
     """A policy whose output is shifted away from the base's has a data loss ratio above the target, so β rises; a
     base shifted instead gives a ratio under 1, so β falls. Each logged β is the controller's update of the logged
     signals before it."""
     trainer = make_trainer(tmp_path, reference_dataset, peft_config=lora(), max_steps=3, target_loss_ratio=1.05)
-    if direction == "up":  # every forward but the base model's (inside `reference.predict`) is shifted
-        predict, base_predict, in_base = trainer.adapter.predict, trainer.reference.predict, []
+    if direction == "up":  # every forward but the base model's (inside `reference.forward`) is shifted
+        predict, base_forward, in_base = trainer.adapter.predict, trainer.reference.forward, []
 
         def base(*args, **kwargs):
             in_base.append(True)
             try:
-                return base_predict(*args, **kwargs)
+                return base_forward(*args, **kwargs)
             finally:
                 in_base.pop()
 
-        trainer.reference.predict = base
+        trainer.reference.forward = base
         trainer.adapter.predict = lambda *a, **k: predict(*a, **k) + (0.0 if in_base else 1.0)
     else:
-        predict = trainer.reference.predict
-        trainer.reference.predict = lambda *a, **k: predict(*a, **k) + 1.0
+        forward = trainer.reference.forward
+        trainer.reference.forward = lambda *a, **k: shifted(forward(*a, **k), 1.0)
     trainer.train()
     logged = [h for h in trainer.state.log_history if "data_beta" in h]
     ratios = [h["data_beta/loss_ratio"] for h in logged]
@@ -112,7 +119,7 @@ def test_signal_is_the_policys_data_loss_over_the_base_models_on_the_same_rows(t
     """With the base's output replaced by the policy's own, the ratio is exactly 1; the logged loss/data is the
     numerator."""
     trainer = make_trainer(tmp_path, reference_dataset, peft_config=lora(), max_steps=1, target_loss_ratio=1.05)
-    trainer.reference.predict = lambda latents, t, cond: trainer.adapter.predict(latents, t, cond)
+    trainer.reference.forward = trainer.policy.forward
     trainer.train()
     (entry,) = [h for h in trainer.state.log_history if "data_beta" in h]
     assert entry["data_beta/loss_ratio"] == pytest.approx(1.0, abs=1e-6)

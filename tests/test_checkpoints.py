@@ -152,7 +152,7 @@ def test_non_finite_weights_or_optimizer_state_in_a_checkpoint_are_refused(
 
 
 def test_a_checkpoint_of_another_model_or_adapter_is_refused_and_changed_settings_are_reported(
-    tmp_path, reference_dataset, saved_runs, no_rollouts, caplog, monkeypatch
+    tmp_path, reference_dataset, saved_runs, no_rollouts, caplog
 ):
     out, _ = copy_run(saved_runs, "lora", tmp_path)
     with pytest.raises(
@@ -176,7 +176,7 @@ def test_a_checkpoint_of_another_model_or_adapter_is_refused_and_changed_setting
     ):
         resumed(tmp_path, reference_dataset, LoraConfig(r=4, lora_alpha=8)).train(resume_from_checkpoint=True)
     # the same model with other settings resumes, saying what changed
-    monkeypatch.undo()
+    no_rollouts.remove()
     out2, _ = copy_run(saved_runs, "lora", tmp_path / "again")
     with caplog.at_level(logging.WARNING):
         run(tmp_path / "again", reference_dataset, lora(), learning_rate=2e-2, max_steps=3).train(
@@ -186,9 +186,7 @@ def test_a_checkpoint_of_another_model_or_adapter_is_refused_and_changed_setting
     assert "learning_rate 0.01 → 0.02" in message and "differ from an uninterrupted run" in message
 
 
-def test_a_new_run_never_overwrites_another_runs_work(
-    tmp_path, reference_dataset, saved_runs, no_rollouts, monkeypatch, caplog
-):
+def test_a_new_run_never_overwrites_another_runs_work(tmp_path, reference_dataset, saved_runs, no_rollouts, caplog):
     out, _ = copy_run(saved_runs, "lora", tmp_path)
     with caplog.at_level(logging.WARNING):
         trainer = run(tmp_path, reference_dataset, lora())  # said at once, before any long work...
@@ -207,7 +205,7 @@ def test_a_new_run_never_overwrites_another_runs_work(
     with pytest.raises(ValueError, match="holds no checkpoint-N folder to resume"):
         run(tmp_path / "empty", reference_dataset, lora()).train(resume_from_checkpoint=True)
     # overwrite_output_dir: the old checkpoints go before the new run starts, so `True` can never find them later
-    monkeypatch.undo()
+    no_rollouts.remove()
     trainer = run(tmp_path, reference_dataset, lora(), overwrite_output_dir=True, save_strategy="no", max_steps=1)
     trainer.train()
     assert not [p for p in out.iterdir() if p.name.startswith("checkpoint")]
@@ -265,7 +263,7 @@ def test_a_damaged_or_hand_edited_run_record_is_refused_naming_the_file_and_the_
         assert f"{record_file} in checkpoint {out / 'checkpoint-2'} is damaged or was edited by hand" in message
         assert expected in message, message
     # the adaptive controller refuses a damaged state the same way when it restores it
-    control = DataBetaControl(None, AdaptiveDataBeta.starting_at(0.3, target=1.05, rate=0.05))
+    control = DataBetaControl(AdaptiveDataBeta.starting_at(0.3, target=1.05, rate=0.05), None, None, None)
     with pytest.raises(
         CheckpointError, match=r"checkpoint-9/ddrl_run.json in checkpoint .*checkpoint-9 holds a damaged"
     ):

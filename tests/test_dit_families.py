@@ -19,7 +19,7 @@ from diffusers import (
     QwenImagePipeline,
     UniPCMultistepScheduler,
 )
-from helpers import lora, make_trainer, record
+from helpers import lora, make_trainer
 
 from ddrl_trl import DDRLConfig
 from ddrl_trl.adapters import (
@@ -32,7 +32,7 @@ from ddrl_trl.adapters import (
     get_adapter,
 )
 from ddrl_trl.core import combine_guidance, rescale_to_conditional_norm
-from ddrl_trl.step.policy import UnconditionalPrompts, predict_policy
+from ddrl_trl.step.policy import Policy, UnconditionalPrompts
 from ddrl_trl.testing import (
     tiny_cosmos_pipeline,
     tiny_flux2_klein_pipeline,
@@ -147,12 +147,14 @@ def test_noise_free_policy_retraces_the_pipelines_own_call(name, guidance):
     out = pipe(prompt=list(PROMPTS), latents=family.to_pipeline(adapter, x.clone()), **kwargs)
     expected = family.from_pipeline(adapter, out.frames if name.startswith("cosmos") else out.images)
 
-    cond = adapter.encode_prompts(PROMPTS)
-    uncond = UnconditionalPrompts(adapter, negative, None).for_rows({}, range(2)) if cfg_scale > 1 else None
+    policy = Policy(
+        adapter, sampler, x.shape[1:], cfg_scale=cfg_scale, unconditional=UnconditionalPrompts(adapter, negative)
+    )
+    conditions = policy.conditioning(PROMPTS)
     latents = x
     with torch.no_grad():
         for j, t in enumerate(sampler.timesteps):
-            output, _ = predict_policy(adapter, latents, t.expand(2), cond, uncond, cfg_scale)
+            output = policy.forward(latents, t.expand(2), conditions).policy
             latents = sampler.step_mean(output, j, latents)
     torch.testing.assert_close(latents, expected, rtol=1e-5, atol=1e-5)
 
@@ -369,14 +371,14 @@ def _dataset(name, reference_dataset, reference_videos):
 @pytest.mark.parametrize("kind", ["lora-patterns", "full"])
 @pytest.mark.parametrize("name", ["qwenimage", "flux2-dev", "flux2-klein", "zimage", "sana", "cosmos"])
 def test_two_step_ddrl_training_reloads_in_diffusers(name, kind, tmp_path, reference_dataset, reference_videos,
-                                                     monkeypatch):  # fmt: skip
+                                                     observe):  # fmt: skip
     """Guided where the family has an unconditional branch (Cosmos above 2: its pipeline's floor), with prompt
     dropout on the data term; a patterned LoRA with alpha ≠ r reloads through `load_lora_weights` at its trained
     strength, a full fine-tune through `from_pretrained`."""
     family = FAMILIES[name]
     guidance = {"cfg_scale": 3.0} if family.guided else {}
     ratios = []
-    record(monkeypatch, "clipped_policy_loss", ratios, index=1)
+    observe("step_terms", lambda terms, **_: ratios.append(terms.ratio))
     use_lora = kind != "full"
     trainer = make_trainer(
         tmp_path,

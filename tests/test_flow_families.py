@@ -8,9 +8,8 @@ guidance and timestep scaling all right), the data-term target of diffusers' tra
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
-from helpers import lora, make_trainer, record
+from helpers import lora, make_trainer
 
-import ddrl_trl.step.collector as rollout_batch
 from ddrl_trl import DDRLConfig
 from ddrl_trl.adapters import FluxAdapter, StableDiffusion3Adapter, WanAdapter, get_adapter
 from ddrl_trl.samplers import FlowSDESampler
@@ -154,7 +153,7 @@ def _dataset(name, reference_dataset, reference_videos):
 @pytest.mark.parametrize("kind", ["lora", "lora-patterns", "full"])
 @pytest.mark.parametrize("name", FAMILIES)
 def test_two_step_ddrl_training_changes_the_denoiser_and_reloads_in_diffusers(
-    name, kind, tmp_path, reference_dataset, reference_videos, monkeypatch
+    name, kind, tmp_path, reference_dataset, reference_videos, observe
 ):
     """LoRAs with alpha ≠ r, and with per-module rank/alpha patterns, reload through plain `load_lora_weights` at
     their trained strength; full fine-tunes through `from_pretrained`. The patterned LoRA and the full fine-tune
@@ -164,7 +163,7 @@ def test_two_step_ddrl_training_changes_the_denoiser_and_reloads_in_diffusers(
     dataset, columns = _dataset(name, reference_dataset, reference_videos)
     use_lora = kind != "full"
     ratios = []
-    record(monkeypatch, "clipped_policy_loss", ratios, index=1)
+    observe("step_terms", lambda terms, **_: ratios.append(terms.ratio))
     trainer = make_trainer(
         tmp_path,
         dataset,
@@ -208,12 +207,12 @@ def test_adapters_are_picked_by_pipeline_class():
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_bf16_with_gradient_checkpointing_keeps_float32_log_probs_and_lora(
-    name, tmp_path, reference_dataset, reference_videos, monkeypatch
+    name, tmp_path, reference_dataset, reference_videos, observe
 ):
     builder, _, config = FAMILIES[name]
     dataset, columns = _dataset(name, reference_dataset, reference_videos)
     rollouts = []
-    record(monkeypatch, "rollout_and_score", rollouts, index=0, module=rollout_batch)
+    observe("rollout_end", lambda rollout, scores: rollouts.append(rollout))
     trainer = make_trainer(
         tmp_path,
         dataset,

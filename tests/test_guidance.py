@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import brightness_reward
 from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline
-from helpers import lora, make_args, make_trainer, record
+from helpers import lora, make_args, make_trainer
 from peft import LoraConfig
 from transformers import HfArgumentParser
 
@@ -16,8 +16,8 @@ from ddrl_trl.config import default_data_beta, guidance_amplification
 from ddrl_trl.core import group_advantages
 from ddrl_trl.step.data_term import DataTermBatch
 from ddrl_trl.step.groups import GroupLayout
-from ddrl_trl.step.policy import UnconditionalPrompts, combine_guidance, predict_policy
-from ddrl_trl.step.rollout import SeededNoise, generate_rollouts, stable_seed
+from ddrl_trl.step.policy import Conditions, Policy, UnconditionalPrompts, combine_guidance
+from ddrl_trl.step.rollout import SeededNoise, stable_seed
 from ddrl_trl.testing import (
     tiny_flux_pipeline,
     tiny_sd3_pipeline,
@@ -76,12 +76,13 @@ def test_noise_free_guided_sampler_retraces_the_guided_pipeline(name, negative_p
         out = pipe(PROMPTS, latents=x, **kwargs)
         expected = out.frames if name == "wan" else out.images
 
-    cond = adapter.encode_prompts(PROMPTS)
-    uncond = UnconditionalPrompts(adapter, negative_prompt, None).for_rows({}, range(2))
+    unconditional = UnconditionalPrompts(adapter, negative_prompt)
+    policy = Policy(adapter, sampler, x.shape[1:], cfg_scale=args.cfg_scale, unconditional=unconditional)
+    conditions = policy.conditioning(PROMPTS)
     latents = x
     with torch.no_grad():
         for j, t in enumerate(sampler.timesteps):
-            output, _ = predict_policy(adapter, latents, t.expand(2), cond, uncond, args.cfg_scale)
+            output = policy.forward(latents, t.expand(2), conditions).policy
             latents = sampler.step_mean(output, j, latents)
     torch.testing.assert_close(latents, expected, rtol=1e-5, atol=1e-5)
 
@@ -106,9 +107,9 @@ def test_negative_prompt_column_reaches_the_unconditional_branch():
     torch.testing.assert_close(fixed["encoder_hidden_states"], expected["encoder_hidden_states"][:1].expand(3, -1, -1))
 
 
-def test_on_policy_ratio_is_one_in_float32_under_guidance(tmp_path, reference_dataset, monkeypatch):
+def test_on_policy_ratio_is_one_in_float32_under_guidance(tmp_path, reference_dataset, observe):
     ratios = []
-    record(monkeypatch, "clipped_policy_loss", ratios, index=1)
+    observe("step_terms", lambda terms, **_: ratios.append(terms.ratio))
     trainer = make_trainer(
         tmp_path, reference_dataset, peft_config=lora(), data_beta=0.1, cfg_scale=4.0, negative_prompt="a green bird"
     )
@@ -148,16 +149,8 @@ def test_guided_gradient_equals_separate_passes(tmp_path, reference_dataset, dat
     null = adapter.encode_prompts(["", ""])["encoder_hidden_states"]  # prompt dropout: never the negative prompt
     cond_rows, uncond_rows = cond.repeat_interleave(2, 0), uncond.repeat_interleave(2, 0)
     noise_source = SeededNoise(seed, torch.device("cpu"), num_generations=2)
-    rollout = generate_rollouts(
-        adapter,
-        sampler,
-        {"encoder_hidden_states": cond_rows},
-        trainer.latent_shape,
-        noise_source,
-        range(4),
-        uncond={"encoder_hidden_states": uncond_rows},
-        cfg_scale=scale,
-    )
+    conditions = Conditions({"encoder_hidden_states": cond_rows}, {"encoder_hidden_states": uncond_rows})
+    rollout = trainer.policy.rollout(conditions, noise_source, range(4))
     adv = group_advantages(torch.tensor(brightness_reward(rollout.images, batch["prompts"])), 2)
     noise = rollout.states[::2, 0]
     ref = batch["ref_latents"][::2] if data_beta else None  # data_beta=0 reads (and encodes) no references
@@ -388,3 +381,30 @@ def test_guided_held_out_loss_needs_the_negative_prompt_column_in_the_eval_data(
     trainer = make_trainer(tmp_path, data, cfg_scale=2.0, negative_prompt_column="neg")
     with pytest.raises(ValueError, match=message):
         trainer.evaluate(reference_dataset)
+
+
+def test_the_policy_decides_guidance_once_and_forwards_both_branches_together():
+    """`Policy.conditioning` carries the unconditional branch only when cfg_scale > 1; `forward` then returns the
+    guided output ε_∅ + w (ε_c − ε_∅) and the conditional branch, equal to separate denoiser calls."""
+    adapter = get_adapter(tiny_sd_pipeline())
+    adapter.resolution = adapter.default_resolution
+    shape = adapter.latent_shape(adapter.resolution)
+    x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([500, 200])
+    unguided = Policy(adapter, None, shape, cfg_scale=1.0, unconditional=UnconditionalPrompts(adapter, "a green bird"))
+    conditions = unguided.conditioning(PROMPTS)
+    assert conditions.uncond is None
+    with torch.no_grad():
+        out = unguided.forward(x, t, conditions)
+        assert out.policy is out.conditional and out.extra is None
+        torch.testing.assert_close(out.policy, adapter.predict(x, t, adapter.encode_prompts(PROMPTS)))
+
+        guided = Policy(
+            adapter, None, shape, cfg_scale=3.0, unconditional=UnconditionalPrompts(adapter, "a green bird")
+        )
+        conditions = guided.conditioning(PROMPTS)
+        out = guided.forward(x, t, conditions)
+        cond = adapter.predict(x, t, adapter.encode_prompts(PROMPTS))
+        uncond = adapter.predict(x, t, adapter.encode_prompts(["a green bird"] * 2))
+    torch.testing.assert_close(out.conditional, cond, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.policy, uncond + 3.0 * (cond - uncond), rtol=1e-5, atol=1e-5)

@@ -195,7 +195,8 @@ class _StubTrainer:
         self.validator = SimpleNamespace(base=SimpleNamespace(rewards=dict(base_rewards)))
         self.logged = []
 
-    def log(self, logs):
+    def log(self, logs, *, measurement=False):
+        assert measurement  # the monitor's verdict is a measurement: it must not drain the step's training metrics
         self.logged.append(logs)
 
 

@@ -8,8 +8,6 @@ import pytest
 import torch
 from helpers import lora, make_trainer
 
-import ddrl_trl.step.collector as rollout_batch
-import ddrl_trl.trainer as trainer_module
 from ddrl_trl.checkpoints.weight_files import CheckpointError
 from ddrl_trl.data import RepeatSampler
 
@@ -27,21 +25,10 @@ def test_the_sampler_repeats_each_optimiser_steps_rows_per_iteration():
     assert repeated == [row for step in steps for _ in range(3) for row in step]
 
 
-def test_rollouts_are_reused_and_the_clip_acts_from_the_second_iteration(tmp_path, reference_dataset, monkeypatch):
+def test_rollouts_are_reused_and_the_clip_acts_from_the_second_iteration(tmp_path, reference_dataset, observe):
     calls, ratios = [], []
-    original_rollout, original_loss = rollout_batch.rollout_and_score, trainer_module.clipped_policy_loss
-
-    def counting_rollout(*args, **kwargs):
-        calls.append(trainer.state.global_step)
-        return original_rollout(*args, **kwargs)
-
-    def recording_loss(*args, **kwargs):
-        out = original_loss(*args, **kwargs)
-        ratios.append((trainer.state.global_step, out[1]))
-        return out
-
-    monkeypatch.setattr(rollout_batch, "rollout_and_score", counting_rollout)
-    monkeypatch.setattr(trainer_module, "clipped_policy_loss", recording_loss)
+    observe("rollout_start", lambda rows: calls.append(trainer.state.global_step))
+    observe("step_terms", lambda terms, **_: ratios.append((trainer.state.global_step, terms.ratio)))
     trainer = make_trainer(
         tmp_path, reference_dataset, peft_config=lora(), num_iterations=2, max_steps=4, learning_rate=3e-2
     )

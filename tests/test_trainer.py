@@ -12,22 +12,15 @@ from peft import LoraConfig
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-import ddrl_trl.trainer as trainer_module
 from ddrl_trl.core import group_advantages
-from ddrl_trl.step.rollout import SeededNoise, generate_rollouts, stable_seed
+from ddrl_trl.step.policy import Conditions
+from ddrl_trl.step.rollout import SeededNoise, stable_seed
 from ddrl_trl.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
 
 
-def test_on_policy_ratio_is_one_in_float32(tmp_path, reference_dataset, monkeypatch):
+def test_on_policy_ratio_is_one_in_float32(tmp_path, reference_dataset, observe):
     ratios = []
-    original = trainer_module.clipped_policy_loss
-
-    def recording(*args, **kwargs):
-        out = original(*args, **kwargs)
-        ratios.append(out[1])
-        return out
-
-    monkeypatch.setattr(trainer_module, "clipped_policy_loss", recording)
+    observe("step_terms", lambda terms, **_: ratios.append(terms.ratio))
     trainer = make_trainer(tmp_path, reference_dataset, peft_config=lora(), data_beta=0.1, max_steps=1)
     trainer.train()
     assert len(ratios) == 3  # steps 0, 1, 2 of 4 (the last is never trained)
@@ -53,7 +46,7 @@ def test_gradient_equals_grpo_plus_data_term_computed_separately(tmp_path, refer
     cond = adapter.encode_prompts(batch["prompts"][::2])
     cond_rep = {k: v.repeat_interleave(2, 0) for k, v in cond.items()}
     noise_source = SeededNoise(seed, torch.device("cpu"), num_generations=2)
-    rollout = generate_rollouts(adapter, sampler, cond_rep, trainer.latent_shape, noise_source, range(4))
+    rollout = trainer.policy.rollout(Conditions(cond_rep), noise_source, range(4))
     rewards = torch.tensor(brightness_reward(rollout.images, batch["prompts"]))
     adv = group_advantages(rewards, 2)
     noise = rollout.states[::2, 0]

@@ -51,7 +51,7 @@ def _dataset(extra_column: bool = False):
 def test_fixed_seeds_reproduce_the_grid_and_rewards_equal_a_hand_computation(tmp_path):
     trainer = validating_trainer(tmp_path / "a", max_steps=2, learning_rate=1e-2)
     first = trainer.validate()
-    images = trainer.last_validation[3]
+    images = trainer.reporter.last_validation.images
     assert images.shape[0] == 6 and trainer.validator.base.images.shape == images.shape
     # the LoRA starts as the identity: the step-0 samples are the base model's, on the same seeds
     torch.testing.assert_close(images, trainer.validator.base.images, rtol=0, atol=0)
@@ -63,18 +63,18 @@ def test_fixed_seeds_reproduce_the_grid_and_rewards_equal_a_hand_computation(tmp
     # the same grid again, and from a fresh trainer with the same seed
     again = trainer.validate()
     assert again == first
-    torch.testing.assert_close(trainer.last_validation[3], images, rtol=0, atol=0)
+    torch.testing.assert_close(trainer.reporter.last_validation.images, images, rtol=0, atol=0)
     other = validating_trainer(tmp_path / "b")
     other.validate()
-    torch.testing.assert_close(other.last_validation[3], images, rtol=0, atol=0)
+    torch.testing.assert_close(other.reporter.last_validation.images, images, rtol=0, atol=0)
     # the grid on disk: 2 prompt rows of 3 samples (rollouts are 32 px here, upscaled 4× to 128 px), 4 px apart, each
     # row under an 18 px caption strip
     saved = Image.open(tmp_path / "a" / "out" / "validation" / "step-000000.png")
     assert saved.size == (3 * 128 + 4 * 4, 2 * (18 + 128 + 4) + 4)
-    np.testing.assert_array_equal(np.asarray(saved), np.asarray(trainer.last_validation[0]))
+    np.testing.assert_array_equal(np.asarray(saved), np.asarray(trainer.reporter.last_validation.grid))
     # training moves the samples away from the base's, on the same seeds
     trainer.train()
-    assert not torch.equal(trainer.last_validation[3], images)
+    assert not torch.equal(trainer.reporter.last_validation.images, images)
 
 
 def test_validation_every_k_steps_and_at_the_end_without_an_eval_dataset(tmp_path):
@@ -95,9 +95,9 @@ def test_validation_is_not_sampled_twice_when_an_evaluation_falls_on_the_same_st
     sampled = []
     run = trainer.validator.run
 
-    def recording(denoiser, *args, **kwargs):
-        sampled.append((trainer.state.global_step, "model" if denoiser is None else "base"))
-        return run(denoiser, *args, **kwargs)
+    def recording(policy, *args, **kwargs):
+        sampled.append((trainer.state.global_step, "model" if policy is trainer.policy else "base"))
+        return run(policy, *args, **kwargs)
 
     trainer.validator.run = recording
     trainer.train()
@@ -202,7 +202,9 @@ def test_model_card_shows_the_validation_gallery(tmp_path):
     assert "## Validation samples (step 0)" in card and "![validation samples](validation.png)" in card
     assert "data_beta adapted from 0.3 to 0.3 to hold the data loss ratio at 1.05" in card
     first = np.asarray(Image.open(tmp_path / "out" / "image_1.png"))
-    np.testing.assert_array_equal(first, (trainer.last_validation[3][3].permute(1, 2, 0) * 255).round().byte().numpy())
+    np.testing.assert_array_equal(
+        first, (trainer.reporter.last_validation.images[3].permute(1, 2, 0) * 255).round().byte().numpy()
+    )
 
 
 def test_a_failing_evaluation_reward_or_a_full_disk_never_costs_the_checkpoint(tmp_path, caplog, monkeypatch):

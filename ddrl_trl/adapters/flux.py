@@ -12,9 +12,14 @@ What is FLUX-specific, and lives only here:
 - The timestep shift depends on the image size: `mu` is linear in the number of image tokens
   (`image_token_shift_mu`, from the scheduler config), with the pipeline's base sigmas linspace(1, 1/T, T).
 The data term is diffusers' FLUX recipe: x_t = (1 − t) x0 + t ε, target ε − x0, unit weighting.
+
+FLUX.2 [dev] shares the distilled guidance and the cached position ids (`DistilledGuidance`) and, with Qwen-Image,
+the shifted base-sigma schedule (`shifted_base_sigmas_sampler`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from diffusers import FluxPipeline
@@ -23,20 +28,17 @@ from ..samplers import FlowSDESampler, image_token_shift_mu, pipeline_base_sigma
 from .base import Conditioning, PipelineAdapter
 
 
-class FluxAdapter(PipelineAdapter):
-    """Adapter for `FluxPipeline` (FLUX.1-dev, FLUX.1-schnell) and its subclasses."""
+class DistilledGuidance:
+    """Mixin for the FLUX families' guidance-distilled transformers (FLUX.1-dev, FLUX.2 [dev]): `guidance_scale`, the
+    value their guidance embedding takes in every forward and pipeline call (`DDRLConfig.guidance_scale`, else
+    `default_guidance_scale`); and their tokens' position ids, built once per shape (`_cached_ids`)."""
 
-    pipeline_classes = (FluxPipeline,)
-    script_family = "flux"
-    denoiser_name = "transformer"
-    default_max_sequence_length = 512
-    cfg_call_argument = "true_cfg_scale"
-    default_negative_prompt = ""  # FluxPipeline applies true CFG only when given a negative prompt
-    t5_tokenizer_name = "tokenizer_2"
+    #: The pipeline `__call__`'s default guidance value.
+    default_guidance_scale: float = 3.5
 
     def __init__(self, pipeline, resolution: int | None = None):
         super().__init__(pipeline, resolution)
-        self.guidance_scale = 3.5
+        self.guidance_scale = self.default_guidance_scale  # `configure` takes DDRLConfig.guidance_scale
         self._ids_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def configure(self, config) -> None:
@@ -47,6 +49,39 @@ class FluxAdapter(PipelineAdapter):
     def pipeline_call_kwargs(self, config, batch_size: int) -> dict:
         """As the base, with `guidance_scale`: the distilled embedding."""
         return {**super().pipeline_call_kwargs(config, batch_size), "guidance_scale": self.guidance_scale}
+
+    def _cached_ids(self, key: tuple, build: Callable[[], tuple]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The image and text tokens' position ids `build()` makes, made once per `key` (the pipeline builds them
+        once per call; `predict` runs every step)."""
+        if key not in self._ids_cache:
+            self._ids_cache[key] = build()
+        return self._ids_cache[key]
+
+
+def shifted_base_sigmas_sampler(adapter: PipelineAdapter, config, device: torch.device, mu: float) -> FlowSDESampler:
+    """The sampler of the FLUX-style pipelines (FLUX.1, FLUX.2, Qwen-Image): the base sigmas linspace(1, 1/T, T)
+    shifted by `mu`, as the pipeline's `__call__` sets them."""
+    steps = config.num_inference_steps
+    return FlowSDESampler(
+        adapter.pipeline.scheduler,
+        steps,
+        config.flow_noise_level,
+        device=device,
+        mu=mu,
+        sigmas=pipeline_base_sigmas(adapter.pipeline.scheduler.config, steps),  # as the pipeline's __call__
+    )
+
+
+class FluxAdapter(DistilledGuidance, PipelineAdapter):
+    """Adapter for `FluxPipeline` (FLUX.1-dev, FLUX.1-schnell) and its subclasses."""
+
+    pipeline_classes = (FluxPipeline,)
+    script_family = "flux"
+    denoiser_name = "transformer"
+    default_max_sequence_length = 512
+    cfg_call_argument = "true_cfg_scale"
+    default_negative_prompt = ""  # FluxPipeline applies true CFG only when given a negative prompt
+    t5_tokenizer_name = "tokenizer_2"
 
     @property
     def denoiser_downsampling(self) -> int:
@@ -97,13 +132,13 @@ class FluxAdapter(PipelineAdapter):
     def _position_ids(
         self, height: int, width: int, text_tokens: int, device, dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The image tokens' (0, row, column) ids and the text tokens' zero ids, built once per shape (the pipeline
-        builds them once per call; `predict` runs every step)."""
-        key = (height, width, text_tokens, device, dtype)
-        if key not in self._ids_cache:
+        """The image tokens' (0, row, column) ids and the text tokens' zero ids, built once per shape."""
+
+        def build() -> tuple[torch.Tensor, torch.Tensor]:
             image_ids = FluxPipeline._prepare_latent_image_ids(1, height // 2, width // 2, device, dtype)
-            self._ids_cache[key] = image_ids, torch.zeros(text_tokens, 3, device=device, dtype=dtype)
-        return self._ids_cache[key]
+            return image_ids, torch.zeros(text_tokens, 3, device=device, dtype=dtype)
+
+        return self._cached_ids((height, width, text_tokens, device, dtype), build)
 
     def timestep_shift_mu(self) -> float:
         """The pipeline's `mu` for the training resolution: linear in the number of image tokens."""
@@ -112,12 +147,4 @@ class FluxAdapter(PipelineAdapter):
         return image_token_shift_mu(config, side * side)
 
     def make_sampler(self, config, device: torch.device) -> FlowSDESampler:
-        steps = config.num_inference_steps
-        return FlowSDESampler(
-            self.pipeline.scheduler,
-            steps,
-            config.flow_noise_level,
-            device=device,
-            mu=self.timestep_shift_mu(),
-            sigmas=pipeline_base_sigmas(self.pipeline.scheduler.config, steps),  # as the pipeline's __call__
-        )
+        return shifted_base_sigmas_sampler(self, config, device, mu=self.timestep_shift_mu())

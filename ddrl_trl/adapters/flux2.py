@@ -30,42 +30,29 @@ import torch
 from diffusers import Flux2KleinPipeline, Flux2Pipeline
 from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
 
-from ..samplers import FlowSDESampler, pipeline_base_sigmas
+from ..samplers import FlowSDESampler
 from .base import Conditioning, PipelineAdapter
+from .flux import DistilledGuidance, shifted_base_sigmas_sampler
+from .mixins import NormalisedLatents, SingleTextEncoderAdapter
 
 
-class Flux2Adapter(PipelineAdapter):
+class Flux2Adapter(DistilledGuidance, NormalisedLatents, SingleTextEncoderAdapter):
     """Adapter for `Flux2Pipeline` (FLUX.2 [dev]) and its subclasses."""
 
     pipeline_classes = (Flux2Pipeline,)
     script_family = "flux2"
-    denoiser_name = "transformer"
-    frozen_module_names = ("vae", "text_encoder")
+    # The prompt length the text encoder pads to, capped by its tokenizer's (a Mistral / Qwen tokenizer here).
     default_max_sequence_length = 512  # Flux2Pipeline.__call__'s max_sequence_length
-    t5_tokenizer_name = "tokenizer"  # the prompt length the text encoder pads to (a Mistral / Qwen tokenizer here)
+    default_guidance_scale = 4.0  # Flux2Pipeline.__call__'s default; `configure` takes DDRLConfig.guidance_scale
     #: Text-encoder hidden states stacked into the prompt embedding (`__call__`'s `text_encoder_out_layers`).
     text_encoder_out_layers: tuple[int, ...] = (10, 20, 30)
     supports_cfg = False  # guidance-distilled: the pipeline has no unconditional branch
     cfg_call_argument = "guidance_scale"  # overwritten by the distilled guidance value in `pipeline_call_kwargs`
 
-    def __init__(self, pipeline, resolution: int | None = None):
-        super().__init__(pipeline, resolution)
-        self.guidance_scale = 4.0  # Flux2Pipeline.__call__'s default; `configure` takes DDRLConfig.guidance_scale
-        self._ids_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def configure(self, config) -> None:
-        super().configure(config)
-        if config.guidance_scale is not None:
-            self.guidance_scale = float(config.guidance_scale)
-
     def pipeline_call_kwargs(self, config, batch_size: int) -> dict:
         """As the base, with the distilled guidance value as `guidance_scale` and the stacked layers."""
         kwargs = super().pipeline_call_kwargs(config, batch_size)
-        return {
-            **kwargs,
-            "guidance_scale": self.guidance_scale,
-            "text_encoder_out_layers": self.text_encoder_out_layers,
-        }
+        return {**kwargs, "text_encoder_out_layers": self.text_encoder_out_layers}
 
     @property
     def default_lora_target_modules(self) -> tuple[str, ...]:
@@ -125,12 +112,13 @@ class Flux2Adapter(PipelineAdapter):
     def _position_ids(self, height: int, width: int, text_tokens: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """The (t, h, w, l) ids of the image and text tokens, as the pipeline builds them (one row: the transformer
         reads row 0 only), once per shape."""
-        key = (height, width, text_tokens, device)
-        if key not in self._ids_cache:
+
+        def build() -> tuple[torch.Tensor, torch.Tensor]:
             image_ids = Flux2Pipeline._prepare_latent_ids(torch.empty(1, 1, height, width))[0]
             text_ids = Flux2Pipeline._prepare_text_ids(torch.empty(1, text_tokens, 1))[0]
-            self._ids_cache[key] = image_ids.to(device), text_ids.to(device)
-        return self._ids_cache[key]
+            return image_ids.to(device), text_ids.to(device)
+
+        return self._cached_ids((height, width, text_tokens, device), build)
 
     def _bn_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The VAE batch norm's running mean and √(running var + eps), `(1, 128, 1, 1)` float32."""
@@ -139,23 +127,20 @@ class Flux2Adapter(PipelineAdapter):
         std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1).float() + vae.config.batch_norm_eps).to(like.device)
         return mean, std
 
-    @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Normalised patchified latents of images in [−1, 1]: the posterior mode, patchified, (z − μ_bn) / σ_bn, as
-        `_encode_vae_image` and the training scripts do. Float32."""
+    _latent_stats = _bn_stats  # what `NormalisedLatents` normalises by: (z − μ_bn) / σ_bn
+
+    # `encode_images` / `decode_latents` (`NormalisedLatents`): normalised patchified latents of images in [−1, 1],
+    # (z − μ_bn) / σ_bn, as `_encode_vae_image` and the training scripts do; × σ_bn + μ_bn to decode (l.1019-1028).
+    def _raw_latents(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The posterior mode of images `pixels` in [−1, 1], patchified, float32."""
         vae = self.pipeline.vae
         latents = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist.mode()
-        latents = Flux2Pipeline._patchify_latents(latents.float())
-        mean, std = self._bn_stats(latents)
-        return (latents - mean) / std
+        return Flux2Pipeline._patchify_latents(latents.float())
 
-    @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1] of normalised patchified latents: × σ_bn + μ_bn, unpatchified, decoded (l.1019-1028)."""
+    def _raw_pixels(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] of patchified, unnormalised latents: unpatchified, decoded."""
         vae = self.pipeline.vae
-        mean, std = self._bn_stats(latents)
-        latents = Flux2Pipeline._unpatchify_latents(latents.float() * std + mean)
-        images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+        images = vae.decode(Flux2Pipeline._unpatchify_latents(latents).to(vae.dtype), return_dict=False)[0]
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
     def timestep_shift_mu(self, num_inference_steps: int) -> float:
@@ -164,15 +149,8 @@ class Flux2Adapter(PipelineAdapter):
         return compute_empirical_mu(image_seq_len=side * side, num_steps=num_inference_steps)
 
     def make_sampler(self, config, device: torch.device) -> FlowSDESampler:
-        steps = config.num_inference_steps
-        return FlowSDESampler(
-            self.pipeline.scheduler,
-            steps,
-            config.flow_noise_level,
-            device=device,
-            mu=self.timestep_shift_mu(steps),
-            sigmas=pipeline_base_sigmas(self.pipeline.scheduler.config, steps),  # as the pipeline's __call__
-        )
+        mu = self.timestep_shift_mu(config.num_inference_steps)
+        return shifted_base_sigmas_sampler(self, config, device, mu=mu)
 
 
 class Flux2KleinAdapter(Flux2Adapter):

@@ -34,7 +34,8 @@ import torch
 from diffusers import SanaPipeline
 
 from ..samplers import FlowSDESampler
-from .base import Conditioning, PipelineAdapter
+from .base import Conditioning
+from .mixins import SingleTextEncoderAdapter, TransformerConfigSize
 
 #: SanaPipeline.__call__'s default complex human instruction.
 DEFAULT_COMPLEX_HUMAN_INSTRUCTION = (
@@ -42,17 +43,15 @@ DEFAULT_COMPLEX_HUMAN_INSTRUCTION = (
 )
 
 
-class SanaAdapter(PipelineAdapter):
+class SanaAdapter(TransformerConfigSize, SingleTextEncoderAdapter):
     """Adapter for `SanaPipeline` (SANA 600M/1.6B, SANA 1.5 1.6B/4.8B) and its subclasses."""
 
     pipeline_classes = (SanaPipeline,)
     script_family = "sana"
-    denoiser_name = "transformer"
     default_lora_target_modules = ("to_k", "to_q", "to_v")  # train_dreambooth_lora_sana.py's default
-    frozen_module_names = ("vae", "text_encoder")
     default_max_sequence_length = 300  # SanaPipeline.__call__'s default
     default_negative_prompt = ""  # SanaPipeline.encode_prompt's default negative prompt
-    t5_tokenizer_name = "tokenizer"  # the Gemma tokenizer; caps max_sequence_length at its model_max_length
+    # Its one text encoder is Gemma-2, whose tokenizer caps max_sequence_length at its model_max_length.
 
     def __init__(self, pipeline, resolution: int | None = None):
         super().__init__(pipeline, resolution)
@@ -69,14 +68,6 @@ class SanaAdapter(PipelineAdapter):
     @property
     def vae_scale_factor(self) -> int:
         return int(self.pipeline.vae_scale_factor)  # 2 ** (len(encoder_block_out_channels) − 1): 32 for DC-AE f32
-
-    @property
-    def denoiser_downsampling(self) -> int:
-        return int(self.denoiser.config.patch_size)
-
-    @property
-    def default_resolution(self) -> int:
-        return int(self.denoiser.config.sample_size) * self.vae_scale_factor
 
     def _encode(self, prompts: list[str], instruction) -> Conditioning:
         embeds, mask, _, _ = self.pipeline.encode_prompt(

@@ -3,6 +3,9 @@
 Conditioning: the joint CLIP-L/CLIP-G/T5 sequence and the pooled CLIP projections (`pipeline.encode_prompt`, no
 guidance). The data term follows diffusers' `train_dreambooth_sd3.py`: x_t = (1 − t) x0 + t ε, target ε − x0,
 unit weighting; the rollout timesteps carry the pipeline's own shift (`FlowSDESampler`).
+
+Also here, the pieces later transformer families share with SD3 or with each other: `TransformerConfigSize` (SANA),
+`SingleTextEncoderAdapter` (FLUX.2, Z-Image, SANA, Wan) and `NormalisedLatents` (FLUX.2, Wan).
 """
 
 from __future__ import annotations
@@ -12,23 +15,16 @@ from diffusers import StableDiffusion3Pipeline
 
 from ..samplers import FlowSDESampler
 from .base import Conditioning, PipelineAdapter
+from .mixins import TransformerConfigSize
 
 
-class StableDiffusion3Adapter(PipelineAdapter):
+class StableDiffusion3Adapter(TransformerConfigSize, PipelineAdapter):
     """Adapter for `StableDiffusion3Pipeline` (SD3, SD3.5) and its subclasses."""
 
     pipeline_classes = (StableDiffusion3Pipeline,)
     script_family = "sd3"
     denoiser_name = "transformer"
     t5_tokenizer_name = "tokenizer_3"
-
-    @property
-    def denoiser_downsampling(self) -> int:
-        return int(self.denoiser.config.patch_size)
-
-    @property
-    def default_resolution(self) -> int:
-        return int(self.denoiser.config.sample_size) * self.vae_scale_factor
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Conditioning:

@@ -17,17 +17,15 @@ import torch
 from diffusers import WanPipeline
 
 from ..samplers import FlowSDESampler
-from .base import Conditioning, PipelineAdapter
+from .base import Conditioning
+from .mixins import NormalisedLatents, SingleTextEncoderAdapter
 
 
-class WanAdapter(PipelineAdapter):
+class WanAdapter(NormalisedLatents, SingleTextEncoderAdapter):
     """Adapter for `WanPipeline` (text-to-video) with one transformer (Wan 2.1, Wan 2.2 TI2V-5B)."""
 
     pipeline_classes = (WanPipeline,)
     script_family = "wan"
-    denoiser_name = "transformer"
-    frozen_module_names = ("vae", "text_encoder")
-    t5_tokenizer_name = "tokenizer"
     default_max_sequence_length = 512  # WanPipeline.__call__'s default
     #: The pipeline's default frame count (`WanPipeline.__call__`).
     default_num_frames = 81
@@ -105,28 +103,25 @@ class WanAdapter(PipelineAdapter):
         )[0]
 
     def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-channel `latents_mean` and `latents_std` of the VAE config, `(1, C, 1, 1, 1)` float32."""
         config = self.pipeline.vae.config
         shape = (1, config.z_dim, 1, 1, 1)
         mean = torch.tensor(config.latents_mean, dtype=torch.float32, device=like.device).view(shape)
         std = torch.tensor(config.latents_std, dtype=torch.float32, device=like.device).view(shape)
         return mean, std
 
-    @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Latents `(B, C, F', H', W')` of videos `pixels` `(B, F, 3, H, W)` in [−1, 1]: the VAE posterior mean,
-        normalised per channel as `(z − latents_mean) / latents_std`, float32."""
+    # `encode_images` / `decode_latents` (`NormalisedLatents`): latents `(B, C, F', H', W')` of videos
+    # `(B, F, 3, H, W)`, normalised per channel as `(z − latents_mean) / latents_std`, float32.
+    def _raw_latents(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The VAE posterior mean of videos `pixels` `(B, F, 3, H, W)` in [−1, 1], float32."""
         vae = self.pipeline.vae
         video = pixels.to(device=vae.device, dtype=vae.dtype).permute(0, 2, 1, 3, 4)  # (B, 3, F, H, W) for the VAE
-        latents = vae.encode(video).latent_dist.mean.float()
-        mean, std = self._latent_stats(latents)
-        return (latents - mean) / std
+        return vae.encode(video).latent_dist.mean.float()
 
-    @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Videos `(B, F, 3, H, W)`, float32 in [0, 1], of `latents` (the inverse of `encode_images`)."""
+    def _raw_pixels(self, latents: torch.Tensor) -> torch.Tensor:
+        """Videos `(B, F, 3, H, W)`, float32 in [0, 1], of raw (unnormalised) latents."""
         vae = self.pipeline.vae
-        mean, std = self._latent_stats(latents)
-        video = vae.decode((latents.float() * std + mean).to(vae.dtype), return_dict=False)[0]
+        video = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
         return (video.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4)
 
     def make_sampler(self, config, device: torch.device) -> FlowSDESampler:

@@ -30,18 +30,17 @@ from diffusers import ZImagePipeline
 from diffusers.pipelines.z_image.pipeline_z_image import get_default_z_image_sigmas
 
 from ..samplers import FlowSDESampler, image_token_shift_mu
-from .base import Conditioning, PipelineAdapter
+from .base import Conditioning
+from .mixins import SingleTextEncoderAdapter
 
 
-class ZImageAdapter(PipelineAdapter):
+class ZImageAdapter(SingleTextEncoderAdapter):
     """Adapter for `ZImagePipeline` (Tongyi-MAI/Z-Image-Turbo, Tongyi-MAI/Z-Image) and its subclasses."""
 
     pipeline_classes = (ZImagePipeline,)
     script_family = "zimage"
-    denoiser_name = "transformer"
-    frozen_module_names = ("vae", "text_encoder")
     default_max_sequence_length = 512  # ZImagePipeline.__call__'s default
-    t5_tokenizer_name = "tokenizer"  # the Qwen tokenizer: `max_sequence_length` is capped by its model_max_length
+    # Its one text encoder is Qwen3: `max_sequence_length` is capped by its tokenizer's model_max_length.
     default_negative_prompt = ""  # ZImagePipeline.encode_prompt's default negative prompt (PZ 187-188)
 
     def pipeline_guidance_scale(self, cfg_scale: float) -> float:

@@ -475,3 +475,52 @@ def saved_progress(checkpoint: str) -> tuple[int, int]:
             f"{os.path.join(checkpoint, TRAINER_STATE_NAME)} in checkpoint {checkpoint} lacks a valid global_step or "
             f"max_steps ({err}): it is damaged. Resume from an earlier checkpoint-N."
         ) from err
+
+
+def announce_resume(checkpoint: str, saved_settings: dict, args, is_main_process: bool) -> None:
+    """Say which checkpoint resumes at which step, and warn when the run's length changed (the most common
+    resume: "train N more steps"), whose learning-rate schedule `DDRLTrainer._load_optimizer_and_scheduler` rebuilds.
+    Refuses, before any work, a checkpoint saved at or past `max_steps`."""
+    step, saved_max_steps = saved_progress(checkpoint)
+    if 0 < args.max_steps <= step:  # Trainer would train a step past max_steps, or return having done nothing
+        raise ValueError(
+            f"{checkpoint} was saved at step {step}, and max_steps is {args.max_steps}: there is nothing left to "
+            f"train. To train longer, raise max_steps (e.g. to {2 * step}); the learning-rate schedule is then "
+            f"rebuilt for the new length."
+        )
+    if not is_main_process:
+        return
+    if args.max_steps > 0:
+        logger.info("Resuming from %s (step %d of max_steps=%d).", checkpoint, step, args.max_steps)
+    else:
+        logger.info(
+            "Resuming from %s (step %d; the run's length is num_train_epochs=%g).",
+            checkpoint,
+            step,
+            args.num_train_epochs,
+        )
+    saved_epochs = saved_settings.get("num_train_epochs")
+    if args.max_steps <= 0 and saved_epochs is not None and saved_epochs != args.num_train_epochs:
+        logger.warning(
+            "Resuming %s with num_train_epochs=%g; it was saved by a run of num_train_epochs=%g. The learning-"
+            "rate schedule is rebuilt for the new length and continues at step %d (the result differs from a run "
+            "of that length straight through). The new length is recorded in ddrl_run.json.",
+            checkpoint,
+            args.num_train_epochs,
+            saved_epochs,
+            step,
+        )
+    if args.max_steps > 0 and args.max_steps != saved_max_steps:
+        logger.warning(
+            "Resuming %s with max_steps=%d; it was saved by a run of max_steps=%d. The learning-rate schedule is "
+            "rebuilt for %d steps and continues at step %d (steps 1-%d followed the %d-step schedule, so the "
+            "result differs from a %d-step run straight through). The new length is recorded in ddrl_run.json.",
+            checkpoint,
+            args.max_steps,
+            saved_max_steps,
+            args.max_steps,
+            step,
+            step,
+            saved_max_steps,
+            args.max_steps,
+        )

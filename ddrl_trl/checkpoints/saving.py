@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 
 import torch
 from diffusers.training_utils import EMAModel
@@ -48,15 +49,21 @@ TRAINER_STATE_NAME = "trainer_state.json"
 
 
 class _EMAUpdate(TrainerCallback):
-    """Advances the EMA after every optimiser step."""
+    """Advances the EMA (`ema()`: restoring the last good weights starts a new one) of `parameters()` after every
+    optimiser step that `nonfinite_guard` and the `accelerator` (an fp16 overflow) did not skip."""
 
-    def __init__(self, trainer):
-        self.trainer = trainer
+    def __init__(self, ema: Callable[[], EMAModel], parameters: Callable[[], list], nonfinite_guard, accelerator):
+        self.ema, self.parameters, self.nonfinite_guard, self.accelerator = (
+            ema,
+            parameters,
+            nonfinite_guard,
+            accelerator,
+        )
 
     def on_step_end(self, args, state, control, **kwargs):
-        skipped = self.trainer.nonfinite_guard.skipped_last_step or self.trainer.accelerator.optimizer_step_was_skipped
+        skipped = self.nonfinite_guard.skipped_last_step or self.accelerator.optimizer_step_was_skipped
         if not skipped:  # a skipped step (non-finite, or an fp16 overflow) changed nothing to average in
-            self.trainer.ema.step(self.trainer.trainable_parameters)
+            self.ema().step(self.parameters())
 
 
 class SavingMixin:
@@ -81,7 +88,9 @@ class SavingMixin:
                 "(plain `accelerate launch --multi_gpu`) or set ema_decay=None."
             )
         self.ema = EMAModel(self.trainable_parameters, decay=self.args.ema_decay)
-        self.add_callback(_EMAUpdate(self))
+        self.add_callback(
+            _EMAUpdate(lambda: self.ema, lambda: self.trainable_parameters, self.nonfinite_guard, self.accelerator)
+        )
 
     # ------------------------------------------------------------------------------------------------ weights
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:

@@ -5,6 +5,7 @@ centre-cropped to the training resolution and encoded once, before training; ste
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 from datasets import Dataset
@@ -14,26 +15,30 @@ from ..errors import ReferenceSampleError
 from .columns import REF_LATENTS_COLUMN
 from .media import load_image, load_video_frames, resize_center_crop, upscale_factor, video_to_tensor
 
+if TYPE_CHECKING:
+    from ..adapters import PipelineAdapter
+
 logger = logging.getLogger(__name__)
 
 
 def encode_reference_dataset(
     dataset: Dataset,
-    encode,
-    resolution: int,
+    adapter: PipelineAdapter,
     column: str,
     batch_size: int,
     split: str,
-    num_frames: int | None = None,
     max_upscale: float = 2.0,
 ) -> Dataset:
-    """Add the column `ddrl_ref_latents`: the VAE latents of each row's reference sample, computed once.
+    """Add the column `ddrl_ref_latents`: the VAE latents (`adapter.encode_images`) of each row's reference sample,
+    computed once.
 
-    Images are resized and centre-cropped to `resolution`. With `num_frames` the samples are videos, checked by
-    `video_to_tensor` and encoded `batch_size // num_frames` (at least one) at a time. A sample upscaled more than
+    Images are resized and centre-cropped to the adapter's `resolution`. For a video family (`adapter.num_frames`)
+    the samples are videos, checked by `video_to_tensor` and encoded `batch_size // num_frames` (at least one) at a
+    time. A sample upscaled more than
     `max_upscale` times, unreadable, or otherwise unfit raises a `ValueError` naming the row, the column and the fix,
     before any training work; any upscaling at all is reported in one warning.
     """
+    encode, resolution, num_frames = adapter.encode_images, adapter.resolution, adapter.num_frames
     kind = "video" if num_frames else "image"
     if isinstance(dataset.features.get(column), ImageFeature):
         # Decode rows ourselves, so a corrupt file is reported with its row index instead of deep inside `datasets`.

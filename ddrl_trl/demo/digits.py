@@ -19,26 +19,31 @@ demo needs no download. From them we build, on a laptop CPU in about a minute an
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import math
 import os
 import shutil
 import tempfile
 import time
+from collections import namedtuple
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
-from transformers import CLIPTextModel
 
-from ..testing import assemble_sd_pipeline, build_word_tokenizer, tiny_clip_text_config, tiny_unet
+from ..testing import assemble_sd_pipeline, build_word_tokenizer, tiny_unet
+from ..testing.components import clip_text_encoder
 
 __all__ = [
     "ASSET_DIR",
     "DIGIT_WORDS",
     "DigitsEvaluator",
+    "DigitsSampling",
+    "DigitsTraining",
     "build_digits_pipeline",
     "digit_prompt",
     "digits_dataset",
@@ -183,22 +188,167 @@ def judge_reward(evaluator: DigitsEvaluator):
 
 
 # ---------------------------------------------------------------------------------------------------------- build
-def _cosine_lr(optimizer: torch.optim.Optimizer, total_steps: int, warmup: int = 50):
-    return torch.optim.lr_scheduler.LambdaLR(
+@dataclass(frozen=True)
+class DigitsTraining:
+    """How `build_digits_pipeline` trains the base model: the steps of each stage (of ``batch_size`` samples), the
+    denoiser's peak AdamW learning rate (warm-up, then cosine decay to 0), and the probability that a training sample
+    is conditioned on the empty prompt."""
+
+    vae_steps: int = 200
+    unet_steps: int = 800
+    batch_size: int = 64
+    unet_lr: float = 4e-3
+    prompt_dropout: float = 0.1
+
+
+#: What the denoiser trains on: each training digit's VAE posterior mean and std (latents are scaled by `scale`), its
+#: label, and the frozen text encoder's embeddings of the ten class prompts and of the empty prompt.
+_DenoiserData = namedtuple("_DenoiserData", "latent_mean latent_std scale labels class_embeds empty_embeds")
+
+
+def _adamw_cosine(model: torch.nn.Module, lr: float, total_steps: int, warmup: int = 50):
+    """AdamW without weight decay on ``model``'s parameters, and its schedule: linear warm-up, cosine decay to 0."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)),
     )
 
 
+def _optimizer_step(optimizer: torch.optim.Optimizer, lr_schedule, loss: torch.Tensor) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    lr_schedule.step()
+
+
+def _digits_vae() -> AutoencoderKL:
+    """A tiny two-block ``AutoencoderKL``: 16×16×3 images ↔ 8×8×4 latents."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=IMAGE_SIZE,
+        mid_block_add_attention=False,  # an 8×8×4 latent of a 2×2-block digit needs no global attention
+    )
+
+
+def _train_vae(x: torch.Tensor, seed: int, training: DigitsTraining, generator: torch.Generator, log):
+    """Stage (a): train `_digits_vae` on the images ``x`` in [-1, 1] (reconstruction + small KL), freeze it and set
+    its ``scaling_factor`` so scaled latents have unit std. Returns the VAE and the posterior mean and std of every
+    image of ``x``."""
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    vae = _digits_vae()
+    optimizer, lr_schedule = _adamw_cosine(vae, 2e-3, training.vae_steps)
+    for step in range(training.vae_steps):
+        batch = x[torch.randint(0, len(x), (training.batch_size,), generator=generator)]
+        posterior = vae.encode(batch).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        recon = vae.decode(z).sample
+        kl = 0.5 * (posterior.mean**2 + posterior.var - 1 - posterior.logvar).mean()
+        loss = F.mse_loss(recon, batch) + 1e-3 * kl  # small KL: smooth, bounded latents the UNet can model
+        _optimizer_step(optimizer, lr_schedule, loss)
+        if step % 100 == 0 or step == training.vae_steps - 1:
+            log(f"vae  step {step:4d}  mse {F.mse_loss(recon, batch).item():.4f}  kl {kl.item():.3f}")
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        posterior = vae.encode(x).latent_dist
+        scale = 1.0 / float(posterior.sample(generator).std())
+    vae.register_to_config(scaling_factor=scale)
+    log(f"vae  done in {time.perf_counter() - start:.1f}s, scaling_factor {scale:.4f}")
+    return vae, posterior.mean, posterior.std
+
+
+def _prompt_embeddings(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
+    """The text encoder's last hidden states of ``prompts``, padded as the pipeline pads them: what it feeds the
+    UNet."""
+    ids = tokenizer(
+        prompts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt"
+    ).input_ids
+    return text_encoder(ids).last_hidden_state
+
+
+def _frozen_text_encoder(seed: int):
+    """The conditioning: a word tokenizer and a frozen, randomly initialised tiny CLIP text encoder (the UNet's
+    cross-attention learns to read it). Returns both and the embeddings of the ten class prompts, (10, 16, 32), and
+    of the empty prompt, the pipeline's unconditional input, (1, 16, 32)."""
+    tokenizer = build_word_tokenizer(["a", "handwritten", "digit", *DIGIT_WORDS], model_max_length=16)
+    torch.manual_seed(seed + 1)
+    text_encoder = clip_text_encoder(tokenizer, hidden_size=32).requires_grad_(False)
+    with torch.no_grad():
+        class_embeds = _prompt_embeddings(tokenizer, text_encoder, [digit_prompt(d) for d in range(10)])
+        empty_embeds = _prompt_embeddings(tokenizer, text_encoder, [""])
+    return tokenizer, text_encoder, class_embeds, empty_embeds
+
+
+def _digits_scheduler() -> DDIMScheduler:
+    """Linear DDPM betas keep ᾱ at t=999 at ~4e-5 (pure noise) without the near-zero ᾱ of a capped cosine, which
+    would blow up ε→x0 at the first step; "trailing" spacing makes short samplers start at t=999."""
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="linear",
+        beta_start=1e-4,
+        beta_end=0.02,
+        clip_sample=False,
+        set_alpha_to_one=True,
+        steps_offset=1,
+        timestep_spacing="trailing",
+        prediction_type="epsilon",
+    )
+
+
+def _denoiser_loss(unet, data: _DenoiserData, alphas_cumprod, training: DigitsTraining, generator) -> torch.Tensor:
+    """The ε-prediction loss on one batch, ``training.prompt_dropout`` of it conditioned on the empty prompt."""
+    idx = torch.randint(0, len(data.labels), (training.batch_size,), generator=generator)
+    # Fresh posterior samples every step: SD's recipe, and a cheap augmentation for 1,437 images.
+    noise0 = torch.randn(data.latent_mean[idx].shape, generator=generator)
+    z0 = (data.latent_mean[idx] + data.latent_std[idx] * noise0) * data.scale
+    t = torch.randint(0, 1000, (training.batch_size,), generator=generator)
+    noise = torch.randn(z0.shape, generator=generator)
+    a = alphas_cumprod[t].view(-1, 1, 1, 1)
+    noisy = a.sqrt() * z0 + (1 - a).sqrt() * noise
+    dropped = (torch.rand(training.batch_size, generator=generator) < training.prompt_dropout).view(-1, 1, 1)
+    embeds = torch.where(dropped, data.empty_embeds, data.class_embeds[data.labels[idx]])
+    pred = unet(noisy, t, encoder_hidden_states=embeds).sample
+    return F.mse_loss(pred, noise)
+
+
+def _train_denoiser(data: _DenoiserData, scheduler, seed: int, training: DigitsTraining, generator, log):
+    """Stage (b): train an ε-prediction `tiny_unet` (~0.8 M parameters) on the VAE's latents; returns it in eval mode
+    with the EMA of its weights loaded."""
+    start = time.perf_counter()
+    torch.manual_seed(seed + 2)
+    unet = tiny_unet(IMAGE_SIZE // 2, norm_num_groups=8)
+    ema = [p.detach().clone() for p in unet.parameters()]
+    optimizer, lr_schedule = _adamw_cosine(unet, training.unet_lr, training.unet_steps)
+    for step in range(training.unet_steps):
+        loss = _denoiser_loss(unet, data, scheduler.alphas_cumprod, training, generator)
+        _optimizer_step(optimizer, lr_schedule, loss)
+        decay = min(0.995, (1 + step) / (10 + step))  # EMA with warm-up: averages the noisy end of training
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [p.detach() for p in unet.parameters()], 1 - decay)
+        if step % 100 == 0 or step == training.unet_steps - 1:
+            log(f"unet step {step:4d}  loss {loss.item():.4f}")
+    with torch.no_grad():
+        for p, e in zip(unet.parameters(), ema):
+            p.copy_(e)
+    unet.eval()
+    log(f"unet done in {time.perf_counter() - start:.1f}s ({sum(p.numel() for p in unet.parameters()):,} params)")
+    return unet
+
+
 def build_digits_pipeline(
     output_dir: str | os.PathLike | None = None,
     seed: int = 0,
-    vae_steps: int = 200,
-    unet_steps: int = 800,
-    batch_size: int = 64,
-    unet_lr: float = 4e-3,
-    prompt_dropout: float = 0.1,
+    training: DigitsTraining | None = None,
     log=print,
+    **options,
 ) -> StableDiffusionPipeline:
     """Train the digits pipeline from scratch on the real train-split digits and save it to ``output_dir``.
 
@@ -213,124 +363,22 @@ def build_digits_pipeline(
     Args:
         output_dir: where ``save_pretrained`` writes the pipeline (nothing is saved when None).
         seed: seeds every initialisation and every random draw of training.
-        vae_steps, unet_steps, batch_size: training length of each stage.
-        unet_lr: peak AdamW learning rate of the denoiser (warm-up, then cosine decay to 0).
-        prompt_dropout: probability that a training sample is conditioned on the empty prompt.
+        training: the training recipe (default `DigitsTraining()`).
         log: called with progress lines (pass ``lambda *_: None`` to silence).
+        options: fields of `DigitsTraining` to override by name (``vae_steps``, ``unet_steps``, ``batch_size``,
+            ``unet_lr``, ``prompt_dropout``), e.g. ``build_digits_pipeline(vae_steps=2, unet_steps=2)``.
     """
-    generator = torch.Generator().manual_seed(seed)
-    images8, labels_np = _split("train")
+    training = dataclasses.replace(training or DigitsTraining(), **options)
+    generator = torch.Generator().manual_seed(seed)  # every draw of both stages, in order
+    images8, labels = _split("train")
     x = _to_pixels(images8) * 2 - 1  # the VAE works in [-1, 1], like Stable Diffusion's
-    labels = torch.from_numpy(labels_np)
-    n = len(x)
-
-    def batch_index() -> torch.Tensor:
-        return torch.randint(0, n, (batch_size,), generator=generator)
-
-    # (a) Autoencoder. ---------------------------------------------------------------------------------------------
-    start = time.perf_counter()
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=IMAGE_SIZE,
-        mid_block_add_attention=False,  # an 8×8×4 latent of a 2×2-block digit needs no global attention
+    vae, latent_mean, latent_std = _train_vae(x, seed, training, generator, log)
+    tokenizer, text_encoder, class_embeds, empty_embeds = _frozen_text_encoder(seed)
+    data = _DenoiserData(
+        latent_mean, latent_std, vae.config.scaling_factor, torch.from_numpy(labels), class_embeds, empty_embeds
     )
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
-    lr_schedule = _cosine_lr(optimizer, vae_steps)
-    for step in range(vae_steps):
-        batch = x[batch_index()]
-        posterior = vae.encode(batch).latent_dist
-        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
-        recon = vae.decode(z).sample
-        kl = 0.5 * (posterior.mean**2 + posterior.var - 1 - posterior.logvar).mean()
-        loss = F.mse_loss(recon, batch) + 1e-3 * kl  # small KL: smooth, bounded latents the UNet can model
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        lr_schedule.step()
-        if step % 100 == 0 or step == vae_steps - 1:
-            log(f"vae  step {step:4d}  mse {F.mse_loss(recon, batch).item():.4f}  kl {kl.item():.3f}")
-    vae.eval().requires_grad_(False)
-    with torch.no_grad():
-        posterior = vae.encode(x).latent_dist
-        latent_mean, latent_std = posterior.mean, posterior.std
-        scale = 1.0 / float(posterior.sample(generator).std())
-    vae.register_to_config(scaling_factor=scale)
-    log(f"vae  done in {time.perf_counter() - start:.1f}s, scaling_factor {scale:.4f}")
-
-    # Conditioning: a frozen random tiny CLIP text encoder; the UNet's cross-attention learns to read it.
-    tokenizer = build_word_tokenizer(["a", "handwritten", "digit", *DIGIT_WORDS], model_max_length=16)
-    torch.manual_seed(seed + 1)
-    text_encoder = CLIPTextModel(tiny_clip_text_config(len(tokenizer), hidden_size=32)).eval().requires_grad_(False)
-    with torch.no_grad():
-        ids = tokenizer(
-            [digit_prompt(d) for d in range(10)],
-            padding="max_length",
-            truncation=True,
-            max_length=tokenizer.model_max_length,
-            return_tensors="pt",
-        ).input_ids
-        class_embeds = text_encoder(ids).last_hidden_state  # (10, 16, 32): what the pipeline will feed the UNet
-        empty_ids = tokenizer(
-            [""], padding="max_length", truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt"
-        ).input_ids
-        empty_embeds = text_encoder(empty_ids).last_hidden_state  # (1, 16, 32): the pipeline's unconditional input
-
-    # (b) Denoiser. ------------------------------------------------------------------------------------------------
-    start = time.perf_counter()
-    # Linear DDPM betas keep ᾱ at t=999 at ~4e-5 (pure noise) without the near-zero ᾱ of a capped cosine, which
-    # would blow up ε→x0 at the first step; "trailing" spacing makes short samplers start at t=999.
-    scheduler = DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_schedule="linear",
-        beta_start=1e-4,
-        beta_end=0.02,
-        clip_sample=False,
-        set_alpha_to_one=True,
-        steps_offset=1,
-        timestep_spacing="trailing",
-        prediction_type="epsilon",
-    )
-    torch.manual_seed(seed + 2)
-    unet = tiny_unet(IMAGE_SIZE // 2, norm_num_groups=8)
-    ema = [p.detach().clone() for p in unet.parameters()]
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=unet_lr, weight_decay=0.0)
-    lr_schedule = _cosine_lr(optimizer, unet_steps)
-    alphas_cumprod = scheduler.alphas_cumprod
-    for step in range(unet_steps):
-        idx = batch_index()
-        # Fresh posterior samples every step: SD's recipe, and a cheap augmentation for 1,437 images.
-        z0 = (latent_mean[idx] + latent_std[idx] * torch.randn(latent_mean[idx].shape, generator=generator)) * scale
-        t = torch.randint(0, 1000, (batch_size,), generator=generator)
-        noise = torch.randn(z0.shape, generator=generator)
-        a = alphas_cumprod[t].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * z0 + (1 - a).sqrt() * noise
-        dropped = (torch.rand(batch_size, generator=generator) < prompt_dropout).view(-1, 1, 1)
-        embeds = torch.where(dropped, empty_embeds, class_embeds[labels[idx]])
-        pred = unet(noisy, t, encoder_hidden_states=embeds).sample
-        loss = F.mse_loss(pred, noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        lr_schedule.step()
-        decay = min(0.995, (1 + step) / (10 + step))  # EMA with warm-up: averages the noisy end of training
-        with torch.no_grad():
-            torch._foreach_lerp_(ema, [p.detach() for p in unet.parameters()], 1 - decay)
-        if step % 100 == 0 or step == unet_steps - 1:
-            log(f"unet step {step:4d}  loss {loss.item():.4f}")
-    with torch.no_grad():
-        for p, e in zip(unet.parameters(), ema):
-            p.copy_(e)
-    unet.eval()
-    log(f"unet done in {time.perf_counter() - start:.1f}s ({sum(p.numel() for p in unet.parameters()):,} params)")
-
+    scheduler = _digits_scheduler()
+    unet = _train_denoiser(data, scheduler, seed, training, generator, log)
     pipe = assemble_sd_pipeline(unet, vae, text_encoder, tokenizer, scheduler)
     if output_dir is not None:
         pipe.save_pretrained(output_dir)
@@ -368,34 +416,45 @@ def load_digits_pipeline(path: str | os.PathLike | None = None) -> StableDiffusi
 
 
 # ------------------------------------------------------------------------------------------------------- evaluate
+@dataclass(frozen=True)
+class DigitsSampling:
+    """How `evaluate_digits_pipeline` samples: stochastic DDIM with ``eta`` (1: as RL post-training samples),
+    classifier-free guidance ``guidance_scale`` (1 = none), from a generator seeded with ``seed``."""
+
+    eta: float = 1.0
+    seed: int = 0
+    guidance_scale: float = 1.0
+
+
 @torch.no_grad()
 def evaluate_digits_pipeline(
     pipe: StableDiffusionPipeline,
     evaluator: DigitsEvaluator | None = None,
     num_inference_steps: int = 10,
     per_digit: int = 20,
-    eta: float = 1.0,
-    seed: int = 0,
-    guidance_scale: float = 1.0,
     rewards: dict | None = None,
+    sampling: DigitsSampling | None = None,
+    **options,
 ) -> dict[str, float]:
-    """Sample ``per_digit`` images of each digit (stochastic DDIM; classifier-free guidance ``guidance_scale``, 1 =
-    none) and judge them.
+    """Sample ``per_digit`` images of each digit in ``num_inference_steps`` steps as ``sampling`` says (default
+    `DigitsSampling()`: stochastic DDIM, no guidance, seed 0; ``options`` override its fields by name, e.g.
+    ``guidance_scale=2.0``) and judge them.
 
     Returns ``{"accuracy": ..., "ink": ...}``: the evaluator's accuracy against the prompted digits and the mean
     ink reward of the samples; plus, for each ``name: reward(images, prompts)`` of ``rewards``, its mean.
     """
+    sampling = dataclasses.replace(sampling or DigitsSampling(), **options)
     evaluator = evaluator or DigitsEvaluator()
     labels = [d for d in range(10) for _ in range(per_digit)]
+    prompts = [digit_prompt(d) for d in labels]
     images = pipe(
-        [digit_prompt(d) for d in labels],
+        prompts,
         num_inference_steps=num_inference_steps,
-        guidance_scale=guidance_scale,
-        eta=eta,
-        generator=torch.Generator().manual_seed(seed),
+        guidance_scale=sampling.guidance_scale,
+        eta=sampling.eta,
+        generator=torch.Generator().manual_seed(sampling.seed),
         output_type="pt",
     ).images
-    prompts = [digit_prompt(d) for d in labels]
     result = {"accuracy": evaluator.accuracy(images, labels), "ink": float(np.mean(ink_reward(images, prompts)))}
     for name, reward in (rewards or {}).items():
         result[name] = float(np.mean(reward(images, prompts)))

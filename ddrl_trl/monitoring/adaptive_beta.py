@@ -34,12 +34,15 @@ class DataBetaControl(TrainerCallback):
     non-finite guard skipped does not update it.
 
     Args:
-        trainer: the `DDRLTrainer` (its accelerator, non-finite guard and metrics).
         controller: the controller, starting at `args.data_beta`.
+        accelerator: sums the losses over processes.
+        metrics: where the measured ratio is logged (`data_beta/loss_ratio`).
+        nonfinite_guard: says whether the step was skipped.
     """
 
-    def __init__(self, trainer, controller: AdaptiveDataBeta):
-        self.trainer, self.controller = trainer, controller
+    def __init__(self, controller: AdaptiveDataBeta, accelerator, metrics, nonfinite_guard):
+        self.controller, self.accelerator = controller, accelerator
+        self.metrics, self.nonfinite_guard = metrics, nonfinite_guard
         self._sums: torch.Tensor | None = None
 
     @property
@@ -56,14 +59,13 @@ class DataBetaControl(TrainerCallback):
         self._sums = None
 
     def on_step_end(self, args, state, control, **kwargs):
-        trainer = self.trainer
         local = self._sums if self._sums is not None else torch.zeros(2)
         self._sums = None
-        total = trainer.accelerator.reduce(local.to(trainer.accelerator.device), reduction="sum").cpu()
+        total = self.accelerator.reduce(local.to(self.accelerator.device), reduction="sum").cpu()
         ratio = (total[0] / total[1]).item() if total[1] > 0 else float("nan")
-        if trainer.nonfinite_guard.skipped_last_step:  # nothing was applied: neither is the signal
+        if self.nonfinite_guard.skipped_last_step:  # nothing was applied: neither is the signal
             return
-        trainer.metrics.add("data_beta/loss_ratio", ratio)
+        self.metrics.add("data_beta/loss_ratio", ratio)
         self.controller.update(ratio)
 
     def state_dict(self) -> dict:

@@ -19,6 +19,7 @@ error instead of returning as if it had succeeded.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 from transformers import TrainerCallback
@@ -45,12 +46,25 @@ class NonFiniteStepGuard(TrainerCallback):
     that all of them skip the same steps.
 
     Args:
-        trainer: the `DDRLTrainer` (for its trainable parameters and accelerator).
+        accelerator: agrees the verdict across processes; its fp16 scaler, if any, skips overflowing gradients.
+        parameters: returns the trained parameters (whose gradients are checked, and dropped on a skipped step).
         max_in_a_row: skipped steps in a row after which training stops.
+        deepspeed: the DeepSpeed engine steps inside backward (`check_before_deepspeed_step`).
     """
 
-    def __init__(self, trainer, max_in_a_row: int):
-        self.trainer, self.max_in_a_row = trainer, max_in_a_row
+    def __init__(
+        self,
+        accelerator,
+        parameters: Callable[[], list[torch.nn.Parameter]],
+        max_in_a_row: int,
+        deepspeed: bool = False,
+    ):
+        self.accelerator, self.parameters, self.max_in_a_row, self.deepspeed = (
+            accelerator,
+            parameters,
+            max_in_a_row,
+            deepspeed,
+        )
         #: Optimiser steps skipped since `train()` started, and in a row up to the last step.
         self.skipped_steps, self.in_a_row = 0, 0
         #: Optimiser steps checked since `train()` started (skipped or not), and the first one's number.
@@ -70,20 +84,20 @@ class NonFiniteStepGuard(TrainerCallback):
 
     def _agreed(self, local: torch.Tensor) -> bool:
         """`local` (a device bool) on every process."""
-        return bool(self.trainer.accelerator.gather(local.float()[None]).min() > 0)
+        return bool(self.accelerator.gather(local.float()[None]).min() > 0)
 
     def _losses_ok(self) -> torch.Tensor:
-        device = self.trainer.accelerator.device
+        device = self.accelerator.device
         finite = self._losses_finite if self._losses_finite is not None else torch.ones((), dtype=torch.bool)
         self._losses_finite = None
         return finite.to(device)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if self.trainer.is_deepspeed_enabled:  # the engine has already stepped (see `check_before_deepspeed_step`)
+        if self.deepspeed:  # the engine has already stepped (see `check_before_deepspeed_step`)
             return
         finite = self._losses_ok()
-        if self.trainer.accelerator.scaler is None:  # with an fp16 scaler, overflowing gradients are its to skip
-            grads = [p.grad for p in self.trainer.trainable_parameters if p.grad is not None]
+        if self.accelerator.scaler is None:  # with an fp16 scaler, overflowing gradients are its to skip
+            grads = [p.grad for p in self.parameters() if p.grad is not None]
             finite = finite & all_finite(grads, finite.device)
         self.checked_steps += 1
         if self.first_step is None:
@@ -91,7 +105,7 @@ class NonFiniteStepGuard(TrainerCallback):
         if self._agreed(finite):
             self.in_a_row, self.skipped_last_step = 0, False
             return
-        for param in self.trainer.trainable_parameters:
+        for param in self.parameters():
             param.grad = None  # torch optimisers skip parameters without a gradient: weights and state unchanged
         self.skipped_steps, self.in_a_row, self.skipped_last_step = self.skipped_steps + 1, self.in_a_row + 1, True
         if self.in_a_row >= self.max_in_a_row:
@@ -135,7 +149,7 @@ class NonFiniteStepGuard(TrainerCallback):
             )
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.trainer.is_deepspeed_enabled and not self._agreed(weights_finite(self.trainer)):
+        if self.deepspeed and not self._agreed(weights_finite(self.parameters(), self.accelerator.device)):
             raise NonFiniteTrainingError(
                 f"Step {state.global_step}: the weights became non-finite (NaN or infinite) under DeepSpeed, which "
                 "applied non-finite gradients (ZeRO-3 in bf16/fp32 does not skip them). Training stops before they "
@@ -143,7 +157,6 @@ class NonFiniteStepGuard(TrainerCallback):
             )
 
 
-def weights_finite(trainer) -> torch.Tensor:
+def weights_finite(parameters: list[torch.nn.Parameter], device: torch.device) -> torch.Tensor:
     """A device bool: this process's trained weights (its shards, under DeepSpeed ZeRO-3) are all finite."""
-    tensors = [getattr(p, "ds_tensor", p).detach() for p in trainer.trainable_parameters]
-    return all_finite(tensors, trainer.accelerator.device)
+    return all_finite([getattr(p, "ds_tensor", p).detach() for p in parameters], device)

@@ -168,6 +168,31 @@ class HackingMonitorCallback(TrainerCallback):
             )
         self.trainer = trainer
 
+    def warn_if_hacked(self, output_dir: str, step: int, global_step: int) -> None:
+        """Warn when the weights of `step` being saved to `output_dir` (at `global_step`) are from after this monitor
+        detected reward hacking, and are not the last good ones, naming the last good weights: a hacked model is
+        never saved silently."""
+        if self.hacking_step is None:
+            return
+        good = self.last_good_path
+        if good is not None and os.path.abspath(output_dir) == os.path.abspath(good):
+            return  # the monitor saving the last good weights
+        if self.last_good_step is not None and self.last_good_step >= step:
+            return  # these weights are the last good ones
+        last_good = (
+            f"the last good weights (step {self.last_good_step}) are in {good}"
+            if self.last_good_step is not None and good is not None
+            else "no evaluation before it was good, so there are no last good weights"
+        )
+        logger.warning(
+            "Saving to %s the weights of step %d, from after reward hacking was detected at step %d "
+            "(HackingMonitorCallback): %s.",
+            output_dir,
+            global_step,
+            self.hacking_step,
+            last_good,
+        )
+
     @property
     def last_good_path(self) -> str | None:
         if self.trainer is None or self.last_good_dir is None:
@@ -279,7 +304,8 @@ class HackingMonitorCallback(TrainerCallback):
                         "hacking/detected": 0.0,
                         "hacking/unmeasured": float(len(unmeasured)),
                         "hacking/last_good_step": last_good,
-                    }
+                    },
+                    measurement=True,
                 )
                 return
             if measured != set(self.watch):  # e.g. a validation without the held-out loss: not enough to call it good
@@ -292,7 +318,8 @@ class HackingMonitorCallback(TrainerCallback):
                     "hacking/detected": 0.0,
                     "hacking/unmeasured": 0.0,
                     "hacking/last_good_step": float(state.global_step),
-                }
+                },
+                measurement=True,
             )
             return
         self.hacking_step = self.hacking_step if self.hacking_step is not None else state.global_step
@@ -314,7 +341,8 @@ class HackingMonitorCallback(TrainerCallback):
                 "hacking/detected": 1.0,
                 "hacking/unmeasured": float(len(unmeasured)),
                 "hacking/last_good_step": last_good,
-            }
+            },
+            measurement=True,
         )
         if self.stop_training:
             control.should_training_stop = True

@@ -8,50 +8,32 @@ same forward (conditional and unconditional rows in one batch)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager
-
 import torch
 from datasets import Dataset
 
-from ..adapters import PipelineAdapter, concat_conditioning
 from ..core import diffusion_loss
 from ..data import DDRLCollator
-from ..step.policy import UnconditionalPrompts
+from ..step.policy import Policy
 from ..step.reference import ReferencePolicy
 from ..step.rollout import SeededNoise
 
 
 class HeldOutEvaluator:
-    """Held-out diffusion loss of the trained denoiser and of the base model (`ReferencePolicy`), per dataset.
+    """Held-out diffusion loss of the trained policy and of the base model (`ReferencePolicy`), per dataset.
 
     The base model's loss is measured once per dataset (by fingerprint). With full fine-tuning and no frozen copy the
     base is gone once training starts, so `measure_base` must run before: `DDRLTrainer.train` calls it, also when
     resuming (the checkpoint's weights are loaded later, inside `Trainer.train`).
 
     Args:
-        adapter, sampler: the model family's adapter and SDE sampler (its noising and training target).
+        policy: the trained policy (its adapter, its sampler's noising and training target, its guidance).
         reference: the base model.
         args: the `DDRLConfig` (seed, `eval_noise_draws`, `per_device_eval_batch_size`, `prompt_column`).
         accelerator: splits the samples across processes and gathers the sums.
-        autocast: the trainer's mixed-precision context for denoiser calls.
-        unconditional: the rollouts' unconditional conditioning under guidance (`args.cfg_scale` > 1), for the
-            guided loss; None without guidance.
     """
 
-    def __init__(
-        self,
-        adapter: PipelineAdapter,
-        sampler,
-        reference: ReferencePolicy,
-        args,
-        accelerator,
-        autocast: Callable[[], AbstractContextManager],
-        unconditional: UnconditionalPrompts | None = None,
-    ):
-        self.adapter, self.sampler, self.reference = adapter, sampler, reference
-        self.args, self.accelerator, self.autocast = args, accelerator, autocast
-        self.unconditional = unconditional if args.cfg_scale > 1 else None
+    def __init__(self, policy: Policy, reference: ReferencePolicy, args, accelerator):
+        self.policy, self.reference, self.args, self.accelerator = policy, reference, args, accelerator
         self._base_losses: dict[str, dict[str, float]] = {}
 
     def measure_base(self, dataset: Dataset) -> None:
@@ -86,38 +68,30 @@ class HeldOutEvaluator:
         Sample i's noise and timesteps come from generators seeded by (seed, i, draw), so the value does not depend on
         the number of processes or the batch size, and the model and the base see the same draws.
         """
-        args, sampler, device = self.args, self.sampler, self.accelerator.device
+        args, sampler, device = self.args, self.policy.sampler, self.accelerator.device
         noise_source = SeededNoise(args.seed, device, args.num_generations)
-        predict = self.reference.predict if base else self.adapter.predict
+        policy = self.reference if base else self.policy
         collate = DDRLCollator(args.prompt_column)
-        guided = self.unconditional is not None
         rows = range(self.accelerator.process_index, len(dataset), self.accelerator.num_processes)
         totals = torch.zeros(2, device=device)  # conditional, guided
         for start in range(0, len(rows), args.per_device_eval_batch_size):
             indices = rows[start : start + args.per_device_eval_batch_size]
             batch = collate([dataset[i] for i in indices])
             x0 = batch["ref_latents"].to(device)
-            n = len(indices)
-            with self.autocast():
-                cond = self.adapter.encode_prompts(batch["prompts"])
-                if guided:  # both branches in one forward, as the policy's
-                    cond = concat_conditioning(cond, self.unconditional.for_rows(batch["columns"], range(n)))
-                for draw in range(args.eval_noise_draws):
-                    noise = noise_source.draw_for(f"eval-noise{draw}", indices, tuple(x0.shape[1:]))
-                    t = torch.cat(
-                        [sampler.sample_timesteps(1, noise_source.generator(f"eval-t{draw}", i)) for i in indices]
-                    )
-                    x_t, target = sampler.add_noise(x0, noise, t), sampler.training_target(x0, noise, t)
-                    if guided:
-                        output = predict(torch.cat([x_t, x_t]), torch.cat([t, t]), cond)
-                        combined = self.adapter.combine_guidance(output[:n], output[n:], args.cfg_scale)
-                        totals[1] += diffusion_loss(combined, target) * n
-                    else:
-                        output = predict(x_t, t, cond)
-                    totals[0] += diffusion_loss(output[:n], target) * n
+            conditions = policy.conditioning(batch["prompts"], batch["columns"])
+            for draw in range(args.eval_noise_draws):
+                noise = noise_source.draw_for(f"eval-noise{draw}", indices, tuple(x0.shape[1:]))
+                t = torch.cat(
+                    [sampler.sample_timesteps(1, noise_source.generator(f"eval-t{draw}", i)) for i in indices]
+                )
+                x_t, target = sampler.add_noise(x0, noise, t), sampler.training_target(x0, noise, t)
+                output = policy.forward(x_t, t, conditions)  # under guidance both branches, in one forward
+                totals[0] += diffusion_loss(output.conditional, target) * len(indices)
+                if self.policy.guided:
+                    totals[1] += diffusion_loss(output.policy, target) * len(indices)
         count = torch.tensor([float(len(rows) * args.eval_noise_draws)], device=device)
         summed = self.accelerator.gather(torch.cat([totals, count])[None]).sum(dim=0)
         losses = {"diffusion_loss": (summed[0] / summed[2]).item()}
-        if guided:
+        if self.policy.guided:
             losses["guided_diffusion_loss"] = (summed[1] / summed[2]).item()
         return losses

@@ -239,31 +239,31 @@ def _training_setup(trainer) -> list[str]:
 
 
 def _samples_section(trainer) -> list[str]:
-    _, prompts, sample_step = trainer.last_samples
+    samples = trainer.reporter.last_samples
     return [
         "",
-        f"## Samples (rollouts at step {sample_step})",
+        f"## Samples (rollouts at step {samples.step})",
         "",
         f"![samples]({SAMPLES_FILE})",
         "",
-        "Prompts: " + " | ".join(prompts),
+        "Prompts: " + " | ".join(samples.prompts),
     ]
 
 
 def _validation_section(trainer) -> list[str]:
-    if trainer.last_validation is None:
+    validation = trainer.reporter.last_validation
+    if validation is None:
         return []
-    _, prompts, validation_step, _ = trainer.last_validation
     per_prompt = trainer.args.validation_images_per_prompt
     return [
         "",
-        f"## Validation samples (step {validation_step})",
+        f"## Validation samples (step {validation.step})",
         "",
         f"Fixed prompts and seeds, {per_prompt} samples per prompt (one row each), sampled as the rollouts are:",
         "",
         f"![validation samples]({VALIDATION_FILE})",
         "",
-        "Prompts: " + " | ".join(prompts),
+        "Prompts: " + " | ".join(validation.prompts),
     ]
 
 
@@ -282,9 +282,9 @@ def _link(base: str) -> str:
 
 
 def _save_samples(trainer, path: str) -> bool:
-    if trainer.last_samples is None:
+    if trainer.reporter.last_samples is None:
         return False
-    _save_png(trainer.last_samples[0], path)
+    _save_png(trainer.reporter.last_samples.image, path)
     return True
 
 
@@ -301,10 +301,11 @@ def _data_beta_text(trainer) -> str:
 def _save_validation(trainer, output_dir: str) -> list[dict] | None:
     """The last validation grid (`validation.png`) and, per prompt, its first sample (`image_<i>.png`) for the Hub's
     gallery widget, in the form diffusers' training scripts write; returns the widget entries (None: no validation)."""
-    if trainer.last_validation is None:
+    validation = trainer.reporter.last_validation
+    if validation is None:
         return None
-    grid, prompts, _, images = trainer.last_validation
-    _save_png(grid, os.path.join(output_dir, VALIDATION_FILE))
+    prompts, images = validation.prompts, validation.images
+    _save_png(validation.grid, os.path.join(output_dir, VALIDATION_FILE))
     firsts = _first_per_prompt(images, len(prompts))
     widget = []
     for index, (prompt, image) in enumerate(zip(prompts, firsts)):

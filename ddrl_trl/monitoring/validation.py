@@ -10,25 +10,22 @@ or the batch size, and the base model is sampled from the same noise.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
 from datasets import Dataset
 from transformers import TrainerCallback, TrainerState
 
-from ..adapters import PipelineAdapter
 from ..checkpoints.weight_files import atomic_write
 from ..core.diversity import within_prompt_diversity
 from ..rewards import compute_rewards
-from ..step.policy import UnconditionalPrompts
+from ..step.policy import Policy
 from ..step.reference import ReferencePolicy
-from ..step.rollout import SeededNoise, generate_rollouts, stable_seed
+from ..step.rollout import SeededNoise, stable_seed
 
 logger = logging.getLogger(__name__)
 
@@ -79,34 +76,26 @@ class Validator:
     the same count) and sampled `per_device_eval_batch_size` at a time; every process ends with every row's sample.
 
     Args:
-        adapter, sampler, latent_shape: the model family's adapter, its SDE sampler, one latent sample's shape.
+        policy: the trained policy (sampled as the rollouts are, guided or not).
         reference: the base model (for its samples).
         args: the `DDRLConfig`.
         accelerator: the process layout.
-        autocast: the trainer's mixed-precision context for denoiser calls.
         reward_funcs, reward_names: the trained rewards, then the evaluation rewards.
         prompts: the validation prompts.
-        unconditional: the rollouts' unconditional branch under guidance (`cfg_scale` > 1), else None.
     """
 
     def __init__(
         self,
-        adapter: PipelineAdapter,
-        sampler,
-        latent_shape: tuple[int, ...],
+        policy: Policy,
         reference: ReferencePolicy,
         args,
         accelerator,
-        autocast: Callable[[], AbstractContextManager],
         reward_funcs: list,
         reward_names: list[str],
         prompts: ValidationPrompts,
-        unconditional: UnconditionalPrompts | None = None,
     ):
-        self.adapter, self.sampler, self.latent_shape, self.reference = adapter, sampler, latent_shape, reference
-        self.args, self.accelerator, self.autocast = args, accelerator, autocast
+        self.policy, self.reference, self.args, self.accelerator = policy, reference, args, accelerator
         self.reward_funcs, self.reward_names, self.prompts = reward_funcs, reward_names, prompts
-        self.unconditional = unconditional if args.cfg_scale > 1 else None
         self.per_prompt = args.validation_images_per_prompt
         #: The base model's validation (None until measured).
         self.base: ValidationResult | None = None
@@ -116,12 +105,10 @@ class Validator:
         return len(self.prompts.prompts) * self.per_prompt
 
     def measure_base(self, trainer_state=None) -> None:
-        """Sample the base model once: through the reference policy when available, else with the denoiser as it is
+        """Sample the base model once: through the reference policy when available, else with the policy as it is
         now (which must still be the base: `DDRLTrainer.train` calls this before training)."""
         if self.base is None:
-            context = self.reference.switched_in() if self.reference.available else contextlib.nullcontext()
-            with context as denoiser:
-                self.base = self.run(denoiser, trainer_state)
+            self.base = self.run(self.reference if self.reference.available else self.policy, trainer_state)
 
     def metrics(self, prefix: str, trainer_state=None) -> tuple[dict[str, float], ValidationResult]:
         """`{prefix}_rewards/<name>`, `{prefix}_diversity` and `{prefix}_diversity_ratio` of the model now, with its
@@ -133,7 +120,7 @@ class Validator:
                     "are taken when train() starts."
                 )
             self.measure_base(trainer_state)
-        result = self.run(None, trainer_state)
+        result = self.run(self.policy, trainer_state)
         metrics = {f"{prefix}_rewards/{name}": value for name, value in result.rewards.items()}
         metrics.update({f"{prefix}_rewards/{name}/failed": 1.0 for name in sorted(result.failed)})
         metrics[f"{prefix}_diversity"] = result.diversity
@@ -142,18 +129,18 @@ class Validator:
         return metrics, result
 
     @torch.no_grad()
-    def run(self, denoiser: torch.nn.Module | None, trainer_state=None) -> ValidationResult:
-        """Sample every validation row with `denoiser` (None: the trained one), in eval mode (no dropout: the same
-        seeds give the same grid, and no global RNG is drawn), score and measure them."""
-        module = denoiser if denoiser is not None else self.adapter.denoiser
+    def run(self, policy: Policy | ReferencePolicy, trainer_state=None) -> ValidationResult:
+        """Sample every validation row with `policy` (the trained one or the base), with the denoiser in eval mode
+        (no dropout: the same seeds give the same grid, and no global RNG is drawn), score and measure them."""
+        module = self.policy.adapter.denoiser
         was_training = module.training
         module.eval()
         try:
-            return self._run(denoiser, trainer_state)
+            return self._run(policy, trainer_state)
         finally:
             module.train(was_training)
 
-    def _run(self, denoiser: torch.nn.Module | None, trainer_state) -> ValidationResult:
+    def _run(self, policy: Policy | ReferencePolicy, trainer_state) -> ValidationResult:
         args, device = self.args, self.accelerator.device
         processes, rank = self.accelerator.num_processes, self.accelerator.process_index
         per_process = math.ceil(self.num_rows / processes)
@@ -164,22 +151,7 @@ class Validator:
         for start in range(0, len(local), args.per_device_eval_batch_size):
             rows = local[start : start + args.per_device_eval_batch_size]
             prompts, columns = self.prompts.rows(rows, self.per_prompt)
-            with self.autocast():
-                cond = self.adapter.encode_prompts(prompts)
-                uncond = None
-                if self.unconditional is not None:
-                    uncond = self.unconditional.for_rows(columns, range(len(rows)))
-                rollout = generate_rollouts(
-                    self.adapter,
-                    self.sampler,
-                    cond,
-                    self.latent_shape,
-                    noise,
-                    rows,
-                    denoiser=denoiser,
-                    uncond=uncond,
-                    cfg_scale=args.cfg_scale,
-                )
+            rollout = policy.rollout(policy.conditioning(prompts, columns), noise, rows)
             context = {"trainer_state": trainer_state if trainer_state is not None else TrainerState()}
             scores.append(self._score(rollout.images, prompts, columns, context, failed))
             images.append(rollout.images.float())
@@ -255,17 +227,22 @@ def save_grid(grid, output_dir: str, step: int) -> str:
 
 class ValidationCallback(TrainerCallback):
     """Runs the trainer's validation every `validation_steps` optimiser steps (if set) and at the last step, unless
-    an evaluation at that step will (`evaluate()` includes it); and when training ends early, if not done there."""
+    an evaluation at that step will (`evaluate()` includes it); and when training ends early, if not done there.
 
-    def __init__(self, trainer):
-        self.trainer = trainer
+    Args:
+        validate: runs a validation and reports it (`DDRLTrainer.validate`).
+        reporter: knows the step of the last validation (`reporting.Reporter`).
+    """
+
+    def __init__(self, validate: Callable[[], object], reporter):
+        self.validate, self.reporter = validate, reporter
 
     def on_step_end(self, args, state, control, **kwargs):
         every, step = args.validation_steps, state.global_step
         due = (every and step % every == 0) or step >= state.max_steps
-        if due and not control.should_evaluate and self.trainer.last_validation_step != step:
-            self.trainer.validate()
+        if due and not control.should_evaluate and self.reporter.last_validation_step != step:
+            self.validate()
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.trainer.last_validation_step != state.global_step:
-            self.trainer.validate()
+        if self.reporter.last_validation_step != state.global_step:
+            self.validate()

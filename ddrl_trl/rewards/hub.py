@@ -19,6 +19,7 @@ import logging
 import os
 import pickle
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -98,15 +99,17 @@ def load_reward(
             f"load_reward({name_or_path!r}) got {', '.join(sorted(unexpected))}, which a {kind} reward does not take; "
             f"it takes {', '.join(sorted(_COMMON_KWARGS | _KIND_KWARGS[kind]))}."
         )
-    name = kwargs.pop("name", None) or _short_name(name_or_path)
-    # transformers loads from the folder when local, else from the repo id (its cache, weights fetched on demand).
-    source = str(folder) if is_local else name_or_path
-    load_kwargs = _from_pretrained_kwargs(files, trust_remote_code, torch_dtype)
-    if kind == "clip":
-        return _build_clip(name_or_path, source, files, name, device, load_kwargs, **kwargs)
-    if kind == "aesthetic":
-        return _build_aesthetic(folder, files, name, device, load_kwargs, **kwargs)
-    return _build_classifier(source, name, device, load_kwargs, **kwargs)
+    found = _Found(
+        name_or_path=name_or_path,
+        folder=folder,
+        # transformers loads from the folder when local, else from the repo id (its cache, weights fetched on demand).
+        source=str(folder) if is_local else name_or_path,
+        files=files,
+        name=kwargs.pop("name", None) or _short_name(name_or_path),
+        device=device,
+        load_kwargs=_from_pretrained_kwargs(files, trust_remote_code, torch_dtype),
+    )
+    return _BUILDERS[kind](found, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------- finding the files
@@ -390,32 +393,46 @@ def _fixed_label(label: int | str, id2label: dict[int, str]) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------- builders
-def _build_clip(name_or_path, source, files, name, device, load_kwargs, score=None, processor=None) -> CLIPReward:
+@dataclass(frozen=True)
+class _Found:
+    """What `load_reward` found out about a reward before building it: every builder takes it, and its own options."""
+
+    name_or_path: str  # as the caller gave it
+    folder: Path  # the local folder holding the repo's metadata files
+    source: str  # what `from_pretrained` loads from: the local folder, or the Hub repo id
+    files: list[str]  # the file names in `folder`
+    name: str  # the reward's metric name
+    device: str | torch.device | None
+    load_kwargs: dict  # `from_pretrained` keyword arguments (`_from_pretrained_kwargs`)
+
+
+def _build_clip(found: _Found, score=None, processor=None) -> CLIPReward:
     """CLIP model + processor; PickScore scoring when asked, or by default when the name says PickScore."""
-    score = score or ("pickscore" if "pickscore" in name_or_path.lower() else "clipscore")
+    score = score or ("pickscore" if "pickscore" in found.name_or_path.lower() else "clipscore")
     if score not in ("clipscore", "pickscore"):
         raise ValueError(f"score={score!r}: use 'clipscore' or 'pickscore'.")
     if processor is None:
-        has_processor = any(f in files for f in _PROCESSOR_FILES)
+        has_processor = any(f in found.files for f in _PROCESSOR_FILES)
         if not has_processor and score != "pickscore":
             raise ValueError(
-                f"{name_or_path!r} has no processor files ({' or '.join(_PROCESSOR_FILES)}); pass processor= naming "
-                f"the repo or folder of its CLIP processor."
+                f"{found.name_or_path!r} has no processor files ({' or '.join(_PROCESSOR_FILES)}); pass processor= "
+                f"naming the repo or folder of its CLIP processor."
             )
-        processor = source if has_processor else PICKSCORE_PROCESSOR
-    trust = load_kwargs["trust_remote_code"]
+        processor = found.source if has_processor else PICKSCORE_PROCESSOR
+    trust = found.load_kwargs["trust_remote_code"]
     clip_processor = AutoProcessor.from_pretrained(processor, trust_remote_code=trust)
     if not (hasattr(clip_processor, "image_processor") and hasattr(clip_processor, "tokenizer")):
         raise ValueError(f"processor {processor!r} lacks an image processor or a tokenizer; pass a CLIP processor.")
-    model = CLIPModel.from_pretrained(source, **load_kwargs)
-    return CLIPReward(name, model, clip_processor, score, device)
+    model = CLIPModel.from_pretrained(found.source, **found.load_kwargs)
+    return CLIPReward(found.name, model, clip_processor, score, found.device)
 
 
-def _build_aesthetic(folder, files, name, device, load_kwargs, clip_model=AESTHETIC_CLIP) -> AestheticReward:
+def _build_aesthetic(found: _Found, clip_model=AESTHETIC_CLIP) -> AestheticReward:
     """The aesthetic MLP from the preferred weight file, on the CLIP backbone `clip_model`."""
-    weights = next(folder / f for f in AESTHETIC_FILES if f in files)
+    weights = next(found.folder / f for f in AESTHETIC_FILES if f in found.files)
     mlp = AestheticMLP(safe_state_dict(weights))
-    clip_kwargs = {k: v for k, v in load_kwargs.items() if k != "use_safetensors"}  # another repo: its own formats
+    # Another repo: its own formats, so `use_safetensors` is not forced on it.
+    clip_kwargs = {k: v for k, v in found.load_kwargs.items() if k != "use_safetensors"}
     clip = CLIPModel.from_pretrained(clip_model, **clip_kwargs)
     if mlp.layers[0].in_features != (width := clip.config.projection_dim):
         raise ValueError(
@@ -423,16 +440,22 @@ def _build_aesthetic(folder, files, name, device, load_kwargs, clip_model=AESTHE
             f"{clip_model!r} gives {width}-d ones; pass the CLIP it was trained on (default {AESTHETIC_CLIP!r})."
         )
     image_processor = AutoImageProcessor.from_pretrained(
-        clip_model, trust_remote_code=load_kwargs["trust_remote_code"]
+        clip_model, trust_remote_code=found.load_kwargs["trust_remote_code"]
     )
-    return AestheticReward(name, clip, image_processor, mlp, device)
+    return AestheticReward(found.name, clip, image_processor, mlp, found.device)
 
 
-def _build_classifier(source, name, device, load_kwargs, label=None) -> ClassifierReward:
+def _build_classifier(found: _Found, label=None) -> ClassifierReward:
     """An `AutoModelForImageClassification` model with its image processor, scoring `label` or the prompt's label."""
-    model = AutoModelForImageClassification.from_pretrained(source, **load_kwargs)
-    image_processor = AutoImageProcessor.from_pretrained(source, trust_remote_code=load_kwargs["trust_remote_code"])
-    return ClassifierReward(name, model, image_processor, label, device)
+    model = AutoModelForImageClassification.from_pretrained(found.source, **found.load_kwargs)
+    image_processor = AutoImageProcessor.from_pretrained(
+        found.source, trust_remote_code=found.load_kwargs["trust_remote_code"]
+    )
+    return ClassifierReward(found.name, model, image_processor, label, found.device)
+
+
+#: The builder of each kind `_detect_kind` names; each takes the kind's `_KIND_KWARGS`.
+_BUILDERS = {"clip": _build_clip, "aesthetic": _build_aesthetic, "classifier": _build_classifier}
 
 
 __all__ = ["AestheticMLP", "AestheticReward", "CLIPReward", "ClassifierReward", "HubReward", "load_reward"]

@@ -26,6 +26,10 @@ _RESUME_HINT = (
 )
 
 
+class _UnknownJob(Exception):
+    """The server answered 404 for a job id: it does not know (or no longer holds) the job."""
+
+
 class RemoteReward:
     """Score samples on a reward server: submit the batch, get a job id, poll until the scores are ready.
 
@@ -190,10 +194,6 @@ class RemoteReward:
         )
 
 
-class _UnknownJob(Exception):
-    """The server answered 404 for a job id: it does not know (or no longer holds) the job."""
-
-
 def _retry_after(response: requests.Response) -> float:
     """The server's Retry-After in seconds (0 if absent or not a number of seconds), capped at 60."""
     try:
@@ -203,6 +203,7 @@ def _retry_after(response: requests.Response) -> float:
 
 
 def _detail(response: requests.Response) -> str:
+    """What the server said: the `detail` of its JSON answer, else the start of its text."""
     try:
         return str(response.json().get("detail", response.text))
     except ValueError:

@@ -39,23 +39,19 @@ import hmac
 import logging
 import math
 import re
-import threading
-import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import h11
 import torch
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from ..rewards import compute_rewards, reward_name
-from .wire import PayloadError, ScoreRequest, check_lengths, check_token, decode_samples, to_unit_floats
+from ..rewards import reward_name
+from .connections import RedactQueryStrings, guarded_protocol
+from .scoring import Job, Scorer
+from .wire import PayloadError, ScoreRequest, check_lengths, check_token, decode_samples
 
 logger = logging.getLogger(__name__)
 
@@ -63,32 +59,6 @@ logger = logging.getLogger(__name__)
 # never fails once started, so a scan is linear whatever the body (an unterminated string with many escaped quotes
 # made the plain pattern restart at every quote: quadratic).
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*\\?(?:"|\Z)', re.DOTALL)
-
-
-@dataclass
-class Job:
-    """One request's samples (uint8 pixels) and, once scored, only its result (the samples are dropped)."""
-
-    job_id: str
-    samples: torch.Tensor | None
-    prompts: list[str] | None
-    columns: dict[str, list] | None
-    status: str = "queued"
-    scores: list[float | None] | None = None
-    error: str | None = None
-    finished_at: float | None = None
-
-    def __post_init__(self):
-        #: Samples in the request, and the bytes they hold until scored.
-        self.size, self.nbytes = self.samples.shape[0], self.samples.element_size() * self.samples.nelement()
-
-    def batch_key(self) -> tuple:
-        """Jobs that can share one reward call: same sample shape and the same columns."""
-        return tuple(self.samples.shape[1:]), tuple(sorted(self.columns))
-
-    def finish(self, status: str, scores: list[float | None] | None = None, error: str | None = None) -> None:
-        self.status, self.scores, self.error, self.finished_at = status, scores, error, time.monotonic()
-        self.samples = self.prompts = self.columns = None  # a finished job holds its scores, nothing else
 
 
 @dataclass
@@ -116,21 +86,16 @@ class ServerLimits:
                 raise ValueError(f"ServerLimits.{name} must be a positive finite number, got {value!r}.")
 
 
-class _RewardTimeout(Exception):
-    pass
-
-
-@dataclass
-class _State:
-    jobs: dict[str, Job] = field(default_factory=dict)
-    finished: OrderedDict = field(default_factory=OrderedDict)  # job ids in the order they finished
-    queue: asyncio.Queue | None = None
-    stuck: set = field(default_factory=set)  # reward calls still running past batch_timeout_s
-    pending: int = 0
-    held_bytes: int = 0
-    uploading_bytes: int = 0  # reserved by bodies being received or parsed
-    stored_scores: int = 0
-    counters: dict[str, int] = field(default_factory=lambda: {"requests": 0, "batches": 0, "samples": 0})
+#: The bounds on work waiting to be scored, checked before and after a body is read: the `scoring._State` counter, its
+#: `ServerLimits` field, and the 503's message (Retry-After: 1) once the counter reaches the limit.
+_PENDING_LIMITS = (
+    ("pending", "max_pending_jobs", "{value} jobs are waiting to be scored (max_pending_jobs={limit}); retry later"),
+    (
+        "held_bytes",
+        "max_pending_bytes",
+        "{value} bytes of samples are waiting to be scored (max_pending_bytes={limit}); retry later",
+    ),
+)
 
 
 def count_json_values(body: bytes) -> int:
@@ -139,191 +104,53 @@ def count_json_values(body: bytes) -> int:
     return sum(stripped.count(token) for token in (b",", b"[", b"{", b":"))
 
 
-def create_app(reward_fn: Callable, token: str, limits: ServerLimits | None = None) -> FastAPI:
-    """The FastAPI app serving `reward_fn` behind bearer `token` (uvicorn runs it; tests too). `token` must be at
-    least `MIN_TOKEN_CHARS` characters of printable ASCII (`ValueError` otherwise), whichever way the server starts."""
-    check_server_token(token, "the reward server's token (token=)")
-    limits = limits or ServerLimits()
-    name = reward_name(reward_fn)
-    state = _State()
-    expected = f"Bearer {token}".encode()
+def _unavailable(detail: str, retry_after: str = "1") -> HTTPException:
+    """A 503 telling the client to retry after `retry_after` seconds."""
+    return HTTPException(503, detail, headers={"Retry-After": retry_after})
 
-    def score_batch(pixels: torch.Tensor, prompts: list[str], columns: dict[str, list]) -> list[float | None]:
-        """The reward on one concatenated batch (a worker thread); non-finite scores become None (invalid)."""
-        scores = compute_rewards([reward_fn], to_unit_floats(pixels), prompts, columns)[:, 0].tolist()
-        return [s if math.isfinite(s) else None for s in scores]
 
-    async def call_reward(jobs: list[Job]) -> list[float | None]:
-        """Run the reward on `jobs` in a daemon thread of its own; `_RewardTimeout` past `batch_timeout_s` (the call
-        then goes on in its thread, counted as stuck until it returns, and its late result is dropped)."""
-        pixels = torch.cat([job.samples for job in jobs])
-        prompts = [p for job in jobs for p in job.prompts]
-        columns = {key: [v for job in jobs for v in job.columns[key]] for key in jobs[0].columns}
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, read in chunks; 413 as soon as it passes `limit` bytes, before the rest is read."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise HTTPException(413, f"request body over the limit of {limit} bytes")
+    return bytes(body)
 
-        def settle(result, error) -> None:
-            if not future.done():
-                future.set_exception(error) if error is not None else future.set_result(result)
 
-        def work() -> None:
-            try:
-                result, error = score_batch(pixels, prompts, columns), None
-            except BaseException as err:  # noqa: BLE001 — handed to the event loop, which fails the jobs
-                result, error = None, err
-            loop.call_soon_threadsafe(settle, result, error)
+class _Service(Scorer):
+    """One server: its scorer behind the checks each request passes (token, busy, upload budget, body) and the
+    route handlers `_ROUTES` names."""
 
-        # A daemon thread per call, not a pool: a call that never returns must not keep the process from exiting.
-        threading.Thread(target=work, name="ddrl-reward-call", daemon=True).start()
-        try:
-            return await asyncio.wait_for(asyncio.shield(future), limits.batch_timeout_s)
-        except asyncio.TimeoutError:
-            state.stuck.add(future)
-            future.add_done_callback(state.stuck.discard)
-            raise _RewardTimeout from None
+    def __init__(self, reward_fn: Callable, token: str, limits: ServerLimits):
+        super().__init__(reward_fn, limits)
+        self.expected = f"Bearer {token}".encode()
 
-    def finish(job: Job, status: str, scores=None, error=None) -> None:
-        """Record a job's result, free its samples, and keep at most `max_stored_scores` scores of results."""
-        state.pending -= 1
-        state.held_bytes -= job.nbytes
-        job.finish(status, scores, error)
-        state.finished[job.job_id] = None
-        state.stored_scores += job.size
-        while state.stored_scores > limits.max_stored_scores:
-            forget_oldest_result()
-
-    def forget_oldest_result() -> None:
-        job = state.jobs.pop(state.finished.popitem(last=False)[0], None)
-        state.stored_scores -= job.size if job is not None else 0
-
-    def stuck() -> bool:
-        return len(state.stuck) >= limits.max_stuck_batches
-
-    async def run_batch(jobs: list[Job]) -> None:
-        if stuck():  # calls that never return hold the reward: new ones would hang too
-            for job in jobs:
-                finish(
-                    job,
-                    "error",
-                    error=f"the reward is stuck ({len(state.stuck)} calls have run past "
-                    f"batch_timeout_s={limits.batch_timeout_s:g} s); restart the server",
-                )
-            return
-        for job in jobs:
-            job.status = "running"
-        try:
-            scores = await call_reward(jobs)
-        except _RewardTimeout:
-            logger.error(
-                "reward %s did not finish a batch of %d requests within %.0f s",
-                name,
-                len(jobs),
-                limits.batch_timeout_s,
-            )
-            for job in jobs:
-                finish(
-                    job,
-                    "error",
-                    error=f"the reward did not finish within batch_timeout_s={limits.batch_timeout_s:g} s",
-                )
-            return
-        except Exception as err:  # noqa: BLE001 — a failing reward fails its jobs, not the server
-            if len(jobs) > 1:  # find the guilty request: score each one alone
-                logger.warning(
-                    "reward %s failed on a batch of %d requests (%s); scoring them one by one", name, len(jobs), err
-                )
-                for job in jobs:
-                    await run_batch([job])
-                return
-            logger.exception("reward %s failed on a request of %d samples", name, jobs[0].size)
-            finish(jobs[0], "error", error=f"{type(err).__name__}: {err}")
-            return
-        state.counters["batches"] += 1
-        state.counters["samples"] += sum(job.size for job in jobs)
-        start = 0
-        for job in jobs:
-            finish(job, "done", scores=scores[start : start + job.size])
-            start += job.size
-
-    async def batcher() -> None:
-        """Take the first queued job, gather more for up to `max_wait_ms` or `max_batch_samples`, score them."""
-        loop = asyncio.get_running_loop()
-        # A get() that timed out is kept for the next round, never cancelled (cancelling a finished get drops a job).
-        pending = None
-        while True:
-            batch = [await (pending or state.queue.get())]
-            pending = None
-            size, deadline = batch[0].size, loop.time() + limits.max_wait_ms / 1000
-            while size < limits.max_batch_samples and (remaining := deadline - loop.time()) > 0:
-                pending = asyncio.ensure_future(state.queue.get())
-                done, _ = await asyncio.wait({pending}, timeout=remaining)
-                if not done:
-                    break
-                batch.append(pending.result())
-                pending = None
-                size += batch[-1].size
-            groups: dict[tuple, list[Job]] = {}
-            for job in batch:
-                groups.setdefault(job.batch_key(), []).append(job)
-            for jobs in groups.values():
-                await run_batch(jobs)
-
-    async def expire_results() -> None:
-        """Drop finished results older than `result_ttl_s`, on a timer (not only when a request comes in)."""
-        interval = min(max(limits.result_ttl_s / 4, 0.05), 10.0)
-        while True:
-            await asyncio.sleep(interval)
-            cutoff = time.monotonic() - limits.result_ttl_s
-            while state.finished:
-                job = state.jobs.get(next(iter(state.finished)))
-                if job is not None and job.finished_at >= cutoff:
-                    break
-                forget_oldest_result()
-
-    @asynccontextmanager
-    async def lifespan(_app):
-        state.queue = asyncio.Queue()
-        tasks = [asyncio.create_task(batcher()), asyncio.create_task(expire_results())]
-        yield
-        for task in tasks:
-            task.cancel()
-
-    app = FastAPI(
-        title=f"ddrl-trl reward service: {name}", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
-    )
-
-    def authorize(request: Request) -> None:
+    def authorize(self, request: Request) -> None:
+        """401 unless the request carries the bearer token (compared in constant time)."""
         given = request.headers.get("authorization", "").encode()
-        if not hmac.compare_digest(given, expected):
+        if not hmac.compare_digest(given, self.expected):
             raise HTTPException(401, "missing or invalid bearer token", headers={"WWW-Authenticate": "Bearer"})
 
-    def refuse_if_busy() -> None:
-        if stuck():
-            raise HTTPException(
-                503,
-                f"the reward is stuck: {len(state.stuck)} calls have run past batch_timeout_s="
-                f"{limits.batch_timeout_s:g} s; restart the server",
-                headers={"Retry-After": "30"},
+    def refuse_if_busy(self) -> None:
+        """503 with Retry-After while the reward is stuck, or work waiting to be scored is at a `_PENDING_LIMITS`."""
+        if self.is_stuck():
+            raise _unavailable(
+                f"the reward is stuck: {len(self.state.stuck)} calls have run past batch_timeout_s="
+                f"{self.limits.batch_timeout_s:g} s; restart the server",
+                retry_after="30",
             )
-        if state.pending >= limits.max_pending_jobs:
-            raise HTTPException(
-                503,
-                f"{state.pending} jobs are waiting to be scored (max_pending_jobs="
-                f"{limits.max_pending_jobs}); retry later",
-                headers={"Retry-After": "1"},
-            )
-        if state.held_bytes >= limits.max_pending_bytes:
-            raise HTTPException(
-                503,
-                f"{state.held_bytes} bytes of samples are waiting to be scored (max_pending_bytes="
-                f"{limits.max_pending_bytes}); retry later",
-                headers={"Retry-After": "1"},
-            )
+        for counter, limit_name, message in _PENDING_LIMITS:
+            value, limit = getattr(self.state, counter), getattr(self.limits, limit_name)
+            if value >= limit:
+                raise _unavailable(message.format(value=value, limit=limit))
 
-    def reserve_upload(request: Request) -> int:
+    def reserve_upload(self, request: Request) -> int:
         """Reserve the body's bytes in the budget of uploads in flight, before any of it is read: its declared
         length (a body of undeclared length reserves the most it may hold); 413 or 503 (Retry-After) if it does not
         fit."""
+        limits, state = self.limits, self.state
         declared = request.headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limits.max_request_bytes):
             raise HTTPException(413, f"request body over the limit of {limits.max_request_bytes} bytes")
@@ -336,40 +163,24 @@ def create_app(reward_fn: Callable, token: str, limits: ServerLimits | None = No
                 f"receives at once) on its own: send smaller batches",
             )
         if state.uploading_bytes + size > budget:
-            raise HTTPException(
-                503,
+            raise _unavailable(
                 f"{state.uploading_bytes} bytes of other uploads are being received; {size} more would pass "
-                f"max_inflight_upload_bytes={budget}; retry later",
-                headers={"Retry-After": "1"},
+                f"max_inflight_upload_bytes={budget}; retry later"
             )
         state.uploading_bytes += size
         return size
 
-    async def read_body(request: Request, limit: int) -> bytes:
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise HTTPException(413, f"request body over the limit of {limit} bytes")
-        return bytes(body)
-
-    def parse(body: bytes) -> tuple[ScoreRequest, torch.Tensor]:
+    def parse(self, body: bytes) -> tuple[ScoreRequest, torch.Tensor]:
         """The request and its samples (run in a thread: big bodies take a moment); HTTPException if unfit."""
         values = count_json_values(body)
-        if values > limits.max_json_values:
+        if values > self.limits.max_json_values:
             raise HTTPException(
-                413, f"request body holds about {values} JSON values, over the limit of {limits.max_json_values}"
+                413, f"request body holds about {values} JSON values, over the limit of {self.limits.max_json_values}"
             )
-        try:
-            payload = ScoreRequest.model_validate_json(body)
-        except ValidationError as err:
-            if any(e["type"] == "json_invalid" for e in err.errors()):
-                raise HTTPException(400, "request body is not valid JSON") from None
-            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in err.errors()[:5])
-            raise HTTPException(422, f"malformed score request: {problems}") from None
-        if payload.images.shape[0] > limits.max_samples_per_request:
+        payload = _validate(body)
+        if payload.images.shape[0] > self.limits.max_samples_per_request:
             raise HTTPException(
-                413, f"{payload.images.shape[0]} samples over the limit of {limits.max_samples_per_request}"
+                413, f"{payload.images.shape[0]} samples over the limit of {self.limits.max_samples_per_request}"
             )
         try:
             samples = decode_samples(payload.images)
@@ -378,12 +189,13 @@ def create_app(reward_fn: Callable, token: str, limits: ServerLimits | None = No
             raise HTTPException(422, f"malformed score request: {err}") from None
         return payload, samples
 
-    @app.get("/health")
-    async def health() -> JSONResponse:
-        status = "stuck" if stuck() else "degraded" if state.stuck else "ok"
+    async def health(self) -> JSONResponse:
+        """`GET /health`: the status and counters (503 while stuck); no token needed."""
+        state = self.state
+        status = "stuck" if self.is_stuck() else "degraded" if state.stuck else "ok"
         body = {
             "status": status,
-            "reward": name,
+            "reward": self.name,
             "queued": state.queue.qsize(),
             "pending_jobs": state.pending,
             "stored_results": len(state.finished),
@@ -395,19 +207,20 @@ def create_app(reward_fn: Callable, token: str, limits: ServerLimits | None = No
         }
         return JSONResponse(body, status_code=503 if status == "stuck" else 200)
 
-    @app.post("/v1/score", status_code=202)
-    async def submit(request: Request) -> dict:
-        authorize(request)
-        refuse_if_busy()
-        reserved = reserve_upload(request)
+    async def submit(self, request: Request) -> dict:
+        """`POST /v1/score`: check, read and parse the body, queue its job; 202 with the job id."""
+        self.authorize(request)
+        self.refuse_if_busy()
+        reserved = self.reserve_upload(request)
         try:  # the reservation holds until the body is parsed and dropped (or the client goes away)
-            body = await read_body(request, reserved)
-            payload, samples = await asyncio.to_thread(parse, body)
+            body = await _read_body(request, reserved)
+            payload, samples = await asyncio.to_thread(self.parse, body)
             del body
         finally:
-            state.uploading_bytes -= reserved
-        refuse_if_busy()  # again: others may have queued while this body was read and parsed
+            self.state.uploading_bytes -= reserved
+        self.refuse_if_busy()  # again: others may have queued while this body was read and parsed
         job = Job(uuid.uuid4().hex, samples, payload.prompts, payload.columns)
+        state = self.state
         state.jobs[job.job_id] = job
         state.pending += 1
         state.held_bytes += job.nbytes
@@ -415,105 +228,51 @@ def create_app(reward_fn: Callable, token: str, limits: ServerLimits | None = No
         await state.queue.put(job)
         return {"id": job.job_id, "status": "queued"}
 
-    @app.get("/v1/score/{job_id}")
-    async def result(job_id: str, request: Request) -> JSONResponse:
-        authorize(request)
-        job = state.jobs.get(job_id)
+    async def result(self, job_id: str, request: Request) -> JSONResponse:
+        """`GET /v1/score/{job_id}`: the job's status, and its scores or error once finished."""
+        self.authorize(request)
+        job = self.state.jobs.get(job_id)
         if job is None:
             raise HTTPException(
-                404, f"no job {job_id!r} (unknown, or finished more than {limits.result_ttl_s:.0f} s ago)"
+                404, f"no job {job_id!r} (unknown, or finished more than {self.limits.result_ttl_s:.0f} s ago)"
             )
         return JSONResponse({"id": job_id, "status": job.status, "scores": job.scores, "error": job.error})
 
+
+def _validate(body: bytes) -> ScoreRequest:
+    """The body as a `ScoreRequest`: 400 if it is not JSON, 422 naming the first problems if it does not fit."""
+    try:
+        return ScoreRequest.model_validate_json(body)
+    except ValidationError as err:
+        if any(e["type"] == "json_invalid" for e in err.errors()):
+            raise HTTPException(400, "request body is not valid JSON") from None
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in err.errors()[:5])
+        raise HTTPException(422, f"malformed score request: {problems}") from None
+
+
+#: The routes served: (method, path, `_Service` handler, status code of a success; None: the handler's own).
+_ROUTES = (
+    ("GET", "/health", "health", None),
+    ("POST", "/v1/score", "submit", 202),
+    ("GET", "/v1/score/{job_id}", "result", None),
+)
+
+
+def create_app(reward_fn: Callable, token: str, limits: ServerLimits | None = None) -> FastAPI:
+    """The FastAPI app serving `reward_fn` behind bearer `token` (uvicorn runs it; tests too). `token` must be at
+    least `MIN_TOKEN_CHARS` characters of printable ASCII (`ValueError` otherwise), whichever way the server starts."""
+    check_server_token(token, "the reward server's token (token=)")
+    service = _Service(reward_fn, token, limits or ServerLimits())
+    app = FastAPI(
+        title=f"ddrl-trl reward service: {service.name}",
+        lifespan=service.lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    for method, path, handler, status_code in _ROUTES:
+        app.add_api_route(path, getattr(service, handler), methods=[method], status_code=status_code)
     return app
-
-
-def guarded_protocol(limits: ServerLimits, token: str) -> type[H11Protocol]:
-    """uvicorn's h11 protocol with a connection limit and a request deadline (uvicorn has neither: a connection that
-    sends nothing, or half a request, stays open forever, and enough of them lock every client out).
-
-    Past `max_connections`, a new connection makes room by closing another, in the order of `_eviction_rank`: first
-    the oldest that has never sent a byte, then the one idle longest between requests, then the one stalled longest
-    in a request without the right token. A connection uploading an authenticated request, or whose whole request is
-    with the app, is never closed for room: if only those remain, the new connection is the one closed."""
-    expected = f"Bearer {token}".encode()
-
-    class GuardedH11Protocol(H11Protocol):
-        _timer: asyncio.TimerHandle | None = None
-
-        def connection_made(self, transport) -> None:
-            super().connection_made(transport)
-            self._opened_at = self._quiet_since = self.loop.time()
-            self._spoken = False  # sent a byte yet
-            if len(self.connections) > limits.max_connections:
-                ranked = [
-                    (rank, c)
-                    for c in self.connections
-                    if c is not self and not c.transport.is_closing() and (rank := c._eviction_rank()) is not None
-                ]
-                victim = min(ranked, key=lambda pair: pair[0])[1] if ranked else self
-                victim.transport.close()
-            self._arm()
-
-        def data_received(self, data: bytes) -> None:
-            self._spoken = True
-            self._quiet_since = self.loop.time()
-            super().data_received(data)
-
-        def _eviction_rank(self) -> tuple[int, float] | None:
-            """The lowest rank is closed first to make room; None: never closed for room."""
-            if not self._spoken:
-                return 0, self._opened_at  # never sent a byte: the oldest goes first
-            if not self._waiting_for_request():
-                return None  # its whole request is with the app
-            if self.conn.their_state is h11.IDLE and not self.conn.trailing_data[0]:
-                return 1, self._quiet_since  # idle between requests
-            if self._uploading_with_token():
-                return None  # an authenticated upload: bounded by request_timeout_s, never closed for room
-            return 2, self._quiet_since  # headers still arriving, or a body without the right token
-
-        def _uploading_with_token(self) -> bool:
-            if self.cycle is None or self.cycle.response_complete or self.conn.their_state is not h11.SEND_BODY:
-                return False
-            given = next((value for name, value in self.headers if name == b"authorization"), b"")
-            return hmac.compare_digest(given, expected)
-
-        def _waiting_for_request(self) -> bool:
-            """No complete request of this connection is with the app: idle, or a request still arriving."""
-            return self.cycle is None or self.cycle.response_complete or self.conn.their_state is not h11.DONE
-
-        def _arm(self) -> None:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer = self.loop.call_later(limits.request_timeout_s, self._deadline_passed)
-
-        def _deadline_passed(self) -> None:
-            self._timer = None
-            if not self.transport.is_closing() and self._waiting_for_request():
-                self.transport.close()
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            if not self.transport.is_closing():
-                self._quiet_since = self.loop.time()
-                self._arm()
-
-        def connection_lost(self, exc) -> None:
-            if self._timer is not None:
-                self._timer.cancel()
-            super().connection_lost(exc)
-
-    return GuardedH11Protocol
-
-
-class RedactQueryStrings(logging.Filter):
-    """Keep query strings out of uvicorn's access log: a token sent as `?token=` would otherwise be logged in full."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        args = record.args
-        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str) and "?" in args[2]:
-            record.args = (*args[:2], args[2].split("?", 1)[0] + "?<redacted>", *args[3:])
-        return True
 
 
 #: The shortest bearer token the server accepts: a short one can be guessed (the server does not limit attempts).

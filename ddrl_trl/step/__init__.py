@@ -1,2 +1,4 @@
-"""The DDRL step: rollouts with log-probs, their batches and groups, the (guided) policy's forward, the data term, the
-reference (base) policy, and the step's metrics."""
+"""The DDRL step: the (guided) policy and its base-weights twin (`policy`, `reference`), rollouts with log-probs
+(`rollout`), the micro-step's rollout batch (`collector`) and its groups across processes (`groups`), the loss of a
+trained step (`loss`) and its data term (`data_term`), the step's metrics (`metrics`), and observation points for
+tests and tools (`hooks`)."""

@@ -4,20 +4,19 @@ rolled out before (`SavedRollout`), with its old log-probs and advantages."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
 from transformers import TrainerState
 
-from ..adapters import Conditioning, PipelineAdapter, repeat_conditioning
+from ..adapters import Conditioning
 from ..core import aggregate_rewards, group_advantages
 from ..rewards import compute_rewards
 from .groups import GroupLayout
+from .hooks import emit
 from .metrics import TrainingMetrics
-from .policy import UnconditionalPrompts
+from .policy import Conditions, Policy, UnconditionalPrompts
 from .rollout import Rollout, SavedRollout, SeededNoise, rollout_and_score, stable_seed
 
 
@@ -28,12 +27,11 @@ class RolloutBatch:
 
     rollout: Rollout
     advantages: torch.Tensor  # (b,) float32, this process's rows
-    row_cond: Conditioning  # conditioning per rollout row
+    row_conditions: Conditions  # the policy's conditions per rollout row (with the unconditional branch if guided)
     prompt_cond: Conditioning  # conditioning per local group (its prompt)
     ref_latents: torch.Tensor | None  # (G, ...) the groups' paired x̃0; None for prompt-only data (data_beta = 0)
     layout: GroupLayout
     noise: SeededNoise
-    row_uncond: Conditioning | None = None  # the guidance's unconditional branch per rollout row (`cfg_scale` > 1)
     prompt_null: Conditioning | None = None  # null conditioning per local group, for the data term's prompt dropout
 
 
@@ -42,40 +40,36 @@ class RolloutCollector:
     saved with checkpoints taken between the iterations).
 
     Args:
-        adapter, sampler, latent_shape: the model family's adapter, its SDE sampler, one latent sample's shape.
+        policy: the trained policy (`step.policy.Policy`).
         reward_funcs, reward_names, reward_weights: the rewards, as `DDRLTrainer` resolved them.
         args: the `DDRLConfig`.
         accelerator: for the device, the process layout and gathering the rewards of every process.
         metrics: where reward statistics and phase timings are recorded.
-        autocast: the trainer's mixed-precision context for denoiser calls.
     """
 
     def __init__(
         self,
-        adapter: PipelineAdapter,
-        sampler,
-        latent_shape: tuple[int, ...],
+        policy: Policy,
         reward_funcs: list,
         reward_names: list[str],
         reward_weights: torch.Tensor,
         args,
         accelerator,
         metrics: TrainingMetrics,
-        autocast: Callable[[], AbstractContextManager],
     ):
-        self.adapter, self.sampler, self.latent_shape = adapter, sampler, latent_shape
+        self.policy = policy
         self.reward_funcs, self.reward_names, self.reward_weights = reward_funcs, reward_names, reward_weights
-        self.args, self.accelerator, self.metrics, self.autocast = args, accelerator, metrics, autocast
+        self.args, self.accelerator, self.metrics = args, accelerator, metrics
         #: This process's rollout batches of the current optimiser step, by micro-step (`num_iterations` > 1).
         self.buffer: dict[int, SavedRollout] = {}
         self._executor: ThreadPoolExecutor | None = None
-        #: The guidance's unconditional branch (negative prompts), and the data term's null conditioning.
-        self.negatives = UnconditionalPrompts(adapter, args.negative_prompt, args.negative_prompt_column)
-        self.null = UnconditionalPrompts(adapter, None, None, null=True)
+        #: The data term's null conditioning (its prompt dropout).
+        self.null = UnconditionalPrompts(policy.adapter, null=True)
 
     def batch(self, model, inputs: dict, global_step: int, micro: int, trainer_state: TrainerState) -> RolloutBatch:
-        """The batch of micro-step `micro` of optimiser step `global_step`: a fresh rollout at the first of its
-        `num_iterations`, the buffered one at the later ones."""
+        """The batch of micro-step `micro` of optimiser step `global_step`, rolled out by the policy calling `model`
+        (the accelerator-wrapped denoiser): a fresh rollout at the first of its `num_iterations`, the buffered one at
+        the later ones."""
         args = self.args
         iteration = global_step % args.num_iterations
         prompts: list[str] = inputs["prompts"]
@@ -88,24 +82,23 @@ class RolloutCollector:
         # The seed of the step that rolled the batch out: rows and groups derive theirs with their global index.
         seed = stable_seed(args.seed, global_step - iteration, micro)
         noise = SeededNoise(seed, self.accelerator.device, args.num_generations, args.same_noise_within_group)
-        with self.autocast():
-            prompt_cond = self.adapter.encode_prompts(unique_prompts)
-            row_uncond = prompt_null = None
-            if args.cfg_scale > 1:
-                negatives = self.negatives.for_rows(inputs["columns"], layout.first_local_rows)
-                row_uncond = repeat_conditioning(negatives, layout.counts)
-            if args.resolved_data_prompt_dropout > 0:
-                prompt_null = self.null.for_rows(inputs["columns"], layout.first_local_rows)
-        row_cond = repeat_conditioning(prompt_cond, layout.counts)
+        group_columns = {
+            name: [values[i] for i in layout.first_local_rows] for name, values in inputs["columns"].items()
+        }
+        prompt_conditions = self.policy.conditioning(unique_prompts, group_columns)
+        prompt_null = None
+        if args.resolved_data_prompt_dropout > 0:
+            with self.policy.autocast():
+                prompt_null = self.null.for_rows(group_columns, range(len(unique_prompts)))
+        row_conditions = prompt_conditions.repeat(layout.counts)
         ref_latents = inputs.get("ref_latents")  # None for prompt-only data, trained with data_beta = 0
         if ref_latents is not None:
             ref_latents = ref_latents[layout.first_local_rows]
         if iteration:
             rollout, advantages = self._reused(micro, iteration, prompts, layout)
         else:
-            rollout, advantages = self._fresh(
-                model, row_cond, row_uncond, noise, layout, prompts, inputs["columns"], trainer_state
-            )
+            policy = self.policy.using(model)
+            rollout, advantages = self._fresh(policy, row_conditions, noise, layout, inputs, trainer_state)
             if args.num_iterations > 1:
                 self.buffer[micro] = SavedRollout(
                     rollout.states, rollout.log_probs, advantages, list(prompts), list(layout.global_rows)
@@ -113,23 +106,21 @@ class RolloutCollector:
         if iteration == args.num_iterations - 1:
             self.buffer.pop(micro, None)  # its last use: free the memory before the next rollout
         return RolloutBatch(
-            rollout, advantages, row_cond, prompt_cond, ref_latents, layout, noise, row_uncond, prompt_null
+            rollout, advantages, row_conditions, prompt_conditions.cond, ref_latents, layout, noise, prompt_null
         )
 
     def _fresh(
         self,
-        model,
-        row_cond: Conditioning,
-        row_uncond: Conditioning | None,
+        policy: Policy,
+        row_conditions: Conditions,
         noise: SeededNoise,
         layout: GroupLayout,
-        prompts: list[str],
-        columns: dict[str, list],
+        inputs: dict,
         trainer_state,
     ) -> tuple[Rollout, torch.Tensor]:
         """Roll out and score this process's rows; the advantages of the whole global batch, this process's part."""
         args = self.args
-
+        prompts, columns = inputs["prompts"], inputs["columns"]
         context = {
             "trainer_state": trainer_state,
             "log_metric": self.metrics.log_metric,
@@ -141,21 +132,17 @@ class RolloutCollector:
             return compute_rewards(self.reward_funcs, images, prompts[rows], chunk_columns, context)
 
         chunk_groups = args.resolved_rollout_chunk_groups
-        with self.autocast():
-            rollout, per_func, times = rollout_and_score(
-                self.adapter,
-                self.sampler,
-                row_cond,
-                self.latent_shape,
-                noise,
-                layout.global_rows,
-                score,
-                chunk_rows=chunk_groups * args.num_generations if chunk_groups else None,
-                executor=self._reward_executor(),
-                denoiser=model,
-                uncond=row_uncond,
-                cfg_scale=args.cfg_scale,
-            )
+        emit("rollout_start", rows=layout.global_rows)
+        rollout, per_func, times = rollout_and_score(
+            policy,
+            row_conditions,
+            noise,
+            layout.global_rows,
+            score,
+            chunk_rows=chunk_groups * args.num_generations if chunk_groups else None,
+            executor=self._reward_executor(),
+        )
+        emit("rollout_end", rollout=rollout, scores=per_func)
         self.metrics.add_rollout_times(times, rows=len(prompts))
         per_func = self.accelerator.gather(per_func.to(self.accelerator.device)).cpu()  # groups may span processes
         advantages, combined = self._advantages(per_func)

@@ -14,11 +14,12 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from ..adapters import Conditioning, PipelineAdapter, select_conditioning
-from .policy import predict_policy
+if TYPE_CHECKING:  # the policy samples with the noise and returns the rollouts defined here
+    from .policy import Conditions, Policy
 
 
 def stable_seed(*parts: int | str) -> int:
@@ -137,57 +138,17 @@ class PhaseTimes:
     reward_wait: float = 0.0
 
 
-@torch.no_grad()
-def generate_rollouts(
-    adapter: PipelineAdapter,
-    sampler,
-    cond: Conditioning,
-    latent_shape: tuple[int, ...],
-    noise: SeededNoise,
-    rows: Sequence[int],
-    denoiser: torch.nn.Module | None = None,
-    uncond: Conditioning | None = None,
-    cfg_scale: float = 1.0,
-) -> Rollout:
-    """Roll out one sample per global row in `rows`, with per-row conditioning `cond` (one row each).
-
-    With `uncond` (per row) and `cfg_scale` > 1 the policy is the classifier-free-guided sampler, both branches in
-    one forward per step (`guidance.predict_policy`). Row r's step noise comes from its own generator, so the result
-    for a row does not depend on which other rows share the batch.
-    """
-    batch = len(rows)
-    # All steps' noise of a row in one draw from its own generator: one call per row, not one per row and step.
-    step_noise = noise.draw([noise.generator("steps", r) for r in rows], (len(sampler.timesteps), *latent_shape))
-    step_noise = step_noise.transpose(0, 1).contiguous()  # (T, B, ...): each step reads one contiguous block
-    latents = noise.initial(rows, latent_shape)
-    states, log_probs = [latents], []
-    for step_index, timestep in enumerate(sampler.timesteps):
-        model_output, _ = predict_policy(
-            adapter, latents, timestep.expand(batch), cond, uncond, cfg_scale, denoiser=denoiser
-        )
-        latents, log_prob = sampler.step(model_output, step_index, latents, step_noise[step_index])
-        states.append(latents)
-        log_probs.append(log_prob)
-    images = adapter.decode_latents(latents)
-    return Rollout(states=torch.stack(states, dim=1), log_probs=torch.stack(log_probs, dim=1), images=images)
-
-
 def rollout_and_score(
-    adapter: PipelineAdapter,
-    sampler,
-    cond: Conditioning,
-    latent_shape: tuple[int, ...],
+    policy: Policy,
+    conditions: Conditions,
     noise: SeededNoise,
     rows: Sequence[int],
     score: Callable[[torch.Tensor, slice], torch.Tensor],
     chunk_rows: int | None = None,
     executor: Executor | None = None,
-    denoiser: torch.nn.Module | None = None,
-    uncond: Conditioning | None = None,
-    cfg_scale: float = 1.0,
 ) -> tuple[Rollout, torch.Tensor, PhaseTimes]:
-    """Roll out global `rows` (per-row conditioning `cond`, and `uncond` under guidance `cfg_scale`, as
-    `generate_rollouts`) and score the samples: returns `(rollout, scores, times)`.
+    """Roll out global `rows` with `policy` (per-row `conditions`, `Policy.rollout`) and score the samples: returns
+    `(rollout, scores, times)`.
 
     Rows are rolled out `chunk_rows` at a time (None: all at once). `score(samples, local_rows)` gets each chunk's
     samples and their slice of the local batch and returns `(rows, F)` scores. With an `executor`, each chunk is
@@ -199,17 +160,7 @@ def rollout_and_score(
     for start in range(0, len(rows), chunk):
         local = slice(start, min(start + chunk, len(rows)))
         began = time.perf_counter()
-        part = generate_rollouts(
-            adapter,
-            sampler,
-            select_conditioning(cond, local),
-            latent_shape,
-            noise,
-            rows[local],
-            denoiser=denoiser,
-            uncond=select_conditioning(uncond, local) if uncond is not None else None,
-            cfg_scale=cfg_scale,
-        )
+        part = policy.rollout(conditions.select(local), noise, rows[local])
         synchronize(part.states.device)
         rolled = time.perf_counter()
         scores.append(

@@ -33,17 +33,14 @@ import types
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import (
-    AutoencoderKLWan,
-    Cosmos2_5_PredictBasePipeline,
-    CosmosTransformer3DModel,
-    UniPCMultistepScheduler,
-)
+from diffusers import Cosmos2_5_PredictBasePipeline, CosmosTransformer3DModel, UniPCMultistepScheduler
 from diffusers.configuration_utils import ConfigMixin
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import is_torchvision_available
 
+from .components import tiny_pipeline
 from .dit_pipelines import tiny_qwen2_5_vl
+from .flow_pipelines import tiny_wan_vae
 from .llm_tokenizers import QWEN2_VL_CHAT_TEMPLATE, build_qwen_tokenizer
 
 #: The tiny tokenizer's length; pass it as the pipeline's `max_sequence_length`.
@@ -93,31 +90,28 @@ def tiny_cosmos_pipeline(seed: int = 0) -> Cosmos2_5_PredictBasePipeline:
     install_torchvision_resize_stand_in()
     tokenizer = build_qwen_tokenizer(model_max_length=TINY_MAX_SEQUENCE_LENGTH, chat_template=QWEN2_VL_CHAT_TEMPLATE)
     text_layers, text_hidden = 2, 16
-    torch.manual_seed(seed)
-    transformer = CosmosTransformer3DModel(
-        in_channels=16 + 1,
-        out_channels=16,
-        num_attention_heads=2,
-        attention_head_dim=16,
-        num_layers=2,
-        mlp_ratio=2,
-        text_embed_dim=16,
-        adaln_lora_dim=4,
-        max_size=(4, 32, 32),
-        patch_size=(1, 2, 2),
-        rope_scale=(1.0, 3.0, 3.0),
-        concat_padding_mask=True,
-        extra_pos_embed_type=None,
-        use_crossattn_projection=True,
-        crossattn_proj_in_channels=text_layers * text_hidden,  # all hidden layers concatenated (real: 28 x 3584)
-        encoder_hidden_states_channels=16,
-    )
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKLWan(
-        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
-    )
-    torch.manual_seed(seed + 2)
-    text_encoder = tiny_qwen2_5_vl(len(tokenizer), tokenizer, hidden=text_hidden, layers=text_layers)
+    builders = {
+        "transformer": lambda: CosmosTransformer3DModel(
+            in_channels=16 + 1,
+            out_channels=16,
+            num_attention_heads=2,
+            attention_head_dim=16,
+            num_layers=2,
+            mlp_ratio=2,
+            text_embed_dim=16,
+            adaln_lora_dim=4,
+            max_size=(4, 32, 32),
+            patch_size=(1, 2, 2),
+            rope_scale=(1.0, 3.0, 3.0),
+            concat_padding_mask=True,
+            extra_pos_embed_type=None,
+            use_crossattn_projection=True,
+            crossattn_proj_in_channels=text_layers * text_hidden,  # all hidden layers concatenated (real: 28 x 3584)
+            encoder_hidden_states_channels=16,
+        ),
+        "vae": tiny_wan_vae,
+        "text_encoder": lambda: tiny_qwen2_5_vl(len(tokenizer), tokenizer, hidden=text_hidden, layers=text_layers),
+    }
     scheduler = UniPCMultistepScheduler(
         use_karras_sigmas=True,
         use_flow_sigmas=True,
@@ -125,13 +119,11 @@ def tiny_cosmos_pipeline(seed: int = 0) -> Cosmos2_5_PredictBasePipeline:
         sigma_max=200.0,
         sigma_min=0.01,
     )
-    pipe = Cosmos2_5_PredictBasePipeline(
-        text_encoder=text_encoder,
+    return tiny_pipeline(
+        Cosmos2_5_PredictBasePipeline,
+        seed,
+        builders,
         tokenizer=tokenizer,
-        transformer=transformer,
-        vae=vae,
         scheduler=scheduler,
         safety_checker=DummyCosmosSafetyChecker(),
     )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe

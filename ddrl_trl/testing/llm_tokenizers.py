@@ -15,7 +15,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers
 from tokenizers.models import BPE
 from transformers import GemmaTokenizer, PreTrainedTokenizerFast, Qwen2Tokenizer
 
-from .components import DEFAULT_WORDS, _apply_merges
+from .components import DEFAULT_WORDS, _learn_merges, byte_level
 
 #: Qwen3's chat template for text turns; with `enable_thinking=False` it adds the empty think block.
 QWEN3_CHAT_TEMPLATE = (
@@ -89,30 +89,6 @@ TEMPLATE_WORDS = (
 )
 
 
-def _byte_symbols(text: str) -> list[str]:
-    """GPT-2 byte-level symbols of `text` ("Ġ" for a space, "Ċ" for a newline), as Qwen's pre-tokenizer emits."""
-    ((mapped, _),) = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False).pre_tokenize_str(text)
-    return list(mapped)
-
-
-def _learn_merges(pieces: Iterable[list[str]], vocab: dict[str, int]) -> list[tuple[str, str]]:
-    """Merges that make each symbol sequence of `pieces` one token, added to `vocab`.
-
-    For each piece, merge the two leading parts of its current segmentation until it is one token. A new merge ranks
-    after every earlier one, so it never fires before an earlier merge could: pieces added before keep their single
-    token."""
-    merges: list[tuple[str, str]] = []
-    ranks: dict[tuple[str, str], int] = {}
-    for symbols in pieces:
-        parts = _apply_merges(symbols, ranks)
-        while len(parts) > 1:
-            ranks[(parts[0], parts[1])] = len(merges)
-            merges.append((parts[0], parts[1]))
-            vocab.setdefault(parts[0] + parts[1], len(vocab))
-            parts = _apply_merges(symbols, ranks)
-    return merges
-
-
 def _byte_level_bpe(words: Iterable[str], specials: Iterable[str] = ()) -> tuple[dict[str, int], list]:
     """Vocabulary and merges of a byte-level BPE holding each word bare and space-prefixed ("Ġword") as one token:
     `specials` first, then the 256 byte symbols, then merged symbols in order of creation."""
@@ -123,7 +99,7 @@ def _byte_level_bpe(words: Iterable[str], specials: Iterable[str] = ()) -> tuple
     for word in words:
         if not word.isalpha():
             raise ValueError(f"{word!r} is not a single run of letters")
-    merges = _learn_merges((_byte_symbols(form) for word in words for form in (word, " " + word)), vocab)
+    merges = _learn_merges((byte_level(form) for word in words for form in (word, " " + word)), vocab)
     return vocab, merges
 
 

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTextModelWithProjection
+from transformers import CLIPTextModelWithProjection
 
-from .components import DEFAULT_WORDS, build_word_tokenizer, tiny_clip_text_config, tiny_vae
+from .components import (
+    DEFAULT_WORDS,
+    build_word_tokenizer,
+    clip_text_encoder,
+    quiet_pipeline,
+    seeded_parts,
+    tiny_pipeline,
+    tiny_vae,
+)
 
 
 def tiny_sd_pipeline(
@@ -32,22 +39,23 @@ def tiny_sd_pipeline(
     if prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
     tokenizer = build_word_tokenizer(DEFAULT_WORDS if words is None else words, model_max_length=16)
-    torch.manual_seed(seed)
-    unet = tiny_unet(sample_size)
-    torch.manual_seed(seed + 1)
-    vae = tiny_vae()
-    torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(tiny_clip_text_config(len(tokenizer))).eval()
-    scheduler = sd_ddim_scheduler(prediction_type)
-    return assemble_sd_pipeline(unet, vae, text_encoder, tokenizer, scheduler)
+    builders = {
+        "unet": lambda: tiny_unet(sample_size),
+        "vae": tiny_vae,
+        "text_encoder": lambda: clip_text_encoder(tokenizer),
+    }
+    return assemble_sd_pipeline(
+        tokenizer=tokenizer, scheduler=sd_ddim_scheduler(prediction_type), **seeded_parts(seed, builders)
+    )
 
 
-def tiny_unet(sample_size: int, norm_num_groups: int = 32) -> UNet2DConditionModel:
-    """A two-level (32, 64) text-conditional UNet on 4-channel latents, cross-attention dim 32 (~0.8 M params).
+def tiny_unet(sample_size: int, norm_num_groups: int = 32, **overrides) -> UNet2DConditionModel:
+    """A two-level (32, 64) text-conditional UNet on 4-channel latents, cross-attention dim 32 (~0.8 M params);
+    ``overrides`` replace or add ``UNet2DConditionModel`` arguments (the SDXL variant's).
 
     Shared by the tiny test pipelines and the digits demo's base model; seed torch before calling it.
     """
-    return UNet2DConditionModel(
+    config = dict(
         sample_size=sample_size,
         in_channels=4,
         out_channels=4,
@@ -59,6 +67,7 @@ def tiny_unet(sample_size: int, norm_num_groups: int = 32) -> UNet2DConditionMod
         attention_head_dim=8,
         norm_num_groups=norm_num_groups,
     )
+    return UNet2DConditionModel(**{**config, **overrides})
 
 
 def sd_ddim_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
@@ -77,7 +86,8 @@ def sd_ddim_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
 
 def assemble_sd_pipeline(unet, vae, text_encoder, tokenizer, scheduler) -> StableDiffusionPipeline:
     """A `StableDiffusionPipeline` from its parts, with no safety checker and no progress bar (for tests and demos)."""
-    pipe = StableDiffusionPipeline(
+    return quiet_pipeline(
+        StableDiffusionPipeline,
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -87,8 +97,24 @@ def assemble_sd_pipeline(unet, vae, text_encoder, tokenizer, scheduler) -> Stabl
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+
+
+def tiny_sdxl_unet(sample_size: int, hidden: int = 32, projection_dim: int = 32, time_embed_dim: int = 8):
+    """The SDXL variant of `tiny_unet`: its cross-attention block second, linear projections, cross-attention dim
+    ``2 * hidden`` (two text encoders' hidden states concatenated) and the ``text_time`` added conditioning."""
+    return tiny_unet(
+        sample_size,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(4, 8),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        # SDXL adds 6 micro-conditioning numbers (original size, crop, target size), each Fourier-embedded,
+        # to the pooled embedding of the second text encoder.
+        projection_class_embeddings_input_dim=6 * time_embed_dim + projection_dim,
+        cross_attention_dim=2 * hidden,
+    )
 
 
 def tiny_sdxl_pipeline(seed: int = 0, sample_size: int = 8) -> StableDiffusionXLPipeline:
@@ -100,45 +126,22 @@ def tiny_sdxl_pipeline(seed: int = 0, sample_size: int = 8) -> StableDiffusionXL
     """
     tokenizer = build_word_tokenizer(DEFAULT_WORDS, model_max_length=16)
     tokenizer_2 = build_word_tokenizer(DEFAULT_WORDS, model_max_length=16)
-    hidden, projection_dim, time_embed_dim = 32, 32, 8
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=sample_size,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(4, 8),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=time_embed_dim,
-        # SDXL adds 6 micro-conditioning numbers (original size, crop, target size), each Fourier-embedded,
-        # to the pooled embedding of the second text encoder.
-        projection_class_embeddings_input_dim=6 * time_embed_dim + projection_dim,
-        cross_attention_dim=2 * hidden,
-        norm_num_groups=32,
-    )
-    torch.manual_seed(seed + 1)
-    vae = tiny_vae()
-    torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(tiny_clip_text_config(len(tokenizer), hidden)).eval()
-    torch.manual_seed(seed + 3)
-    text_encoder_2 = CLIPTextModelWithProjection(
-        tiny_clip_text_config(len(tokenizer_2), hidden, projection_dim=projection_dim)
-    ).eval()
-    scheduler = sd_ddim_scheduler()
-    pipe = StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
+    hidden, projection_dim = 32, 32
+    builders = {
+        "unet": lambda: tiny_sdxl_unet(sample_size, hidden, projection_dim),
+        "vae": tiny_vae,
+        "text_encoder": lambda: clip_text_encoder(tokenizer, hidden),
+        "text_encoder_2": lambda: clip_text_encoder(
+            tokenizer_2, hidden, CLIPTextModelWithProjection, projection_dim=projection_dim
+        ),
+    }
+    return tiny_pipeline(
+        StableDiffusionXLPipeline,
+        seed,
+        builders,
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
-        unet=unet,
-        scheduler=scheduler,
+        scheduler=sd_ddim_scheduler(),
         force_zeros_for_empty_prompt=True,
         add_watermarker=False,
     )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
