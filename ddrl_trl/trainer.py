@@ -1,11 +1,11 @@
 """`DDRLTrainer`: orchestrates one DDRL iteration — rollout → reward → advantage → loss → step.
 
 The math lives elsewhere (`core`, `samplers`), one step's parts in `step` (the policy and the reference policy,
-rollouts, the rollout batch collector, the loss of a trained step, the data term, metrics), the model-family specifics in `adapters`, the
-rewards in `rewards`, the reference data in `data`; what the trainer measures and reports (held-out loss,
-validation, the hacking monitor, the adaptive data_beta, logs, model card) in `monitoring`, saving and resuming in
-`checkpoints`. This file wires them into `transformers.Trainer`, which keeps providing the optimiser, LR schedule,
-gradient clipping, accumulation, logging, callbacks, checkpoints and multi-device launch.
+rollouts, the rollout batch collector, the loss of a trained step, the data term, metrics), the model-family
+specifics in `adapters`, the rewards in `rewards`, the reference data in `data`; what the trainer measures and
+reports (held-out loss, validation, the hacking monitor, the adaptive data_beta, logs, model card) in `monitoring`,
+saving and resuming in `checkpoints`. This file wires them into `transformers.Trainer`, which keeps providing the
+optimiser, LR schedule, gradient clipping, accumulation, logging, callbacks, checkpoints and multi-device launch.
 """
 
 from __future__ import annotations
