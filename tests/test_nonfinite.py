@@ -10,7 +10,6 @@ import pytest
 import torch
 from helpers import lora, make_trainer
 
-import ddrl_trl.trainer as trainer_module
 from ddrl_trl.checkpoints.weight_files import NonFiniteWeightsError
 from ddrl_trl.monitoring.guards import NonFiniteTrainingError
 
@@ -62,23 +61,22 @@ def test_infinite_rewards_are_invalid_like_nan_and_the_logged_std_is_the_one_use
 
 
 def test_a_step_with_a_non_finite_loss_is_skipped_counted_and_the_next_one_trains(
-    tmp_path, reference_dataset, monkeypatch, caplog
+    tmp_path, reference_dataset, observe, caplog
 ):
     trainer = make_trainer(tmp_path, reference_dataset, peft_config=lora(), max_steps=2, learning_rate=1e-2)
     initial = lora_weights(trainer)
-    original = trainer_module.clipped_policy_loss
     after_step = {}
 
-    def nan_in_first_step(*args, **kwargs):
-        loss, ratio, clipped = original(*args, **kwargs)
-        return (loss * math.nan if trainer.state.global_step == 0 else loss), ratio, clipped
+    def nan_in_first_step(step_index, terms):  # a NaN loss, and NaN gradients through it
+        if trainer.state.global_step == 0:
+            terms.loss, terms.policy = terms.loss * math.nan, terms.policy * math.nan
 
-    monkeypatch.setattr(trainer_module, "clipped_policy_loss", nan_in_first_step)
+    observe("step_terms", nan_in_first_step)
     original_log = trainer.log
 
-    def log_and_snapshot(logs, *args):
+    def log_and_snapshot(logs, *args, **kwargs):
         after_step.setdefault(trainer.state.global_step, lora_weights(trainer))
-        return original_log(logs, *args)
+        return original_log(logs, *args, **kwargs)
 
     trainer.log = log_and_snapshot
     with caplog.at_level(logging.WARNING):
