@@ -427,6 +427,25 @@ class DigitsSampling:
 
 
 @torch.no_grad()
+def sample_digits(
+    pipe: StableDiffusionPipeline, num_inference_steps: int, per_digit: int, sampling: DigitsSampling
+) -> tuple[torch.Tensor, list[int], list[str]]:
+    """``per_digit`` samples of each digit, digit-major, as ``sampling`` says: the images ``(10·per_digit, 3, H, W)``
+    in [0, 1], their digits and their prompts."""
+    labels = [d for d in range(10) for _ in range(per_digit)]
+    prompts = [digit_prompt(d) for d in labels]
+    images = pipe(
+        prompts,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=sampling.guidance_scale,
+        eta=sampling.eta,
+        generator=torch.Generator().manual_seed(sampling.seed),
+        output_type="pt",
+    ).images
+    return images, labels, prompts
+
+
+@torch.no_grad()
 def evaluate_digits_pipeline(
     pipe: StableDiffusionPipeline,
     evaluator: DigitsEvaluator | None = None,
@@ -445,16 +464,7 @@ def evaluate_digits_pipeline(
     """
     sampling = dataclasses.replace(sampling or DigitsSampling(), **options)
     evaluator = evaluator or DigitsEvaluator()
-    labels = [d for d in range(10) for _ in range(per_digit)]
-    prompts = [digit_prompt(d) for d in labels]
-    images = pipe(
-        prompts,
-        num_inference_steps=num_inference_steps,
-        guidance_scale=sampling.guidance_scale,
-        eta=sampling.eta,
-        generator=torch.Generator().manual_seed(sampling.seed),
-        output_type="pt",
-    ).images
+    images, labels, prompts = sample_digits(pipe, num_inference_steps, per_digit, sampling)
     result = {"accuracy": evaluator.accuracy(images, labels), "ink": float(np.mean(ink_reward(images, prompts)))}
     for name, reward in (rewards or {}).items():
         result[name] = float(np.mean(reward(images, prompts)))
