@@ -205,7 +205,7 @@ def test_plain_grpo_trains_on_prompts_alone_and_encodes_nothing(tmp_path, refere
     original = trainer_module.encode_reference_dataset
 
     def recording(*args, **kwargs):
-        encoded.append(args[5])  # the split
+        encoded.append(args[4])  # the split: encode_reference_dataset(dataset, adapter, column, batch_size, split)
         return original(*args, **kwargs)
 
     monkeypatch.setattr(trainer_module, "encode_reference_dataset", recording)
