@@ -54,6 +54,7 @@ from .monitoring.reporting import Reporter
 from .monitoring.validation import ValidationCallback, ValidationPrompts, Validator
 from .step.collector import RolloutBatch, RolloutCollector
 from .step.data_term import DataTermBatch
+from .step.hooks import emit
 from .step.loss import StepLoss
 from .step.metrics import TrainingMetrics
 from .step.policy import Policy, UnconditionalPrompts
@@ -408,6 +409,7 @@ class DDRLTrainer(SavingMixin, Trainer):
 
     # ------------------------------------------------------------------------------------------------ data plumbing
     def _encode(self, dataset: Dataset, args: DDRLConfig, split: str) -> Dataset:
+        emit("reference_encoding", split=split)
         return encode_reference_dataset(
             with_prompt_column(dataset, args.prompt_column, split),  # diffusers' "text" / "caption": as "prompt"
             self.adapter,

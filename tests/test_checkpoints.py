@@ -17,7 +17,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
-import ddrl_trl.trainer as trainer_module
 from ddrl_trl.checkpoints.resume import check_same_run, run_info
 from ddrl_trl.checkpoints.weight_files import CheckpointError
 from ddrl_trl.core.data_beta import AdaptiveDataBeta
@@ -211,11 +210,11 @@ def test_a_new_run_never_overwrites_another_runs_work(tmp_path, reference_datase
     assert not [p for p in out.iterdir() if p.name.startswith("checkpoint")]
 
 
-def test_an_unwritable_output_dir_fails_at_construction(tmp_path, reference_dataset, monkeypatch):
-    def forbidden(*args, **kwargs):
+def test_an_unwritable_output_dir_fails_at_construction(tmp_path, reference_dataset, observe):
+    def forbidden(split):
         raise AssertionError("reference data were encoded before output_dir was checked")
 
-    monkeypatch.setattr(trainer_module, "encode_reference_dataset", forbidden)
+    observe("reference_encoding", forbidden)
     (tmp_path / "a-file").write_text("not a folder")
     with pytest.raises(ValueError, match=r"output_dir '.*a-file/out' cannot be written .* Choose a folder"):
         make_trainer(tmp_path / "a-file", reference_dataset, peft_config=lora())

@@ -12,7 +12,6 @@ from helpers import HACKING_THRESHOLD as THRESHOLD
 from helpers import assert_reloads_to_trained_outputs, hacking_trainer, lora, make_trainer
 from safetensors.torch import load_file
 
-import ddrl_trl.trainer as trainer_module
 from ddrl_trl import HackingMonitorCallback
 from ddrl_trl.testing import tiny_sd_pipeline
 
@@ -58,11 +57,11 @@ def test_warns_but_keeps_training_without_stop(tmp_path, reference_dataset, capl
     assert any("Training goes on" in r.getMessage() for r in caplog.records)
 
 
-def test_needs_held_out_data_and_sane_settings(tmp_path, reference_dataset, monkeypatch):
-    def forbidden(*args, **kwargs):
+def test_needs_held_out_data_and_sane_settings(tmp_path, reference_dataset, observe):
+    def forbidden(split):
         raise AssertionError("reference data were encoded before the input was checked")
 
-    monkeypatch.setattr(trainer_module, "encode_reference_dataset", forbidden)
+    observe("reference_encoding", forbidden)
     with pytest.raises(ValueError, match="needs held-out data: pass eval_dataset"):
         make_trainer(tmp_path, reference_dataset, peft_config=lora(), callbacks=[HackingMonitorCallback()])
     with pytest.raises(ValueError, match="threshold must be > 1"):

@@ -28,5 +28,7 @@ def test_an_observer_exception_propagates_and_the_block_still_unregisters():
 
 
 def test_an_unknown_event_is_refused_with_the_known_ones():
-    with pytest.raises(ValueError, match="Unknown step event 'rollout'.*rollout_start, rollout_end, step_terms"):
+    with pytest.raises(
+        ValueError, match="Unknown step event 'rollout'.*reference_encoding, rollout_start, rollout_end, step_terms"
+    ):
         register("rollout", print)

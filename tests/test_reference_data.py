@@ -15,7 +15,6 @@ from datasets import Dataset
 from helpers import lora, make_args, make_trainer
 from PIL import Image
 
-import ddrl_trl.trainer as trainer_module
 from ddrl_trl import build_synthetic_reference_dataset
 from ddrl_trl.data import load_image
 from ddrl_trl.errors import ReferenceSampleError
@@ -183,12 +182,12 @@ def test_small_images_follow_the_same_upscaling_rule_as_videos(tmp_path, caplog)
     ids=["none", "empty", "blank", "numbers"],
 )
 def test_bad_prompts_are_found_at_construction_before_any_encoding(
-    tmp_path, reference_dataset, monkeypatch, prompts, message
+    tmp_path, reference_dataset, observe, prompts, message
 ):
-    def forbidden(*args, **kwargs):
+    def forbidden(split):
         raise AssertionError("reference images were encoded before the prompts were checked")
 
-    monkeypatch.setattr(trainer_module, "encode_reference_dataset", forbidden)
+    observe("reference_encoding", forbidden)
     data = Dataset.from_dict({"prompt": prompts, "image": reference_dataset["image"][:3]})
     with pytest.raises(ValueError, match=message):
         make_trainer(tmp_path, data, peft_config=lora())
@@ -197,18 +196,12 @@ def test_bad_prompts_are_found_at_construction_before_any_encoding(
 # ---- what the data needs: prompts alone for plain GRPO, diffusers' column names, synthetic references from a folder
 
 
-def test_plain_grpo_trains_on_prompts_alone_and_encodes_nothing(tmp_path, reference_dataset, monkeypatch):
+def test_plain_grpo_trains_on_prompts_alone_and_encodes_nothing(tmp_path, reference_dataset, observe):
     """data_beta=0 (plain GRPO, the README's baseline) reads no reference: prompt-only data train, the rewards are
     checked at construction on decoded random latents of the rollouts' shape, and a reference column that is there
     anyway is neither encoded nor passed to the rewards. Held-out data still need references (and are encoded)."""
     encoded = []
-    original = trainer_module.encode_reference_dataset
-
-    def recording(*args, **kwargs):
-        encoded.append(args[4])  # the split: encode_reference_dataset(dataset, adapter, column, batch_size, split)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(trainer_module, "encode_reference_dataset", recording)
+    observe("reference_encoding", lambda split: encoded.append(split))
     calls = []
 
     def reward(images, prompts, **columns):

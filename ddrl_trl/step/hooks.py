@@ -1,10 +1,12 @@
-"""Observation points inside a DDRL iteration, for tests, benchmarks and debugging tools: callables registered for
+"""Observation points of a DDRL run, for tests, benchmarks and debugging tools: callables registered for
 an event are called with what the step computed there, in registration order, on every trainer in the process (as
 torch's global module hooks). What they return is ignored, and an exception they raise propagates (a test's way of
 saying "this must not happen"); a fault-injection test may change `terms` in place (a NaN loss).
 
 Events and their keyword arguments:
 
+- `"reference_encoding"`: `split` ("training" or "evaluation"), before a dataset's reference samples are encoded
+  (the trainer's one-off work on the data: checks of the inputs must come before it).
 - `"rollout_start"`: `rows` (the global rows about to be rolled out, before any denoiser call).
 - `"rollout_end"`: `rollout` (`step.rollout.Rollout`) and `scores` (`(rows, F)` rewards of this process's rows).
 - `"step_terms"`: `step_index` (the trained denoising step) and `terms` (`step.loss.StepTerms`: loss, policy
@@ -20,7 +22,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 
 #: The events a step emits.
-EVENTS = ("rollout_start", "rollout_end", "step_terms")
+EVENTS = ("reference_encoding", "rollout_start", "rollout_end", "step_terms")
 
 _observers: dict[str, list[Callable[..., object]]] = {event: [] for event in EVENTS}
 
