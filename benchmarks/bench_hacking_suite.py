@@ -36,10 +36,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig
 
 from ddrl_trl import DDRLConfig, DDRLTrainer
 from ddrl_trl.core.diversity import within_prompt_diversity
+from ddrl_trl.demo.__main__ import RECIPE, recipe_lora
 from ddrl_trl.demo.digits import (
     DigitsEvaluator,
     DigitsSampling,
@@ -199,20 +199,13 @@ def run(reward_name: str, method: str, seed: int, judges: dict, data, opts) -> d
         seed=seed,
         max_steps=opts.steps,
         learning_rate=1e-3,
-        warmup_steps=0,
-        lr_scheduler_type="constant",
-        num_generations=8,
-        per_device_train_batch_size=8 * 4,
-        num_inference_steps=10,
-        train_step_stride=2,
+        per_device_train_batch_size=RECIPE["num_generations"] * 4,
         logging_steps=max(1, opts.steps // 5),
         report_to="none",
         save_strategy="no",
-        per_device_eval_batch_size=120,
-        eval_noise_draws=4,
-        dataloader_pin_memory=False,
         disable_tqdm=True,
         overwrite_output_dir=True,
+        **RECIPE,
         **method_config(method),
     )
     trainer = DDRLTrainer(
@@ -221,7 +214,7 @@ def run(reward_name: str, method: str, seed: int, judges: dict, data, opts) -> d
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
-        peft_config=LoraConfig(r=8, lora_alpha=8),
+        peft_config=recipe_lora(),
     )
     before = measure(trainer.pipeline, reward, judges, opts)
     trainer.evaluate()  # the base's held-out loss, measured once

@@ -37,6 +37,25 @@ from .digits import (
 HACKING_RATIO = 1.10
 
 
+#: The demo's training recipe, shared by every run on the digits model (the demo's and the benchmarks'): 8 rollouts
+#: per prompt, T = 10, every other step trained, a constant learning rate, the held-out loss over 4 noise draws.
+RECIPE = dict(
+    warmup_steps=0,
+    lr_scheduler_type="constant",
+    num_generations=8,
+    num_inference_steps=10,
+    train_step_stride=2,
+    per_device_eval_batch_size=120,
+    eval_noise_draws=4,
+    dataloader_pin_memory=False,
+)
+
+
+def recipe_lora() -> LoraConfig:
+    """The demo's adapter: LoRA r 8, alpha 8."""
+    return LoraConfig(r=8, lora_alpha=8)
+
+
 class _DemoProbe(TrainerCallback):
     """After each evaluation, samples the current model and records what the judge and the trained reward say."""
 
@@ -101,27 +120,20 @@ def run_one(name: str, data_beta: float, opts, evaluator, train_ds, eval_ds, rew
         seed=opts.seed,
         max_steps=opts.steps,
         learning_rate=opts.learning_rate,
-        warmup_steps=0,
-        lr_scheduler_type="constant",
         data_beta=data_beta,
         cfg_scale=opts.cfg_scale,
-        num_generations=8,
-        per_device_train_batch_size=8 * opts.prompts_per_step,
-        num_inference_steps=10,
-        train_step_stride=2,
+        per_device_train_batch_size=RECIPE["num_generations"] * opts.prompts_per_step,
         eval_strategy="steps",
         eval_steps=opts.eval_every,
         logging_steps=opts.eval_every,
         log_sample_images_steps=opts.eval_every,
         report_to=["tensorboard"],
         save_strategy="no",
-        per_device_eval_batch_size=120,
-        eval_noise_draws=4,
         validation_prompts=[digit_prompt(d) for d in range(10)],
         validation_images_per_prompt=opts.validation_per_digit,
-        dataloader_pin_memory=False,
         run_name=name,
         overwrite_output_dir=True,  # the demo regenerates its own output folder on every run
+        **RECIPE,
     )
     trainer_ref: dict = {}
     probe = _DemoProbe(trainer_ref, evaluator, opts.per_digit, reward)
@@ -131,7 +143,7 @@ def run_one(name: str, data_beta: float, opts, evaluator, train_ds, eval_ds, rew
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
-        peft_config=LoraConfig(r=8, lora_alpha=8),
+        peft_config=recipe_lora(),
         callbacks=[probe],
         eval_reward_funcs=[judge_reward(evaluator)],
     )
